@@ -1,0 +1,45 @@
+"""tokenwire: Python client for ordered, governed, verifiable LLM output over gRPC.
+
+    from tokenwire import Client
+    with Client("localhost:50051") as client:
+        for event in client.stream("Tell me about gRPC", mode="stream"):
+            ...
+
+The generated stubs live in `tokenwire.v1` (`respond_pb2`, `respond_pb2_grpc`).
+"""
+
+from tokenwire.client import AsyncClient, AsyncResponseStream, Client, ResponseStream
+from tokenwire.errors import (
+    DataLoss,
+    DeadlineExceeded,
+    IntegrityError,
+    InvalidArgument,
+    NotFound,
+    ProtocolError,
+    TokenwireError,
+    Unavailable,
+)
+from tokenwire.stream import Chunk, Completion, Event, Heartbeat, Result, Retraction
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "AsyncClient",
+    "AsyncResponseStream",
+    "Chunk",
+    "Client",
+    "Completion",
+    "DataLoss",
+    "DeadlineExceeded",
+    "Event",
+    "Heartbeat",
+    "IntegrityError",
+    "InvalidArgument",
+    "NotFound",
+    "ProtocolError",
+    "ResponseStream",
+    "Result",
+    "Retraction",
+    "TokenwireError",
+    "Unavailable",
+]

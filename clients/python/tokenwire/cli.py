@@ -1,0 +1,128 @@
+"""The `tokenwire` command: `serve` runs the server, `ask` calls one.
+
+`ask` writes the answer to stdout as it arrives and a one-line summary to
+stderr, so the text can be piped while the summary stays on the terminal.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from typing import TextIO
+
+from google.protobuf import json_format
+
+from tokenwire.client import DEFAULT_TARGET, Client, RespondOptions
+from tokenwire.errors import TokenwireError
+from tokenwire.stream import Chunk, Completion, Result, Retraction
+from tokenwire.v1 import respond_pb2 as pb
+
+
+def _summary(result: Result, mode: str) -> str:
+    status = "verified" if result.verified else "NOT VERIFIED"
+    if result.retraction is not None:
+        status += f", retracted from chunk {result.retraction.from_sequence}"
+    completed = result.completed
+    reason = pb.FinishReason.Name(completed.finish_reason).removeprefix("FINISH_REASON_").lower()
+    verdict = pb.Verdict.Name(completed.verdict).removeprefix("VERDICT_").lower()
+    return (
+        f"[{mode} · {result.chunk_count} chunks · sha256 {result.sha256[:12]}… {status} · "
+        f"ttft {result.time_to_first_token * 1000:.1f} ms · total {result.total_time * 1000:.1f} ms"
+        f" · {reason} · {verdict} · {completed.usage.completion_tokens} tokens]"
+    )
+
+
+def _ask(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
+    options: RespondOptions = {
+        "model": args.model,
+        "max_tokens": args.max_tokens,
+        "labels": dict(args.label),
+        "seed": args.seed,
+    }
+    with Client(args.target, timeout=args.timeout) as client:
+        try:
+            if args.unary:
+                result = client.respond(args.prompt, **options)
+                out.write(result.text)
+                mode = "unary"
+            else:
+                mode_name = "buffered" if args.buffered else args.mode
+                stream = client.stream(args.prompt, mode=mode_name, **options)
+                for event in stream:
+                    if isinstance(event, Chunk):
+                        out.write(event.text)
+                        out.flush()
+                    elif isinstance(event, Retraction):
+                        out.write(
+                            f"\n[retracted from chunk {event.from_sequence}; final text:]\n"
+                            f"{event.final_text}"
+                        )
+                    elif isinstance(event, Completion):
+                        pass
+                result = stream.collect() if stream.result is None else stream.result
+                mode = pb.DeliveryMode.Name(result.completed.delivery_mode)
+                mode = mode.removeprefix("DELIVERY_MODE_").lower()
+        except TokenwireError as error:
+            out.write("\n")
+            err.write(f"tokenwire ask: {error}\n")
+            for violation in error.field_violations:
+                err.write(f"  {violation.field}: {violation.description}\n")
+            if error.last_sequence:
+                err.write(f"  last delivered sequence: {error.last_sequence}\n")
+            return 1
+    out.write("\n")
+    out.flush()
+    err.write(_summary(result, mode) + "\n")
+    if args.show_completed:
+        err.write(json_format.MessageToJson(result.completed) + "\n")
+    return 0
+
+
+def _label(text: str) -> tuple[str, str]:
+    key, sep, value = text.partition("=")
+    if not sep or not key:
+        raise argparse.ArgumentTypeError(f"expected KEY=VALUE, got {text!r}")
+    return key, value
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="tokenwire", description="Governed, verifiable LLM token streams over gRPC."
+    )
+    commands = parser.add_subparsers(dest="command", required=True)
+    try:
+        from tokenwire_server.cli import add_serve_arguments
+    except ImportError:  # client-only install
+        add_serve_arguments = None  # type: ignore[assignment]
+    if add_serve_arguments is not None:
+        serve = commands.add_parser("serve", help="run the tokenwire server")
+        add_serve_arguments(serve)
+    ask = commands.add_parser("ask", help="ask a running server and stream the answer")
+    ask.add_argument("prompt")
+    ask.add_argument("--target", default=DEFAULT_TARGET, help="server HOST:PORT")
+    ask.add_argument("--model", default="", help="model name (server default when empty)")
+    ask.add_argument("--max-tokens", type=int, default=0)
+    ask.add_argument("--seed", type=int, default=None)
+    ask.add_argument("--timeout", type=float, default=60.0, help="deadline in seconds")
+    ask.add_argument(
+        "--label", action="append", default=[], type=_label, help="KEY=VALUE, repeatable"
+    )
+    ask.add_argument("--mode", choices=["auto", "stream", "buffered"], default="stream")
+    group = ask.add_mutually_exclusive_group()
+    group.add_argument("--buffered", action="store_true", help="one checked chunk, then Completed")
+    group.add_argument("--unary", action="store_true", help="use the unary Respond RPC")
+    ask.add_argument("--show-completed", action="store_true", help="print Completed as JSON")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    if args.command == "serve":
+        from tokenwire_server.cli import run_serve
+
+        return run_serve(args)
+    return _ask(args, sys.stdout, sys.stderr)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

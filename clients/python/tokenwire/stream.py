@@ -1,0 +1,199 @@
+"""Client-side enforcement of the stream contract, shared by the sync and async clients.
+
+The server promises contiguous sequences, exact byte offsets and a verified
+`Completed`; this module checks each promise instead of trusting it, so a
+caller either gets a text that provably equals the server's final payload or
+an exception saying why not. A divergence reported by the server becomes an
+explicit `Retraction` event before the `Completion`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass, field
+
+from tokenwire.errors import IntegrityError, ProtocolError
+from tokenwire.v1 import respond_pb2 as pb
+
+
+@dataclass(frozen=True)
+class Chunk:
+    """A piece of governed text, in order."""
+
+    sequence: int
+    text: str
+    text_offset: int
+    token_count: int
+    message: pb.TokenChunk
+
+
+@dataclass(frozen=True)
+class Heartbeat:
+    """The server is alive; generation is silent."""
+
+
+@dataclass(frozen=True)
+class Retraction:
+    """The server's final payload differs from what was streamed.
+
+    Drop every chunk from `from_sequence` on (their text starts at byte
+    `from_offset`); `final_text` is the payload that replaces the whole answer.
+    """
+
+    from_sequence: int
+    from_offset: int
+    kept_text: str
+    final_text: str
+
+
+@dataclass(frozen=True)
+class Result:
+    """The verified outcome of a call."""
+
+    text: str
+    sha256: str
+    completed: pb.Completed
+    chunk_count: int
+    retraction: Retraction | None = None
+    request_id: str = ""
+
+    @property
+    def verified(self) -> bool:
+        """True when the text we hold equals the server's final payload by SHA-256."""
+        return hashlib.sha256(self.text.encode()).hexdigest() == self.sha256
+
+    @property
+    def time_to_first_token(self) -> float:
+        return self.completed.timing.time_to_first_token.ToNanoseconds() / 1e9
+
+    @property
+    def total_time(self) -> float:
+        return self.completed.timing.total.ToNanoseconds() / 1e9
+
+
+@dataclass(frozen=True)
+class Completion:
+    """The last event of a stream."""
+
+    result: Result
+
+
+Event = Chunk | Heartbeat | Retraction | Completion
+
+
+@dataclass
+class StreamAssembler:
+    """Checks and reassembles one response's events."""
+
+    request_id: str = ""
+    _parts: list[bytes] = field(default_factory=list)
+    _offsets: list[int] = field(default_factory=list)
+    _next_sequence: int = 1
+    _next_offset: int = 0
+    _digest: hashlib._Hash = field(default_factory=hashlib.sha256)
+    _response_id: str = ""
+    result: Result | None = None
+
+    @property
+    def last_sequence(self) -> int:
+        return self._next_sequence - 1
+
+    def feed(self, message: pb.StreamRespondResponse) -> list[Event]:
+        """Takes one wire event; returns the events a caller should see."""
+        if self.result is not None:
+            raise ProtocolError("event after Completed", last_sequence=self.last_sequence)
+        kind = message.WhichOneof("event")
+        if kind == "chunk":
+            return [self._chunk(message.chunk)]
+        if kind == "heartbeat":
+            return [Heartbeat()]
+        if kind == "completed":
+            return self._completed(message.completed)
+        raise ProtocolError(f"unknown event {kind!r}", last_sequence=self.last_sequence)
+
+    def _chunk(self, chunk: pb.TokenChunk) -> Chunk:
+        if self._response_id and chunk.response_id != self._response_id:
+            raise ProtocolError(
+                f"chunk of response {chunk.response_id} inside {self._response_id}",
+                last_sequence=self.last_sequence,
+            )
+        if chunk.sequence != self._next_sequence or chunk.text_offset != self._next_offset:
+            raise ProtocolError(
+                f"expected chunk {self._next_sequence} at byte {self._next_offset}, got "
+                f"{chunk.sequence} at byte {chunk.text_offset}",
+                last_sequence=self.last_sequence,
+            )
+        self._response_id = chunk.response_id
+        data = chunk.text.encode()
+        self._parts.append(data)
+        self._offsets.append(self._next_offset)
+        self._digest.update(data)
+        self._next_sequence += 1
+        self._next_offset += len(data)
+        return Chunk(chunk.sequence, chunk.text, chunk.text_offset, chunk.token_count, chunk)
+
+    def _completed(self, completed: pb.Completed) -> list[Event]:
+        streamed = self._digest.hexdigest()
+        if completed.last_sequence != self.last_sequence:
+            raise ProtocolError(
+                f"Completed names last sequence {completed.last_sequence}, "
+                f"received {self.last_sequence}",
+                last_sequence=self.last_sequence,
+            )
+        events: list[Event] = []
+        status = completed.verification.status
+        if status == pb.VERIFICATION_STATUS_VERIFIED:
+            if streamed != completed.final_sha256:
+                raise IntegrityError(
+                    f"received text hashes to {streamed}, server says {completed.final_sha256}",
+                    last_sequence=self.last_sequence,
+                )
+            text = b"".join(self._parts).decode()
+            if completed.final_text and completed.final_text != text:
+                raise IntegrityError("final_text differs from the verified stream")
+            retraction = None
+        elif status == pb.VERIFICATION_STATUS_DIVERGED:
+            text = completed.final_text
+            if hashlib.sha256(text.encode()).hexdigest() != completed.final_sha256:
+                raise IntegrityError("final_text does not hash to final_sha256")
+            from_sequence = completed.verification.retract_from_sequence
+            if not 1 <= from_sequence <= self._next_sequence:
+                raise ProtocolError(f"retraction from unknown sequence {from_sequence}")
+            kept = b"".join(self._parts[: from_sequence - 1])
+            retraction = Retraction(
+                from_sequence=from_sequence,
+                from_offset=len(kept),
+                kept_text=kept.decode(),
+                final_text=text,
+            )
+            events.append(retraction)
+        else:
+            raise ProtocolError(f"Completed without a verification result ({status})")
+        self.result = Result(
+            text=text,
+            sha256=completed.final_sha256,
+            completed=completed,
+            chunk_count=self.last_sequence,
+            retraction=retraction,
+            request_id=self.request_id or completed.request_id,
+        )
+        events.append(Completion(self.result))
+        return events
+
+
+def unary_result(response: pb.RespondResponse, request_id: str = "") -> Result:
+    """Checks a unary payload against its digest and verification."""
+    completed = response.completed
+    text = completed.final_text
+    digest = hashlib.sha256(text.encode()).hexdigest()
+    if completed.verification.status != pb.VERIFICATION_STATUS_VERIFIED:
+        raise ProtocolError("unary payload is not verified")
+    if digest != completed.final_sha256:
+        raise IntegrityError(f"payload hashes to {digest}, server says {completed.final_sha256}")
+    return Result(
+        text=text,
+        sha256=completed.final_sha256,
+        completed=completed,
+        chunk_count=0,
+        request_id=request_id or completed.request_id,
+    )

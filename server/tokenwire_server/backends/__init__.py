@@ -1,0 +1,1 @@
+"""Model backends: one small async interface, an embedded simulator, and routing."""

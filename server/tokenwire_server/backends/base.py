@@ -1,0 +1,37 @@
+"""The one interface every backend implements.
+
+A backend turns a `GenerationRequest` into an async iterator of token texts,
+optionally ending with a `Finish` that carries the finish reason and counts.
+Cancellation is honoured by construction: the pipeline cancels the task that
+iterates, so a backend only has to await something between tokens (network
+reads, sleeps) and let `CancelledError` propagate.
+"""
+
+from __future__ import annotations
+
+import abc
+from collections.abc import AsyncIterator, Mapping
+
+from tokenwire_server.domain import Finish, GenerationRequest
+
+
+class Backend(abc.ABC):
+    """An async token source for some models."""
+
+    #: Route name reported in `Completed.serving.backend`.
+    name: str
+
+    @abc.abstractmethod
+    def models(self) -> Mapping[str, str]:
+        """Model name -> model version, for every model this backend serves."""
+
+    @abc.abstractmethod
+    def generate(self, request: GenerationRequest) -> AsyncIterator[str | Finish]:
+        """Yields token texts, then optionally one `Finish`.
+
+        Raises `tokenwire_server.errors.TokenwireError` subclasses for failures
+        a caller should see as a specific status (e.g. `BackendUnavailable`).
+        """
+
+    async def aclose(self) -> None:  # noqa: B027 - optional hook, no-op by default
+        """Releases connections at server shutdown."""

@@ -1,0 +1,336 @@
+"""The embedded simulator: the default backend, so tokenwire runs with no model server.
+
+Two models:
+
+* ``tokenwire-sim`` writes plausible English split into word-piece tokens the
+  way BPE tokenizers split it (leading spaces, long words in pieces, some
+  multi-byte UTF-8). The same seed, prompt and parameters always give the same
+  answer; without a seed the prompt itself seeds the generator.
+* ``echo`` streams the last user message back in tokens of a fixed number of
+  characters, so tests and operators can put exact text through the pipeline.
+
+Timing and faults are configurable per server and per request through labels
+(``tokenwire.sim/<knob>``), so callers in any language can exercise slow
+generations, stalls and failures without a test double.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import random
+from collections.abc import AsyncIterator, Mapping
+from dataclasses import dataclass
+
+from tokenwire_server.backends.base import Backend
+from tokenwire_server.config import SimulatorConfig
+from tokenwire_server.domain import Finish, FinishReason, GenerationRequest, Role
+from tokenwire_server.errors import BackendUnavailable, FieldViolation, InvalidRequest
+from tokenwire_server.tokens import estimate_prompt_tokens
+
+SIM_MODEL = "tokenwire-sim"
+ECHO_MODEL = "echo"
+MODEL_VERSION = "sim-2026.11"
+KNOB_PREFIX = "tokenwire.sim/"
+
+_WORDS = [
+    "the",
+    "stream",
+    "of",
+    "tokens",
+    "arrives",
+    "in",
+    "order",
+    "and",
+    "every",
+    "chunk",
+    "carries",
+    "its",
+    "sequence",
+    "number",
+    "governance",
+    "checks",
+    "each",
+    "window",
+    "before",
+    "release",
+    "so",
+    "nothing",
+    "sensitive",
+    "leaves",
+    "the",
+    "gateway",
+    "a",
+    "verification",
+    "gate",
+    "compares",
+    "the",
+    "digest",
+    "of",
+    "streamed",
+    "text",
+    "with",
+    "the",
+    "final",
+    "payload",
+    "latency",
+    "matters",
+    "because",
+    "users",
+    "watch",
+    "partial",
+    "answers",
+    "appear",
+    "while",
+    "generation",
+    "continues",
+    "backpressure",
+    "keeps",
+    "memory",
+    "bounded",
+    "when",
+    "a",
+    "reader",
+    "falls",
+    "behind",
+    "the",
+    "model",
+    "operators",
+    "trace",
+    "requests",
+    "across",
+    "services",
+    "and",
+    "correlate",
+    "logs",
+    "with",
+    "metrics",
+    "resumable",
+    "responses",
+    "survive",
+    "dropped",
+    "connections",
+    "and",
+    "replica",
+    "restarts",
+    "production",
+    "teams",
+    "prefer",
+    "contracts",
+    "that",
+    "hold",
+    "under",
+    "faults",
+    "and",
+    "deadlines",
+    "café",
+    "naïve",
+    "résumé",
+    "façade",
+    "über",
+    "coöperate",
+    "jalapeño",
+    "smörgåsbord",
+    "deterministic",
+    "simulation",
+    "makes",
+    "integration",
+    "tests",
+    "reproducible",
+    "and",
+    "fast",
+    "interoperability",
+    "across",
+    "languages",
+    "depends",
+    "on",
+    "stable",
+    "field",
+    "names",
+    "and",
+    "semantics",
+]
+_PUNCTUATION = (".", ".", ".", ",", ",", ";", ":", "!", "?", " —")
+
+
+@dataclass(frozen=True, slots=True)
+class _Knobs:
+    answer_tokens: int
+    time_to_first_token: float
+    inter_token_delay: float
+    echo_token_chars: int
+    fail_after: int | None
+    stall_after: int | None
+    raise_after: int | None
+
+
+@dataclass(slots=True)
+class SimulatorStats:
+    """Counters tests read to prove what happened inside the backend."""
+
+    started: int = 0
+    finished: int = 0
+    cancelled: int = 0
+    tokens_emitted: int = 0
+
+
+def _word_pieces(word: str) -> list[str]:
+    if len(word) <= 6:
+        return [word]
+    cut = 4 if len(word) < 10 else 5
+    return [word[:cut], *_word_pieces(word[cut:])]
+
+
+def _compose(rng: random.Random, n_tokens: int) -> list[str]:
+    tokens: list[str] = []
+    sentence_start = True
+    words_in_sentence = 0
+    target = rng.randint(6, 16)
+    while len(tokens) < n_tokens:
+        word = rng.choice(_WORDS)
+        if sentence_start:
+            word = word[0].upper() + word[1:]
+        pieces = _word_pieces(word)
+        tokens.append(("" if not tokens else " ") + pieces[0])
+        tokens.extend(pieces[1:])
+        sentence_start = False
+        words_in_sentence += 1
+        if words_in_sentence >= target:
+            tokens.append(rng.choice(_PUNCTUATION))
+            terminal = tokens[-1] in (".", "!", "?")
+            sentence_start = terminal
+            words_in_sentence = 0
+            target = rng.randint(6, 16)
+            if terminal and rng.random() < 0.15:
+                tokens.append("\n\n")
+    return tokens[:n_tokens]
+
+
+def _split_fixed(text: str, size: int) -> list[str]:
+    return [text[i : i + size] for i in range(0, len(text), size)]
+
+
+def _apply_stop(tokens: list[str], stop: tuple[str, ...]) -> list[str] | None:
+    """Cuts the tokens before the earliest stop string; None when none occurs."""
+    text = "".join(tokens)
+    hits = [i for i in (text.find(s) for s in stop) if i >= 0]
+    if not hits:
+        return None
+    cut = min(hits)
+    kept: list[str] = []
+    length = 0
+    for token in tokens:
+        if length + len(token) <= cut:
+            kept.append(token)
+            length += len(token)
+            continue
+        if cut > length:
+            kept.append(token[: cut - length])
+        break
+    return kept
+
+
+class SimulatorBackend(Backend):
+    """Deterministic token source with timing and fault knobs."""
+
+    name = "simulator"
+
+    def __init__(self, config: SimulatorConfig) -> None:
+        self._config = config
+        self.stats = SimulatorStats()
+        #: Set whenever a generation is cancelled; tests await it instead of sleeping.
+        self.cancelled = asyncio.Event()
+
+    def models(self) -> Mapping[str, str]:
+        return {SIM_MODEL: MODEL_VERSION, ECHO_MODEL: MODEL_VERSION}
+
+    def _knobs(self, labels: Mapping[str, str]) -> _Knobs:
+        c = self._config
+
+        def number(knob: str, default: float | None, integer: bool) -> float | None:
+            raw = labels.get(KNOB_PREFIX + knob)
+            if raw is None:
+                return default
+            try:
+                value = int(raw) if integer else float(raw)
+            except ValueError:
+                value = -1
+            if value < 0:
+                raise InvalidRequest(
+                    f"label {KNOB_PREFIX}{knob} must be a non-negative "
+                    f"{'integer' if integer else 'number'}",
+                    reason="INVALID_SIMULATOR_KNOB",
+                    violations=[FieldViolation(f"labels[{KNOB_PREFIX}{knob}]", f"got {raw!r}")],
+                )
+            return value
+
+        def ms(knob: str, default: float) -> float:
+            value = number(knob, None, integer=False)
+            return default if value is None else value / 1000.0
+
+        def count(knob: str, default: int | None) -> int | None:
+            value = number(knob, default, integer=True)
+            return None if value is None else int(value)
+
+        echo_chars = count("echo-token-chars", c.sim_echo_token_chars) or 1
+        return _Knobs(
+            answer_tokens=count("answer-tokens", c.sim_answer_tokens) or 0,
+            time_to_first_token=ms("ttft-ms", c.sim_time_to_first_token),
+            inter_token_delay=ms("inter-token-ms", c.sim_inter_token_delay),
+            echo_token_chars=max(1, echo_chars),
+            fail_after=count("fail-after", None),
+            stall_after=count("stall-after", None),
+            raise_after=count("raise-after", None),
+        )
+
+    def _plan(self, request: GenerationRequest, knobs: _Knobs) -> list[str]:
+        if request.model == ECHO_MODEL:
+            last_user = next(
+                (m.content for m in reversed(request.messages) if m.role == Role.USER), ""
+            )
+            return _split_fixed(last_user, knobs.echo_token_chars)
+        if request.seed is not None:
+            seed: int | str = request.seed
+        else:
+            prompt = "\x1e".join(f"{m.role}:{m.content}" for m in request.messages)
+            seed = hashlib.sha256(prompt.encode()).hexdigest()
+        return _compose(random.Random(seed), knobs.answer_tokens)
+
+    async def generate(self, request: GenerationRequest) -> AsyncIterator[str | Finish]:
+        knobs = self._knobs(request.labels)
+        tokens = self._plan(request, knobs)
+        reason = FinishReason.STOP
+        if len(tokens) > request.max_tokens:
+            tokens = tokens[: request.max_tokens]
+            reason = FinishReason.LENGTH
+        if request.stop:
+            cut = _apply_stop(tokens, request.stop)
+            if cut is not None:
+                tokens, reason = cut, FinishReason.STOP_SEQUENCE
+        prompt_tokens = estimate_prompt_tokens(request.messages)
+        stats = self.stats
+        stats.started += 1
+        try:
+            if knobs.time_to_first_token > 0:
+                await asyncio.sleep(knobs.time_to_first_token)
+            delay = knobs.inter_token_delay
+            for index, token in enumerate(tokens):
+                if index == knobs.fail_after:
+                    raise BackendUnavailable(
+                        f"simulated backend failure after {index} tokens",
+                        reason="BACKEND_FAILED",
+                    )
+                if index == knobs.raise_after:
+                    raise RuntimeError(f"simulated crash after {index} tokens")
+                if index == knobs.stall_after:
+                    await asyncio.get_running_loop().create_future()
+                if index and delay > 0:
+                    await asyncio.sleep(delay)
+                stats.tokens_emitted += 1
+                yield token
+        except asyncio.CancelledError:
+            stats.cancelled += 1
+            self.cancelled.set()
+            raise
+        stats.finished += 1
+        yield Finish(reason=reason, prompt_tokens=prompt_tokens, completion_tokens=len(tokens))

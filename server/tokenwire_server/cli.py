@@ -1,0 +1,51 @@
+"""`tokenwire serve`: flags, environment and config file into one Config, then serve."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import sys
+from pathlib import Path
+
+from tokenwire_server.config import ConfigError, add_arguments, load_config
+from tokenwire_server.server import serve
+
+
+def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--config",
+        type=Path,
+        default=None,
+        help="TOML file with [network], [models], [deadlines], [limits], [delivery], "
+        "[simulator], [logging] sections (env TOKENWIRE_CONFIG)",
+    )
+    add_arguments(parser)
+
+
+def run_serve(args: argparse.Namespace) -> int:
+    import os
+
+    config_file = args.config or (
+        Path(os.environ["TOKENWIRE_CONFIG"]) if os.environ.get("TOKENWIRE_CONFIG") else None
+    )
+    try:
+        config = load_config(vars(args), file=config_file)
+    except ConfigError as error:
+        print(f"tokenwire serve: {error}", file=sys.stderr)
+        return 2
+    logging.basicConfig(
+        level=config.logging.log_level.upper(),
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        stream=sys.stderr,
+    )
+    asyncio.run(serve(config))
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="tokenwire-server", description="Run the tokenwire server."
+    )
+    add_serve_arguments(parser)
+    return run_serve(parser.parse_args(argv))

@@ -1,0 +1,222 @@
+"""Server configuration: one frozen dataclass tree.
+
+Every leaf has one name used three ways, so an operator never has to guess:
+the CLI flag ``--grace-period``, the environment variable
+``TOKENWIRE_GRACE_PERIOD`` and the key ``grace_period`` in its section of an
+optional TOML file. Precedence: CLI flag, then environment, then file, then
+the default below.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import os
+import tomllib
+import typing
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+ENV_PREFIX = "TOKENWIRE_"
+
+
+def _setting(default: Any, help: str) -> Any:
+    return field(default=default, metadata={"help": help})
+
+
+@dataclass(frozen=True)
+class NetworkConfig:
+    host: str = _setting("127.0.0.1", "address to bind; 0.0.0.0 or [::] to serve other hosts")
+    port: int = _setting(50051, "port to bind; 0 picks a free port (printed at start)")
+    grace_period: float = _setting(
+        10.0, "seconds in-flight calls get to finish after SIGTERM/SIGINT"
+    )
+    drain_delay: float = _setting(
+        0.0,
+        "seconds between health turning NOT_SERVING and refusing new calls, so load "
+        "balancers see the change first",
+    )
+    max_message_bytes: int = _setting(4 * 1024 * 1024, "largest request message accepted")
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    default_model: str = _setting("tokenwire-sim", "model used when a request names none")
+
+
+@dataclass(frozen=True)
+class DeadlineConfig:
+    default_deadline: float = _setting(
+        120.0, "seconds a call may run when the caller sets no deadline"
+    )
+    max_deadline: float = _setting(600.0, "upper bound on any call's run time, in seconds")
+    stall_timeout: float = _setting(
+        30.0, "seconds without a new token before a generation is failed as stalled"
+    )
+
+
+@dataclass(frozen=True)
+class LimitsConfig:
+    max_tokens_cap: int = _setting(4096, "largest params.max_tokens accepted")
+    default_max_tokens: int = _setting(512, "max_tokens when a request sets 0")
+    max_prompt_bytes: int = _setting(256 * 1024, "largest total UTF-8 size of all message contents")
+    max_messages: int = _setting(256, "most chat messages in one request")
+    max_labels: int = _setting(32, "most labels in one request")
+
+
+@dataclass(frozen=True)
+class DeliveryConfig:
+    auto_short_max_tokens: int = _setting(
+        32, "AUTO sends the answer whole when max_tokens is at most this"
+    )
+    auto_buffer_window: float = _setting(
+        0.05, "AUTO sends the answer whole when generation ends within these seconds"
+    )
+    default_max_tokens_per_chunk: int = _setting(32, "coalescing bound when a request sets none")
+    max_tokens_per_chunk_limit: int = _setting(1024, "largest chunking.max_tokens_per_chunk")
+    max_chunk_delay_limit: float = _setting(
+        1.0, "largest chunking.max_delay a request may ask for, in seconds"
+    )
+    heartbeat_interval: float = _setting(
+        10.0, "seconds of silence on a stream before a Heartbeat is sent"
+    )
+    max_pending_chars: int = _setting(
+        65536, "released text a stream may hold for a slow reader before generation waits"
+    )
+
+
+@dataclass(frozen=True)
+class SimulatorConfig:
+    sim_time_to_first_token: float = _setting(0.02, "simulator: seconds before the first token")
+    sim_inter_token_delay: float = _setting(0.005, "simulator: seconds between tokens")
+    sim_answer_tokens: int = _setting(64, "simulator: tokens in a tokenwire-sim answer")
+    sim_echo_token_chars: int = _setting(4, "simulator: characters per token of the echo model")
+
+
+@dataclass(frozen=True)
+class LoggingConfig:
+    log_level: str = _setting("INFO", "DEBUG, INFO, WARNING or ERROR")
+
+
+@dataclass(frozen=True)
+class Config:
+    network: NetworkConfig = field(default_factory=NetworkConfig)
+    models: ModelConfig = field(default_factory=ModelConfig)
+    deadlines: DeadlineConfig = field(default_factory=DeadlineConfig)
+    limits: LimitsConfig = field(default_factory=LimitsConfig)
+    delivery: DeliveryConfig = field(default_factory=DeliveryConfig)
+    simulator: SimulatorConfig = field(default_factory=SimulatorConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
+
+
+class ConfigError(ValueError):
+    """A setting could not be read; the message names the setting and its source."""
+
+
+def _sections() -> list[tuple[str, type[Any]]]:
+    hints = typing.get_type_hints(Config)
+    return [(f.name, hints[f.name]) for f in dataclasses.fields(Config)]
+
+
+def _leaves(section_type: type[Any]) -> list[tuple[dataclasses.Field[Any], type[Any]]]:
+    hints = typing.get_type_hints(section_type)
+    return [(f, hints[f.name]) for f in dataclasses.fields(section_type)]
+
+
+def _coerce(raw: object, kind: type[Any], where: str) -> Any:
+    try:
+        if kind is bool:
+            if isinstance(raw, bool):
+                return raw
+            return str(raw).strip().lower() in {"1", "true", "yes", "on"}
+        if kind is int and isinstance(raw, float):
+            raise ValueError("not an integer")
+        return kind(raw)
+    except (TypeError, ValueError) as exc:
+        raise ConfigError(f"{where}: cannot read {raw!r} as {kind.__name__}") from exc
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """Adds one flag per setting; unset flags stay None so lower layers show through."""
+    for section_name, section_type in _sections():
+        group = parser.add_argument_group(section_name)
+        for leaf, kind in _leaves(section_type):
+            flag = "--" + leaf.name.replace("_", "-")
+            env = ENV_PREFIX + leaf.name.upper()
+            group.add_argument(
+                flag,
+                dest=leaf.name,
+                type=str,
+                default=None,
+                metavar=kind.__name__.upper(),
+                help=f"{leaf.metadata['help']} (env {env}; default {leaf.default!r})",
+            )
+
+
+def load_config(
+    cli: Mapping[str, object] | None = None,
+    env: Mapping[str, str] | None = None,
+    file: Path | None = None,
+) -> Config:
+    """Builds the Config from CLI values, environment and an optional TOML file."""
+    cli = cli or {}
+    env = os.environ if env is None else env
+    file_values: dict[str, Any] = {}
+    if file is not None:
+        try:
+            file_values = tomllib.loads(file.read_text(encoding="utf-8"))
+        except (OSError, tomllib.TOMLDecodeError) as exc:
+            raise ConfigError(f"config file {file}: {exc}") from exc
+    sections: dict[str, Any] = {}
+    known_sections = {name for name, _ in _sections()}
+    for unknown in sorted(set(file_values) - known_sections):
+        raise ConfigError(f"config file {file}: unknown section [{unknown}]")
+    for section_name, section_type in _sections():
+        from_file = file_values.get(section_name, {})
+        known = {leaf.name for leaf, _ in _leaves(section_type)}
+        for unknown in sorted(set(from_file) - known):
+            raise ConfigError(f"config file {file}: unknown key {section_name}.{unknown}")
+        values: dict[str, Any] = {}
+        for leaf, kind in _leaves(section_type):
+            env_name = ENV_PREFIX + leaf.name.upper()
+            if cli.get(leaf.name) is not None:
+                values[leaf.name] = _coerce(
+                    cli[leaf.name], kind, "--" + leaf.name.replace("_", "-")
+                )
+            elif env_name in env:
+                values[leaf.name] = _coerce(env[env_name], kind, env_name)
+            elif leaf.name in from_file:
+                values[leaf.name] = _coerce(
+                    from_file[leaf.name], kind, f"{file}: {section_name}.{leaf.name}"
+                )
+        sections[section_name] = section_type(**values)
+    config = Config(**sections)
+    _check(config)
+    return config
+
+
+def _check(config: Config) -> None:
+    problems: list[str] = []
+    if not 0 <= config.network.port <= 65535:
+        problems.append("port must be 0..65535")
+    if config.deadlines.default_deadline <= 0 or config.deadlines.max_deadline <= 0:
+        problems.append("deadlines must be positive")
+    if config.deadlines.default_deadline > config.deadlines.max_deadline:
+        problems.append("default_deadline must not exceed max_deadline")
+    if config.limits.default_max_tokens > config.limits.max_tokens_cap:
+        problems.append("default_max_tokens must not exceed max_tokens_cap")
+    if config.delivery.default_max_tokens_per_chunk > config.delivery.max_tokens_per_chunk_limit:
+        problems.append("default_max_tokens_per_chunk must not exceed max_tokens_per_chunk_limit")
+    if config.delivery.heartbeat_interval <= 0:
+        problems.append("heartbeat_interval must be positive")
+    if config.simulator.sim_echo_token_chars < 1:
+        problems.append("sim_echo_token_chars must be at least 1")
+    if problems:
+        raise ConfigError("; ".join(problems))
+
+
+def setting_names() -> Sequence[str]:
+    """All leaf names, for docs and tests."""
+    return [leaf.name for _, section in _sections() for leaf, _ in _leaves(section)]

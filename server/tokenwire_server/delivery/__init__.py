@@ -1,0 +1,1 @@
+"""Delivery: how generated, governed text becomes chunks on the wire."""

@@ -1,0 +1,151 @@
+"""The producer: drives a backend through governance into a `LiveResponse`.
+
+It runs as its own task so that generation and delivery are decoupled: the
+writer never waits on the model, the model waits on the writer only when the
+stream's bounded buffer is full, and cancelling this task stops the backend at
+its next await, within one token step.
+
+Deadline and stall checks cost O(1) per token: a token only records the time;
+one timer per generation wakes at the next possible expiry and cancels the
+task when it really has expired.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+
+from tokenwire_server.backends.base import Backend
+from tokenwire_server.delivery.response import LiveResponse, Outcome
+from tokenwire_server.domain import Finish, FinishReason, GenerationRequest, Verdict
+from tokenwire_server.errors import (
+    BackendStalled,
+    DeadlineExceeded,
+    InternalError,
+    TokenwireError,
+)
+from tokenwire_server.governance.policy import GovernanceSession
+
+log = logging.getLogger(__name__)
+
+
+class Watchdog:
+    """Cancels a task when its deadline passes or its token source goes quiet."""
+
+    def __init__(
+        self,
+        task: asyncio.Task[None],
+        deadline: float | None,
+        stall_timeout: float,
+    ) -> None:
+        self._loop = asyncio.get_running_loop()
+        self._task = task
+        self._deadline = deadline
+        self._stall_timeout = stall_timeout
+        self._last_activity = self._loop.time()
+        self._suspended = False
+        self.fired: TokenwireError | None = None
+        self._handle = self._loop.call_at(self._next_check(), self._check)
+
+    def kick(self) -> None:
+        """Records progress; the only per-token cost."""
+        self._last_activity = self._loop.time()
+
+    def suspend(self) -> None:
+        """Stall checks pause while generation waits on a slow reader."""
+        self._suspended = True
+
+    def resume(self) -> None:
+        self._suspended = False
+        self.kick()
+
+    def stop(self) -> None:
+        self._handle.cancel()
+
+    def _next_check(self) -> float:
+        stall_at = self._last_activity + self._stall_timeout
+        return stall_at if self._deadline is None else min(stall_at, self._deadline)
+
+    def _check(self) -> None:
+        now = self._loop.time()
+        if self._deadline is not None and now >= self._deadline:
+            self.fired = DeadlineExceeded("the call's deadline passed during generation")
+        elif not self._suspended and now - self._last_activity >= self._stall_timeout:
+            self.fired = BackendStalled(
+                f"the backend produced no token for {self._stall_timeout:g}s",
+                metadata={"stallTimeoutSeconds": f"{self._stall_timeout:g}"},
+            )
+        if self.fired is not None:
+            self._task.cancel()
+            return
+        if self._suspended:
+            self._last_activity = now
+        self._handle = self._loop.call_at(self._next_check(), self._check)
+
+
+async def run_generation(
+    backend: Backend,
+    request: GenerationRequest,
+    session: GovernanceSession,
+    response: LiveResponse,
+    stall_timeout: float,
+) -> None:
+    """Generates into `response` and ends it exactly once, whatever happens."""
+    task = asyncio.current_task()
+    assert task is not None
+    watchdog = Watchdog(task, request.deadline, stall_timeout)
+    finish: Finish | None = None
+    push = session.push
+    release = response.release
+    try:
+        tokens = backend.generate(request)
+        try:
+            async for item in tokens:
+                if type(item) is str:
+                    watchdog.kick()
+                    text, actions = push(item)
+                    release(text, actions)
+                    if response.over_budget:
+                        watchdog.suspend()
+                        await response.wait_for_space()
+                        watchdog.resume()
+                elif isinstance(item, Finish):
+                    finish = item
+        finally:
+            await tokens.aclose()  # type: ignore[attr-defined]
+    except asyncio.CancelledError:
+        if watchdog.fired is None:
+            response.cancel()
+            raise
+        task.uncancel()
+        response.fail(watchdog.fired)
+    except TokenwireError as error:
+        response.fail(error)
+    except Exception:
+        log.exception("backend %s crashed", backend.name)
+        response.fail(InternalError("the backend failed unexpectedly", reason="BACKEND_ERROR"))
+    else:
+        tail, tail_actions, decision = session.finish()
+        if tail or tail_actions:
+            release(tail, tail_actions, 0)
+        finish = finish or Finish()
+        blocked = decision.blocked
+        response.finish(
+            Outcome(
+                final_text=decision.text if decision.text is not None else response.released_text,
+                finish_reason=FinishReason.POLICY_BLOCKED if blocked else finish.reason,
+                prompt_tokens=finish.prompt_tokens or 0,
+                completion_tokens=(
+                    finish.completion_tokens
+                    if finish.completion_tokens is not None
+                    else response.tokens_generated
+                ),
+                verdict=decision.verdict if decision.verdict else Verdict.ALLOWED,
+                review_required=decision.review_required,
+                actions=decision.actions,
+                path=finish.path,
+                attempts=finish.attempts,
+            )
+        )
+    finally:
+        watchdog.stop()

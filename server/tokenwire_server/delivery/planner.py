@@ -1,0 +1,138 @@
+"""The delivery planner: decides how a response goes out and yields its events.
+
+AUTO picks BUFFERED for answers that are short by construction (`max_tokens`
+at most the configured bound) or that finished inside the buffering window,
+and STREAM otherwise. STREAM cuts a chunk whenever the stream can take one,
+so a fast reader gets tokens as they are released and a slow one gets them
+coalesced; `max_delay` lets a caller trade latency for fewer, larger chunks.
+Heartbeats fill silences longer than the configured interval.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+
+from tokenwire.v1 import respond_pb2 as pb
+
+from tokenwire_server.codec import EventCodec
+from tokenwire_server.delivery.response import LiveResponse, State
+from tokenwire_server.domain import DeliveryMode
+
+
+@dataclass(frozen=True, slots=True)
+class DeliveryOptions:
+    mode: DeliveryMode
+    max_tokens: int
+    max_tokens_per_chunk: int
+    max_delay: float
+    auto_short_max_tokens: int
+    auto_buffer_window: float
+    heartbeat_interval: float
+
+
+class StreamDelivery:
+    """Turns one `LiveResponse` into the events of one `StreamRespond` call."""
+
+    def __init__(
+        self, response: LiveResponse, options: DeliveryOptions, codec: EventCodec, trace_id: str
+    ) -> None:
+        self._response = response
+        self._options = options
+        self._codec = codec
+        self._trace_id = trace_id
+        self._loop = asyncio.get_running_loop()
+        #: Sequence of the last chunk handed to gRPC; named in the trailers on failure.
+        self.last_sequence = 0
+        self.mode_used: DeliveryMode | None = None
+        self._first_chunk_at: float | None = None
+        self._last_sent = self._loop.time()
+
+    async def events(self) -> AsyncIterator[pb.StreamRespondResponse]:
+        response = self._response
+        mode = await self._choose_mode()
+        self.mode_used = mode
+        if mode is DeliveryMode.BUFFERED:
+            async for event in self._buffered():
+                yield event
+        else:
+            async for event in self._streamed():
+                yield event
+        if response.state is not State.FINISHED:
+            assert response.error is not None
+            raise response.error
+        now = self._loop.time()
+        first = self._first_chunk_at if self._first_chunk_at is not None else now
+        yield pb.StreamRespondResponse(
+            completed=self._codec.completed(
+                mode=mode,
+                unary=False,
+                time_to_first_token=first - response.started_at,
+                total=now - response.started_at,
+                trace_id=self._trace_id,
+            )
+        )
+
+    async def _choose_mode(self) -> DeliveryMode:
+        options, response = self._options, self._response
+        if options.mode is not DeliveryMode.AUTO:
+            return options.mode
+        if options.max_tokens <= options.auto_short_max_tokens:
+            return DeliveryMode.BUFFERED
+        window_end = response.started_at + options.auto_buffer_window
+        while not response.done and await response.wait(window_end):
+            pass
+        return DeliveryMode.BUFFERED if response.state is State.FINISHED else DeliveryMode.STREAM
+
+    async def _wait(self, until: float | None) -> pb.StreamRespondResponse | None:
+        """Waits for progress; returns a heartbeat if the silence reached the interval."""
+        due = self._last_sent + self._options.heartbeat_interval
+        limit = due if until is None else min(due, until)
+        if not await self._response.wait(limit) and self._loop.time() >= due:
+            self._last_sent = self._loop.time()
+            return self._codec.heartbeat(time.time_ns())
+        return None
+
+    async def _buffered(self) -> AsyncIterator[pb.StreamRespondResponse]:
+        response = self._response
+        self._last_sent = self._loop.time()
+        while not response.done:
+            if heartbeat := await self._wait(None):
+                yield heartbeat
+        if response.state is State.FINISHED:
+            record = response.cut_whole()
+            self._first_chunk_at = self._loop.time()
+            self.last_sequence = record.sequence
+            yield self._codec.chunk(record)
+
+    async def _streamed(self) -> AsyncIterator[pb.StreamRespondResponse]:
+        response, options, codec = self._response, self._options, self._codec
+        chunks = response.chunks
+        cap, max_delay = options.max_tokens_per_chunk, options.max_delay
+        cursor = 0
+        self._last_sent = self._loop.time()
+        while True:
+            if cursor < len(chunks):
+                record = chunks[cursor]
+            elif response.has_pending:
+                if max_delay > 0 and not response.done and response.pending_tokens < cap:
+                    fill_until = response.pending_since + max_delay
+                    if self._loop.time() < fill_until:
+                        if heartbeat := await self._wait(fill_until):
+                            yield heartbeat
+                        continue
+                record = response.cut_chunk(cap)
+            elif response.done:
+                return
+            else:
+                if heartbeat := await self._wait(None):
+                    yield heartbeat
+                continue
+            cursor += 1
+            if self._first_chunk_at is None:
+                self._first_chunk_at = self._loop.time()
+            self.last_sequence = record.sequence
+            yield codec.chunk(record)
+            self._last_sent = self._loop.time()

@@ -1,0 +1,261 @@
+"""The live state of one response: released text, the chunk log, and its one ending.
+
+Generation (the producer) releases governed text into it; deliveries (the
+consumers) cut that text into chunks and read the chunk log by position. A
+chunk, once cut, never changes: its sequence, offset and text are what every
+reader of the response sees, which is what makes replay and resume exact.
+
+Chunks are cut when a reader asks, so a reader slower than the model gets the
+tokens that piled up in one chunk (bounded by `max_pending_chars`, beyond which
+generation waits) instead of a queue of tiny messages.
+
+Ending is one terminal transition (finished, failed or cancelled); the first
+caller wins and later calls are no-ops, so racing endings are safe.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import enum
+import time
+from dataclasses import dataclass
+
+from tokenwire_server.domain import Action, FinishReason, ModelInfo, ServingPath, Verdict
+from tokenwire_server.errors import TokenwireError
+
+
+class State(enum.Enum):
+    RUNNING = "running"
+    FINISHED = "finished"
+    FAILED = "failed"
+    CANCELLED = "cancelled"
+
+
+@dataclass(frozen=True, slots=True)
+class ChunkRecord:
+    sequence: int
+    text: str
+    text_offset: int
+    token_count: int
+    actions: tuple[Action, ...]
+    emitted_at_ns: int
+
+
+@dataclass(frozen=True, slots=True)
+class Outcome:
+    """What a finished response reports in `Completed`."""
+
+    final_text: str
+    finish_reason: FinishReason
+    prompt_tokens: int
+    completion_tokens: int
+    verdict: Verdict
+    review_required: bool
+    actions: tuple[Action, ...]
+    path: ServingPath
+    attempts: int
+
+
+class LiveResponse:
+    """One response's released text, chunk log and terminal state."""
+
+    def __init__(
+        self,
+        *,
+        response_id: str,
+        request_id: str,
+        model: ModelInfo,
+        policy_id: str,
+        policy_version: str,
+        max_pending_chars: int,
+    ) -> None:
+        self.response_id = response_id
+        self.request_id = request_id
+        self.model = model
+        self.policy_id = policy_id
+        self.policy_version = policy_version
+        self._loop = asyncio.get_running_loop()
+        self.started_at = self._loop.time()
+        self.first_token_at: float | None = None
+        self.chunks: list[ChunkRecord] = []
+        self.state = State.RUNNING
+        self.outcome: Outcome | None = None
+        self.error: TokenwireError | None = None
+        self.tokens_generated = 0
+        self._max_pending_chars = max_pending_chars
+        self._pending: list[str] = []
+        self._pending_counts: list[int] = []
+        self._pending_chars = 0
+        self._pending_actions: list[Action] = []
+        self._carry_tokens = 0
+        self._pending_since = 0.0
+        self._next_offset = 0
+        self._released: list[str] = []
+        self._waiters: list[asyncio.Future[bool]] = []
+        self._space: asyncio.Future[None] | None = None
+        #: The generation task feeding this response, once started.
+        self.task: asyncio.Task[None] | None = None
+
+    def stop_generation(self) -> None:
+        """Cancels generation if it still runs; safe to call any number of times."""
+        if self.task is not None and not self.task.done():
+            self.task.cancel()
+
+    # ----- producer side -------------------------------------------------
+
+    def release(self, text: str, actions: tuple[Action, ...] = (), tokens: int = 1) -> None:
+        """Adds governed text (from `tokens` generated tokens) that may now be sent."""
+        self.tokens_generated += tokens
+        if self.first_token_at is None:
+            self.first_token_at = self._loop.time()
+        if actions:
+            self._pending_actions.extend(actions)
+        if not text:
+            self._carry_tokens += tokens
+            return
+        if not self._pending:
+            self._pending_since = self._loop.time()
+        self._pending.append(text)
+        self._pending_counts.append(tokens + self._carry_tokens)
+        self._carry_tokens = 0
+        self._pending_chars += len(text)
+        self._released.append(text)
+        if self._waiters:
+            self._wake()
+
+    @property
+    def over_budget(self) -> bool:
+        return self._pending_chars > self._max_pending_chars
+
+    async def wait_for_space(self) -> None:
+        """Backpressure: returns once a reader has taken enough pending text."""
+        while self._pending_chars > self._max_pending_chars and self.state is State.RUNNING:
+            self._space = self._loop.create_future()
+            await self._space
+
+    def finish(self, outcome: Outcome) -> bool:
+        return self._end(State.FINISHED, outcome=outcome)
+
+    def fail(self, error: TokenwireError) -> bool:
+        return self._end(State.FAILED, error=error)
+
+    def cancel(self) -> bool:
+        return self._end(State.CANCELLED)
+
+    def _end(
+        self, state: State, outcome: Outcome | None = None, error: TokenwireError | None = None
+    ) -> bool:
+        if self.state is not State.RUNNING:
+            return False
+        self.state = state
+        self.outcome = outcome
+        self.error = error
+        self._wake()
+        if self._space is not None and not self._space.done():
+            self._space.set_result(None)
+        return True
+
+    # ----- consumer side -------------------------------------------------
+
+    @property
+    def released_text(self) -> str:
+        return "".join(self._released)
+
+    @property
+    def has_pending(self) -> bool:
+        return bool(self._pending)
+
+    @property
+    def pending_tokens(self) -> int:
+        return sum(self._pending_counts)
+
+    @property
+    def pending_since(self) -> float:
+        return self._pending_since
+
+    @property
+    def done(self) -> bool:
+        return self.state is not State.RUNNING
+
+    async def wait_ended(self) -> None:
+        while not self.done:
+            await self.wait(None)
+
+    async def wait(self, until: float | None) -> bool:
+        """Waits for new text or the ending; False when `until` (loop time) passed first."""
+        if until is not None and until <= self._loop.time():
+            return False
+        waiter: asyncio.Future[bool] = self._loop.create_future()
+        self._waiters.append(waiter)
+        timer = None if until is None else self._loop.call_at(until, _expire, waiter)
+        try:
+            await waiter
+        finally:
+            if timer is not None:
+                timer.cancel()
+            if waiter in self._waiters:
+                self._waiters.remove(waiter)
+        return waiter.result()
+
+    def _wake(self) -> None:
+        waiters, self._waiters = self._waiters, []
+        for waiter in waiters:
+            if not waiter.done():
+                waiter.set_result(True)
+
+    def cut_chunk(self, max_tokens: int) -> ChunkRecord:
+        """Turns up to `max_tokens` pending tokens into the next chunk of the log."""
+        pending, counts = self._pending, self._pending_counts
+        take = tokens = 0
+        for count in counts:
+            if take and tokens + count > max_tokens:
+                break
+            tokens += count
+            take += 1
+        text = pending[0] if take == 1 else "".join(pending[:take])
+        del pending[:take]
+        del counts[:take]
+        self._pending_chars -= len(text)
+        if pending:
+            self._pending_since = self._loop.time()
+        record = self._append(text, tokens, self._take_actions(len(text.encode())))
+        if self._space is not None and not self.over_budget and not self._space.done():
+            self._space.set_result(None)
+        return record
+
+    def cut_whole(self) -> ChunkRecord:
+        """The buffered delivery: the final payload as the one and only chunk."""
+        assert self.outcome is not None and not self.chunks
+        self._pending.clear()
+        self._pending_counts.clear()
+        self._pending_chars = 0
+        self._pending_actions.clear()
+        return self._append(
+            self.outcome.final_text, self.outcome.completion_tokens, self.outcome.actions
+        )
+
+    def _take_actions(self, byte_length: int) -> tuple[Action, ...]:
+        if not self._pending_actions:
+            return ()
+        end = self._next_offset + byte_length
+        taken = tuple(a for a in self._pending_actions if a.start < end)
+        self._pending_actions = [a for a in self._pending_actions if a.start >= end]
+        return taken
+
+    def _append(self, text: str, tokens: int, actions: tuple[Action, ...]) -> ChunkRecord:
+        record = ChunkRecord(
+            sequence=len(self.chunks) + 1,
+            text=text,
+            text_offset=self._next_offset,
+            token_count=tokens,
+            actions=actions,
+            emitted_at_ns=time.time_ns(),
+        )
+        self._next_offset += len(text.encode())
+        self.chunks.append(record)
+        return record
+
+
+def _expire(waiter: asyncio.Future[bool]) -> None:
+    if not waiter.done():
+        waiter.set_result(False)

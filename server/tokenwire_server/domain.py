@@ -1,0 +1,103 @@
+"""Domain objects the pipeline passes around.
+
+They are plain frozen dataclasses so the backend, governance and delivery
+layers never depend on protobuf; the servicer and codec translate at the edge.
+"""
+
+from __future__ import annotations
+
+import enum
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+
+
+class Role(enum.IntEnum):
+    SYSTEM = 1
+    USER = 2
+    ASSISTANT = 3
+
+
+class DeliveryMode(enum.IntEnum):
+    AUTO = 1
+    STREAM = 2
+    BUFFERED = 3
+
+
+class FinishReason(enum.IntEnum):
+    STOP = 1
+    LENGTH = 2
+    STOP_SEQUENCE = 3
+    POLICY_BLOCKED = 4
+
+
+class Verdict(enum.IntEnum):
+    ALLOWED = 1
+    REDACTED = 2
+    BLOCKED = 3
+
+
+class ServingPath(enum.IntEnum):
+    STREAMING = 1
+    NON_STREAMING = 2
+
+
+class Operator(enum.IntEnum):
+    MASK = 1
+    REPLACE = 2
+    HASH = 3
+    BLOCK = 4
+    FLAG = 5
+
+
+@dataclass(frozen=True, slots=True)
+class Message:
+    role: Role
+    content: str
+
+
+@dataclass(frozen=True, slots=True)
+class GenerationRequest:
+    """What a backend needs to generate; `deadline` is an absolute monotonic time."""
+
+    model: str
+    messages: tuple[Message, ...]
+    max_tokens: int
+    temperature: float | None = None
+    top_p: float | None = None
+    stop: tuple[str, ...] = ()
+    seed: int | None = None
+    labels: Mapping[str, str] = field(default_factory=dict)
+    deadline: float | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Finish:
+    """The last item a backend yields: why it stopped and what it counted.
+
+    A backend that cannot count leaves a count as None and the pipeline counts
+    the tokens it saw.
+    """
+
+    reason: FinishReason = FinishReason.STOP
+    prompt_tokens: int | None = None
+    completion_tokens: int | None = None
+    path: ServingPath = ServingPath.STREAMING
+    attempts: int = 1
+
+
+@dataclass(frozen=True, slots=True)
+class Action:
+    """A governance action; `start`/`end` are UTF-8 byte positions in the final text."""
+
+    rule_id: str
+    entity_type: str
+    operator: Operator
+    start: int
+    end: int
+
+
+@dataclass(frozen=True, slots=True)
+class ModelInfo:
+    name: str
+    version: str
+    backend: str

@@ -1,0 +1,154 @@
+"""Errors the service reports, and their google.rpc form.
+
+Every error leaves the server as a gRPC status whose details hold exactly one
+`ErrorInfo` (stable UPPER_SNAKE reason, the tokenwire domain, lowerCamel
+metadata) plus `BadRequest` or `RetryInfo` where they help the caller decide
+what to do next. Raising one of these anywhere in the pipeline is enough: the
+servicer turns it into the status.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+
+import grpc
+from google.protobuf import any_pb2, duration_pb2
+from google.rpc import code_pb2, error_details_pb2, status_pb2
+
+ERROR_DOMAIN = "tokenwire.dev"
+LAST_SEQUENCE_KEY = "tokenwire-last-sequence"
+PROMPT_TOKENS_KEY = "tokenwire-prompt-tokens"
+COMPLETION_TOKENS_KEY = "tokenwire-completion-tokens"
+STATUS_DETAILS_KEY = "grpc-status-details-bin"
+
+
+@dataclass(frozen=True, slots=True)
+class FieldViolation:
+    field: str
+    description: str
+
+
+class TokenwireError(Exception):
+    """Base of every error with a defined gRPC status."""
+
+    code: grpc.StatusCode = grpc.StatusCode.INTERNAL
+    reason: str = "INTERNAL"
+    retry_after: float | None = None
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        reason: str | None = None,
+        metadata: Mapping[str, str] | None = None,
+        violations: Sequence[FieldViolation] = (),
+        retry_after: float | None = None,
+    ) -> None:
+        super().__init__(message)
+        self.message = message
+        if reason is not None:
+            self.reason = reason
+        self.metadata = dict(metadata or {})
+        self.violations = tuple(violations)
+        if retry_after is not None:
+            self.retry_after = retry_after
+
+
+class InvalidRequest(TokenwireError):
+    code = grpc.StatusCode.INVALID_ARGUMENT
+    reason = "INVALID_REQUEST"
+
+
+class NotFound(TokenwireError):
+    code = grpc.StatusCode.NOT_FOUND
+    reason = "NOT_FOUND"
+
+
+class Unimplemented(TokenwireError):
+    code = grpc.StatusCode.UNIMPLEMENTED
+    reason = "UNIMPLEMENTED"
+
+
+class BackendUnavailable(TokenwireError):
+    """The backend failed; a retry (or a resume) may succeed."""
+
+    code = grpc.StatusCode.UNAVAILABLE
+    reason = "BACKEND_UNAVAILABLE"
+    retry_after = 1.0
+
+
+class BackendStalled(TokenwireError):
+    code = grpc.StatusCode.UNAVAILABLE
+    reason = "BACKEND_STALLED"
+    retry_after = 1.0
+
+
+class DeadlineExceeded(TokenwireError):
+    code = grpc.StatusCode.DEADLINE_EXCEEDED
+    reason = "DEADLINE_EXCEEDED"
+
+
+class InternalError(TokenwireError):
+    code = grpc.StatusCode.INTERNAL
+    reason = "INTERNAL"
+
+
+class VerificationFailed(TokenwireError):
+    """The verification gate caught the pipeline breaking its own contract."""
+
+    code = grpc.StatusCode.DATA_LOSS
+    reason = "VERIFICATION_FAILED"
+
+
+def _pack(message: object) -> any_pb2.Any:
+    packed = any_pb2.Any()
+    packed.Pack(message)  # type: ignore[arg-type]
+    return packed
+
+
+def to_status_proto(error: TokenwireError) -> status_pb2.Status:
+    """Builds the google.rpc.Status that travels in the grpc-status-details-bin trailer."""
+    details = [
+        _pack(
+            error_details_pb2.ErrorInfo(
+                reason=error.reason, domain=ERROR_DOMAIN, metadata=error.metadata
+            )
+        )
+    ]
+    if error.violations:
+        details.append(
+            _pack(
+                error_details_pb2.BadRequest(
+                    field_violations=[
+                        error_details_pb2.BadRequest.FieldViolation(
+                            field=v.field, description=v.description
+                        )
+                        for v in error.violations
+                    ]
+                )
+            )
+        )
+    if error.retry_after is not None:
+        delay = duration_pb2.Duration()
+        delay.FromNanoseconds(int(error.retry_after * 1e9))
+        details.append(_pack(error_details_pb2.RetryInfo(retry_delay=delay)))
+    code_value: int = error.code.value[0]
+    assert code_value in code_pb2.Code.values()
+    return status_pb2.Status(code=code_value, message=error.message, details=details)
+
+
+def trailing_metadata(
+    error: TokenwireError, extra: Sequence[tuple[str, str]] = ()
+) -> tuple[tuple[str, str | bytes], ...]:
+    """Trailers for a failed call: the status details, then any tokenwire keys."""
+    return ((STATUS_DETAILS_KEY, to_status_proto(error).SerializeToString()), *extra)
+
+
+async def abort(
+    context: grpc.aio.ServicerContext[object, object],
+    error: TokenwireError,
+    extra_trailers: Sequence[tuple[str, str]] = (),
+) -> None:
+    """Ends the call with the error's status; never returns normally."""
+    await context.abort(error.code, error.message, trailing_metadata(error, extra_trailers))

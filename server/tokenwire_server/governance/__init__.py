@@ -1,0 +1,1 @@
+"""Governance: the stages every token passes before it may leave the server."""

@@ -1,0 +1,66 @@
+"""Bounds every call's run time and hands the budget to the pipeline.
+
+A caller's deadline is honoured but capped at `max_deadline`; a call without
+one gets `default_deadline`, so no generation runs unbounded. The absolute
+budget goes to the servicer through `CALL_DEADLINE`; the generation watchdog
+enforces it (and the stall timeout) and cancels the backend when it passes.
+gRPC itself cancels the handler when the caller's own deadline passes or the
+caller goes away, and the servicer turns that into backend cancellation.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+import grpc
+
+from tokenwire_server.call_context import CALL_DEADLINE
+from tokenwire_server.interceptors._wrap import (
+    Context,
+    StreamBehavior,
+    UnaryBehavior,
+    is_respond_service,
+    wrap_handler,
+)
+
+
+class DeadlineInterceptor(grpc.aio.ServerInterceptor):
+    def __init__(self, default_deadline: float, max_deadline: float) -> None:
+        self._default = default_deadline
+        self._max = max_deadline
+
+    def _enter(self, context: Context) -> None:
+        remaining = context.time_remaining()
+        budget = self._default if remaining is None else min(remaining, self._max)
+        CALL_DEADLINE.set(asyncio.get_running_loop().time() + budget)
+
+    async def intercept_service(
+        self,
+        continuation: Any,
+        handler_call_details: grpc.HandlerCallDetails,
+    ) -> grpc.RpcMethodHandler[Any, Any] | None:
+        handler: grpc.RpcMethodHandler[Any, Any] | None = await continuation(handler_call_details)
+        if not is_respond_service(handler_call_details):
+            return handler
+
+        def unary(behavior: UnaryBehavior) -> UnaryBehavior:
+            async def with_deadline(
+                request: Any, context: grpc.aio.ServicerContext[Any, Any]
+            ) -> Any:
+                self._enter(context)
+                return await behavior(request, context)
+
+            return with_deadline
+
+        def stream(behavior: StreamBehavior) -> StreamBehavior:
+            async def with_deadline(
+                request: Any, context: grpc.aio.ServicerContext[Any, Any]
+            ) -> Any:
+                self._enter(context)
+                async for event in behavior(request, context):
+                    yield event
+
+            return with_deadline
+
+        return wrap_handler(handler, unary, stream)

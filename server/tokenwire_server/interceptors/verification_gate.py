@@ -1,0 +1,141 @@
+"""The verification gate: nothing terminal leaves before what was sent is checked.
+
+It wraps the response stream and sees every event. Per chunk it does O(1)
+bookkeeping plus hashing the chunk's bytes: the sequence must be the next one
+and the offset must equal the bytes sent so far, otherwise the chunk is not
+sent and the call fails with DATA_LOSS (the pipeline broke its own contract;
+better an error the client can resume from than a wrong stream). When
+`Completed` arrives, the gate compares the digest of the streamed text with
+`final_sha256` and fills `verification`: VERIFIED, or DIVERGED with the first
+chunk the caller must drop. Only then does `Completed` go out, with the final
+text dropped if the caller asked for that and nothing diverged.
+
+For unary `Respond` the payload itself is what the caller receives; its digest
+must match `final_sha256`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from typing import Any
+
+import grpc
+from tokenwire.v1 import respond_pb2 as pb
+
+from tokenwire_server.errors import LAST_SEQUENCE_KEY, VerificationFailed, abort
+from tokenwire_server.interceptors._wrap import (
+    Context,
+    StreamBehavior,
+    UnaryBehavior,
+    is_respond_service,
+    wrap_handler,
+)
+
+
+def retraction_point(chunks: list[tuple[int, int, bytes]], final: bytes) -> int:
+    """The first sequence whose bytes are not the final payload's at the same offset.
+
+    When every streamed chunk is a prefix of the final payload (the final text
+    only adds to it), nothing needs dropping: the answer is the next sequence.
+    """
+    for sequence, offset, data in chunks:
+        if final[offset : offset + len(data)] != data:
+            return sequence
+    return chunks[-1][0] + 1 if chunks else 1
+
+
+def _verify(completed: pb.Completed, streamed_sha256: str, retract_from: int, omit: bool) -> None:
+    verification = completed.verification
+    verification.streamed_sha256 = streamed_sha256
+    if streamed_sha256 == completed.final_sha256:
+        verification.status = pb.VERIFICATION_STATUS_VERIFIED
+        verification.retract_from_sequence = 0
+        if omit:
+            completed.final_text = ""
+    else:
+        verification.status = pb.VERIFICATION_STATUS_DIVERGED
+        verification.retract_from_sequence = retract_from
+
+
+class VerificationGateInterceptor(grpc.aio.ServerInterceptor):
+    async def intercept_service(
+        self,
+        continuation: Any,
+        handler_call_details: grpc.HandlerCallDetails,
+    ) -> grpc.RpcMethodHandler[Any, Any] | None:
+        handler: grpc.RpcMethodHandler[Any, Any] | None = await continuation(handler_call_details)
+        if not is_respond_service(handler_call_details):
+            return handler
+        return wrap_handler(handler, _gate_unary, _gate_stream)
+
+
+def _gate_unary(behavior: UnaryBehavior) -> UnaryBehavior:
+    async def gated(request: Any, context: Context) -> Any:
+        response = await behavior(request, context)
+        if isinstance(response, pb.RespondResponse):
+            completed = response.completed
+            payload = completed.final_text.encode()
+            digest = hashlib.sha256(payload).hexdigest()
+            if digest != completed.final_sha256:
+                await abort(
+                    context,
+                    VerificationFailed("the payload does not match its digest"),
+                    ((LAST_SEQUENCE_KEY, "0"),),
+                )
+            _verify(completed, digest, 0, omit=False)
+        return response
+
+    return gated
+
+
+def _gate_stream(behavior: StreamBehavior) -> StreamBehavior:
+    async def gated(request: Any, context: Context) -> Any:
+        omit = bool(getattr(request, "omit_final_text", False))
+        digest = hashlib.sha256()
+        sent: list[tuple[int, int, bytes]] = []
+        next_sequence, next_offset = 1, 0
+        completed_seen = False
+        async for event in behavior(request, context):
+            kind = event.WhichOneof("event")
+            if kind == "chunk":
+                chunk = event.chunk
+                data = chunk.text.encode()
+                if (
+                    completed_seen
+                    or chunk.sequence != next_sequence
+                    or (chunk.text_offset != next_offset)
+                ):
+                    await abort(
+                        context,
+                        VerificationFailed(
+                            f"chunk {chunk.sequence}@{chunk.text_offset} does not follow "
+                            f"{next_sequence - 1}@{next_offset}",
+                            metadata={"lastSequence": str(next_sequence - 1)},
+                        ),
+                        ((LAST_SEQUENCE_KEY, str(next_sequence - 1)),),
+                    )
+                digest.update(data)
+                sent.append((next_sequence, next_offset, data))
+                next_sequence += 1
+                next_offset += len(data)
+            elif kind == "completed":
+                completed = event.completed
+                if completed_seen or completed.last_sequence != next_sequence - 1:
+                    await abort(
+                        context,
+                        VerificationFailed(
+                            f"Completed names last sequence {completed.last_sequence} "
+                            f"but {next_sequence - 1} chunks were sent",
+                            metadata={"lastSequence": str(next_sequence - 1)},
+                        ),
+                        ((LAST_SEQUENCE_KEY, str(next_sequence - 1)),),
+                    )
+                streamed = digest.hexdigest()
+                retract_from = 0
+                if streamed != completed.final_sha256:
+                    retract_from = retraction_point(sent, completed.final_text.encode())
+                _verify(completed, streamed, retract_from, omit)
+                completed_seen = True
+            yield event
+
+    return gated

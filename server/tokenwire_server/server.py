@@ -1,0 +1,117 @@
+"""Assembles and runs the gRPC server: service, health, reflection, graceful drain.
+
+Health answers SERVING for "" and the RespondService only once the server is
+listening, and NOT_SERVING from the moment a drain begins. A drain refuses new
+calls, gives in-flight ones `grace_period` seconds, then cancels the rest.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+from collections.abc import Sequence
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+from opentelemetry.sdk.trace import TracerProvider
+from tokenwire.v1 import respond_pb2, respond_pb2_grpc
+
+from tokenwire_server.backends.base import Backend
+from tokenwire_server.backends.registry import BackendRegistry
+from tokenwire_server.backends.simulator import SimulatorBackend
+from tokenwire_server.config import Config
+from tokenwire_server.governance.policy import PassThroughPolicy, Policy
+from tokenwire_server.interceptors import build_chain
+from tokenwire_server.servicer import RespondServicer
+from tokenwire_server.telemetry import build_tracer_provider
+
+log = logging.getLogger(__name__)
+
+SERVICE_NAME: str = respond_pb2.DESCRIPTOR.services_by_name["RespondService"].full_name
+HEALTH_SERVICE_NAME: str = health_pb2.DESCRIPTOR.services_by_name["Health"].full_name
+
+
+class TokenwireServer:
+    """One server instance; `start` binds, `drain` stops gracefully."""
+
+    def __init__(
+        self,
+        config: Config,
+        *,
+        backends: Sequence[Backend] | None = None,
+        policy: Policy | None = None,
+        tracer_provider: TracerProvider | None = None,
+    ) -> None:
+        self.config = config
+        self.backends = (
+            list(backends) if backends is not None else [SimulatorBackend(config.simulator)]
+        )
+        self.registry = BackendRegistry(self.backends, config.models.default_model)
+        self.policy = policy or PassThroughPolicy()
+        self.tracer_provider = tracer_provider or build_tracer_provider()
+        self.health = health.aio.HealthServicer()
+        self.port = 0
+        self._server: grpc.aio.Server | None = None
+        self._stopped = asyncio.Event()
+
+    async def start(self) -> int:
+        """Binds and starts serving; returns the bound port."""
+        net = self.config.network
+        server = grpc.aio.server(
+            interceptors=build_chain(self.config, self.tracer_provider),
+            options=[
+                ("grpc.max_receive_message_length", net.max_message_bytes),
+                ("grpc.so_reuseport", 0),
+            ],
+        )
+        respond_pb2_grpc.add_RespondServiceServicer_to_server(
+            RespondServicer(self.config, self.registry, self.policy), server
+        )
+        health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
+        reflection.enable_server_reflection(
+            (SERVICE_NAME, HEALTH_SERVICE_NAME, reflection.SERVICE_NAME), server
+        )
+        address = f"{net.host}:{net.port}" if ":" not in net.host else f"[{net.host}]:{net.port}"
+        self.port = server.add_insecure_port(address)
+        await server.start()
+        self._server = server
+        for service in ("", SERVICE_NAME):
+            await self.health.set(service, health_pb2.HealthCheckResponse.SERVING)
+        return self.port
+
+    async def drain(self, grace: float | None = None) -> None:
+        """Health to NOT_SERVING, refuse new calls, let in-flight ones finish within grace."""
+        if self._server is None or self._stopped.is_set():
+            return
+        self._stopped.set()
+        grace = self.config.network.grace_period if grace is None else grace
+        await self.health.enter_graceful_shutdown()
+        if self.config.network.drain_delay > 0:
+            await asyncio.sleep(self.config.network.drain_delay)
+        await self._server.stop(grace)
+        await self.registry.aclose()
+        self.tracer_provider.shutdown()
+
+    async def wait_stopped(self) -> None:
+        await self._stopped.wait()
+        if self._server is not None:
+            await self._server.wait_for_termination()
+
+
+async def serve(config: Config) -> None:
+    """Runs until SIGTERM or SIGINT, then drains and returns (the process exits 0)."""
+    server = TokenwireServer(config)
+    port = await server.start()
+    host = config.network.host
+    print(f"tokenwire serving on {host}:{port}", flush=True)
+    log.info("serving on %s:%d (default model %s)", host, port, config.models.default_model)
+    loop = asyncio.get_running_loop()
+    stop = asyncio.Event()
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(signum, stop.set)
+    await stop.wait()
+    log.info("draining: grace period %.1fs", config.network.grace_period)
+    await server.drain()
+    log.info("stopped")
