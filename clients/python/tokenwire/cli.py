@@ -12,7 +12,7 @@ from typing import TextIO
 
 from google.protobuf import json_format
 
-from tokenwire.client import DEFAULT_TARGET, Client, RespondOptions
+from tokenwire.client import DEFAULT_TARGET, Client, Mode, RespondOptions
 from tokenwire.errors import TokenwireError
 from tokenwire.stream import Chunk, Completion, Result, Retraction
 from tokenwire.v1 import respond_pb2 as pb
@@ -46,7 +46,7 @@ def _ask(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
                 out.write(result.text)
                 mode = "unary"
             else:
-                mode_name = "buffered" if args.buffered else args.mode
+                mode_name: Mode = "buffered" if args.buffered else args.mode
                 stream = client.stream(args.prompt, mode=mode_name, **options)
                 for event in stream:
                     if isinstance(event, Chunk):

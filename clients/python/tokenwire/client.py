@@ -258,13 +258,10 @@ class AsyncClient:
         return unary_result(response, request_id)
 
     async def respond(
-        self, prompt: Prompt, *, timeout: float | None = None, **options: object
+        self, prompt: Prompt, *, timeout: float | None = None, **options: Unpack[RespondOptions]
     ) -> Result:
         """Calls unary `Respond`; options are those of `build_respond_request`."""
-        return await self.respond_request(
-            build_respond_request(prompt, **options),  # type: ignore[arg-type]
-            timeout=timeout,
-        )
+        return await self.respond_request(build_respond_request(prompt, **options), timeout=timeout)
 
 
 class ResponseStream:
@@ -276,9 +273,7 @@ class ResponseStream:
 
     def __iter__(self) -> Iterator[Event]:
         try:
-            self._assembler.request_id = _request_id(
-                list(self._call.initial_metadata() or ())
-            )
+            self._assembler.request_id = _request_id(list(self._call.initial_metadata() or ()))
             for message in self._call:  # type: ignore[attr-defined]
                 yield from self._assembler.feed(message)
         except grpc.RpcError as error:
@@ -352,12 +347,9 @@ class Client:
         return ResponseStream(call)
 
     def stream(
-        self, prompt: Prompt, *, timeout: float | None = None, **options: object
+        self, prompt: Prompt, *, timeout: float | None = None, **options: Unpack[StreamOptions]
     ) -> ResponseStream:
-        return self.stream_request(
-            build_stream_request(prompt, **options),  # type: ignore[arg-type]
-            timeout=timeout,
-        )
+        return self.stream_request(build_stream_request(prompt, **options), timeout=timeout)
 
     def respond_request(
         self, request: pb.RespondRequest, *, timeout: float | None = None
