@@ -1,0 +1,151 @@
+"""Shared fixtures: a real grpc.aio tokenwire server on 127.0.0.1:0 and channels to it."""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass
+from typing import Any
+
+import grpc
+import pytest
+
+from tokenwire.v1 import respond_pb2 as pb
+from tokenwire.v1 import respond_pb2_grpc
+from tokenwire_server.backends.simulator import SimulatorBackend
+from tokenwire_server.config import Config, load_config
+from tokenwire_server.governance.policy import Policy
+from tokenwire_server.server import TokenwireServer
+
+#: Fast but not instant generation, so streams really interleave with writes.
+FAST_SIMULATOR = {"sim_time_to_first_token": "0", "sim_inter_token_delay": "0.0005"}
+
+
+def make_config(**overrides: object) -> Config:
+    values: dict[str, object] = {"host": "127.0.0.1", "port": 0, **FAST_SIMULATOR}
+    values.update({k: str(v) for k, v in overrides.items()})
+    return load_config(values, env={})
+
+
+@dataclass
+class RunningServer:
+    server: TokenwireServer
+    address: str
+    channel: grpc.aio.Channel
+    stub: respond_pb2_grpc.RespondServiceStub
+
+    @property
+    def simulator(self) -> SimulatorBackend:
+        backend = self.server.backends[0]
+        assert isinstance(backend, SimulatorBackend)
+        return backend
+
+    @property
+    def config(self) -> Config:
+        return self.server.config
+
+
+StartServer = Callable[..., Awaitable[RunningServer]]
+
+
+@pytest.fixture
+async def start_server() -> AsyncIterator[StartServer]:
+    """Starts servers with config overrides (and optionally a policy); stops them after."""
+    running: list[RunningServer] = []
+
+    async def start(policy: Policy | None = None, **overrides: object) -> RunningServer:
+        server = TokenwireServer(make_config(**overrides), policy=policy)
+        port = await server.start()
+        address = f"127.0.0.1:{port}"
+        channel = grpc.aio.insecure_channel(address)
+        handle = RunningServer(
+            server, address, channel, respond_pb2_grpc.RespondServiceStub(channel)
+        )
+        running.append(handle)
+        return handle
+
+    yield start
+    for handle in running:
+        await handle.channel.close()
+        await handle.server.drain(grace=0)
+
+
+@pytest.fixture
+async def server(start_server: StartServer) -> RunningServer:
+    return await start_server()
+
+
+def user(text: str) -> pb.ChatMessage:
+    return pb.ChatMessage(role=pb.ROLE_USER, content=text)
+
+
+def stream_request(text: str = "Tell me about streams", **fields: Any) -> pb.StreamRespondRequest:
+    fields.setdefault("messages", [user(text)])
+    fields.setdefault("delivery_mode", pb.DELIVERY_MODE_STREAM)
+    return pb.StreamRespondRequest(**fields)
+
+
+def respond_request(text: str = "Tell me about streams", **fields: Any) -> pb.RespondRequest:
+    fields.setdefault("messages", [user(text)])
+    return pb.RespondRequest(**fields)
+
+
+async def collect(
+    call: grpc.aio.UnaryStreamCall[pb.StreamRespondRequest, pb.StreamRespondResponse],
+) -> list[pb.StreamRespondResponse]:
+    return [event async for event in call]
+
+
+def chunks_of(events: list[pb.StreamRespondResponse]) -> list[pb.TokenChunk]:
+    return [e.chunk for e in events if e.WhichOneof("event") == "chunk"]
+
+
+def completed_of(events: list[pb.StreamRespondResponse]) -> pb.Completed:
+    assert events[-1].WhichOneof("event") == "completed", events[-1]
+    completions = [e for e in events if e.WhichOneof("event") == "completed"]
+    assert len(completions) == 1
+    return events[-1].completed
+
+
+def replace_config(config: Config, section: str, **values: object) -> Config:
+    return dataclasses.replace(
+        config, **{section: dataclasses.replace(getattr(config, section), **values)}
+    )
+
+
+@dataclass
+class StatusDetails:
+    code: grpc.StatusCode
+    message: str
+    error_info: Any
+    bad_request: Any
+    retry_info: Any
+    trailers: dict[str, str]
+
+
+def status_details(error: grpc.aio.AioRpcError) -> StatusDetails:
+    """Decodes google.rpc details straight from the trailers, independent of the client."""
+    from google.rpc import error_details_pb2, status_pb2
+
+    trailers: dict[str, str] = {}
+    info = bad = retry = None
+    infos = 0
+    for key, value in error.trailing_metadata() or ():
+        if key == "grpc-status-details-bin":
+            status = status_pb2.Status.FromString(value)
+            assert status.code == error.code().value[0]
+            for detail in status.details:
+                if detail.Is(error_details_pb2.ErrorInfo.DESCRIPTOR):
+                    info = error_details_pb2.ErrorInfo()
+                    detail.Unpack(info)
+                    infos += 1
+                elif detail.Is(error_details_pb2.BadRequest.DESCRIPTOR):
+                    bad = error_details_pb2.BadRequest()
+                    detail.Unpack(bad)
+                elif detail.Is(error_details_pb2.RetryInfo.DESCRIPTOR):
+                    retry = error_details_pb2.RetryInfo()
+                    detail.Unpack(retry)
+        elif isinstance(value, str):
+            trailers[key] = value
+    assert infos == 1, "exactly one ErrorInfo"
+    return StatusDetails(error.code(), error.details() or "", info, bad, retry, trailers)
