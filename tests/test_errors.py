@@ -1,4 +1,4 @@
-"""Bad input and failures: precise statuses with google.rpc details, and the server keeps serving."""
+"""Bad input and failures: precise statuses with google.rpc details; the server keeps serving."""
 
 from __future__ import annotations
 

@@ -16,8 +16,8 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 from opentelemetry.sdk.trace import TracerProvider
-from tokenwire.v1 import respond_pb2, respond_pb2_grpc
 
+from tokenwire.v1 import respond_pb2, respond_pb2_grpc
 from tokenwire_server.backends.base import Backend
 from tokenwire_server.backends.registry import BackendRegistry
 from tokenwire_server.backends.simulator import SimulatorBackend

@@ -16,9 +16,9 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 import grpc
+
 from tokenwire.v1 import respond_pb2 as pb
 from tokenwire.v1 import respond_pb2_grpc
-
 from tokenwire_server.backends.registry import BackendRegistry
 from tokenwire_server.call_context import CALL_DEADLINE, CALL_IDENTITY, CallIdentity
 from tokenwire_server.codec import EventCodec

@@ -11,7 +11,6 @@ import math
 from dataclasses import dataclass
 
 from tokenwire.v1 import respond_pb2 as pb
-
 from tokenwire_server.backends.base import Backend
 from tokenwire_server.backends.registry import BackendRegistry
 from tokenwire_server.config import Config

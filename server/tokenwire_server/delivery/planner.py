@@ -16,7 +16,6 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
 from tokenwire.v1 import respond_pb2 as pb
-
 from tokenwire_server.codec import EventCodec
 from tokenwire_server.delivery.response import LiveResponse, State
 from tokenwire_server.domain import DeliveryMode

@@ -20,8 +20,8 @@ import hashlib
 from typing import Any
 
 import grpc
-from tokenwire.v1 import respond_pb2 as pb
 
+from tokenwire.v1 import respond_pb2 as pb
 from tokenwire_server.errors import LAST_SEQUENCE_KEY, VerificationFailed, abort
 from tokenwire_server.interceptors._wrap import (
     Context,

@@ -1,0 +1,95 @@
+"""Standard tooling surfaces: grpc.health.v1, server reflection, and buf curl through it."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import shutil
+
+import grpc
+import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
+
+from tests.conftest import RunningServer
+
+SERVICE = "tokenwire.v1.RespondService"
+
+
+@pytest.mark.parametrize("service", ["", SERVICE])
+async def test_health_answers_serving(server: RunningServer, service: str) -> None:
+    stub = health_pb2_grpc.HealthStub(server.channel)
+    response = await stub.Check(health_pb2.HealthCheckRequest(service=service))
+    assert response.status == health_pb2.HealthCheckResponse.SERVING
+
+
+async def test_health_of_an_unknown_service_is_not_found(server: RunningServer) -> None:
+    stub = health_pb2_grpc.HealthStub(server.channel)
+    with pytest.raises(grpc.aio.AioRpcError) as raised:
+        await stub.Check(health_pb2.HealthCheckRequest(service="nope.v1.Nope"))
+    assert raised.value.code() == grpc.StatusCode.NOT_FOUND
+
+
+async def test_reflection_lists_and_describes_the_service(server: RunningServer) -> None:
+    stub = reflection_pb2_grpc.ServerReflectionStub(server.channel)
+    requests = [
+        reflection_pb2.ServerReflectionRequest(list_services=""),
+        reflection_pb2.ServerReflectionRequest(file_containing_symbol=SERVICE),
+    ]
+    responses = [r async for r in stub.ServerReflectionInfo(iter(requests))]
+    names = {s.name for s in responses[0].list_services_response.service}
+    assert {SERVICE, "grpc.health.v1.Health"} <= names
+    assert responses[1].file_descriptor_response.file_descriptor_proto
+
+
+async def _buf(*args: str) -> str:
+    buf = shutil.which("buf")
+    assert buf, "buf comes with the dev extra (buf-bin)"
+    process = await asyncio.create_subprocess_exec(
+        buf, *args, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE
+    )
+    out, err = await asyncio.wait_for(process.communicate(), timeout=60)
+    assert process.returncode == 0, err.decode()
+    return out.decode()
+
+
+async def test_buf_curl_lists_methods_through_reflection(server: RunningServer) -> None:
+    out = await _buf(
+        "curl",
+        "--protocol",
+        "grpc",
+        "--http2-prior-knowledge",
+        "--list-methods",
+        f"http://{server.address}",
+    )
+    methods = set(out.split())
+    assert {f"{SERVICE}/Respond", f"{SERVICE}/StreamRespond"} <= methods
+
+
+async def test_buf_curl_calls_stream_respond_through_reflection(server: RunningServer) -> None:
+    body = {
+        "model": "echo",
+        "messages": [{"role": "ROLE_USER", "content": "hello from buf curl"}],
+        "deliveryMode": "DELIVERY_MODE_STREAM",
+    }
+    out = await _buf(
+        "curl",
+        "--protocol",
+        "grpc",
+        "--http2-prior-knowledge",
+        "-d",
+        json.dumps(body),
+        f"http://{server.address}/{SERVICE}/StreamRespond",
+    )
+    decoder = json.JSONDecoder()
+    events, index = [], 0
+    while index < len(out):
+        if out[index].isspace():
+            index += 1
+            continue
+        event, index = decoder.raw_decode(out, index)
+        events.append(event)
+    text = "".join(e["chunk"].get("text", "") for e in events if "chunk" in e)
+    completed = events[-1]["completed"]
+    assert text == completed["finalText"] == "hello from buf curl"
+    assert completed["verification"]["status"] == "VERIFICATION_STATUS_VERIFIED"
