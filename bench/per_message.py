@@ -1,0 +1,140 @@
+"""Per-message efficiency: tokenwire StreamRespond vs a bare grpc.aio stream.
+
+Starts both servers as their own processes on loopback, then alternates runs
+(one token per chunk, simulator at zero delay) at several stream counts and
+prints, per configuration, the median messages/s of each, the ratio
+tokenwire/raw, and each server's CPU time per message read from /proc.
+
+    python bench/per_message.py [--messages 4000] [--streams 1 8 64] [--repeats 3]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import re
+import statistics
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import grpc
+
+from tokenwire.v1 import respond_pb2 as pb
+from tokenwire.v1 import respond_pb2_grpc
+
+ROOT = Path(__file__).resolve().parent.parent
+CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
+
+
+@dataclass
+class Process:
+    process: asyncio.subprocess.Process
+    address: str
+
+    def cpu_seconds(self) -> float:
+        fields = Path(f"/proc/{self.process.pid}/stat").read_text().rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / CLOCK_TICKS
+
+
+async def start(*command: str) -> Process:
+    process = await asyncio.create_subprocess_exec(
+        *command, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.DEVNULL, cwd=ROOT
+    )
+    assert process.stdout is not None
+    line = (await asyncio.wait_for(process.stdout.readline(), 60)).decode()
+    match = re.search(r"serving on (\S+):(\d+)", line)
+    if not match:
+        raise RuntimeError(f"server did not start: {line!r}")
+    return Process(process, f"127.0.0.1:{match.group(2)}")
+
+
+def tokenwire_request(messages: int) -> pb.StreamRespondRequest:
+    return pb.StreamRespondRequest(
+        model="tokenwire-sim",
+        messages=[pb.ChatMessage(role=pb.ROLE_USER, content="benchmark")],
+        params=pb.GenerationParams(max_tokens=messages),
+        delivery_mode=pb.DELIVERY_MODE_STREAM,
+        chunking=pb.Chunking(max_tokens_per_chunk=1),
+        labels={"tokenwire.sim/answer-tokens": str(messages)},
+    )
+
+
+def raw_request(messages: int) -> pb.StreamRespondRequest:
+    return pb.StreamRespondRequest(labels={"count": str(messages)})
+
+
+async def measure(
+    server: Process,
+    make_request: Callable[[int], pb.StreamRespondRequest],
+    streams: int,
+    messages: int,
+) -> tuple[float, float]:
+    """Returns (messages/s received by the client, server CPU µs per message)."""
+    async with grpc.aio.insecure_channel(server.address) as channel:
+        stub = respond_pb2_grpc.RespondServiceStub(channel)
+        async for _ in stub.StreamRespond(make_request(50)):
+            pass
+
+        async def consume() -> int:
+            received = 0
+            async for _ in stub.StreamRespond(make_request(messages), timeout=300):
+                received += 1
+            return received
+
+        cpu_before = server.cpu_seconds()
+        started = time.perf_counter()
+        counts = await asyncio.gather(*(consume() for _ in range(streams)))
+        elapsed = time.perf_counter() - started
+        cpu = server.cpu_seconds() - cpu_before
+    total = sum(counts)
+    return total / elapsed, cpu / total * 1e6
+
+
+async def main(args: argparse.Namespace) -> None:
+    tokenwire = await start(
+        sys.executable, "-m", "tokenwire_server", "--port", "0",
+        "--sim-time-to-first-token", "0", "--sim-inter-token-delay", "0",
+        "--max-tokens-cap", "100000", "--log-level", "WARNING",
+    )
+    raw = await start(sys.executable, str(ROOT / "bench" / "raw_server.py"))
+    try:
+        print(
+            f"per-message efficiency: {args.messages} one-token chunks per stream, "
+            f"median of {args.repeats} alternating runs (loopback, {os.cpu_count()} cores)\n"
+        )
+        header = (
+            f"{'streams':>7} | {'raw msg/s':>10} | {'tokenwire msg/s':>15} | {'ratio':>5} | "
+            f"{'raw CPU µs/msg':>14} | {'tokenwire CPU µs/msg':>20}"
+        )
+        print(header)
+        print("-" * len(header))
+        for streams in args.streams:
+            per_stream = max(args.messages // streams, 200)
+            raw_runs, tw_runs = [], []
+            for _ in range(args.repeats):
+                raw_runs.append(await measure(raw, raw_request, streams, per_stream))
+                tw_runs.append(await measure(tokenwire, tokenwire_request, streams, per_stream))
+            raw_rate = statistics.median(r[0] for r in raw_runs)
+            tw_rate = statistics.median(r[0] for r in tw_runs)
+            raw_cpu = statistics.median(r[1] for r in raw_runs)
+            tw_cpu = statistics.median(r[1] for r in tw_runs)
+            print(
+                f"{streams:>7} | {raw_rate:>10,.0f} | {tw_rate:>15,.0f} | "
+                f"{tw_rate / raw_rate:>5.2f} | {raw_cpu:>14.1f} | {tw_cpu:>20.1f}"
+            )
+    finally:
+        for server in (tokenwire, raw):
+            server.process.terminate()
+            await server.process.wait()
+
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--messages", type=int, default=4000, help="messages per configuration")
+    parser.add_argument("--streams", type=int, nargs="+", default=[1, 8, 64])
+    parser.add_argument("--repeats", type=int, default=3)
+    asyncio.run(main(parser.parse_args()))
