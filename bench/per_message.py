@@ -96,9 +96,19 @@ async def measure(
 
 async def main(args: argparse.Namespace) -> None:
     tokenwire = await start(
-        sys.executable, "-m", "tokenwire_server", "--port", "0",
-        "--sim-time-to-first-token", "0", "--sim-inter-token-delay", "0",
-        "--max-tokens-cap", "100000", "--log-level", "WARNING",
+        sys.executable,
+        "-m",
+        "tokenwire_server",
+        "--port",
+        "0",
+        "--sim-time-to-first-token",
+        "0",
+        "--sim-inter-token-delay",
+        "0",
+        "--max-tokens-cap",
+        "100000",
+        "--log-level",
+        "WARNING",
     )
     raw = await start(sys.executable, str(ROOT / "bench" / "raw_server.py"))
     try:
