@@ -89,6 +89,13 @@ class DeadlineExceeded(TokenwireError):
     reason = "DEADLINE_EXCEEDED"
 
 
+class ResponseCancelled(TokenwireError):
+    """Generation was stopped before the response finished (e.g. the server is stopping)."""
+
+    code = grpc.StatusCode.CANCELLED
+    reason = "RESPONSE_CANCELLED"
+
+
 class InternalError(TokenwireError):
     code = grpc.StatusCode.INTERNAL
     reason = "INTERNAL"

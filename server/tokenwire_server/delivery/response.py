@@ -21,7 +21,7 @@ import time
 from dataclasses import dataclass
 
 from tokenwire_server.domain import Action, FinishReason, ModelInfo, ServingPath, Verdict
-from tokenwire_server.errors import TokenwireError
+from tokenwire_server.errors import ResponseCancelled, TokenwireError
 
 
 class State(enum.Enum):
@@ -140,7 +140,9 @@ class LiveResponse:
         return self._end(State.FAILED, error=error)
 
     def cancel(self) -> bool:
-        return self._end(State.CANCELLED)
+        return self._end(
+            State.CANCELLED, error=ResponseCancelled("generation was stopped before it finished")
+        )
 
     def _end(
         self, state: State, outcome: Outcome | None = None, error: TokenwireError | None = None
