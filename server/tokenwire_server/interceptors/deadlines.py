@@ -16,51 +16,15 @@ from typing import Any
 import grpc
 
 from tokenwire_server.call_context import CALL_DEADLINE
-from tokenwire_server.interceptors._wrap import (
-    Context,
-    StreamBehavior,
-    UnaryBehavior,
-    is_respond_service,
-    wrap_handler,
-)
+from tokenwire_server.interceptors._wrap import Context, RespondServiceInterceptor
 
 
-class DeadlineInterceptor(grpc.aio.ServerInterceptor):
+class DeadlineInterceptor(RespondServiceInterceptor):
     def __init__(self, default_deadline: float, max_deadline: float) -> None:
         self._default = default_deadline
         self._max = max_deadline
 
-    def _enter(self, context: Context) -> None:
+    async def enter(self, request: Any, context: Context, details: grpc.HandlerCallDetails) -> None:
         remaining = context.time_remaining()
         budget = self._default if remaining is None else min(remaining, self._max)
         CALL_DEADLINE.set(asyncio.get_running_loop().time() + budget)
-
-    async def intercept_service(
-        self,
-        continuation: Any,
-        handler_call_details: grpc.HandlerCallDetails,
-    ) -> grpc.RpcMethodHandler[Any, Any] | None:
-        handler: grpc.RpcMethodHandler[Any, Any] | None = await continuation(handler_call_details)
-        if not is_respond_service(handler_call_details):
-            return handler
-
-        def unary(behavior: UnaryBehavior) -> UnaryBehavior:
-            async def with_deadline(
-                request: Any, context: grpc.aio.ServicerContext[Any, Any]
-            ) -> Any:
-                self._enter(context)
-                return await behavior(request, context)
-
-            return with_deadline
-
-        def stream(behavior: StreamBehavior) -> StreamBehavior:
-            async def with_deadline(
-                request: Any, context: grpc.aio.ServicerContext[Any, Any]
-            ) -> Any:
-                self._enter(context)
-                async for event in behavior(request, context):
-                    yield event
-
-            return with_deadline
-
-        return wrap_handler(handler, unary, stream)

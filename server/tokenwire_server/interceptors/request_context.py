@@ -16,13 +16,7 @@ import grpc
 from opentelemetry import trace
 
 from tokenwire_server.call_context import CALL_IDENTITY, CallIdentity
-from tokenwire_server.interceptors._wrap import (
-    Context,
-    StreamBehavior,
-    UnaryBehavior,
-    is_respond_service,
-    wrap_handler,
-)
+from tokenwire_server.interceptors._wrap import Context, RespondServiceInterceptor
 from tokenwire_server.validation import is_valid_request_id
 
 REQUEST_ID_HEADER = "x-request-id"
@@ -33,43 +27,13 @@ def current_trace_id() -> str:
     return format(context.trace_id, "032x") if context.is_valid else ""
 
 
-class RequestContextInterceptor(grpc.aio.ServerInterceptor):
-    async def intercept_service(
-        self,
-        continuation: Any,
-        handler_call_details: grpc.HandlerCallDetails,
-    ) -> grpc.RpcMethodHandler[Any, Any] | None:
-        handler: grpc.RpcMethodHandler[Any, Any] | None = await continuation(handler_call_details)
-        if not is_respond_service(handler_call_details):
-            return handler
-        metadata = handler_call_details.invocation_metadata or ()
-        header_id = next((v for k, v in metadata if k == REQUEST_ID_HEADER), "")
-
-        async def enter(request: Any, context: Context) -> None:
-            request_id = request.request_id
-            if not is_valid_request_id(request_id):
-                request_id = header_id if is_valid_request_id(str(header_id)) else ""
-            request_id = request_id or f"req_{uuid.uuid4().hex}"
-            CALL_IDENTITY.set(CallIdentity(request_id=request_id, trace_id=current_trace_id()))
-            await context.send_initial_metadata(((REQUEST_ID_HEADER, request_id),))
-
-        def unary(behavior: UnaryBehavior) -> UnaryBehavior:
-            async def with_identity(
-                request: Any, context: grpc.aio.ServicerContext[Any, Any]
-            ) -> Any:
-                await enter(request, context)
-                return await behavior(request, context)
-
-            return with_identity
-
-        def stream(behavior: StreamBehavior) -> StreamBehavior:
-            async def with_identity(
-                request: Any, context: grpc.aio.ServicerContext[Any, Any]
-            ) -> Any:
-                await enter(request, context)
-                async for event in behavior(request, context):
-                    yield event
-
-            return with_identity
-
-        return wrap_handler(handler, unary, stream)
+class RequestContextInterceptor(RespondServiceInterceptor):
+    async def enter(self, request: Any, context: Context, details: grpc.HandlerCallDetails) -> None:
+        request_id = request.request_id
+        if not is_valid_request_id(request_id):
+            metadata = details.invocation_metadata or ()
+            header_id = str(next((v for k, v in metadata if k == REQUEST_ID_HEADER), ""))
+            request_id = header_id if is_valid_request_id(header_id) else ""
+        request_id = request_id or f"req_{uuid.uuid4().hex}"
+        CALL_IDENTITY.set(CallIdentity(request_id=request_id, trace_id=current_trace_id()))
+        await context.send_initial_metadata(((REQUEST_ID_HEADER, request_id),))

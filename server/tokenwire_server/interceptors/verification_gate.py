@@ -25,10 +25,9 @@ from tokenwire.v1 import respond_pb2 as pb
 from tokenwire_server.errors import LAST_SEQUENCE_KEY, VerificationFailed, abort
 from tokenwire_server.interceptors._wrap import (
     Context,
+    RespondServiceInterceptor,
     StreamBehavior,
     UnaryBehavior,
-    is_respond_service,
-    wrap_handler,
 )
 
 
@@ -57,16 +56,25 @@ def _verify(completed: pb.Completed, streamed_sha256: str, retract_from: int, om
         verification.retract_from_sequence = retract_from
 
 
-class VerificationGateInterceptor(grpc.aio.ServerInterceptor):
-    async def intercept_service(
-        self,
-        continuation: Any,
-        handler_call_details: grpc.HandlerCallDetails,
-    ) -> grpc.RpcMethodHandler[Any, Any] | None:
-        handler: grpc.RpcMethodHandler[Any, Any] | None = await continuation(handler_call_details)
-        if not is_respond_service(handler_call_details):
-            return handler
-        return wrap_handler(handler, _gate_unary, _gate_stream)
+class VerificationGateInterceptor(RespondServiceInterceptor):
+    def wrap_unary(
+        self, behavior: UnaryBehavior, details: grpc.HandlerCallDetails
+    ) -> UnaryBehavior:
+        return _gate_unary(behavior)
+
+    def wrap_stream(
+        self, behavior: StreamBehavior, details: grpc.HandlerCallDetails
+    ) -> StreamBehavior:
+        return _gate_stream(behavior)
+
+
+async def _contract_broken(context: Context, message: str, last_sequence: int) -> None:
+    """Fails the call with DATA_LOSS, naming what the caller safely holds."""
+    await abort(
+        context,
+        VerificationFailed(message, metadata={"lastSequence": str(last_sequence)}),
+        ((LAST_SEQUENCE_KEY, str(last_sequence)),),
+    )
 
 
 def _gate_unary(behavior: UnaryBehavior) -> UnaryBehavior:
@@ -77,11 +85,7 @@ def _gate_unary(behavior: UnaryBehavior) -> UnaryBehavior:
             payload = completed.final_text.encode()
             digest = hashlib.sha256(payload).hexdigest()
             if digest != completed.final_sha256:
-                await abort(
-                    context,
-                    VerificationFailed("the payload does not match its digest"),
-                    ((LAST_SEQUENCE_KEY, "0"),),
-                )
+                await _contract_broken(context, "the payload does not match its digest", 0)
             _verify(completed, digest, 0, omit=False)
         return response
 
@@ -121,14 +125,11 @@ def _gate_stream(behavior: StreamBehavior) -> StreamBehavior:
             elif kind == "completed":
                 completed = event.completed
                 if completed_seen or completed.last_sequence != next_sequence - 1:
-                    await abort(
+                    await _contract_broken(
                         context,
-                        VerificationFailed(
-                            f"Completed names last sequence {completed.last_sequence} "
-                            f"but {next_sequence - 1} chunks were sent",
-                            metadata={"lastSequence": str(next_sequence - 1)},
-                        ),
-                        ((LAST_SEQUENCE_KEY, str(next_sequence - 1)),),
+                        f"Completed names last sequence {completed.last_sequence} "
+                        f"but {next_sequence - 1} chunks were sent",
+                        next_sequence - 1,
                     )
                 streamed = digest.hexdigest()
                 retract_from = 0
