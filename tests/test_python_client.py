@@ -144,7 +144,9 @@ def test_assembler_rejects_a_digest_mismatch() -> None:
     assembler = StreamAssembler()
     assembler.feed(_chunk(1, "ab", 0))
     completed = pb.Completed(
+        response_id="r",
         final_sha256=hashlib.sha256(b"abc").hexdigest(),
+        chunk_count=1,
         last_sequence=1,
         verification=pb.Verification(status=pb.VERIFICATION_STATUS_VERIFIED),
     )
@@ -185,3 +187,36 @@ async def test_any_text_split_any_way_reassembles_exactly(
             labels={"tokenwire.sim/echo-token-chars": str(token_chars)},
         ).collect()
     assert result.text == text and result.verified
+
+
+async def test_a_caller_that_stops_reading_stops_generation(server: RunningServer) -> None:
+    async with AsyncClient(server.address) as client:
+        stream = client.stream(
+            "x",
+            mode="stream",
+            max_tokens_per_chunk=1,
+            labels={"tokenwire.sim/inter-token-ms": "20", "tokenwire.sim/answer-tokens": "500"},
+        )
+        seen = 0
+        async for event in stream:
+            seen += isinstance(event, Chunk)
+            if seen == 3:
+                break
+        await asyncio.wait_for(server.simulator.cancelled.wait(), timeout=5)
+    assert server.simulator.stats.finished == 0
+
+
+async def test_sync_caller_that_stops_reading_stops_generation(server: RunningServer) -> None:
+    def read_three() -> None:
+        with Client(server.address) as client:
+            stream = client.stream(
+                "x",
+                mode="stream",
+                labels={"tokenwire.sim/inter-token-ms": "20", "tokenwire.sim/answer-tokens": "500"},
+            )
+            for index, _ in enumerate(stream):
+                if index == 2:
+                    break
+
+    await asyncio.to_thread(read_three)
+    await asyncio.wait_for(server.simulator.cancelled.wait(), timeout=5)

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import re
 
+import grpc
 import pytest
 from google.protobuf import duration_pb2
 
@@ -269,3 +271,36 @@ async def test_conversation_roles_are_accepted(server: RunningServer, system: st
     messages.append(user("follow-up"))
     response = await server.stub.Respond(respond_request(messages=messages, model="echo"))
     assert response.completed.final_text == "follow-up"
+
+
+@pytest.mark.parametrize("mode", [pb.DELIVERY_MODE_BUFFERED, pb.DELIVERY_MODE_AUTO])
+async def test_answers_larger_than_the_stream_buffer_complete_when_nothing_streams(
+    start_server: StartServer, mode: int
+) -> None:
+    """The pending-text bound is backpressure for streaming readers only."""
+    server = await start_server(max_pending_chars=20)
+    text = "0123456789" * 20
+    request = stream_request(
+        text, model="echo", delivery_mode=mode, params=pb.GenerationParams(max_tokens=16)
+    )
+    events = await collect(server.stub.StreamRespond(request, timeout=10))
+    assert [c.text for c in chunks_of(events)] == [text[:64]]
+    unary = await server.stub.Respond(respond_request(text, model="echo"), timeout=10)
+    assert unary.completed.final_text == text
+
+
+async def test_a_slow_reader_gets_coalesced_chunks_with_bounded_buffering(
+    start_server: StartServer,
+) -> None:
+    server = await start_server(max_pending_chars=40, sim_inter_token_delay=0)
+    text = "abcdefghij" * 30
+    request = stream_request(text, model="echo", chunking=pb.Chunking(max_tokens_per_chunk=64))
+    call = server.stub.StreamRespond(request)
+    first = await call.read()
+    await asyncio.sleep(0)  # let generation run ahead into the bounded buffer
+    events = [first]
+    while (event := await call.read()) is not grpc.aio.EOF:
+        events.append(event)
+    chunks = chunks_of(events)
+    assert assert_contiguous(chunks) == text
+    assert max(len(c.text) for c in chunks) <= 40 + 4

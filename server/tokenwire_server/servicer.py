@@ -74,6 +74,8 @@ class RespondServicer(respond_pb2_grpc.RespondServiceServicer):
             policy_version=self._policy.policy_version,
             max_pending_chars=self._config.delivery.max_pending_chars,
         )
+        if call.delivery is None:
+            response.unbounded()  # unary: nothing streams, so nothing may wait for a reader
         task = asyncio.create_task(
             run_generation(
                 call.backend,

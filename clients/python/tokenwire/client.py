@@ -168,6 +168,10 @@ class AsyncResponseStream:
                     yield event
         except grpc.RpcError as error:
             raise from_rpc_error(error) from None
+        finally:
+            # A caller that stops reading (or a failed check) must stop generation too.
+            if not self._call.done():
+                self._call.cancel()
         if self._assembler.result is None:
             raise ProtocolError(
                 "stream ended without Completed", last_sequence=self._assembler.last_sequence
@@ -278,6 +282,10 @@ class ResponseStream:
                 yield from self._assembler.feed(message)
         except grpc.RpcError as error:
             raise from_rpc_error(error) from None
+        finally:
+            # A caller that stops reading (or a failed check) must stop generation too.
+            if self._call.is_active():
+                self._call.cancel()
         if self._assembler.result is None:
             raise ProtocolError(
                 "stream ended without Completed", last_sequence=self._assembler.last_sequence

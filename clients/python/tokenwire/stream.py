@@ -140,6 +140,14 @@ class StreamAssembler:
                 f"received {self.last_sequence}",
                 last_sequence=self.last_sequence,
             )
+        if self._response_id and completed.response_id != self._response_id:
+            raise ProtocolError(
+                f"Completed of response {completed.response_id} ends {self._response_id}"
+            )
+        if completed.chunk_count != self.last_sequence:
+            raise ProtocolError(
+                f"Completed counts {completed.chunk_count} chunks, received {self.last_sequence}"
+            )
         events: list[Event] = []
         status = completed.verification.status
         if status == pb.VERIFICATION_STATUS_VERIFIED:
@@ -160,6 +168,10 @@ class StreamAssembler:
             if not 1 <= from_sequence <= self._next_sequence:
                 raise ProtocolError(f"retraction from unknown sequence {from_sequence}")
             kept = b"".join(self._parts[: from_sequence - 1])
+            if not text.encode().startswith(kept):
+                raise IntegrityError(
+                    f"chunks before {from_sequence} are not a prefix of the final text"
+                )
             retraction = Retraction(
                 from_sequence=from_sequence,
                 from_offset=len(kept),

@@ -101,7 +101,7 @@ async def run_generation(
         tokens = backend.generate(request)
         try:
             async for item in tokens:
-                if type(item) is str:
+                if isinstance(item, str):
                     watchdog.kick()
                     text, actions = push(item)
                     release(text, actions)
@@ -111,8 +111,15 @@ async def run_generation(
                         watchdog.resume()
                 elif isinstance(item, Finish):
                     finish = item
+                else:
+                    raise InternalError(
+                        f"backend {backend.name} yielded {type(item).__name__}, not text",
+                        reason="BACKEND_ERROR",
+                    )
         finally:
-            await tokens.aclose()  # type: ignore[attr-defined]
+            aclose = getattr(tokens, "aclose", None)
+            if aclose is not None:
+                await aclose()
     except asyncio.CancelledError:
         if watchdog.fired is None:
             response.cancel()
@@ -128,6 +135,7 @@ async def run_generation(
         tail, tail_actions, decision = session.finish()
         if tail or tail_actions:
             release(tail, tail_actions, 0)
+        response.settle()
         finish = finish or Finish()
         blocked = decision.blocked
         response.finish(

@@ -96,6 +96,7 @@ class StreamDelivery:
 
     async def _buffered(self) -> AsyncIterator[pb.StreamRespondResponse]:
         response = self._response
+        response.unbounded()
         self._last_sent = self._loop.time()
         while not response.done:
             if heartbeat := await self._wait(None):

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import enum
+import math
 import time
 from dataclasses import dataclass
 
@@ -82,7 +83,7 @@ class LiveResponse:
         self.outcome: Outcome | None = None
         self.error: TokenwireError | None = None
         self.tokens_generated = 0
-        self._max_pending_chars = max_pending_chars
+        self._max_pending_chars: float = max_pending_chars
         self._pending: list[str] = []
         self._pending_counts: list[int] = []
         self._pending_chars = 0
@@ -126,6 +127,21 @@ class LiveResponse:
     @property
     def over_budget(self) -> bool:
         return self._pending_chars > self._max_pending_chars
+
+    def unbounded(self) -> None:
+        """No streaming reader will take pending text (unary, BUFFERED): never wait for one."""
+        self._max_pending_chars = math.inf
+        if self._space is not None and not self._space.done():
+            self._space.set_result(None)
+
+    def settle(self) -> None:
+        """At the end, tokens and actions that came with no text ride on an empty chunk."""
+        if self._carry_tokens or (self._pending_actions and not self._pending):
+            if not self._pending:
+                self._pending_since = self._loop.time()
+            self._pending.append("")
+            self._pending_counts.append(self._carry_tokens)
+            self._carry_tokens = 0
 
     async def wait_for_space(self) -> None:
         """Backpressure: returns once a reader has taken enough pending text."""
