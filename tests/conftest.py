@@ -22,7 +22,12 @@ FAST_SIMULATOR = {"sim_time_to_first_token": "0", "sim_inter_token_delay": "0.00
 
 
 def make_config(**overrides: object) -> Config:
-    values: dict[str, object] = {"host": "127.0.0.1", "port": 0, **FAST_SIMULATOR}
+    values: dict[str, object] = {
+        "host": "127.0.0.1",
+        "port": 0,
+        "audit_path": ":memory:",
+        **FAST_SIMULATOR,
+    }
     values.update({k: str(v) for k, v in overrides.items()})
     return load_config(values, env={})
 

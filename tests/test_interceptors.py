@@ -26,6 +26,7 @@ from tests.conftest import (
 )
 from tokenwire.v1 import respond_pb2 as pb
 from tokenwire.v1 import respond_pb2_grpc
+from tokenwire_server.audit.store import SqliteAuditStore
 from tokenwire_server.domain import Action, Verdict
 from tokenwire_server.governance.policy import FinalDecision, GovernanceSession, Policy
 from tokenwire_server.interceptors import build_chain
@@ -117,7 +118,9 @@ class _BrokenServicer(respond_pb2_grpc.RespondServiceServicer):
 @pytest.fixture
 async def broken_server() -> AsyncIterator[respond_pb2_grpc.RespondServiceStub]:
     config = make_config()
-    server = grpc.aio.server(interceptors=build_chain(config, build_tracer_provider()))
+    server = grpc.aio.server(
+        interceptors=build_chain(config, build_tracer_provider(), SqliteAuditStore(":memory:"))
+    )
     respond_pb2_grpc.add_RespondServiceServicer_to_server(_BrokenServicer(), server)
     port = server.add_insecure_port("127.0.0.1:0")
     await server.start()

@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 from tokenwire_server.config import ConfigError, add_arguments, load_config
+from tokenwire_server.governance.policy_file import PolicyError
 from tokenwire_server.server import serve
 
 
@@ -39,7 +40,11 @@ def run_serve(args: argparse.Namespace) -> int:
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
         stream=sys.stderr,
     )
-    asyncio.run(serve(config))
+    try:
+        asyncio.run(serve(config))
+    except PolicyError as error:
+        print(f"tokenwire serve: {error}", file=sys.stderr)
+        return 2
     return 0
 
 

@@ -96,6 +96,21 @@ class SimulatorConfig:
 
 
 @dataclass(frozen=True)
+class GovernanceConfig:
+    policy: str = _setting(
+        "pass-through",
+        "policy file (.yaml/.yml/.toml), builtin:default, or pass-through; reloaded on SIGHUP",
+    )
+
+
+@dataclass(frozen=True)
+class AuditConfig:
+    audit_path: str = _setting(
+        "tokenwire-audit.sqlite3", "SQLite file of the audit trail (':memory:' keeps it in memory)"
+    )
+
+
+@dataclass(frozen=True)
 class LoggingConfig:
     log_level: str = _setting("INFO", "DEBUG, INFO, WARNING or ERROR")
 
@@ -108,6 +123,8 @@ class Config:
     limits: LimitsConfig = field(default_factory=LimitsConfig)
     delivery: DeliveryConfig = field(default_factory=DeliveryConfig)
     simulator: SimulatorConfig = field(default_factory=SimulatorConfig)
+    governance: GovernanceConfig = field(default_factory=GovernanceConfig)
+    audit: AuditConfig = field(default_factory=AuditConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
 
 

@@ -18,11 +18,13 @@ from grpc_reflection.v1alpha import reflection
 from opentelemetry.sdk.trace import TracerProvider
 
 from tokenwire.v1 import respond_pb2, respond_pb2_grpc
+from tokenwire_server.audit.store import AuditStore, SqliteAuditStore
 from tokenwire_server.backends.base import Backend
 from tokenwire_server.backends.registry import BackendRegistry
 from tokenwire_server.backends.simulator import SimulatorBackend
 from tokenwire_server.config import Config
-from tokenwire_server.governance.policy import PassThroughPolicy, Policy
+from tokenwire_server.governance.holder import PolicyHolder
+from tokenwire_server.governance.policy import Policy
 from tokenwire_server.interceptors import build_chain
 from tokenwire_server.servicer import RespondServicer
 from tokenwire_server.telemetry import build_tracer_provider
@@ -49,7 +51,12 @@ class TokenwireServer:
             list(backends) if backends is not None else [SimulatorBackend(config.simulator)]
         )
         self.registry = BackendRegistry(self.backends, config.models.default_model)
-        self.policy = policy or PassThroughPolicy()
+        self.policies = (
+            PolicyHolder(policy)
+            if policy is not None
+            else PolicyHolder.from_source(config.governance.policy)
+        )
+        self.audit_store: AuditStore = SqliteAuditStore(config.audit.audit_path)
         self.tracer_provider = tracer_provider or build_tracer_provider()
         self.health = health.aio.HealthServicer()
         self.port = 0
@@ -60,14 +67,14 @@ class TokenwireServer:
         """Binds and starts serving; returns the bound port."""
         net = self.config.network
         server = grpc.aio.server(
-            interceptors=build_chain(self.config, self.tracer_provider),
+            interceptors=build_chain(self.config, self.tracer_provider, self.audit_store),
             options=[
                 ("grpc.max_receive_message_length", net.max_message_bytes),
                 ("grpc.so_reuseport", 0),
             ],
         )
         respond_pb2_grpc.add_RespondServiceServicer_to_server(
-            RespondServicer(self.config, self.registry, self.policy), server
+            RespondServicer(self.config, self.registry, self.policies), server
         )
         health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
         reflection.enable_server_reflection(
@@ -92,6 +99,7 @@ class TokenwireServer:
             await asyncio.sleep(self.config.network.drain_delay)
         await self._server.stop(grace)
         await self.registry.aclose()
+        await self.audit_store.close()
         self.tracer_provider.shutdown()
 
     async def wait_stopped(self) -> None:
@@ -106,11 +114,21 @@ async def serve(config: Config) -> None:
     port = await server.start()
     host = config.network.host
     print(f"tokenwire serving on {host}:{port}", flush=True)
-    log.info("serving on %s:%d (default model %s)", host, port, config.models.default_model)
+    policy = server.policies.current
+    log.info(
+        "serving on %s:%d (default model %s, policy %s v%s, audit %s)",
+        host,
+        port,
+        config.models.default_model,
+        policy.policy_id,
+        policy.policy_version,
+        config.audit.audit_path,
+    )
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
     for signum in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(signum, stop.set)
+    loop.add_signal_handler(signal.SIGHUP, server.policies.reload)
     await stop.wait()
     log.info("draining: grace period %.1fs", config.network.grace_period)
     await server.drain()

@@ -19,6 +19,7 @@ import grpc
 
 from tokenwire.v1 import respond_pb2 as pb
 from tokenwire.v1 import respond_pb2_grpc
+from tokenwire_server.audit.records import CALL_RECORD, CallRecord
 from tokenwire_server.backends.registry import BackendRegistry
 from tokenwire_server.call_context import CALL_DEADLINE, CALL_IDENTITY, CallIdentity
 from tokenwire_server.codec import EventCodec
@@ -35,7 +36,7 @@ from tokenwire_server.errors import (
     TokenwireError,
     abort,
 )
-from tokenwire_server.governance.policy import Policy
+from tokenwire_server.governance.holder import PolicyHolder
 from tokenwire_server.interceptors.request_context import current_trace_id
 from tokenwire_server.tokens import estimate_prompt_tokens
 from tokenwire_server.validation import ParsedCall, parse_call
@@ -49,10 +50,10 @@ def new_response_id() -> str:
 
 
 class RespondServicer(respond_pb2_grpc.RespondServiceServicer):
-    def __init__(self, config: Config, registry: BackendRegistry, policy: Policy) -> None:
+    def __init__(self, config: Config, registry: BackendRegistry, policies: PolicyHolder) -> None:
         self._config = config
         self._registry = registry
-        self._policy = policy
+        self._policies = policies
 
     def _start(
         self, request: pb.RespondRequest | pb.StreamRespondRequest, context: Context
@@ -66,21 +67,27 @@ class RespondServicer(respond_pb2_grpc.RespondServiceServicer):
         if deadline is None:
             deadline = loop.time() + self._config.deadlines.default_deadline
         call = parse_call(request, self._config, self._registry, deadline)
+        policy = self._policies.current  # kept for the whole response, whatever reloads
         response = LiveResponse(
             response_id=new_response_id(),
             request_id=identity.request_id,
             model=call.model,
-            policy_id=self._policy.policy_id,
-            policy_version=self._policy.policy_version,
+            policy_id=policy.policy_id,
+            policy_version=policy.policy_version,
             max_pending_chars=self._config.delivery.max_pending_chars,
         )
+        record = CALL_RECORD.get() or CallRecord()
+        record.response_id = response.response_id
+        record.model, record.model_version = call.model.name, call.model.version
+        record.policy_id, record.policy_version = policy.policy_id, policy.policy_version
+        record.token_events = bool(getattr(policy, "token_events", False))
         if call.delivery is None:
             response.unbounded()  # unary: nothing streams, so nothing may wait for a reader
         task = asyncio.create_task(
             run_generation(
                 call.backend,
                 call.generation,
-                self._policy.open_session(),
+                policy.open_session(),
                 response,
                 self._config.deadlines.stall_timeout,
             ),
@@ -128,12 +135,14 @@ class RespondServicer(respond_pb2_grpc.RespondServiceServicer):
             await self._fail(context, response, call, delivery.last_sequence)
         finally:
             response.stop_generation()
+            _note_progress(response, call, delivery.last_sequence)
 
     async def _fail(
         self, context: Context, response: LiveResponse, call: ParsedCall, last_sequence: int
     ) -> None:
         """Ends a call whose response failed: status, details and partial usage."""
         error = response.error or InternalError("the response ended without a result")
+        _note_progress(response, call, last_sequence, error.reason)
         error.metadata["lastSequence"] = str(last_sequence)
         error.metadata["responseId"] = response.response_id
         log.warning(
@@ -152,3 +161,17 @@ class RespondServicer(respond_pb2_grpc.RespondServiceServicer):
                 (COMPLETION_TOKENS_KEY, str(response.tokens_generated)),
             ),
         )
+
+
+def _note_progress(
+    response: LiveResponse, call: ParsedCall, last_sequence: int, error_reason: str = ""
+) -> None:
+    """Tells the audit record how far a call got, for calls that end without Completed."""
+    record = CALL_RECORD.get()
+    if record is None:
+        return
+    record.last_sequence = last_sequence
+    record.completion_tokens = response.tokens_generated
+    record.prompt_tokens = estimate_prompt_tokens(call.generation.messages)
+    if error_reason:
+        record.error_reason = error_reason

@@ -105,6 +105,8 @@ async def run_generation(
                     watchdog.kick()
                     text, actions = push(item)
                     release(text, actions)
+                    if session.halted:
+                        break  # blocked: stop the backend; the decision comes from finish()
                     if response.over_budget:
                         watchdog.suspend()
                         await response.wait_for_space()

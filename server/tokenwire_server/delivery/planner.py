@@ -107,6 +107,20 @@ class StreamDelivery:
             self.last_sequence = record.sequence
             yield self._codec.chunk(record)
 
+    def _replaced_before_streaming(self) -> bool:
+        """Governance rewrote the answer (e.g. blocked it) before any chunk went out.
+
+        Then nothing needs retracting: the final payload goes out as the only
+        chunk, exactly as in BUFFERED mode.
+        """
+        response = self._response
+        outcome = response.outcome
+        return (
+            response.state is State.FINISHED
+            and outcome is not None
+            and outcome.final_text != response.released_text
+        )
+
     async def _streamed(self) -> AsyncIterator[pb.StreamRespondResponse]:
         response, options, codec = self._response, self._options, self._codec
         chunks = response.chunks
@@ -114,6 +128,13 @@ class StreamDelivery:
         cursor = 0
         self._last_sent = self._loop.time()
         while True:
+            if not chunks and self._replaced_before_streaming():
+                record = response.cut_whole()
+                cursor = 1
+                self._first_chunk_at = self._loop.time()
+                self.last_sequence = record.sequence
+                yield codec.chunk(record)
+                return
             if cursor < len(chunks):
                 record = chunks[cursor]
             elif response.has_pending:

@@ -29,6 +29,9 @@ class FinalDecision:
 
 
 class GovernanceSession(abc.ABC):
+    #: True once the session has decided the response is blocked: generation can stop.
+    halted: bool = False
+
     @abc.abstractmethod
     def push(self, text: str) -> tuple[str, tuple[Action, ...]]:
         """Takes generated text; returns the text released now and its actions."""

@@ -1,0 +1,77 @@
+"""What the audit trail keeps about a response: decisions and metadata, never values."""
+
+from __future__ import annotations
+
+import contextvars
+from dataclasses import dataclass, field
+
+
+@dataclass(frozen=True, slots=True)
+class TokenEvent:
+    """One chunk as sent: where its text sits, not what it says."""
+
+    sequence: int
+    text_offset: int
+    byte_length: int
+    token_count: int
+    action_count: int
+    emitted_at_ns: int
+
+
+@dataclass(frozen=True, slots=True)
+class AuditRecord:
+    response_id: str
+    request_id: str
+    trace_id: str
+    method: str
+    status: str
+    error_reason: str
+    labels: dict[str, str]
+    model: str
+    model_version: str
+    policy_id: str
+    policy_version: str
+    delivery_mode: str
+    chunk_count: int
+    last_sequence: int
+    final_sha256: str
+    verdict: str
+    review_required: bool
+    verification: str
+    retract_from_sequence: int
+    actions: list[dict[str, object]]
+    finish_reason: str
+    prompt_tokens: int
+    completion_tokens: int
+    time_to_first_token_ms: float
+    total_ms: float
+    created_at_ns: int
+    token_events: tuple[TokenEvent, ...] = ()
+
+
+@dataclass(slots=True)
+class CallRecord:
+    """Filled by the servicer while a call runs; the audit interceptor writes it.
+
+    It carries what the terminal `Completed` cannot: a failed call's response
+    id, model, policy and partial usage.
+    """
+
+    response_id: str = ""
+    model: str = ""
+    model_version: str = ""
+    policy_id: str = ""
+    policy_version: str = ""
+    token_events: bool = False
+    error_reason: str = ""
+    last_sequence: int = 0
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    started_ns: int = 0
+    events: list[TokenEvent] = field(default_factory=list)
+
+
+#: Set by the audit interceptor for RespondService calls.
+CALL_RECORD: contextvars.ContextVar[CallRecord | None] = contextvars.ContextVar(
+    "tokenwire_call_record", default=None
+)
