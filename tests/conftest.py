@@ -58,7 +58,11 @@ async def start_server() -> AsyncIterator[StartServer]:
     """Starts servers with config overrides (and optionally a policy); stops them after."""
     running: list[RunningServer] = []
 
-    async def start(policy: Policy | None = None, **overrides: object) -> RunningServer:
+    async def start(policy: Policy | str | None = None, **overrides: object) -> RunningServer:
+        """`policy` is a Policy object, or a policy source (file path, builtin:NAME)."""
+        if isinstance(policy, str):
+            overrides["policy"] = policy
+            policy = None
         server = TokenwireServer(make_config(**overrides), policy=policy)
         port = await server.start()
         address = f"127.0.0.1:{port}"

@@ -82,6 +82,7 @@ class SqliteAuditStore(AuditStore):
         self.path = str(path)
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="tokenwire-audit")
         self._connection: sqlite3.Connection | None = None
+        self._closed = False
         self._executor.submit(self._open).result()
 
     def _open(self) -> None:
@@ -131,6 +132,11 @@ class SqliteAuditStore(AuditStore):
         self._executor.submit(self._write, record)
 
     async def close(self) -> None:
+        """Waits for pending writes, then closes; safe to call twice."""
+        if self._closed:
+            return
+        self._closed = True
+
         def shut() -> None:
             if self._connection is not None:
                 self._connection.close()
