@@ -13,7 +13,7 @@ import pytest
 from tokenwire.v1 import respond_pb2 as pb
 from tokenwire.v1 import respond_pb2_grpc
 from tokenwire_server.backends.simulator import SimulatorBackend
-from tokenwire_server.config import Config, load_config
+from tokenwire_server.config import Config, UpstreamConfig, load_config
 from tokenwire_server.governance.policy import Policy
 from tokenwire_server.server import TokenwireServer
 
@@ -41,9 +41,7 @@ class RunningServer:
 
     @property
     def simulator(self) -> SimulatorBackend:
-        backend = self.server.backends[0]
-        assert isinstance(backend, SimulatorBackend)
-        return backend
+        return next(b for b in self.server.backends if isinstance(b, SimulatorBackend))
 
     @property
     def config(self) -> Config:
@@ -58,12 +56,17 @@ async def start_server() -> AsyncIterator[StartServer]:
     """Starts servers with config overrides (and optionally a policy); stops them after."""
     running: list[RunningServer] = []
 
-    async def start(policy: Policy | str | None = None, **overrides: object) -> RunningServer:
+    async def start(
+        policy: Policy | str | None = None,
+        upstreams: tuple[UpstreamConfig, ...] = (),
+        **overrides: object,
+    ) -> RunningServer:
         """`policy` is a Policy object, or a policy source (file path, builtin:NAME)."""
         if isinstance(policy, str):
             overrides["policy"] = policy
             policy = None
-        server = TokenwireServer(make_config(**overrides), policy=policy)
+        config = dataclasses.replace(make_config(**overrides), upstreams=upstreams)
+        server = TokenwireServer(config, policy=policy)
         port = await server.start()
         address = f"127.0.0.1:{port}"
         channel = grpc.aio.insecure_channel(address)

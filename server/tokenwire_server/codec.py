@@ -119,7 +119,7 @@ class EventCodec:
             trace_id=trace_id,
             delivery_mode=int(mode),  # type: ignore[arg-type]
             serving=pb.Serving(
-                backend=response.model.backend,
+                backend=outcome.backend,
                 path=int(outcome.path),  # type: ignore[arg-type]
                 attempts=outcome.attempts,
             ),

@@ -111,6 +111,42 @@ class AuditConfig:
 
 
 @dataclass(frozen=True)
+class BackendConfig:
+    backend: str = _setting(
+        "simulator", "embedded backend beside the upstreams: simulator or llama"
+    )
+    upstream_url: str = _setting(
+        "", "shortcut for one OpenAI-compatible upstream, e.g. http://127.0.0.1:8000/v1"
+    )
+    upstream_model: str = _setting(
+        "", "model name of the upstream_url route (as callers and the upstream name it)"
+    )
+    upstream_api_key_env: str = _setting(
+        "", "environment variable holding the upstream_url route's API key"
+    )
+    llama_model_path: str = _setting(
+        "", "GGUF file for --backend llama (default: the packaged Gemma 3 270M)"
+    )
+
+
+@dataclass(frozen=True)
+class UpstreamConfig:
+    """One OpenAI-compatible route, from `[[upstreams]]` in the config file."""
+
+    name: str
+    base_url: str
+    model: str = ""
+    upstream_model: str = ""
+    api_key_env: str = ""
+    connect_timeout: float = 5.0
+    read_timeout: float = 60.0
+    max_retries: int = 2
+    retry_backoff: float = 0.2
+    stream: bool = True
+    fallback: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
 class LoggingConfig:
     log_level: str = _setting("INFO", "DEBUG, INFO, WARNING or ERROR")
 
@@ -123,9 +159,12 @@ class Config:
     limits: LimitsConfig = field(default_factory=LimitsConfig)
     delivery: DeliveryConfig = field(default_factory=DeliveryConfig)
     simulator: SimulatorConfig = field(default_factory=SimulatorConfig)
+    backends: BackendConfig = field(default_factory=BackendConfig)
     governance: GovernanceConfig = field(default_factory=GovernanceConfig)
     audit: AuditConfig = field(default_factory=AuditConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
+    #: Routes to OpenAI-compatible upstreams (`[[upstreams]]` tables in the file).
+    upstreams: tuple[UpstreamConfig, ...] = ()
 
 
 class ConfigError(ValueError):
@@ -134,7 +173,7 @@ class ConfigError(ValueError):
 
 def _sections() -> list[tuple[str, type[Any]]]:
     hints = typing.get_type_hints(Config)
-    return [(f.name, hints[f.name]) for f in dataclasses.fields(Config)]
+    return [(f.name, hints[f.name]) for f in dataclasses.fields(Config) if f.name != "upstreams"]
 
 
 def _leaves(section_type: type[Any]) -> list[tuple[dataclasses.Field[Any], type[Any]]]:
@@ -187,7 +226,7 @@ def load_config(
         except (OSError, tomllib.TOMLDecodeError) as exc:
             raise ConfigError(f"config file {file}: {exc}") from exc
     sections: dict[str, Any] = {}
-    known_sections = {name for name, _ in _sections()}
+    known_sections = {name for name, _ in _sections()} | {"upstreams"}
     for unknown in sorted(set(file_values) - known_sections):
         raise ConfigError(f"config file {file}: unknown section [{unknown}]")
     for section_name, section_type in _sections():
@@ -209,9 +248,31 @@ def load_config(
                     from_file[leaf.name], kind, f"{file}: {section_name}.{leaf.name}"
                 )
         sections[section_name] = section_type(**values)
-    config = Config(**sections)
+    config = Config(**sections, upstreams=_upstreams(file_values.get("upstreams", []), file))
     _check(config)
     return config
+
+
+def _upstreams(raw: object, file: Path | None) -> tuple[UpstreamConfig, ...]:
+    if not isinstance(raw, list) or not all(isinstance(item, dict) for item in raw):
+        raise ConfigError(f"config file {file}: upstreams must be [[upstreams]] tables")
+    hints = typing.get_type_hints(UpstreamConfig)
+    routes = []
+    for index, item in enumerate(raw):
+        where = f"config file {file}: upstreams[{index}]"
+        unknown = set(item) - set(hints)
+        if unknown:
+            raise ConfigError(f"{where}: unknown key {sorted(unknown)[0]}")
+        if not item.get("name") or not item.get("base_url"):
+            raise ConfigError(f"{where}: name and base_url are required")
+        values = dict(item)
+        if "fallback" in values:
+            values["fallback"] = tuple(values["fallback"])
+        try:
+            routes.append(UpstreamConfig(**values))
+        except TypeError as error:
+            raise ConfigError(f"{where}: {error}") from error
+    return tuple(routes)
 
 
 def _check(config: Config) -> None:
@@ -228,10 +289,34 @@ def _check(config: Config) -> None:
         problems.append("default_max_tokens_per_chunk must not exceed max_tokens_per_chunk_limit")
     if config.delivery.heartbeat_interval <= 0:
         problems.append("heartbeat_interval must be positive")
+    if config.backends.backend not in ("simulator", "llama"):
+        problems.append("backend must be simulator or llama")
+    names = [u.name for u in all_upstreams(config)]
+    if len(names) != len(set(names)):
+        problems.append("upstream names must be unique")
+    for upstream in all_upstreams(config):
+        for name in upstream.fallback:
+            if name not in names or name == upstream.name:
+                problems.append(f"upstream {upstream.name}: unknown fallback {name!r}")
     if config.simulator.sim_echo_token_chars < 1:
         problems.append("sim_echo_token_chars must be at least 1")
     if problems:
         raise ConfigError("; ".join(problems))
+
+
+def all_upstreams(config: Config) -> tuple[UpstreamConfig, ...]:
+    """The file's routes plus the `upstream_url` shortcut, if given."""
+    b = config.backends
+    if not b.upstream_url:
+        return config.upstreams
+    shortcut = UpstreamConfig(
+        name="upstream",
+        base_url=b.upstream_url,
+        model=b.upstream_model or "upstream",
+        upstream_model=b.upstream_model,
+        api_key_env=b.upstream_api_key_env,
+    )
+    return (*config.upstreams, shortcut)
 
 
 def setting_names() -> Sequence[str]:

@@ -83,6 +83,8 @@ class Finish:
     completion_tokens: int | None = None
     path: ServingPath = ServingPath.STREAMING
     attempts: int = 1
+    #: The upstream that served, when it is not the route's own (a fallback).
+    backend: str | None = None
 
 
 @dataclass(frozen=True, slots=True)

@@ -20,8 +20,8 @@ from opentelemetry.sdk.trace import TracerProvider
 from tokenwire.v1 import respond_pb2, respond_pb2_grpc
 from tokenwire_server.audit.store import AuditStore, SqliteAuditStore
 from tokenwire_server.backends.base import Backend
+from tokenwire_server.backends.factory import build_backends
 from tokenwire_server.backends.registry import BackendRegistry
-from tokenwire_server.backends.simulator import SimulatorBackend
 from tokenwire_server.config import Config
 from tokenwire_server.governance.holder import PolicyHolder
 from tokenwire_server.governance.policy import Policy
@@ -47,10 +47,11 @@ class TokenwireServer:
         tracer_provider: TracerProvider | None = None,
     ) -> None:
         self.config = config
-        self.backends = (
-            list(backends) if backends is not None else [SimulatorBackend(config.simulator)]
-        )
-        self.registry = BackendRegistry(self.backends, config.models.default_model)
+        if backends is not None:
+            self.backends, default_model = list(backends), config.models.default_model
+        else:
+            self.backends, default_model = build_backends(config)
+        self.registry = BackendRegistry(self.backends, default_model)
         self.policies = (
             PolicyHolder(policy)
             if policy is not None

@@ -25,6 +25,7 @@ from tokenwire_server.errors import (
     TokenwireError,
 )
 from tokenwire_server.governance.policy import GovernanceSession
+from tokenwire_server.tokens import estimate_prompt_tokens
 
 log = logging.getLogger(__name__)
 
@@ -144,7 +145,11 @@ async def run_generation(
             Outcome(
                 final_text=decision.text if decision.text is not None else response.released_text,
                 finish_reason=FinishReason.POLICY_BLOCKED if blocked else finish.reason,
-                prompt_tokens=finish.prompt_tokens or 0,
+                prompt_tokens=(
+                    finish.prompt_tokens
+                    if finish.prompt_tokens is not None
+                    else estimate_prompt_tokens(request.messages)
+                ),
                 completion_tokens=(
                     finish.completion_tokens
                     if finish.completion_tokens is not None
@@ -155,6 +160,7 @@ async def run_generation(
                 actions=decision.actions,
                 path=finish.path,
                 attempts=finish.attempts,
+                backend=finish.backend or response.model.backend,
             )
         )
     finally:

@@ -55,6 +55,7 @@ class Outcome:
     actions: tuple[Action, ...]
     path: ServingPath
     attempts: int
+    backend: str
 
 
 class LiveResponse:
@@ -96,10 +97,16 @@ class LiveResponse:
         self._space: asyncio.Future[None] | None = None
         #: The generation task feeding this response, once started.
         self.task: asyncio.Task[None] | None = None
+        self._stop_requested = False
 
     def stop_generation(self) -> None:
-        """Cancels generation if it still runs; safe to call any number of times."""
-        if self.task is not None and not self.task.done():
+        """Cancels generation if it still runs; safe to call any number of times.
+
+        It cancels once: a second cancel would interrupt the backend's own
+        cleanup (closing an upstream HTTP stream) that the first one started.
+        """
+        if self.task is not None and not self.task.done() and not self._stop_requested:
+            self._stop_requested = True
             self.task.cancel()
 
     # ----- producer side -------------------------------------------------
