@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 from collections.abc import AsyncIterator, Awaitable, Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import grpc
 import pytest
+from aiohttp import web
+from opentelemetry.sdk.trace import TracerProvider
 
 from tokenwire.v1 import respond_pb2 as pb
 from tokenwire.v1 import respond_pb2_grpc
@@ -59,6 +62,7 @@ async def start_server() -> AsyncIterator[StartServer]:
     async def start(
         policy: Policy | str | None = None,
         upstreams: tuple[UpstreamConfig, ...] = (),
+        tracer_provider: TracerProvider | None = None,
         **overrides: object,
     ) -> RunningServer:
         """`policy` is a Policy object, or a policy source (file path, builtin:NAME)."""
@@ -66,7 +70,7 @@ async def start_server() -> AsyncIterator[StartServer]:
             overrides["policy"] = policy
             policy = None
         config = dataclasses.replace(make_config(**overrides), upstreams=upstreams)
-        server = TokenwireServer(config, policy=policy)
+        server = TokenwireServer(config, policy=policy, tracer_provider=tracer_provider)
         port = await server.start()
         address = f"127.0.0.1:{port}"
         channel = grpc.aio.insecure_channel(address)
@@ -161,3 +165,47 @@ def status_details(error: grpc.aio.AioRpcError) -> StatusDetails:
             trailers[key] = value
     assert infos == 1, "exactly one ErrorInfo"
     return StatusDetails(error.code(), error.details() or "", info, bad, retry, trailers)
+
+
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+
+@dataclass
+class Upstream:
+    """A scripted OpenAI-compatible upstream: a real aiohttp server on loopback."""
+
+    url: str
+    requests: list[dict[str, Any]] = field(default_factory=list)
+    disconnected: asyncio.Event = field(default_factory=asyncio.Event)
+
+
+@pytest.fixture
+async def upstream() -> AsyncIterator[Callable[[Handler], Awaitable[Upstream]]]:
+    runners: list[web.AppRunner] = []
+
+    async def start(handler: Handler) -> Upstream:
+        state = Upstream(url="")
+
+        async def recorded(request: web.Request) -> web.StreamResponse:
+            state.requests.append(await request.json())
+            try:
+                return await handler(request)
+            except BaseException:
+                # aiohttp cancels the handler (or its write fails) when the client hangs up.
+                state.disconnected.set()
+                raise
+
+        app = web.Application()
+        app.router.add_post("/v1/chat/completions", recorded)
+        runner = web.AppRunner(app, handler_cancellation=True)
+        await runner.setup()
+        site = web.TCPSite(runner, "127.0.0.1", 0)
+        await site.start()
+        runners.append(runner)
+        port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+        state.url = f"http://127.0.0.1:{port}/v1"
+        return state
+
+    yield start
+    for runner in runners:
+        await runner.cleanup()

@@ -30,6 +30,7 @@ from tokenwire_server.audit.store import SqliteAuditStore
 from tokenwire_server.domain import Action, Verdict
 from tokenwire_server.governance.policy import FinalDecision, GovernanceSession, Policy
 from tokenwire_server.interceptors import build_chain
+from tokenwire_server.observability.metrics import Metrics
 from tokenwire_server.telemetry import build_tracer_provider
 
 
@@ -119,7 +120,9 @@ class _BrokenServicer(respond_pb2_grpc.RespondServiceServicer):
 async def broken_server() -> AsyncIterator[respond_pb2_grpc.RespondServiceStub]:
     config = make_config()
     server = grpc.aio.server(
-        interceptors=build_chain(config, build_tracer_provider(), SqliteAuditStore(":memory:"))
+        interceptors=build_chain(
+            config, build_tracer_provider(), SqliteAuditStore(":memory:"), Metrics()
+        )
     )
     respond_pb2_grpc.add_RespondServiceServicer_to_server(_BrokenServicer(), server)
     port = server.add_insecure_port("127.0.0.1:0")

@@ -9,8 +9,7 @@ from __future__ import annotations
 import asyncio
 import json
 import socket
-from collections.abc import AsyncIterator, Awaitable, Callable
-from dataclasses import dataclass, field
+from collections.abc import AsyncIterator
 from typing import Any
 
 import grpc
@@ -29,15 +28,6 @@ from tokenwire.v1 import respond_pb2 as pb
 from tokenwire_server.backends.sse import sse_data
 from tokenwire_server.config import UpstreamConfig
 
-Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
-
-
-@dataclass
-class Upstream:
-    url: str
-    requests: list[dict[str, Any]] = field(default_factory=list)
-    disconnected: asyncio.Event = field(default_factory=asyncio.Event)
-
 
 def chunk_event(content: str | None = None, finish: str | None = None) -> str:
     delta = {"content": content} if content is not None else {}
@@ -46,38 +36,6 @@ def chunk_event(content: str | None = None, finish: str | None = None) -> str:
         "choices": [{"index": 0, "delta": delta, "finish_reason": finish}],
     }
     return "data: " + json.dumps(event) + "\n\n"
-
-
-@pytest.fixture
-async def upstream() -> AsyncIterator[Callable[[Handler], Awaitable[Upstream]]]:
-    runners: list[web.AppRunner] = []
-
-    async def start(handler: Handler) -> Upstream:
-        state = Upstream(url="")
-
-        async def recorded(request: web.Request) -> web.StreamResponse:
-            state.requests.append(await request.json())
-            try:
-                return await handler(request)
-            except BaseException:
-                # aiohttp cancels the handler (or its write fails) when the client hangs up.
-                state.disconnected.set()
-                raise
-
-        app = web.Application()
-        app.router.add_post("/v1/chat/completions", recorded)
-        runner = web.AppRunner(app, handler_cancellation=True)
-        await runner.setup()
-        site = web.TCPSite(runner, "127.0.0.1", 0)
-        await site.start()
-        runners.append(runner)
-        port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
-        state.url = f"http://127.0.0.1:{port}/v1"
-        return state
-
-    yield start
-    for runner in runners:
-        await runner.cleanup()
 
 
 def route(url: str, name: str = "up", **options: Any) -> UpstreamConfig:

@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import logging
 import sys
 from pathlib import Path
 
 from tokenwire_server.config import ConfigError, add_arguments, load_config
 from tokenwire_server.governance.policy_file import PolicyError
+from tokenwire_server.observability.logs import configure_logging
 from tokenwire_server.server import serve
 
 
@@ -35,11 +35,7 @@ def run_serve(args: argparse.Namespace) -> int:
     except ConfigError as error:
         print(f"tokenwire serve: {error}", file=sys.stderr)
         return 2
-    logging.basicConfig(
-        level=config.logging.log_level.upper(),
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-        stream=sys.stderr,
-    )
+    configure_logging(config.logging.log_level, config.logging.log_format)
     try:
         asyncio.run(serve(config))
     except PolicyError as error:

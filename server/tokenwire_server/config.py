@@ -147,8 +147,20 @@ class UpstreamConfig:
 
 
 @dataclass(frozen=True)
+class ObservabilityConfig:
+    metrics_port: int = _setting(
+        -1, "port for Prometheus /metrics (0 picks a free one; -1, the default, serves none)"
+    )
+    metrics_host: str = _setting("127.0.0.1", "address the /metrics endpoint binds")
+
+
+@dataclass(frozen=True)
 class LoggingConfig:
     log_level: str = _setting("INFO", "DEBUG, INFO, WARNING or ERROR")
+    log_format: str = _setting("json", "json (one object per line) or text")
+    log_text: bool = _setting(
+        False, "put prompt and output text in logs (off: logs never carry model text)"
+    )
 
 
 @dataclass(frozen=True)
@@ -162,6 +174,7 @@ class Config:
     backends: BackendConfig = field(default_factory=BackendConfig)
     governance: GovernanceConfig = field(default_factory=GovernanceConfig)
     audit: AuditConfig = field(default_factory=AuditConfig)
+    observability: ObservabilityConfig = field(default_factory=ObservabilityConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
     #: Routes to OpenAI-compatible upstreams (`[[upstreams]]` tables in the file).
     upstreams: tuple[UpstreamConfig, ...] = ()
@@ -289,6 +302,10 @@ def _check(config: Config) -> None:
         problems.append("default_max_tokens_per_chunk must not exceed max_tokens_per_chunk_limit")
     if config.delivery.heartbeat_interval <= 0:
         problems.append("heartbeat_interval must be positive")
+    if config.logging.log_format not in ("json", "text"):
+        problems.append("log_format must be json or text")
+    if config.logging.log_level.upper() not in ("DEBUG", "INFO", "WARNING", "ERROR"):
+        problems.append("log_level must be DEBUG, INFO, WARNING or ERROR")
     if config.backends.backend not in ("simulator", "llama"):
         problems.append("backend must be simulator or llama")
     names = [u.name for u in all_upstreams(config)]

@@ -26,6 +26,7 @@ from tokenwire_server.config import Config
 from tokenwire_server.governance.holder import PolicyHolder
 from tokenwire_server.governance.policy import Policy
 from tokenwire_server.interceptors import build_chain
+from tokenwire_server.observability.metrics import Metrics
 from tokenwire_server.servicer import RespondServicer
 from tokenwire_server.telemetry import build_tracer_provider
 
@@ -58,6 +59,9 @@ class TokenwireServer:
             else PolicyHolder.from_source(config.governance.policy)
         )
         self.audit_store: AuditStore = SqliteAuditStore(config.audit.audit_path)
+        self.metrics = Metrics()
+        #: Bound port of /metrics, when served.
+        self.metrics_port: int | None = None
         self.tracer_provider = tracer_provider or build_tracer_provider()
         self.health = health.aio.HealthServicer()
         self.port = 0
@@ -68,14 +72,22 @@ class TokenwireServer:
         """Binds and starts serving; returns the bound port."""
         net = self.config.network
         server = grpc.aio.server(
-            interceptors=build_chain(self.config, self.tracer_provider, self.audit_store),
+            interceptors=build_chain(
+                self.config, self.tracer_provider, self.audit_store, self.metrics
+            ),
             options=[
                 ("grpc.max_receive_message_length", net.max_message_bytes),
                 ("grpc.so_reuseport", 0),
             ],
         )
         respond_pb2_grpc.add_RespondServiceServicer_to_server(
-            RespondServicer(self.config, self.registry, self.policies), server
+            RespondServicer(
+                self.config,
+                self.registry,
+                self.policies,
+                self.tracer_provider.get_tracer("tokenwire.generation"),
+            ),
+            server,
         )
         health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
         reflection.enable_server_reflection(
@@ -84,6 +96,11 @@ class TokenwireServer:
         address = f"{net.host}:{net.port}" if ":" not in net.host else f"[{net.host}]:{net.port}"
         self.port = server.add_insecure_port(address)
         await server.start()
+        observability = self.config.observability
+        if observability.metrics_port >= 0:
+            self.metrics_port = self.metrics.serve(
+                observability.metrics_host, observability.metrics_port
+            )
         self._server = server
         for service in ("", SERVICE_NAME):
             await self.health.set(service, health_pb2.HealthCheckResponse.SERVING)
@@ -101,6 +118,7 @@ class TokenwireServer:
         await self._server.stop(grace)
         await self.registry.aclose()
         await self.audit_store.close()
+        self.metrics.stop()
         self.tracer_provider.shutdown()
 
     async def wait_stopped(self) -> None:
@@ -115,6 +133,11 @@ async def serve(config: Config) -> None:
     port = await server.start()
     host = config.network.host
     print(f"tokenwire serving on {host}:{port}", flush=True)
+    if server.metrics_port is not None:
+        print(
+            f"metrics on http://{config.observability.metrics_host}:{server.metrics_port}/metrics",
+            flush=True,
+        )
     policy = server.policies.current
     log.info(
         "serving on %s:%d (default model %s, policy %s v%s, audit %s)",

@@ -16,6 +16,7 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 import grpc
+from opentelemetry import trace
 
 from tokenwire.v1 import respond_pb2 as pb
 from tokenwire.v1 import respond_pb2_grpc
@@ -50,10 +51,17 @@ def new_response_id() -> str:
 
 
 class RespondServicer(respond_pb2_grpc.RespondServiceServicer):
-    def __init__(self, config: Config, registry: BackendRegistry, policies: PolicyHolder) -> None:
+    def __init__(
+        self,
+        config: Config,
+        registry: BackendRegistry,
+        policies: PolicyHolder,
+        tracer: trace.Tracer | None = None,
+    ) -> None:
         self._config = config
         self._registry = registry
         self._policies = policies
+        self._tracer = tracer or trace.get_tracer(__name__)
 
     def _start(
         self, request: pb.RespondRequest | pb.StreamRespondRequest, context: Context
@@ -79,6 +87,7 @@ class RespondServicer(respond_pb2_grpc.RespondServiceServicer):
         record = CALL_RECORD.get() or CallRecord()
         record.response_id = response.response_id
         record.model, record.model_version = call.model.name, call.model.version
+        record.backend = call.model.backend
         record.policy_id, record.policy_version = policy.policy_id, policy.policy_version
         record.token_events = bool(getattr(policy, "token_events", False))
         if call.delivery is None:
@@ -90,6 +99,7 @@ class RespondServicer(respond_pb2_grpc.RespondServiceServicer):
                 policy.open_session(),
                 response,
                 self._config.deadlines.stall_timeout,
+                self._tracer,
             ),
             name=f"generate {response.response_id}",
         )

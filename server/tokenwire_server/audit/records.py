@@ -60,6 +60,8 @@ class CallRecord:
     response_id: str = ""
     model: str = ""
     model_version: str = ""
+    #: The route that was asked; `Completed.serving.backend` differs after a fallback.
+    backend: str = ""
     policy_id: str = ""
     policy_version: str = ""
     token_events: bool = False

@@ -30,6 +30,7 @@ from dataclasses import dataclass, replace
 from typing import Any
 
 import httpx
+from opentelemetry import propagate
 
 from tokenwire_server.backends.base import Backend
 from tokenwire_server.backends.sse import sse_data
@@ -172,7 +173,11 @@ class OpenAICompatibleBackend(Backend):
         body = self._body(request, stream=True)
         try:
             async with self._client.stream(
-                "POST", "/chat/completions", json=body, timeout=self._timeout(request)
+                "POST",
+                "/chat/completions",
+                json=body,
+                timeout=self._timeout(request),
+                headers=_trace_headers(),
             ) as response:
                 if response.status_code != 200:
                     raise UpstreamError(
@@ -216,6 +221,7 @@ class OpenAICompatibleBackend(Backend):
                 "/chat/completions",
                 json=self._body(request, stream=False),
                 timeout=self._timeout(request),
+                headers=_trace_headers(),
             )
         except httpx.TransportError as error:
             raise UpstreamError(
@@ -237,6 +243,13 @@ class OpenAICompatibleBackend(Backend):
             completion_tokens=usage.get("completion_tokens"),
             path=ServingPath.NON_STREAMING,
         )
+
+
+def _trace_headers() -> dict[str, str]:
+    """W3C traceparent (and baggage) of the current span, for the upstream."""
+    headers: dict[str, str] = {}
+    propagate.inject(headers)
+    return headers
 
 
 def _parse_event(data: str) -> dict[str, Any]:

@@ -15,6 +15,8 @@ from __future__ import annotations
 import asyncio
 import logging
 
+from opentelemetry import trace
+
 from tokenwire_server.backends.base import Backend
 from tokenwire_server.delivery.response import LiveResponse, Outcome
 from tokenwire_server.domain import Finish, FinishReason, GenerationRequest, Verdict
@@ -90,8 +92,43 @@ async def run_generation(
     session: GovernanceSession,
     response: LiveResponse,
     stall_timeout: float,
+    tracer: trace.Tracer | None = None,
 ) -> None:
-    """Generates into `response` and ends it exactly once, whatever happens."""
+    """Generates into `response` and ends it exactly once, whatever happens.
+
+    The work runs in a `generate` span (a child of the call's server span):
+    one event at the first token, attributes for what came out, and a
+    `governance` child span around the policy's final decision.
+    """
+    tracer = tracer or trace.get_tracer(__name__)
+    attributes: dict[str, str | int] = {
+        "gen_ai.operation.name": "chat",
+        "gen_ai.request.model": request.model,
+        "gen_ai.request.max_tokens": request.max_tokens,
+        "tokenwire.backend": backend.name,
+        "tokenwire.response_id": response.response_id,
+    }
+    with tracer.start_as_current_span("generate", attributes=attributes) as span:
+        await _generate(backend, request, session, response, stall_timeout, tracer)
+        span.set_attribute("tokenwire.tokens_generated", response.tokens_generated)
+        span.set_attribute("tokenwire.state", response.state.value)
+        if response.first_token_at is not None:
+            span.set_attribute(
+                "tokenwire.time_to_first_token_ms",
+                round((response.first_token_at - response.started_at) * 1000, 3),
+            )
+        if response.error is not None:
+            span.set_status(trace.StatusCode.ERROR, response.error.reason)
+
+
+async def _generate(
+    backend: Backend,
+    request: GenerationRequest,
+    session: GovernanceSession,
+    response: LiveResponse,
+    stall_timeout: float,
+    tracer: trace.Tracer,
+) -> None:
     task = asyncio.current_task()
     assert task is not None
     watchdog = Watchdog(task, request.deadline, stall_timeout)
@@ -135,7 +172,17 @@ async def run_generation(
         log.exception("backend %s crashed", backend.name)
         response.fail(InternalError("the backend failed unexpectedly", reason="BACKEND_ERROR"))
     else:
-        tail, tail_actions, decision = session.finish()
+        with tracer.start_as_current_span("governance") as governance_span:
+            tail, tail_actions, decision = session.finish()
+            governance_span.set_attributes(
+                {
+                    "tokenwire.policy_id": response.policy_id,
+                    "tokenwire.policy_version": response.policy_version,
+                    "tokenwire.verdict": decision.verdict.name,
+                    "tokenwire.actions": len(decision.actions),
+                    "tokenwire.review_required": decision.review_required,
+                }
+            )
         if tail or tail_actions:
             release(tail, tail_actions, 0)
         response.settle()

@@ -2,9 +2,10 @@
 
 1. tracing: the OpenTelemetry server span; continues the caller's traceparent.
 2. request context: request id (echoed as x-request-id) and trace id for the call.
-3. audit: one durable record per response, committed before `Completed` leaves.
-4. deadlines: default and maximum deadline, the budget handed to the pipeline.
-5. verification gate: checks every chunk and holds `Completed` until verified.
+3. observability: metrics, span attributes/events and the log line of each outcome.
+4. audit: one durable record per response, committed before `Completed` leaves.
+5. deadlines: default and maximum deadline, the budget handed to the pipeline.
+6. verification gate: checks every chunk and holds `Completed` until verified.
 """
 
 from __future__ import annotations
@@ -16,18 +17,21 @@ from tokenwire_server.audit.store import AuditStore
 from tokenwire_server.config import Config
 from tokenwire_server.interceptors.audit import AuditInterceptor
 from tokenwire_server.interceptors.deadlines import DeadlineInterceptor
+from tokenwire_server.interceptors.observability import ObservabilityInterceptor
 from tokenwire_server.interceptors.request_context import RequestContextInterceptor
 from tokenwire_server.interceptors.tracing import tracing_interceptor
 from tokenwire_server.interceptors.verification_gate import VerificationGateInterceptor
+from tokenwire_server.observability.metrics import Metrics
 
 
 def build_chain(
-    config: Config, tracer_provider: TracerProvider, audit_store: AuditStore
+    config: Config, tracer_provider: TracerProvider, audit_store: AuditStore, metrics: Metrics
 ) -> list[grpc.aio.ServerInterceptor]:
     return [
         tracing_interceptor(tracer_provider),
         RequestContextInterceptor(),
+        ObservabilityInterceptor(metrics, log_text=config.logging.log_text),
         AuditInterceptor(audit_store),
         DeadlineInterceptor(config.deadlines.default_deadline, config.deadlines.max_deadline),
-        VerificationGateInterceptor(),
+        VerificationGateInterceptor(tracer_provider.get_tracer("tokenwire.verification")),
     ]

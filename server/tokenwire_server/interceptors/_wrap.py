@@ -11,6 +11,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
 import grpc
+import wrapt
 
 from tokenwire.v1 import respond_pb2
 
@@ -86,3 +87,41 @@ class RespondServiceInterceptor(grpc.aio.ServerInterceptor):
                 yield event
 
         return entered
+
+
+_ContextProxy: Any = wrapt.ObjectProxy  # generic in wrapt's stubs, not at runtime
+
+
+class AbortHook(_ContextProxy):  # type: ignore[misc]
+    """A servicer context that runs `before` just before the call's status is sent.
+
+    grpc.aio sends the status the moment `abort` is called, before the
+    handlers unwind; an interceptor that must record a failure before the
+    caller can see it (audit, metrics, logs) hooks here. `fired` tells the
+    interceptor's own exception path that the failure is already recorded.
+    """
+
+    def __init__(
+        self, context: Context, before: Callable[[grpc.StatusCode], Awaitable[None]]
+    ) -> None:
+        super().__init__(context)
+        self._self_before = before
+        self._self_fired = False
+
+    @property
+    def fired(self) -> bool:
+        return bool(self._self_fired)
+
+    @property
+    def context(self) -> Context:
+        """This proxy, typed as the context it stands in for."""
+        context: Context = self
+        return context
+
+    async def abort(
+        self, code: grpc.StatusCode, details: str = "", trailing_metadata: Any = ()
+    ) -> None:
+        if not self._self_fired:
+            self._self_fired = True
+            await self._self_before(code)
+        await self.__wrapped__.abort(code, details, trailing_metadata)

@@ -24,6 +24,7 @@ from tokenwire_server.audit.records import CALL_RECORD, AuditRecord, CallRecord,
 from tokenwire_server.audit.store import AuditStore
 from tokenwire_server.call_context import CALL_IDENTITY
 from tokenwire_server.interceptors._wrap import (
+    AbortHook,
     Context,
     RespondServiceInterceptor,
     StreamBehavior,
@@ -146,14 +147,20 @@ class AuditInterceptor(RespondServiceInterceptor):
         async def audited(request: Any, context: Context) -> Any:
             record = CallRecord(started_ns=time.time_ns())
             CALL_RECORD.set(record)
+
+            async def before_status(code: grpc.StatusCode) -> None:
+                await self._write(self._build(request, record, method, None, code.name))
+
+            hooked = AbortHook(context, before_status)
             try:
-                response = await behavior(request, context)
+                response = await behavior(request, hooked.context)
             except asyncio.CancelledError:
                 self._write_nowait(self._build(request, record, method, None, "CANCELLED"))
                 raise
             except Exception:
-                status = self._failure_status(context)
-                await self._write(self._build(request, record, method, None, status))
+                if not hooked.fired:
+                    status = self._failure_status(context)
+                    await self._write(self._build(request, record, method, None, status))
                 raise
             await self._write(self._build(request, record, method, response.completed, "OK"))
             return response
@@ -170,8 +177,13 @@ class AuditInterceptor(RespondServiceInterceptor):
             CALL_RECORD.set(record)
             events = record.events
             written = False
+
+            async def before_status(code: grpc.StatusCode) -> None:
+                await self._write(self._build(request, record, method, None, code.name))
+
+            hooked = AbortHook(context, before_status)
             try:
-                async for event in behavior(request, context):
+                async for event in behavior(request, hooked.context):
                     if event.HasField("completed"):
                         await self._write(
                             self._build(request, record, method, event.completed, "OK")
@@ -191,12 +203,13 @@ class AuditInterceptor(RespondServiceInterceptor):
                         )
                     yield event
             except (asyncio.CancelledError, GeneratorExit):
-                if not written:
+                if not written and not hooked.fired:
                     self._write_nowait(self._build(request, record, method, None, "CANCELLED"))
                 raise
             except Exception:
-                status = self._failure_status(context)
-                await self._write(self._build(request, record, method, None, status))
+                if not hooked.fired:
+                    status = self._failure_status(context)
+                    await self._write(self._build(request, record, method, None, status))
                 raise
 
         return audited

@@ -1,0 +1,264 @@
+"""Metrics scraped over HTTP, spans from an in-memory exporter, and the response log line,
+all checked against what a caller actually received."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from typing import Any
+
+import grpc
+import httpx
+import pytest
+from aiohttp import web
+from opentelemetry.sdk.trace import TracerProvider
+from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+from prometheus_client.parser import text_string_to_metric_families
+
+from tests.conftest import (
+    RunningServer,
+    StartServer,
+    chunks_of,
+    collect,
+    completed_of,
+    stream_request,
+)
+from tests.test_interceptors import RewritingPolicy
+from tests.test_openai_upstream import chunk_event, route, sse
+from tokenwire.v1 import respond_pb2 as pb
+from tokenwire_server.telemetry import _exporter
+
+TRACE_ID = "4bf92f3577b34da6a3ce929d0e0e4736"
+PARENT_SPAN = "00f067aa0ba902b7"
+
+
+async def scrape(server: RunningServer) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
+    assert server.server.metrics_port
+    async with httpx.AsyncClient() as client:
+        text = (await client.get(f"http://127.0.0.1:{server.server.metrics_port}/metrics")).text
+    samples = {}
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            samples[(sample.name, tuple(sorted(sample.labels.items())))] = sample.value
+    return samples
+
+
+def value(samples: dict[Any, float], name: str, **labels: str) -> float:
+    return samples.get((name, tuple(sorted(labels.items()))), 0.0)
+
+
+async def test_metrics_match_what_callers_received(start_server: StartServer) -> None:
+    server = await start_server(metrics_port=0, heartbeat_interval=0.05)
+    received: list[pb.StreamRespondResponse] = []
+    for _ in range(3):
+        received += await collect(server.stub.StreamRespond(stream_request()))
+    slow = await collect(
+        server.stub.StreamRespond(stream_request(labels={"tokenwire.sim/ttft-ms": "200"}))
+    )
+    received += slow
+    received += await collect(
+        server.stub.StreamRespond(stream_request(delivery_mode=pb.DELIVERY_MODE_BUFFERED))
+    )
+    unary = await server.stub.Respond(pb.RespondRequest(messages=stream_request().messages))
+
+    failing = stream_request(
+        chunking=pb.Chunking(max_tokens_per_chunk=1), labels={"tokenwire.sim/fail-after": "3"}
+    )
+    with pytest.raises(grpc.aio.AioRpcError):
+        async for event in server.stub.StreamRespond(failing):
+            received.append(event)
+
+    samples = await scrape(server)
+    assert value(samples, "tokenwire_chunks_sent_total") == len(chunks_of(received))
+    heartbeats = sum(1 for e in received if e.HasField("heartbeat"))
+    assert value(samples, "tokenwire_heartbeats_total") == heartbeats
+    assert any(e.HasField("heartbeat") for e in slow)
+    sent_bytes = sum(len(c.text.encode()) for c in chunks_of(received))
+    assert value(samples, "tokenwire_chunk_bytes_sent_total") == sent_bytes
+    assert value(samples, "tokenwire_verifications_total", status="VERIFIED") == 6
+    assert value(samples, "tokenwire_delivery_mode_total", mode="BUFFERED") == 2
+    assert value(samples, "tokenwire_delivery_mode_total", mode="STREAM") == 4
+    ok = {"method": "StreamRespond", "status": "OK"}
+    assert value(samples, "tokenwire_responses_total", **ok) == 5
+    assert value(samples, "tokenwire_responses_total", method="Respond", status="OK") == 1
+    assert (
+        value(samples, "tokenwire_responses_total", method="StreamRespond", status="UNAVAILABLE")
+        == 1
+    )
+    model = {"gen_ai_operation_name": "chat", "gen_ai_request_model": "tokenwire-sim"}
+    assert value(samples, "gen_ai_server_time_to_first_token_seconds_count", **model) == 6
+    output = 64 * 5 + unary.completed.usage.completion_tokens
+    assert (
+        value(samples, "gen_ai_client_token_usage_sum", gen_ai_token_type="output", **model)
+        == output
+    )
+    assert value(samples, "tokenwire_active_streams") == 0
+
+
+async def test_deadline_expiries_are_counted_before_the_caller_sees_them(
+    start_server: StartServer,
+) -> None:
+    server = await start_server(metrics_port=0, default_deadline=0.2)
+    with pytest.raises(grpc.aio.AioRpcError) as raised:
+        await collect(
+            server.stub.StreamRespond(stream_request(labels={"tokenwire.sim/inter-token-ms": "30"}))
+        )
+    assert raised.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+    samples = await scrape(server)
+    assert value(samples, "tokenwire_deadline_expiries_total") == 1
+    status = {"method": "StreamRespond", "status": "DEADLINE_EXCEEDED"}
+    assert value(samples, "tokenwire_responses_total", **status) == 1
+
+
+async def test_divergence_and_redactions_are_counted(start_server: StartServer) -> None:
+    rewriting = await start_server(metrics_port=0, policy=RewritingPolicy("refused"))
+    request = stream_request(
+        "some streamed words",
+        model="echo",
+        chunking=pb.Chunking(max_tokens_per_chunk=1),
+        labels={"tokenwire.sim/echo-token-chars": "3", "tokenwire.sim/inter-token-ms": "1"},
+    )
+    completed = completed_of(await collect(rewriting.stub.StreamRespond(request)))
+    assert completed.verification.status == pb.VERIFICATION_STATUS_DIVERGED
+    samples = await scrape(rewriting)
+    assert value(samples, "tokenwire_verifications_total", status="DIVERGED") == 1
+    assert value(samples, "tokenwire_retractions_total") == 1
+    assert value(samples, "tokenwire_verdicts_total", verdict="BLOCKED") == 1
+
+    governed = await start_server(metrics_port=0, policy="builtin:default")
+    await collect(
+        governed.stub.StreamRespond(stream_request("a@b.io and c@d.io on 10.0.0.1", model="echo"))
+    )
+    samples = await scrape(governed)
+    assert value(samples, "tokenwire_redactions_total", entity_type="EMAIL") == 2
+    assert value(samples, "tokenwire_redactions_total", entity_type="IPV4") == 1
+
+
+@pytest.fixture
+def spans() -> tuple[TracerProvider, InMemorySpanExporter]:
+    exporter = InMemorySpanExporter()
+    provider = TracerProvider()
+    provider.add_span_processor(SimpleSpanProcessor(exporter))
+    return provider, exporter
+
+
+async def test_spans_continue_the_callers_trace_with_children(
+    start_server: StartServer, spans: tuple[TracerProvider, InMemorySpanExporter]
+) -> None:
+    provider, exporter = spans
+    server = await start_server(tracer_provider=provider)
+    metadata = (("traceparent", f"00-{TRACE_ID}-{PARENT_SPAN}-01"),)
+    events = await collect(server.stub.StreamRespond(stream_request(), metadata=metadata))
+    completed = completed_of(events)
+    finished = {span.name: span for span in exporter.get_finished_spans()}
+    root = finished["/tokenwire.v1.RespondService/StreamRespond"]
+    assert format(root.context.trace_id, "032x") == TRACE_ID == completed.trace_id
+    assert root.parent is not None and format(root.parent.span_id, "016x") == PARENT_SPAN
+    assert root.attributes["tokenwire.response_id"] == completed.response_id
+    assert root.attributes["tokenwire.chunk_count"] == len(chunks_of(events))
+    assert root.attributes["tokenwire.verdict"] == "ALLOWED"
+    assert root.attributes["tokenwire.verification"] == "VERIFIED"
+    assert [e.name for e in root.events] == ["first_chunk", "completed"]
+    generate, governance, verify = finished["generate"], finished["governance"], finished["verify"]
+    assert generate.parent.span_id == root.context.span_id
+    assert governance.parent.span_id == generate.context.span_id
+    assert verify.parent.span_id == root.context.span_id
+    assert generate.attributes["tokenwire.tokens_generated"] == 64
+    assert verify.attributes["tokenwire.verification"] == "VERIFICATION_STATUS_VERIFIED"
+
+
+async def test_traceparent_is_passed_to_the_http_upstream(
+    start_server: StartServer, upstream, spans: tuple[TracerProvider, InMemorySpanExporter]
+) -> None:
+    seen: list[str] = []
+
+    async def handler(request: web.Request) -> web.StreamResponse:
+        seen.append(request.headers.get("traceparent", ""))
+        return await sse(request, [chunk_event("hi"), chunk_event(None, "stop")])
+
+    up = await upstream(handler)
+    provider, exporter = spans
+    server = await start_server(upstreams=(route(up.url),), tracer_provider=provider)
+    metadata = (("traceparent", f"00-{TRACE_ID}-{PARENT_SPAN}-01"),)
+    await collect(server.stub.StreamRespond(stream_request(model="up-model"), metadata=metadata))
+    generate = next(s for s in exporter.get_finished_spans() if s.name == "generate")
+    assert seen == [f"00-{TRACE_ID}-{format(generate.context.span_id, '016x')}-01"]
+
+
+async def test_one_json_ready_log_line_per_response_without_text(
+    server: RunningServer, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO, logger="tokenwire.responses")
+    completed = completed_of(await collect(server.stub.StreamRespond(stream_request("secret?"))))
+    records = [r for r in caplog.records if r.name == "tokenwire.responses"]
+    assert len(records) == 1
+    record = records[0]
+    assert record.response_id == completed.response_id  # type: ignore[attr-defined]
+    assert record.trace_id == completed.trace_id  # type: ignore[attr-defined]
+    assert record.chunk_count == completed.chunk_count  # type: ignore[attr-defined]
+    assert record.verdict == "ALLOWED" and record.status == "OK"  # type: ignore[attr-defined]
+    assert not hasattr(record, "final_text")
+    assert "secret?" not in str(record.__dict__)
+
+
+async def test_failed_calls_log_their_status(
+    server: RunningServer, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO, logger="tokenwire.responses")
+    with pytest.raises(grpc.aio.AioRpcError):
+        await collect(
+            server.stub.StreamRespond(stream_request(labels={"tokenwire.sim/fail-after": "2"}))
+        )
+    record = next(r for r in caplog.records if r.name == "tokenwire.responses")
+    assert record.status == "UNAVAILABLE"  # type: ignore[attr-defined]
+    assert record.error_reason == "BACKEND_FAILED"  # type: ignore[attr-defined]
+    assert record.levelno == logging.WARNING
+
+
+@pytest.mark.parametrize(
+    ("env", "kind"),
+    [
+        ({}, None),
+        ({"OTEL_TRACES_EXPORTER": "none", "OTEL_EXPORTER_OTLP_ENDPOINT": "http://x:4317"}, None),
+        ({"OTEL_EXPORTER_OTLP_ENDPOINT": "http://127.0.0.1:4317"}, "grpc"),
+        ({"OTEL_TRACES_EXPORTER": "otlp", "OTEL_EXPORTER_OTLP_PROTOCOL": "http/protobuf"}, "http"),
+    ],
+)
+def test_exporter_follows_the_otel_environment(env: dict[str, str], kind: str | None) -> None:
+    exporter = _exporter(env)
+    if kind is None:
+        assert exporter is None
+    else:
+        assert exporter is not None and f".{kind}." in type(exporter).__module__
+        exporter.shutdown()
+
+
+async def test_serve_prints_the_metrics_endpoint() -> None:
+    import sys
+
+    process = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-m",
+        "tokenwire.cli",
+        "serve",
+        "--port",
+        "0",
+        "--metrics-port",
+        "0",
+        "--audit-path",
+        ":memory:",
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+    )
+    try:
+        assert process.stdout is not None
+        await asyncio.wait_for(process.stdout.readline(), 30)
+        line = (await asyncio.wait_for(process.stdout.readline(), 30)).decode().strip()
+        assert line.startswith("metrics on http://127.0.0.1:") and line.endswith("/metrics")
+        async with httpx.AsyncClient() as client:
+            text = (await client.get(line.removeprefix("metrics on "))).text
+        assert "tokenwire_active_streams" in text
+    finally:
+        process.terminate()
+        await process.wait()
