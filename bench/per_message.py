@@ -109,6 +109,8 @@ async def main(args: argparse.Namespace) -> None:
         "100000",
         "--log-level",
         "WARNING",
+        "--audit-path",
+        ":memory:",
     )
     raw = await start(sys.executable, str(ROOT / "bench" / "raw_server.py"))
     try:

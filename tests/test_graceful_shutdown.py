@@ -29,6 +29,8 @@ async def start_process(*flags: str) -> tuple[asyncio.subprocess.Process, str]:
         "serve",
         "--port",
         "0",
+        "--audit-path",
+        ":memory:",
         *flags,
         stdout=asyncio.subprocess.PIPE,
         stderr=asyncio.subprocess.PIPE,
