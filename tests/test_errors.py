@@ -157,13 +157,14 @@ async def test_unknown_model_is_not_found(server: RunningServer) -> None:
     await assert_still_serving(server)
 
 
-async def test_resume_is_refused_explicitly_until_supported(server: RunningServer) -> None:
+async def test_resume_of_an_unknown_response_is_not_found(server: RunningServer) -> None:
     request = stream_request(resume=pb.ResumeFrom(response_id="rsp_x", after_sequence=3))
     with pytest.raises(grpc.aio.AioRpcError) as raised:
         await collect(server.stub.StreamRespond(request))
     details = status_details(raised.value)
-    assert details.code == grpc.StatusCode.UNIMPLEMENTED
-    assert details.error_info.reason == "RESUME_NOT_AVAILABLE"
+    assert details.code == grpc.StatusCode.NOT_FOUND
+    assert details.error_info.reason == "RESPONSE_NOT_FOUND"
+    assert details.error_info.metadata["responseId"] == "rsp_x"
 
 
 async def test_backend_failure_mid_stream_names_the_last_delivered_sequence(

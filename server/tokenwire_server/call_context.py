@@ -24,3 +24,9 @@ CALL_IDENTITY: contextvars.ContextVar[CallIdentity | None] = contextvars.Context
 CALL_DEADLINE: contextvars.ContextVar[float | None] = contextvars.ContextVar(
     "tokenwire_call_deadline", default=None
 )
+
+#: Chunks (sequence, text offset, UTF-8 bytes) the caller already holds when a
+#: call resumes a response; the verification gate starts its checks after them.
+CALL_REPLAY_PREFIX: contextvars.ContextVar[tuple[tuple[int, int, bytes], ...]] = (
+    contextvars.ContextVar("tokenwire_call_replay_prefix", default=())
+)

@@ -104,6 +104,23 @@ class GovernanceConfig:
 
 
 @dataclass(frozen=True)
+class ResumeConfig:
+    resumable_by_default: bool = _setting(
+        False, "treat every stream as resumable, as if it set `resumable`"
+    )
+    detach_window: float = _setting(
+        30.0, "seconds a resumable response keeps generating with no reader attached"
+    )
+    retention: float = _setting(
+        600.0, "seconds an ended response stays available for resume and idempotent retries"
+    )
+    store_max_responses: int = _setting(10000, "most ended responses kept in memory")
+    store_max_bytes: int = _setting(
+        64 * 1024 * 1024, "most text (bytes) of ended responses kept in memory"
+    )
+
+
+@dataclass(frozen=True)
 class AuditConfig:
     audit_path: str = _setting(
         "tokenwire-audit.sqlite3", "SQLite file of the audit trail (':memory:' keeps it in memory)"
@@ -173,6 +190,7 @@ class Config:
     simulator: SimulatorConfig = field(default_factory=SimulatorConfig)
     backends: BackendConfig = field(default_factory=BackendConfig)
     governance: GovernanceConfig = field(default_factory=GovernanceConfig)
+    resume: ResumeConfig = field(default_factory=ResumeConfig)
     audit: AuditConfig = field(default_factory=AuditConfig)
     observability: ObservabilityConfig = field(default_factory=ObservabilityConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)

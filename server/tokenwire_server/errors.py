@@ -65,6 +65,23 @@ class NotFound(TokenwireError):
     reason = "NOT_FOUND"
 
 
+class ResponseNotFound(TokenwireError):
+    """Unknown, expired, or (with tenants) someone else's: the same answer, so ids leak nothing."""
+
+    code = grpc.StatusCode.NOT_FOUND
+    reason = "RESPONSE_NOT_FOUND"
+
+
+class SequenceOutOfRange(TokenwireError):
+    code = grpc.StatusCode.OUT_OF_RANGE
+    reason = "SEQUENCE_OUT_OF_RANGE"
+
+
+class RequestIdReused(TokenwireError):
+    code = grpc.StatusCode.ALREADY_EXISTS
+    reason = "REQUEST_ID_REUSED"
+
+
 class Unimplemented(TokenwireError):
     code = grpc.StatusCode.UNIMPLEMENTED
     reason = "UNIMPLEMENTED"

@@ -28,6 +28,7 @@ from tokenwire_server.governance.policy import Policy
 from tokenwire_server.interceptors import build_chain
 from tokenwire_server.observability.metrics import Metrics
 from tokenwire_server.servicer import RespondServicer
+from tokenwire_server.store.memory import InMemoryResponseStore
 from tokenwire_server.telemetry import build_tracer_provider
 
 log = logging.getLogger(__name__)
@@ -60,6 +61,10 @@ class TokenwireServer:
         )
         self.audit_store: AuditStore = SqliteAuditStore(config.audit.audit_path)
         self.metrics = Metrics()
+        resume = config.resume
+        self.store = InMemoryResponseStore(
+            resume.retention, resume.store_max_responses, resume.store_max_bytes
+        )
         #: Bound port of /metrics, when served.
         self.metrics_port: int | None = None
         self.tracer_provider = tracer_provider or build_tracer_provider()
@@ -85,6 +90,7 @@ class TokenwireServer:
                 self.config,
                 self.registry,
                 self.policies,
+                self.store,
                 self.tracer_provider.get_tracer("tokenwire.generation"),
             ),
             server,

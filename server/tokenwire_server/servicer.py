@@ -1,15 +1,18 @@
 """RespondService: thin typed methods mapping requests onto the pipeline and back.
 
-Each call validates its request, starts one generation task feeding a
-`LiveResponse`, and either waits for the end (unary) or hands the response to
-the delivery planner (stream). The generation task is tied to the call: when
-the call ends for any reason (the caller cancels or disconnects, its deadline
-passes, the server stops), the task is cancelled, which stops the backend.
+A new request is validated, registered in the response store (a retried
+request id attaches to the response it started instead of generating
+again), and fed by one generation task. Every call that reads a response
+holds a `Reader`; when the last reader goes away, a resumable response keeps
+generating for the detach window (its chunks go to the log), any other is
+cancelled, which stops the backend. `resume` replays the log after the
+caller's sequence and continues live; `Cancel` stops a response by id.
 """
 
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import logging
 import uuid
 from collections.abc import AsyncIterator
@@ -22,32 +25,52 @@ from tokenwire.v1 import respond_pb2 as pb
 from tokenwire.v1 import respond_pb2_grpc
 from tokenwire_server.audit.records import CALL_RECORD, CallRecord
 from tokenwire_server.backends.registry import BackendRegistry
-from tokenwire_server.call_context import CALL_DEADLINE, CALL_IDENTITY, CallIdentity
+from tokenwire_server.call_context import (
+    CALL_DEADLINE,
+    CALL_IDENTITY,
+    CALL_REPLAY_PREFIX,
+    CallIdentity,
+)
 from tokenwire_server.codec import EventCodec
 from tokenwire_server.config import Config
 from tokenwire_server.delivery.generation import run_generation
-from tokenwire_server.delivery.planner import StreamDelivery
+from tokenwire_server.delivery.planner import DeliveryOptions, StreamDelivery
 from tokenwire_server.delivery.response import LiveResponse, State
 from tokenwire_server.domain import DeliveryMode
 from tokenwire_server.errors import (
     COMPLETION_TOKENS_KEY,
     LAST_SEQUENCE_KEY,
     PROMPT_TOKENS_KEY,
+    FieldViolation,
     InternalError,
+    InvalidRequest,
+    ResponseNotFound,
+    SequenceOutOfRange,
     TokenwireError,
     abort,
 )
 from tokenwire_server.governance.holder import PolicyHolder
 from tokenwire_server.interceptors.request_context import current_trace_id
+from tokenwire_server.store.base import ResponseStore
 from tokenwire_server.tokens import estimate_prompt_tokens
-from tokenwire_server.validation import ParsedCall, parse_call
+from tokenwire_server.validation import parse_call
 
 log = logging.getLogger(__name__)
 Context = grpc.aio.ServicerContext[Any, Any]
+Request = pb.RespondRequest | pb.StreamRespondRequest
 
 
 def new_response_id() -> str:
     return f"rsp_{uuid.uuid4().hex}"
+
+
+def fingerprint(request: Request) -> str:
+    """What makes two requests "the same" for idempotency: everything but ids and resume."""
+    copy = type(request).FromString(request.SerializeToString())
+    copy.ClearField("request_id")
+    if isinstance(copy, pb.StreamRespondRequest):
+        copy.ClearField("resume")
+    return hashlib.sha256(copy.SerializeToString(deterministic=True)).hexdigest()
 
 
 class RespondServicer(respond_pb2_grpc.RespondServiceServicer):
@@ -56,16 +79,17 @@ class RespondServicer(respond_pb2_grpc.RespondServiceServicer):
         config: Config,
         registry: BackendRegistry,
         policies: PolicyHolder,
+        store: ResponseStore,
         tracer: trace.Tracer | None = None,
     ) -> None:
         self._config = config
         self._registry = registry
         self._policies = policies
+        self._store = store
         self._tracer = tracer or trace.get_tracer(__name__)
 
-    def _start(
-        self, request: pb.RespondRequest | pb.StreamRespondRequest, context: Context
-    ) -> tuple[ParsedCall, LiveResponse, CallIdentity]:
+    def _start(self, request: Request, context: Context) -> LiveResponse:
+        """The response this request reads: a new one, or the one its request id started."""
         loop = asyncio.get_running_loop()
         identity = CALL_IDENTITY.get() or CallIdentity(
             request_id=request.request_id or f"req_{uuid.uuid4().hex}",
@@ -84,15 +108,29 @@ class RespondServicer(respond_pb2_grpc.RespondServiceServicer):
             policy_version=policy.policy_version,
             max_pending_chars=self._config.delivery.max_pending_chars,
         )
+        # Only a caller's own request id makes a retry attach; generated ids never repeat.
+        key = f"{type(request).__name__}:{request.request_id}" if request.request_id else None
+        attached = self._store.register(response, key, fingerprint(request))
+        response = attached.response
         record = CALL_RECORD.get() or CallRecord()
         record.response_id = response.response_id
         record.model, record.model_version = call.model.name, call.model.version
         record.backend = call.model.backend
-        record.policy_id, record.policy_version = policy.policy_id, policy.policy_version
+        record.policy_id, record.policy_version = response.policy_id, response.policy_version
         record.token_events = bool(getattr(policy, "token_events", False))
+        record.prompt_tokens = estimate_prompt_tokens(call.generation.messages)
+        if attached.existing:
+            return response
+        response.delivery = call.delivery
+        if isinstance(request, pb.StreamRespondRequest):
+            response.resumable = request.resumable or self._config.resume.resumable_by_default
+            response.detach_window = self._config.resume.detach_window
         if call.delivery is None:
             response.unbounded()  # unary: nothing streams, so nothing may wait for a reader
-        task = asyncio.create_task(
+        else:
+            response.detached_chunk_tokens = call.delivery.max_tokens_per_chunk
+        response.on_end(self._store.finished)
+        response.task = asyncio.create_task(
             run_generation(
                 call.backend,
                 call.generation,
@@ -103,28 +141,69 @@ class RespondServicer(respond_pb2_grpc.RespondServiceServicer):
             ),
             name=f"generate {response.response_id}",
         )
-        response.task = task
-        context.add_done_callback(lambda _: response.stop_generation())  # type: ignore[arg-type]
-        return call, response, identity
+        return response
+
+    def _resume(self, request: pb.StreamRespondRequest) -> LiveResponse:
+        resume = request.resume
+        if not resume.response_id:
+            raise InvalidRequest(
+                "resume needs a response_id",
+                reason="INVALID_RESUME",
+                violations=[FieldViolation("resume.response_id", "must not be empty")],
+            )
+        response = self._store.get(resume.response_id)
+        if response is None:
+            raise ResponseNotFound(
+                f"response {resume.response_id} is unknown or expired",
+                metadata={"responseId": resume.response_id},
+            )
+        if resume.after_sequence > len(response.chunks):
+            raise SequenceOutOfRange(
+                f"after_sequence {resume.after_sequence} is beyond the last sequence "
+                f"{len(response.chunks)}",
+                metadata={
+                    "responseId": response.response_id,
+                    "lastSequence": str(len(response.chunks)),
+                },
+            )
+        record = CALL_RECORD.get()
+        if record is not None:
+            record.response_id = response.response_id
+            record.model, record.model_version = response.model.name, response.model.version
+            record.backend = response.model.backend
+            record.policy_id = response.policy_id
+            record.policy_version = response.policy_version
+        CALL_REPLAY_PREFIX.set(
+            tuple(
+                (c.sequence, c.text_offset, c.text.encode())
+                for c in response.chunks[: resume.after_sequence]
+            )
+        )
+        return response
 
     async def Respond(self, request: pb.RespondRequest, context: Context) -> pb.RespondResponse:
         try:
-            call, response, identity = self._start(request, context)
+            response = self._start(request, context)
         except TokenwireError as error:
             await abort(context, error)
             raise  # unreachable: abort raises
-        await response.wait_ended()
+        reader = response.attach()
+        context.add_done_callback(lambda _: reader.release())  # type: ignore[arg-type]
+        try:
+            await response.wait_ended()
+        finally:
+            reader.release()
         if response.state is not State.FINISHED:
-            await self._fail(context, response, call, 0)
-        loop = asyncio.get_running_loop()
-        now = loop.time()
+            await self._fail(context, response, 0)
+        now = asyncio.get_running_loop().time()
         first = response.first_token_at if response.first_token_at is not None else now
+        identity = CALL_IDENTITY.get()
         completed = EventCodec(response).completed(
             mode=DeliveryMode.BUFFERED,
             unary=True,
             time_to_first_token=first - response.started_at,
             total=now - response.started_at,
-            trace_id=identity.trace_id,
+            trace_id=identity.trace_id if identity is not None else current_trace_id(),
         )
         return pb.RespondResponse(completed=completed)
 
@@ -132,56 +211,107 @@ class RespondServicer(respond_pb2_grpc.RespondServiceServicer):
         self, request: pb.StreamRespondRequest, context: Context
     ) -> AsyncIterator[pb.StreamRespondResponse]:
         try:
-            call, response, identity = self._start(request, context)
+            if request.HasField("resume"):
+                response = self._resume(request)
+                start_after = request.resume.after_sequence
+            else:
+                response = self._start(request, context)
+                start_after = 0
         except TokenwireError as error:
             await abort(context, error)
             return
-        assert call.delivery is not None
-        delivery = StreamDelivery(response, call.delivery, EventCodec(response), identity.trace_id)
+        options: DeliveryOptions | None = response.delivery
+        if options is None:  # a unary response cannot be streamed
+            await abort(
+                context,
+                ResponseNotFound(
+                    f"response {response.response_id} is not a stream",
+                    metadata={"responseId": response.response_id},
+                ),
+            )
+            return
+        reader = response.attach()
+        context.add_done_callback(lambda _: reader.release())  # type: ignore[arg-type]
+        identity = CALL_IDENTITY.get()
+        delivery = StreamDelivery(
+            response,
+            options,
+            EventCodec(response),
+            identity.trace_id if identity is not None else current_trace_id(),
+            start_after,
+        )
         try:
             async for event in delivery.events():
                 yield event
         except TokenwireError:
-            await self._fail(context, response, call, delivery.last_sequence)
+            await self._fail(context, response, delivery.last_sequence)
         finally:
-            response.stop_generation()
-            _note_progress(response, call, delivery.last_sequence)
+            reader.release()
+            _note_progress(response, delivery.last_sequence)
 
-    async def _fail(
-        self, context: Context, response: LiveResponse, call: ParsedCall, last_sequence: int
-    ) -> None:
+    async def Cancel(self, request: pb.CancelRequest, context: Context) -> pb.CancelResponse:
+        response = self._store.get(request.response_id) if request.response_id else None
+        if response is None:
+            await abort(
+                context,
+                ResponseNotFound(
+                    f"response {request.response_id!r} is unknown or expired",
+                    metadata={"responseId": request.response_id},
+                ),
+            )
+            raise AssertionError("unreachable: abort raises")
+        was_running = not response.done
+        if was_running:
+            response.stop_generation()
+            await response.wait_ended()
+        return pb.CancelResponse(
+            response_id=response.response_id,
+            last_sequence=len(response.chunks),
+            was_running=was_running and response.state is State.CANCELLED,
+        )
+
+    async def _fail(self, context: Context, response: LiveResponse, last_sequence: int) -> None:
         """Ends a call whose response failed: status, details and partial usage."""
         error = response.error or InternalError("the response ended without a result")
-        _note_progress(response, call, last_sequence, error.reason)
-        error.metadata["lastSequence"] = str(last_sequence)
-        error.metadata["responseId"] = response.response_id
-        log.warning(
-            "response %s failed after sequence %d: %s %s",
+        metadata = {
+            **error.metadata,
+            "lastSequence": str(last_sequence),
+            "responseId": response.response_id,
+        }
+        error = type(error)(
+            error.message,
+            reason=error.reason,
+            metadata=metadata,
+            violations=error.violations,
+            retry_after=error.retry_after,
+        )
+        _note_progress(response, last_sequence, error.reason)
+        log.info(
+            "response %s ended after sequence %d: %s %s",
             response.response_id,
             last_sequence,
             error.reason,
             error.message,
         )
+        record = CALL_RECORD.get()
+        prompt_tokens = record.prompt_tokens if record is not None else 0
         await abort(
             context,
             error,
             (
                 (LAST_SEQUENCE_KEY, str(last_sequence)),
-                (PROMPT_TOKENS_KEY, str(estimate_prompt_tokens(call.generation.messages))),
+                (PROMPT_TOKENS_KEY, str(prompt_tokens)),
                 (COMPLETION_TOKENS_KEY, str(response.tokens_generated)),
             ),
         )
 
 
-def _note_progress(
-    response: LiveResponse, call: ParsedCall, last_sequence: int, error_reason: str = ""
-) -> None:
+def _note_progress(response: LiveResponse, last_sequence: int, error_reason: str = "") -> None:
     """Tells the audit record how far a call got, for calls that end without Completed."""
     record = CALL_RECORD.get()
     if record is None:
         return
     record.last_sequence = last_sequence
     record.completion_tokens = response.tokens_generated
-    record.prompt_tokens = estimate_prompt_tokens(call.generation.messages)
     if error_reason:
         record.error_reason = error_reason

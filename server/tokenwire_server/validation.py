@@ -16,7 +16,7 @@ from tokenwire_server.backends.registry import BackendRegistry
 from tokenwire_server.config import Config
 from tokenwire_server.delivery.planner import DeliveryOptions
 from tokenwire_server.domain import DeliveryMode, GenerationRequest, Message, ModelInfo, Role
-from tokenwire_server.errors import FieldViolation, InvalidRequest, Unimplemented
+from tokenwire_server.errors import FieldViolation, InvalidRequest
 
 MAX_REQUEST_ID_LENGTH = 128
 MAX_STOP_SEQUENCES = 4
@@ -140,12 +140,6 @@ def parse_call(
             + (f" (and {len(v.items) - 1} more)" if len(v.items) > 1 else ""),
             reason=v.reason,
             violations=v.items,
-        )
-
-    if isinstance(request, pb.StreamRespondRequest) and request.HasField("resume"):
-        raise Unimplemented(
-            "resume is not available on this server yet",
-            reason="RESUME_NOT_AVAILABLE",
         )
 
     backend, model = registry.resolve(request.model)

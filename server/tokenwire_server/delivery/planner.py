@@ -36,23 +36,31 @@ class StreamDelivery:
     """Turns one `LiveResponse` into the events of one `StreamRespond` call."""
 
     def __init__(
-        self, response: LiveResponse, options: DeliveryOptions, codec: EventCodec, trace_id: str
+        self,
+        response: LiveResponse,
+        options: DeliveryOptions,
+        codec: EventCodec,
+        trace_id: str,
+        start_after: int = 0,
     ) -> None:
         self._response = response
         self._options = options
         self._codec = codec
         self._trace_id = trace_id
         self._loop = asyncio.get_running_loop()
+        #: Chunks up to this sequence are already held by the caller (resume).
+        self._start_after = start_after
         #: Sequence of the last chunk handed to gRPC; named in the trailers on failure.
-        self.last_sequence = 0
-        self.mode_used: DeliveryMode | None = None
-        self._first_chunk_at: float | None = None
+        self.last_sequence = start_after
         self._last_sent = self._loop.time()
 
     async def events(self) -> AsyncIterator[pb.StreamRespondResponse]:
         response = self._response
-        mode = await self._choose_mode()
-        self.mode_used = mode
+        if response.mode_used is None:
+            chosen = await self._choose_mode()
+            if response.mode_used is None:  # a concurrent reader may have chosen first
+                response.mode_used = chosen
+        mode = response.mode_used
         if mode is DeliveryMode.BUFFERED:
             async for event in self._buffered():
                 yield event
@@ -62,17 +70,20 @@ class StreamDelivery:
         if response.state is not State.FINISHED:
             assert response.error is not None
             raise response.error
-        now = self._loop.time()
-        first = self._first_chunk_at if self._first_chunk_at is not None else now
-        yield pb.StreamRespondResponse(
-            completed=self._codec.completed(
+        if response.completed_message is None:
+            now = self._loop.time()
+            first = response.first_chunk_at if response.first_chunk_at is not None else now
+            response.completed_message = self._codec.completed(
                 mode=mode,
                 unary=False,
                 time_to_first_token=first - response.started_at,
                 total=now - response.started_at,
                 trace_id=self._trace_id,
             )
-        )
+        # Every reader gets the same Completed; a copy, because the gate fills it in.
+        completed = pb.Completed()
+        completed.CopyFrom(response.completed_message)
+        yield pb.StreamRespondResponse(completed=completed)
 
     async def _choose_mode(self) -> DeliveryMode:
         options, response = self._options, self._response
@@ -94,6 +105,11 @@ class StreamDelivery:
             return self._codec.heartbeat(time.time_ns())
         return None
 
+    def _sent(self, sequence: int) -> None:
+        self.last_sequence = sequence
+        if self._response.first_chunk_at is None:
+            self._response.first_chunk_at = self._loop.time()
+
     async def _buffered(self) -> AsyncIterator[pb.StreamRespondResponse]:
         response = self._response
         response.unbounded()
@@ -101,10 +117,10 @@ class StreamDelivery:
         while not response.done:
             if heartbeat := await self._wait(None):
                 yield heartbeat
-        if response.state is State.FINISHED:
-            record = response.cut_whole()
-            self._first_chunk_at = self._loop.time()
-            self.last_sequence = record.sequence
+        if response.state is State.FINISHED and not response.chunks:
+            response.cut_whole()
+        for record in response.chunks[self._start_after :]:
+            self._sent(record.sequence)
             yield self._codec.chunk(record)
 
     def _replaced_before_streaming(self) -> bool:
@@ -125,14 +141,12 @@ class StreamDelivery:
         response, options, codec = self._response, self._options, self._codec
         chunks = response.chunks
         cap, max_delay = options.max_tokens_per_chunk, options.max_delay
-        cursor = 0
+        cursor = self._start_after
         self._last_sent = self._loop.time()
         while True:
             if not chunks and self._replaced_before_streaming():
                 record = response.cut_whole()
-                cursor = 1
-                self._first_chunk_at = self._loop.time()
-                self.last_sequence = record.sequence
+                self._sent(record.sequence)
                 yield codec.chunk(record)
                 return
             if cursor < len(chunks):
@@ -152,8 +166,6 @@ class StreamDelivery:
                     yield heartbeat
                 continue
             cursor += 1
-            if self._first_chunk_at is None:
-                self._first_chunk_at = self._loop.time()
-            self.last_sequence = record.sequence
+            self._sent(record.sequence)
             yield codec.chunk(record)
             self._last_sent = self._loop.time()

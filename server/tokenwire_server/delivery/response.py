@@ -19,10 +19,23 @@ import asyncio
 import enum
 import math
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
-from tokenwire_server.domain import Action, FinishReason, ModelInfo, ServingPath, Verdict
+from tokenwire.v1 import respond_pb2 as pb
+from tokenwire_server.domain import (
+    Action,
+    DeliveryMode,
+    FinishReason,
+    ModelInfo,
+    ServingPath,
+    Verdict,
+)
 from tokenwire_server.errors import ResponseCancelled, TokenwireError
+
+if TYPE_CHECKING:
+    from tokenwire_server.delivery.planner import DeliveryOptions
 
 
 class State(enum.Enum):
@@ -98,6 +111,59 @@ class LiveResponse:
         #: The generation task feeding this response, once started.
         self.task: asyncio.Task[None] | None = None
         self._stop_requested = False
+        #: How the first call asked for chunks; resumed and attached readers reuse it.
+        self.delivery: DeliveryOptions | None = None
+        #: A resumable response keeps generating for `detach_window` without readers.
+        self.resumable = False
+        self.detach_window = 0.0
+        self.readers = 0
+        self._detach_timer: asyncio.TimerHandle | None = None
+        #: Tokens per chunk when generation cuts chunks itself (no reader attached).
+        self.detached_chunk_tokens = 1
+        #: Fixed by the first delivery, so every later reader sees the same shape.
+        self.mode_used: DeliveryMode | None = None
+        self.first_chunk_at: float | None = None
+        #: The terminal message, built once so every reader gets the same one.
+        self.completed_message: pb.Completed | None = None
+        self._chunk_bytes = 0
+        self._on_end: list[Callable[[LiveResponse], None]] = []
+
+    # ----- readers ---------------------------------------------------------
+
+    def attach(self) -> Reader:
+        """A call starts reading; generation no longer risks being orphaned."""
+        self.readers += 1
+        if self._detach_timer is not None:
+            self._detach_timer.cancel()
+            self._detach_timer = None
+        return Reader(self)
+
+    def _detach(self) -> None:
+        self.readers -= 1
+        if self.readers or self.done:
+            return
+        if not self.resumable:
+            self.stop_generation()
+            return
+        # Nobody reads: cut what is pending so the log holds it, and keep going
+        # until the detach window closes without a new reader.
+        self._cut_detached()
+        self._detach_timer = self._loop.call_later(self.detach_window, self.stop_generation)
+
+    def _cut_detached(self) -> None:
+        if self.mode_used is DeliveryMode.BUFFERED:
+            return
+        while self._pending:
+            self.cut_chunk(self.detached_chunk_tokens)
+
+    def on_end(self, callback: Callable[[LiveResponse], None]) -> None:
+        self._on_end.append(callback)
+
+    @property
+    def retained_bytes(self) -> int:
+        """Roughly what keeping this response costs: its chunks and final text."""
+        final = len(self.outcome.final_text) if self.outcome is not None else 0
+        return self._chunk_bytes + final
 
     def stop_generation(self) -> None:
         """Cancels generation if it still runs; safe to call any number of times.
@@ -130,6 +196,8 @@ class LiveResponse:
         self._released.append(text)
         if self._waiters:
             self._wake()
+        if not self.readers and self.resumable:
+            self._cut_detached()
 
     @property
     def over_budget(self) -> bool:
@@ -149,6 +217,8 @@ class LiveResponse:
             self._pending.append("")
             self._pending_counts.append(self._carry_tokens)
             self._carry_tokens = 0
+        if not self.readers and self.resumable:
+            self._cut_detached()
 
     async def wait_for_space(self) -> None:
         """Backpressure: returns once a reader has taken enough pending text."""
@@ -175,7 +245,12 @@ class LiveResponse:
         self.state = state
         self.outcome = outcome
         self.error = error
+        if self._detach_timer is not None:
+            self._detach_timer.cancel()
+            self._detach_timer = None
         self._wake()
+        for callback in self._on_end:
+            callback(self)
         if self._space is not None and not self._space.done():
             self._space.set_result(None)
         return True
@@ -276,9 +351,25 @@ class LiveResponse:
             actions=actions,
             emitted_at_ns=time.time_ns(),
         )
-        self._next_offset += len(text.encode())
+        size = len(text.encode())
+        self._next_offset += size
+        self._chunk_bytes += size
         self.chunks.append(record)
         return record
+
+
+class Reader:
+    """One call's hold on a response; `release` is safe to call more than once."""
+
+    __slots__ = ("_response",)
+
+    def __init__(self, response: LiveResponse) -> None:
+        self._response: LiveResponse | None = response
+
+    def release(self) -> None:
+        response, self._response = self._response, None
+        if response is not None:
+            response._detach()
 
 
 def _expire(waiter: asyncio.Future[bool]) -> None:

@@ -52,6 +52,9 @@ def wrap_handler(
 class RespondServiceInterceptor(grpc.aio.ServerInterceptor):
     """Intercepts RespondService calls; override `enter`, or the wrappers for more."""
 
+    #: Method names to intercept; None means all of RespondService.
+    methods: frozenset[str] | None = None
+
     async def intercept_service(
         self,
         continuation: Any,
@@ -60,6 +63,10 @@ class RespondServiceInterceptor(grpc.aio.ServerInterceptor):
         handler: grpc.RpcMethodHandler[Any, Any] | None = await continuation(handler_call_details)
         if not is_respond_service(handler_call_details):
             return handler
+        if self.methods is not None:
+            method: str = handler_call_details.method
+            if method.rsplit("/", 1)[-1] not in self.methods:
+                return handler
         return wrap_handler(
             handler,
             lambda behavior: self.wrap_unary(behavior, handler_call_details),

@@ -41,6 +41,9 @@ def _seconds(duration: Any) -> float:
 
 
 class AuditInterceptor(RespondServiceInterceptor):
+    #: Calls that produce a response; `Cancel` only acts on one.
+    methods = frozenset({"Respond", "StreamRespond"})
+
     def __init__(self, store: AuditStore) -> None:
         self._store = store
 

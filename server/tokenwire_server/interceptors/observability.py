@@ -39,6 +39,9 @@ def _name(enum: Any, value: int, prefix: str) -> str:
 
 
 class ObservabilityInterceptor(RespondServiceInterceptor):
+    #: Calls that produce a response; `Cancel` only acts on one.
+    methods = frozenset({"Respond", "StreamRespond"})
+
     def __init__(self, metrics: Metrics, log_text: bool = False) -> None:
         self._metrics = metrics
         self._log_text = log_text

@@ -29,7 +29,7 @@ def current_trace_id() -> str:
 
 class RequestContextInterceptor(RespondServiceInterceptor):
     async def enter(self, request: Any, context: Context, details: grpc.HandlerCallDetails) -> None:
-        request_id = request.request_id
+        request_id = getattr(request, "request_id", "")
         if not is_valid_request_id(request_id):
             metadata = details.invocation_metadata or ()
             header_id = str(next((v for k, v in metadata if k == REQUEST_ID_HEADER), ""))

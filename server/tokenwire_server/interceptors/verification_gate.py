@@ -23,6 +23,7 @@ import grpc
 from opentelemetry import trace
 
 from tokenwire.v1 import respond_pb2 as pb
+from tokenwire_server.call_context import CALL_REPLAY_PREFIX
 from tokenwire_server.errors import LAST_SEQUENCE_KEY, VerificationFailed, abort
 from tokenwire_server.interceptors._wrap import (
     Context,
@@ -116,7 +117,15 @@ def _gate_stream(behavior: StreamBehavior, tracer: trace.Tracer) -> StreamBehavi
         sent: list[tuple[int, int, bytes]] = []
         next_sequence, next_offset = 1, 0
         completed_seen = False
+        started = False
         async for event in behavior(request, context):
+            if not started:
+                # A resumed call: the caller already holds these chunks.
+                started = True
+                for sequence, offset, data in CALL_REPLAY_PREFIX.get():
+                    digest.update(data)
+                    sent.append((sequence, offset, data))
+                    next_sequence, next_offset = sequence + 1, offset + len(data)
             kind = event.WhichOneof("event")
             if kind == "chunk":
                 chunk = event.chunk

@@ -292,7 +292,7 @@ class RespondResponse(_message.Message):
     def __init__(self, completed: _Optional[_Union[Completed, _Mapping]] = ...) -> None: ...
 
 class StreamRespondRequest(_message.Message):
-    __slots__ = ("request_id", "model", "messages", "params", "labels", "delivery_mode", "chunking", "resume", "omit_final_text")
+    __slots__ = ("request_id", "model", "messages", "params", "labels", "delivery_mode", "chunking", "resume", "omit_final_text", "resumable")
     class LabelsEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -309,6 +309,7 @@ class StreamRespondRequest(_message.Message):
     CHUNKING_FIELD_NUMBER: _ClassVar[int]
     RESUME_FIELD_NUMBER: _ClassVar[int]
     OMIT_FINAL_TEXT_FIELD_NUMBER: _ClassVar[int]
+    RESUMABLE_FIELD_NUMBER: _ClassVar[int]
     request_id: str
     model: str
     messages: _containers.RepeatedCompositeFieldContainer[ChatMessage]
@@ -318,7 +319,24 @@ class StreamRespondRequest(_message.Message):
     chunking: Chunking
     resume: ResumeFrom
     omit_final_text: bool
-    def __init__(self, request_id: _Optional[str] = ..., model: _Optional[str] = ..., messages: _Optional[_Iterable[_Union[ChatMessage, _Mapping]]] = ..., params: _Optional[_Union[GenerationParams, _Mapping]] = ..., labels: _Optional[_Mapping[str, str]] = ..., delivery_mode: _Optional[_Union[DeliveryMode, str]] = ..., chunking: _Optional[_Union[Chunking, _Mapping]] = ..., resume: _Optional[_Union[ResumeFrom, _Mapping]] = ..., omit_final_text: _Optional[bool] = ...) -> None: ...
+    resumable: bool
+    def __init__(self, request_id: _Optional[str] = ..., model: _Optional[str] = ..., messages: _Optional[_Iterable[_Union[ChatMessage, _Mapping]]] = ..., params: _Optional[_Union[GenerationParams, _Mapping]] = ..., labels: _Optional[_Mapping[str, str]] = ..., delivery_mode: _Optional[_Union[DeliveryMode, str]] = ..., chunking: _Optional[_Union[Chunking, _Mapping]] = ..., resume: _Optional[_Union[ResumeFrom, _Mapping]] = ..., omit_final_text: _Optional[bool] = ..., resumable: _Optional[bool] = ...) -> None: ...
+
+class CancelRequest(_message.Message):
+    __slots__ = ("response_id",)
+    RESPONSE_ID_FIELD_NUMBER: _ClassVar[int]
+    response_id: str
+    def __init__(self, response_id: _Optional[str] = ...) -> None: ...
+
+class CancelResponse(_message.Message):
+    __slots__ = ("response_id", "last_sequence", "was_running")
+    RESPONSE_ID_FIELD_NUMBER: _ClassVar[int]
+    LAST_SEQUENCE_FIELD_NUMBER: _ClassVar[int]
+    WAS_RUNNING_FIELD_NUMBER: _ClassVar[int]
+    response_id: str
+    last_sequence: int
+    was_running: bool
+    def __init__(self, response_id: _Optional[str] = ..., last_sequence: _Optional[int] = ..., was_running: _Optional[bool] = ...) -> None: ...
 
 class StreamRespondResponse(_message.Message):
     __slots__ = ("chunk", "completed", "heartbeat")

@@ -45,6 +45,11 @@ class RespondServiceStub:
                 request_serializer=tokenwire_dot_v1_dot_respond__pb2.StreamRespondRequest.SerializeToString,
                 response_deserializer=tokenwire_dot_v1_dot_respond__pb2.StreamRespondResponse.FromString,
                 _registered_method=True)
+        self.Cancel = channel.unary_unary(
+                '/tokenwire.v1.RespondService/Cancel',
+                request_serializer=tokenwire_dot_v1_dot_respond__pb2.CancelRequest.SerializeToString,
+                response_deserializer=tokenwire_dot_v1_dot_respond__pb2.CancelResponse.FromString,
+                _registered_method=True)
 
 
 class RespondServiceServicer:
@@ -61,7 +66,17 @@ class RespondServiceServicer:
 
     def StreamRespond(self, request, context):
         """Streams the response as `TokenChunk`s (and `Heartbeat`s during long
-        silences), ended by exactly one `Completed`.
+        silences), ended by exactly one `Completed`. With `resume`, replays an
+        earlier response after the sequence the caller holds and continues it.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def Cancel(self, request, context):
+        """Stops a response by id: generation stops within one token step and its
+        readers end with CANCELLED and the last sequence. Safe to call twice or
+        after the response finished (nothing changes then).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -79,6 +94,11 @@ def add_RespondServiceServicer_to_server(servicer, server):
                     servicer.StreamRespond,
                     request_deserializer=tokenwire_dot_v1_dot_respond__pb2.StreamRespondRequest.FromString,
                     response_serializer=tokenwire_dot_v1_dot_respond__pb2.StreamRespondResponse.SerializeToString,
+            ),
+            'Cancel': grpc.unary_unary_rpc_method_handler(
+                    servicer.Cancel,
+                    request_deserializer=tokenwire_dot_v1_dot_respond__pb2.CancelRequest.FromString,
+                    response_serializer=tokenwire_dot_v1_dot_respond__pb2.CancelResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -136,6 +156,33 @@ class RespondService:
             '/tokenwire.v1.RespondService/StreamRespond',
             tokenwire_dot_v1_dot_respond__pb2.StreamRespondRequest.SerializeToString,
             tokenwire_dot_v1_dot_respond__pb2.StreamRespondResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Cancel(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/tokenwire.v1.RespondService/Cancel',
+            tokenwire_dot_v1_dot_respond__pb2.CancelRequest.SerializeToString,
+            tokenwire_dot_v1_dot_respond__pb2.CancelResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -78,7 +78,13 @@ class RespondServiceStub:
     """
     StreamRespond: _grpc.UnaryStreamMultiCallable[_respond_pb2.StreamRespondRequest, _respond_pb2.StreamRespondResponse]
     """Streams the response as `TokenChunk`s (and `Heartbeat`s during long
-    silences), ended by exactly one `Completed`.
+    silences), ended by exactly one `Completed`. With `resume`, replays an
+    earlier response after the sequence the caller holds and continues it.
+    """
+    Cancel: _grpc.UnaryUnaryMultiCallable[_respond_pb2.CancelRequest, _respond_pb2.CancelResponse]
+    """Stops a response by id: generation stops within one token step and its
+    readers end with CANCELLED and the last sequence. Safe to call twice or
+    after the response finished (nothing changes then).
     """
 
 @_typing.type_check_only
@@ -92,7 +98,13 @@ class RespondServiceAsyncStub(RespondServiceStub):
     """
     StreamRespond: _aio.UnaryStreamMultiCallable[_respond_pb2.StreamRespondRequest, _respond_pb2.StreamRespondResponse]  # type: ignore[assignment]
     """Streams the response as `TokenChunk`s (and `Heartbeat`s during long
-    silences), ended by exactly one `Completed`.
+    silences), ended by exactly one `Completed`. With `resume`, replays an
+    earlier response after the sequence the caller holds and continues it.
+    """
+    Cancel: _aio.UnaryUnaryMultiCallable[_respond_pb2.CancelRequest, _respond_pb2.CancelResponse]  # type: ignore[assignment]
+    """Stops a response by id: generation stops within one token step and its
+    readers end with CANCELLED and the last sequence. Safe to call twice or
+    after the response finished (nothing changes then).
     """
 
 class RespondServiceServicer(metaclass=_abc_1.ABCMeta):
@@ -115,7 +127,19 @@ class RespondServiceServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_abc.Iterator[_respond_pb2.StreamRespondResponse], _abc.AsyncIterator[_respond_pb2.StreamRespondResponse]]:
         """Streams the response as `TokenChunk`s (and `Heartbeat`s during long
-        silences), ended by exactly one `Completed`.
+        silences), ended by exactly one `Completed`. With `resume`, replays an
+        earlier response after the sequence the caller holds and continues it.
+        """
+
+    @_abc_1.abstractmethod
+    def Cancel(
+        self,
+        request: _respond_pb2.CancelRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_respond_pb2.CancelResponse, _abc.Awaitable[_respond_pb2.CancelResponse]]:
+        """Stops a response by id: generation stops within one token step and its
+        readers end with CANCELLED and the last sequence. Safe to call twice or
+        after the response finished (nothing changes then).
         """
 
 def add_RespondServiceServicer_to_server(servicer: RespondServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

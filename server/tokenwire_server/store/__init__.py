@@ -1,0 +1,1 @@
+"""Where responses live after their first call: replay, resume, idempotency, cancel."""
