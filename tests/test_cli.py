@@ -56,3 +56,22 @@ async def test_ask_reports_errors_with_their_fields(server: RunningServer) -> No
     assert code == 1
     assert "INVALID_ARGUMENT MAX_TOKENS_TOO_LARGE" in err
     assert "params.max_tokens" in err
+
+
+async def test_ask_resume_by_hand(server: RunningServer) -> None:
+    from tokenwire.v1 import respond_pb2 as pb
+
+    request = pb.StreamRespondRequest(
+        model="echo",
+        messages=[pb.ChatMessage(role=pb.ROLE_USER, content="abcdefghijkl")],
+        delivery_mode=pb.DELIVERY_MODE_STREAM,
+        chunking=pb.Chunking(max_tokens_per_chunk=1),
+        resumable=True,
+        labels={"tokenwire.sim/echo-token-chars": "3"},
+    )
+    events = [e async for e in server.stub.StreamRespond(request)]
+    response_id = events[-1].completed.response_id
+    code, out, err = await ask(server, "--resume", response_id, "--after", "2")
+    assert code == 0, err
+    assert out == "ghijkl\n"
+    assert "resumed after 2, server verified" in err

@@ -129,6 +129,8 @@ class RespondServicer(respond_pb2_grpc.RespondServiceServicer):
             response.unbounded()  # unary: nothing streams, so nothing may wait for a reader
         else:
             response.detached_chunk_tokens = call.delivery.max_tokens_per_chunk
+            if call.delivery.mode is DeliveryMode.BUFFERED:
+                response.mode_used = DeliveryMode.BUFFERED
         response.on_end(self._store.finished)
         response.task = asyncio.create_task(
             run_generation(

@@ -14,13 +14,19 @@ from google.protobuf import json_format
 
 from tokenwire.client import DEFAULT_TARGET, Client, Mode, RespondOptions
 from tokenwire.errors import TokenwireError
-from tokenwire.stream import Chunk, Completion, Result, Retraction
+from tokenwire.stream import Chunk, Completion, Result, Retraction, StreamAssembler
 from tokenwire.v1 import respond_pb2 as pb
 
 
 def _summary(result: Result, mode: str) -> str:
     status = "verified" if result.verified else "NOT VERIFIED"
-    if result.retraction is not None:
+    if result.resumed_after:
+        server_check = pb.VerificationStatus.Name(result.completed.verification.status)
+        status = (
+            f"resumed after {result.resumed_after}, server "
+            f"{server_check.removeprefix('VERIFICATION_STATUS_').lower()}"
+        )
+    if result.retraction is not None and not result.resumed_after:
         status += f", retracted from chunk {result.retraction.from_sequence}"
     completed = result.completed
     reason = pb.FinishReason.Name(completed.finish_reason).removeprefix("FINISH_REASON_").lower()
@@ -47,7 +53,17 @@ def _ask(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
                 mode = "unary"
             else:
                 mode_name: Mode = "buffered" if args.buffered else args.mode
-                stream = client.stream(args.prompt, mode=mode_name, **options)
+                if args.resume:
+                    stream = client.stream_request(
+                        pb.StreamRespondRequest(
+                            resume=pb.ResumeFrom(response_id=args.resume, after_sequence=args.after)
+                        ),
+                        assembler=StreamAssembler(resumed_after=args.after),
+                    )
+                else:
+                    stream = client.stream(
+                        args.prompt, mode=mode_name, resumable=args.resumable, **options
+                    )
                 for event in stream:
                     if isinstance(event, Chunk):
                         out.write(event.text)
@@ -69,6 +85,11 @@ def _ask(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
                 err.write(f"  {violation.field}: {violation.description}\n")
             if error.last_sequence:
                 err.write(f"  last delivered sequence: {error.last_sequence}\n")
+            if error.metadata.get("responseId"):
+                err.write(
+                    f"  resume with: tokenwire ask --resume {error.metadata['responseId']} "
+                    f"--after {error.last_sequence or 0}\n"
+                )
             return 1
     out.write("\n")
     out.flush()
@@ -98,7 +119,7 @@ def build_parser() -> argparse.ArgumentParser:
         serve = commands.add_parser("serve", help="run the tokenwire server")
         add_serve_arguments(serve)
     ask = commands.add_parser("ask", help="ask a running server and stream the answer")
-    ask.add_argument("prompt")
+    ask.add_argument("prompt", nargs="?", default="", help="the question (not with --resume)")
     ask.add_argument("--target", default=DEFAULT_TARGET, help="server HOST:PORT")
     ask.add_argument("--model", default="", help="model name (server default when empty)")
     ask.add_argument("--max-tokens", type=int, default=0)
@@ -112,6 +133,13 @@ def build_parser() -> argparse.ArgumentParser:
     group.add_argument("--buffered", action="store_true", help="one checked chunk, then Completed")
     group.add_argument("--unary", action="store_true", help="use the unary Respond RPC")
     ask.add_argument("--show-completed", action="store_true", help="print Completed as JSON")
+    ask.add_argument(
+        "--resumable",
+        action="store_true",
+        help="survive a dropped connection (the client resumes by itself)",
+    )
+    ask.add_argument("--resume", metavar="RESPONSE_ID", help="continue an earlier response")
+    ask.add_argument("--after", type=int, default=0, help="with --resume: the last sequence held")
     if add_serve_arguments is not None:
         audit = commands.add_parser("audit", help="read the server's audit trail")
         audit_commands = audit.add_subparsers(dest="audit_command", required=True)
@@ -182,7 +210,10 @@ def _audit(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.command == "ask" and bool(args.prompt) == bool(args.resume):
+        parser.error("ask takes a prompt, or --resume RESPONSE_ID (not both)")
     if args.command == "serve":
         from tokenwire_server.cli import run_serve
 

@@ -7,15 +7,19 @@ raise the typed errors of `tokenwire.errors`.
 
 from __future__ import annotations
 
+import asyncio
+import random
+import time
 from collections.abc import AsyncIterator, Iterator, Mapping, Sequence
+from dataclasses import dataclass
 from types import TracebackType
-from typing import Literal, TypedDict, Unpack
+from typing import Any, Literal, TypedDict, Unpack
 
 import grpc
 from google.protobuf import duration_pb2
 
-from tokenwire.errors import ProtocolError, from_rpc_error
-from tokenwire.stream import Event, Result, StreamAssembler, unary_result
+from tokenwire.errors import ProtocolError, TokenwireError, from_rpc_error
+from tokenwire.stream import Event, Result, StreamAssembler, unary_result, worth_resuming
 from tokenwire.v1 import respond_pb2 as pb
 from tokenwire.v1 import respond_pb2_grpc
 
@@ -53,6 +57,7 @@ class StreamOptions(RespondOptions, total=False):
     max_tokens_per_chunk: int
     max_delay: float | None
     omit_final_text: bool
+    resumable: bool
 
 
 def _messages(prompt: Prompt, system: str | None) -> list[pb.ChatMessage]:
@@ -99,6 +104,7 @@ def build_stream_request(
     max_tokens_per_chunk: int = 0,
     max_delay: float | None = None,
     omit_final_text: bool = False,
+    resumable: bool = False,
 ) -> pb.StreamRespondRequest:
     request = pb.StreamRespondRequest(
         request_id=request_id,
@@ -109,6 +115,7 @@ def build_stream_request(
         delivery_mode=_MODES[mode],
         chunking=pb.Chunking(max_tokens_per_chunk=max_tokens_per_chunk),
         omit_final_text=omit_final_text,
+        resumable=resumable,
     )
     if max_delay is not None:
         delay = duration_pb2.Duration()
@@ -146,36 +153,89 @@ def _request_id(metadata: Sequence[tuple[str, str | bytes]] | None) -> str:
     return ""
 
 
+@dataclass(frozen=True)
+class ResumePolicy:
+    """How a stream survives a dropped connection: bounded, jittered, within the deadline."""
+
+    attempts: int = 3
+    backoff: float = 0.1
+
+    def delay(self, attempt: int) -> float:
+        return float(self.backoff * (2**attempt) * (0.5 + random.random()))
+
+
 class AsyncResponseStream:
-    """An in-progress `StreamRespond`: iterate for events; `result` once completed."""
+    """An in-progress `StreamRespond`: iterate for events; `result` once completed.
+
+    A resumable stream whose connection drops (UNAVAILABLE without a tokenwire
+    error) reconnects with the last sequence it holds and goes on, so the
+    caller sees one seamless, verified stream.
+    """
 
     def __init__(
-        self, call: grpc.aio.UnaryStreamCall[pb.StreamRespondRequest, pb.StreamRespondResponse]
+        self,
+        stub: respond_pb2_grpc.RespondServiceStub,
+        request: pb.StreamRespondRequest,
+        timeout: float,
+        metadata: Sequence[tuple[str, str]],
+        resume: ResumePolicy | None,
+        assembler: StreamAssembler | None = None,
     ) -> None:
-        self._call = call
-        self._assembler = StreamAssembler()
+        self._stub = stub
+        self._request = request
+        self._deadline = time.monotonic() + timeout
+        self._metadata = metadata
+        self._resume = resume if request.resumable else None
+        self._assembler = assembler or StreamAssembler()
+        self._call: Any = None
+        self.resumes = 0
 
     def __aiter__(self) -> AsyncIterator[Event]:
         return self._events()
 
     async def _events(self) -> AsyncIterator[Event]:
-        try:
-            self._assembler.request_id = _request_id(
-                list(await self._call.initial_metadata() or ())
+        request = self._request
+        while True:
+            remaining = self._deadline - time.monotonic()
+            call: Any = self._stub.StreamRespond(
+                request, timeout=remaining, metadata=tuple(self._metadata)
             )
-            async for message in self._call:
-                for event in self._assembler.feed(message):
-                    yield event
-        except grpc.RpcError as error:
-            raise from_rpc_error(error) from None
-        finally:
-            # A caller that stops reading (or a failed check) must stop generation too.
-            if not self._call.done():
-                self._call.cancel()
+            self._call = call
+            try:
+                if not self._assembler.request_id:
+                    self._assembler.request_id = _request_id(
+                        list(await call.initial_metadata() or ())
+                    )
+                async for message in call:
+                    for event in self._assembler.feed(message):
+                        yield event
+                break
+            except grpc.RpcError as rpc_error:
+                error = from_rpc_error(rpc_error)
+                if not self._should_resume(error):
+                    raise error from None
+                self.resumes += 1
+                await asyncio.sleep(
+                    min(self._resume.delay(self.resumes - 1), max(0.0, remaining))  # type: ignore[union-attr]
+                )
+                request = self._assembler.resume_request()
+            finally:
+                # A caller that stops reading (or a failed check) must stop generation too.
+                if not call.done():
+                    call.cancel()
         if self._assembler.result is None:
             raise ProtocolError(
                 "stream ended without Completed", last_sequence=self._assembler.last_sequence
             )
+
+    def _should_resume(self, error: TokenwireError) -> bool:
+        return (
+            self._resume is not None
+            and self.resumes < self._resume.attempts
+            and bool(self._assembler.response_id)
+            and worth_resuming(error)
+            and time.monotonic() < self._deadline
+        )
 
     @property
     def result(self) -> Result | None:
@@ -185,9 +245,14 @@ class AsyncResponseStream:
     def last_sequence(self) -> int:
         return self._assembler.last_sequence
 
+    @property
+    def response_id(self) -> str:
+        return self._assembler.response_id
+
     def cancel(self) -> None:
-        """Cancels the call; the server stops generation."""
-        self._call.cancel()
+        """Cancels the call; the server stops generation (unless the stream is resumable)."""
+        if self._call is not None:
+            self._call.cancel()
 
     async def collect(self) -> Result:
         """Consumes the stream and returns the verified result."""
@@ -208,7 +273,9 @@ class AsyncClient:
         credentials: grpc.ChannelCredentials | None = None,
         metadata: Sequence[tuple[str, str]] = (),
         channel: grpc.aio.Channel | None = None,
+        resume: ResumePolicy | None = ResumePolicy(),
     ) -> None:
+        self._resume = resume
         if channel is None:
             channel = (
                 grpc.aio.secure_channel(target, credentials)
@@ -235,12 +302,15 @@ class AsyncClient:
         await self._channel.close()
 
     def stream_request(
-        self, request: pb.StreamRespondRequest, *, timeout: float | None = None
+        self,
+        request: pb.StreamRespondRequest,
+        *,
+        timeout: float | None = None,
+        assembler: StreamAssembler | None = None,
     ) -> AsyncResponseStream:
-        call = self._stub.StreamRespond(
-            request, timeout=timeout or self._timeout, metadata=self._metadata
+        return AsyncResponseStream(
+            self._stub, request, timeout or self._timeout, self._metadata, self._resume, assembler
         )
-        return AsyncResponseStream(call)
 
     def stream(
         self, prompt: Prompt, *, timeout: float | None = None, **options: Unpack[StreamOptions]
@@ -269,23 +339,56 @@ class AsyncClient:
 
 
 class ResponseStream:
-    """Blocking counterpart of `AsyncResponseStream`."""
+    """Blocking counterpart of `AsyncResponseStream` (resumes the same way)."""
 
-    def __init__(self, call: grpc.Call) -> None:
-        self._call = call
-        self._assembler = StreamAssembler()
+    def __init__(
+        self,
+        stub: respond_pb2_grpc.RespondServiceStub,
+        request: pb.StreamRespondRequest,
+        timeout: float,
+        metadata: Sequence[tuple[str, str]],
+        resume: ResumePolicy | None,
+        assembler: StreamAssembler | None = None,
+    ) -> None:
+        self._stub = stub
+        self._request = request
+        self._deadline = time.monotonic() + timeout
+        self._metadata = metadata
+        self._resume = resume if request.resumable else None
+        self._assembler = assembler or StreamAssembler()
+        self._call: Any = None
+        self.resumes = 0
 
     def __iter__(self) -> Iterator[Event]:
-        try:
-            self._assembler.request_id = _request_id(list(self._call.initial_metadata() or ()))
-            for message in self._call:  # type: ignore[attr-defined]
-                yield from self._assembler.feed(message)
-        except grpc.RpcError as error:
-            raise from_rpc_error(error) from None
-        finally:
-            # A caller that stops reading (or a failed check) must stop generation too.
-            if self._call.is_active():
-                self._call.cancel()
+        request = self._request
+        while True:
+            remaining = self._deadline - time.monotonic()
+            call: Any = self._stub.StreamRespond(
+                request, timeout=remaining, metadata=tuple(self._metadata)
+            )
+            self._call = call
+            try:
+                if not self._assembler.request_id:
+                    self._assembler.request_id = _request_id(list(call.initial_metadata() or ()))
+                for message in call:
+                    yield from self._assembler.feed(message)
+                break
+            except grpc.RpcError as rpc_error:
+                error = from_rpc_error(rpc_error)
+                if not (
+                    self._resume is not None
+                    and self.resumes < self._resume.attempts
+                    and self._assembler.response_id
+                    and worth_resuming(error)
+                    and time.monotonic() < self._deadline
+                ):
+                    raise error from None
+                self.resumes += 1
+                time.sleep(min(self._resume.delay(self.resumes - 1), max(0.0, remaining)))
+                request = self._assembler.resume_request()
+            finally:
+                if call.is_active():
+                    call.cancel()
         if self._assembler.result is None:
             raise ProtocolError(
                 "stream ended without Completed", last_sequence=self._assembler.last_sequence
@@ -320,7 +423,9 @@ class Client:
         credentials: grpc.ChannelCredentials | None = None,
         metadata: Sequence[tuple[str, str]] = (),
         channel: grpc.Channel | None = None,
+        resume: ResumePolicy | None = ResumePolicy(),
     ) -> None:
+        self._resume = resume
         if channel is None:
             channel = (
                 grpc.secure_channel(target, credentials)
@@ -347,12 +452,15 @@ class Client:
         self._channel.close()
 
     def stream_request(
-        self, request: pb.StreamRespondRequest, *, timeout: float | None = None
+        self,
+        request: pb.StreamRespondRequest,
+        *,
+        timeout: float | None = None,
+        assembler: StreamAssembler | None = None,
     ) -> ResponseStream:
-        call = self._stub.StreamRespond(
-            request, timeout=timeout or self._timeout, metadata=self._metadata
+        return ResponseStream(
+            self._stub, request, timeout or self._timeout, self._metadata, self._resume, assembler
         )
-        return ResponseStream(call)
 
     def stream(
         self, prompt: Prompt, *, timeout: float | None = None, **options: Unpack[StreamOptions]

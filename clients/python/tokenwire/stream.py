@@ -12,7 +12,9 @@ from __future__ import annotations
 import hashlib
 from dataclasses import dataclass, field
 
-from tokenwire.errors import IntegrityError, ProtocolError
+import grpc
+
+from tokenwire.errors import IntegrityError, ProtocolError, TokenwireError
 from tokenwire.v1 import respond_pb2 as pb
 
 
@@ -56,6 +58,9 @@ class Result:
     chunk_count: int
     retraction: Retraction | None = None
     request_id: str = ""
+    #: Non-zero when the stream was resumed by hand after this sequence: `text`
+    #: then holds only what came after it (the server still verified the whole).
+    resumed_after: int = 0
 
     @property
     def verified(self) -> bool:
@@ -86,6 +91,8 @@ class StreamAssembler:
     """Checks and reassembles one response's events."""
 
     request_id: str = ""
+    #: Resuming by hand: the caller holds chunks 1..n already (but not here).
+    resumed_after: int = 0
     _parts: list[bytes] = field(default_factory=list)
     _offsets: list[int] = field(default_factory=list)
     _next_sequence: int = 1
@@ -94,9 +101,24 @@ class StreamAssembler:
     _response_id: str = ""
     result: Result | None = None
 
+    def __post_init__(self) -> None:
+        if self.resumed_after:
+            self._next_sequence = self.resumed_after + 1
+            self._next_offset = -1  # learnt from the first chunk
+
     @property
     def last_sequence(self) -> int:
         return self._next_sequence - 1
+
+    @property
+    def response_id(self) -> str:
+        return self._response_id
+
+    def resume_request(self) -> pb.StreamRespondRequest:
+        """The request that continues this stream after what it holds."""
+        return pb.StreamRespondRequest(
+            resume=pb.ResumeFrom(response_id=self._response_id, after_sequence=self.last_sequence)
+        )
 
     def feed(self, message: pb.StreamRespondResponse) -> list[Event]:
         """Takes one wire event; returns the events a caller should see."""
@@ -106,6 +128,7 @@ class StreamAssembler:
         if kind == "chunk":
             return [self._chunk(message.chunk)]
         if kind == "heartbeat":
+            self._response_id = self._response_id or message.heartbeat.response_id
             return [Heartbeat()]
         if kind == "completed":
             return self._completed(message.completed)
@@ -117,6 +140,8 @@ class StreamAssembler:
                 f"chunk of response {chunk.response_id} inside {self._response_id}",
                 last_sequence=self.last_sequence,
             )
+        if self._next_offset == -1:
+            self._next_offset = chunk.text_offset
         if chunk.sequence != self._next_sequence or chunk.text_offset != self._next_offset:
             raise ProtocolError(
                 f"expected chunk {self._next_sequence} at byte {self._next_offset}, got "
@@ -150,6 +175,18 @@ class StreamAssembler:
             )
         events: list[Event] = []
         status = completed.verification.status
+        if self.resumed_after:
+            if status not in (pb.VERIFICATION_STATUS_VERIFIED, pb.VERIFICATION_STATUS_DIVERGED):
+                raise ProtocolError(f"Completed without a verification result ({status})")
+            self.result = Result(
+                text=b"".join(self._parts).decode(),
+                sha256=completed.final_sha256,
+                completed=completed,
+                chunk_count=self.last_sequence,
+                request_id=self.request_id or completed.request_id,
+                resumed_after=self.resumed_after,
+            )
+            return [Completion(self.result)]
         if status == pb.VERIFICATION_STATUS_VERIFIED:
             if streamed != completed.final_sha256:
                 raise IntegrityError(
@@ -191,6 +228,11 @@ class StreamAssembler:
         )
         events.append(Completion(self.result))
         return events
+
+
+def worth_resuming(error: TokenwireError) -> bool:
+    """A dropped connection (no tokenwire ErrorInfo), not a response that failed."""
+    return error.code == grpc.StatusCode.UNAVAILABLE and not error.domain
 
 
 def unary_result(response: pb.RespondResponse, request_id: str = "") -> Result:

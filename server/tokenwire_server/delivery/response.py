@@ -153,6 +153,8 @@ class LiveResponse:
     def _cut_detached(self) -> None:
         if self.mode_used is DeliveryMode.BUFFERED:
             return
+        if self._pending:
+            self.mode_used = DeliveryMode.STREAM  # chunks exist now: it is a stream
         while self._pending:
             self.cut_chunk(self.detached_chunk_tokens)
 

@@ -1,0 +1,141 @@
+"""Replay overhead: how fast a resumed stream gets going and how fast it replays.
+
+Starts a tokenwire server (separate process, loopback, in-memory store),
+generates one finished resumable response of N one-token chunks, then
+measures in the same run:
+
+* time from a `resume` call to its first replayed chunk (p50/p99 over many
+  resumes at the middle of the log), against the time to first chunk of a
+  fresh call at zero simulator delay (the baseline);
+* replayed chunks per second for a full replay, against the same response
+  streamed live the first time.
+
+    python bench/replay.py [--chunks 4000] [--resumes 200]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import grpc
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from per_message import start
+
+from tokenwire.v1 import respond_pb2 as pb
+from tokenwire.v1 import respond_pb2_grpc
+
+
+def fresh(chunks: int) -> pb.StreamRespondRequest:
+    return pb.StreamRespondRequest(
+        messages=[pb.ChatMessage(role=pb.ROLE_USER, content="replay benchmark")],
+        params=pb.GenerationParams(max_tokens=chunks),
+        delivery_mode=pb.DELIVERY_MODE_STREAM,
+        chunking=pb.Chunking(max_tokens_per_chunk=1),
+        labels={"tokenwire.sim/answer-tokens": str(chunks)},
+        resumable=True,
+    )
+
+
+def resume(response_id: str, after: int) -> pb.StreamRespondRequest:
+    return pb.StreamRespondRequest(
+        resume=pb.ResumeFrom(response_id=response_id, after_sequence=after)
+    )
+
+
+async def first_chunk_seconds(
+    stub: respond_pb2_grpc.RespondServiceStub, request: pb.StreamRespondRequest
+) -> float:
+    started = time.perf_counter()
+    call = stub.StreamRespond(request)
+    async for event in call:
+        if event.HasField("chunk"):
+            elapsed = time.perf_counter() - started
+            call.cancel()
+            return elapsed
+    raise RuntimeError("no chunk")
+
+
+async def full_read(
+    stub: respond_pb2_grpc.RespondServiceStub, request: pb.StreamRespondRequest
+) -> tuple[int, float, str]:
+    started = time.perf_counter()
+    chunks, response_id = 0, ""
+    async for event in stub.StreamRespond(request):
+        if event.HasField("chunk"):
+            chunks += 1
+            response_id = event.chunk.response_id
+    return chunks, time.perf_counter() - started, response_id
+
+
+def percentile(values: list[float], q: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
+
+
+async def main(args: argparse.Namespace) -> None:
+    server = await start(
+        sys.executable,
+        "-m",
+        "tokenwire_server",
+        "--port",
+        "0",
+        "--sim-time-to-first-token",
+        "0",
+        "--sim-inter-token-delay",
+        "0",
+        "--max-tokens-cap",
+        "100000",
+        "--audit-path",
+        ":memory:",
+        "--log-level",
+        "WARNING",
+    )
+    try:
+        async with grpc.aio.insecure_channel(server.address) as channel:
+            stub = respond_pb2_grpc.RespondServiceStub(channel)
+            live_chunks, live_seconds, response_id = await full_read(stub, fresh(args.chunks))
+            replay_rates = []
+            for _ in range(args.repeats):
+                count, seconds, _ = await full_read(stub, resume(response_id, 0))
+                assert count == live_chunks
+                replay_rates.append(count / seconds)
+            small = fresh(16)
+            small.resumable = False
+            fresh_ttft = [await first_chunk_seconds(stub, small) for _ in range(args.resumes)]
+            resume_ttft = [
+                await first_chunk_seconds(stub, resume(response_id, args.chunks // 2))
+                for _ in range(args.resumes)
+            ]
+        print(f"replay overhead (in-memory store, {live_chunks} one-token chunks)\n")
+        print(f"{'measure':<40} | {'baseline':>12} | {'resume/replay':>13} | {'ratio':>5}")
+        print("-" * 80)
+        live_rate = live_chunks / live_seconds
+        replay_rate = statistics.median(replay_rates)
+        print(
+            f"{'chunks/s (live first stream vs replay)':<40} | {live_rate:>12,.0f} | "
+            f"{replay_rate:>13,.0f} | {replay_rate / live_rate:>5.2f}"
+        )
+        for label, q in (("p50", 0.5), ("p99", 0.99)):
+            base, resumed = percentile(fresh_ttft, q) * 1e3, percentile(resume_ttft, q) * 1e3
+            print(
+                f"{'first chunk ms ' + label + ' (fresh vs resume)':<40} | {base:>12.2f} | "
+                f"{resumed:>13.2f} | {resumed / base:>5.2f}"
+            )
+    finally:
+        server.process.terminate()
+        await server.process.wait()
+
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--chunks", type=int, default=4000)
+    parser.add_argument("--resumes", type=int, default=200)
+    parser.add_argument("--repeats", type=int, default=3)
+    asyncio.run(main(parser.parse_args()))
