@@ -19,6 +19,7 @@ from tests.conftest import (
     stream_request,
 )
 from tokenwire.v1 import respond_pb2 as pb
+from tokenwire_server.store.memory import InMemoryResponseStore
 
 SLOW = {"tokenwire.sim/inter-token-ms": "10", "tokenwire.sim/answer-tokens": "60"}
 
@@ -222,6 +223,7 @@ async def test_the_store_stays_within_its_bounds(start_server: StartServer) -> N
     for _ in range(200):
         await server.stub.Respond(respond_request(labels={"tokenwire.sim/answer-tokens": "16"}))
     store = server.server.store
+    assert isinstance(store, InMemoryResponseStore)
     assert len(store) <= 50
     assert store.retained_bytes <= 20_000
 

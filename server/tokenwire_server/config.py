@@ -118,6 +118,13 @@ class ResumeConfig:
     store_max_bytes: int = _setting(
         64 * 1024 * 1024, "most text (bytes) of ended responses kept in memory"
     )
+    store: str = _setting(
+        "memory", "memory, or redis://HOST:PORT/DB to share responses between replicas"
+    )
+    lease_seconds: float = _setting(
+        3.0,
+        "with Redis: how long a replica's silence lasts before another takes its responses over",
+    )
 
 
 @dataclass(frozen=True)
@@ -320,6 +327,10 @@ def _check(config: Config) -> None:
         problems.append("default_max_tokens_per_chunk must not exceed max_tokens_per_chunk_limit")
     if config.delivery.heartbeat_interval <= 0:
         problems.append("heartbeat_interval must be positive")
+    if config.resume.store != "memory" and not config.resume.store.startswith(
+        ("redis://", "rediss://", "unix://")
+    ):
+        problems.append("store must be memory or a redis:// URL")
     if config.logging.log_format not in ("json", "text"):
         problems.append("log_format must be json or text")
     if config.logging.log_level.upper() not in ("DEBUG", "INFO", "WARNING", "ERROR"):

@@ -28,7 +28,9 @@ from tokenwire_server.governance.policy import Policy
 from tokenwire_server.interceptors import build_chain
 from tokenwire_server.observability.metrics import Metrics
 from tokenwire_server.servicer import RespondServicer
+from tokenwire_server.store.base import ResponseStore
 from tokenwire_server.store.memory import InMemoryResponseStore
+from tokenwire_server.store.redis_store import RedisResponseStore
 from tokenwire_server.telemetry import build_tracer_provider
 
 log = logging.getLogger(__name__)
@@ -62,9 +64,18 @@ class TokenwireServer:
         self.audit_store: AuditStore = SqliteAuditStore(config.audit.audit_path)
         self.metrics = Metrics()
         resume = config.resume
-        self.store = InMemoryResponseStore(
-            resume.retention, resume.store_max_responses, resume.store_max_bytes
-        )
+        self.store: ResponseStore
+        if resume.store == "memory":
+            self.store = InMemoryResponseStore(
+                resume.retention, resume.store_max_responses, resume.store_max_bytes
+            )
+        else:
+            self.store = RedisResponseStore(
+                resume.store,
+                retention=resume.retention,
+                lease_seconds=resume.lease_seconds,
+                running_ttl=config.deadlines.max_deadline + resume.retention,
+            )
         #: Bound port of /metrics, when served.
         self.metrics_port: int | None = None
         self.tracer_provider = tracer_provider or build_tracer_provider()
@@ -124,6 +135,7 @@ class TokenwireServer:
         await self._server.stop(grace)
         await self.registry.aclose()
         await self.audit_store.close()
+        await self.store.close()
         self.metrics.stop()
         self.tracer_provider.shutdown()
 

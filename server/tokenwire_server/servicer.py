@@ -50,6 +50,7 @@ from tokenwire_server.errors import (
     abort,
 )
 from tokenwire_server.governance.holder import PolicyHolder
+from tokenwire_server.governance.replay import ReplayingSession
 from tokenwire_server.interceptors.request_context import current_trace_id
 from tokenwire_server.store.base import ResponseStore
 from tokenwire_server.tokens import estimate_prompt_tokens
@@ -87,8 +88,41 @@ class RespondServicer(respond_pb2_grpc.RespondServiceServicer):
         self._policies = policies
         self._store = store
         self._tracer = tracer or trace.get_tracer(__name__)
+        if hasattr(store, "takeover"):
+            store.takeover = self._take_over
 
-    def _start(self, request: Request, context: Context) -> LiveResponse:
+    async def _take_over(self, response: LiveResponse, request_bytes: bytes) -> bool:
+        """Continues a response whose replica died: only exactly, or not at all."""
+        if response.delivery is None:
+            return False
+        request = pb.StreamRespondRequest.FromString(request_bytes)
+        deadline = asyncio.get_running_loop().time() + self._config.deadlines.default_deadline
+        try:
+            call = parse_call(request, self._config, self._registry, deadline)
+        except TokenwireError:
+            return False
+        policy = self._policies.current
+        if not call.backend.deterministic or (policy.policy_id, policy.policy_version) != (
+            response.policy_id,
+            response.policy_version,
+        ):
+            return False
+        logged = b"".join(c.text.encode() for c in response.chunks)
+        response.on_end(self._store.finished)
+        response.task = asyncio.create_task(
+            run_generation(
+                call.backend,
+                call.generation,
+                ReplayingSession(policy.open_session(), logged),
+                response,
+                self._config.deadlines.stall_timeout,
+                self._tracer,
+            ),
+            name=f"continue {response.response_id}",
+        )
+        return True
+
+    async def _start(self, request: Request, context: Context) -> LiveResponse:
         """The response this request reads: a new one, or the one its request id started."""
         loop = asyncio.get_running_loop()
         identity = CALL_IDENTITY.get() or CallIdentity(
@@ -108,19 +142,6 @@ class RespondServicer(respond_pb2_grpc.RespondServiceServicer):
             policy_version=policy.policy_version,
             max_pending_chars=self._config.delivery.max_pending_chars,
         )
-        # Only a caller's own request id makes a retry attach; generated ids never repeat.
-        key = f"{type(request).__name__}:{request.request_id}" if request.request_id else None
-        attached = self._store.register(response, key, fingerprint(request))
-        response = attached.response
-        record = CALL_RECORD.get() or CallRecord()
-        record.response_id = response.response_id
-        record.model, record.model_version = call.model.name, call.model.version
-        record.backend = call.model.backend
-        record.policy_id, record.policy_version = response.policy_id, response.policy_version
-        record.token_events = bool(getattr(policy, "token_events", False))
-        record.prompt_tokens = estimate_prompt_tokens(call.generation.messages)
-        if attached.existing:
-            return response
         response.delivery = call.delivery
         if isinstance(request, pb.StreamRespondRequest):
             response.resumable = request.resumable or self._config.resume.resumable_by_default
@@ -131,6 +152,21 @@ class RespondServicer(respond_pb2_grpc.RespondServiceServicer):
             response.detached_chunk_tokens = call.delivery.max_tokens_per_chunk
             if call.delivery.mode is DeliveryMode.BUFFERED:
                 response.mode_used = DeliveryMode.BUFFERED
+        # Only a caller's own request id makes a retry attach; generated ids never repeat.
+        key = f"{type(request).__name__}:{request.request_id}" if request.request_id else None
+        attached = await self._store.register(
+            response, key, fingerprint(request), request.SerializeToString()
+        )
+        response = attached.response
+        record = CALL_RECORD.get() or CallRecord()
+        record.response_id = response.response_id
+        record.model, record.model_version = call.model.name, call.model.version
+        record.backend = call.model.backend
+        record.policy_id, record.policy_version = response.policy_id, response.policy_version
+        record.token_events = bool(getattr(policy, "token_events", False))
+        record.prompt_tokens = estimate_prompt_tokens(call.generation.messages)
+        if attached.existing:
+            return response
         response.on_end(self._store.finished)
         response.task = asyncio.create_task(
             run_generation(
@@ -145,7 +181,7 @@ class RespondServicer(respond_pb2_grpc.RespondServiceServicer):
         )
         return response
 
-    def _resume(self, request: pb.StreamRespondRequest) -> LiveResponse:
+    async def _resume(self, request: pb.StreamRespondRequest) -> LiveResponse:
         resume = request.resume
         if not resume.response_id:
             raise InvalidRequest(
@@ -153,7 +189,7 @@ class RespondServicer(respond_pb2_grpc.RespondServiceServicer):
                 reason="INVALID_RESUME",
                 violations=[FieldViolation("resume.response_id", "must not be empty")],
             )
-        response = self._store.get(resume.response_id)
+        response = await self._store.get(resume.response_id)
         if response is None:
             raise ResponseNotFound(
                 f"response {resume.response_id} is unknown or expired",
@@ -185,7 +221,7 @@ class RespondServicer(respond_pb2_grpc.RespondServiceServicer):
 
     async def Respond(self, request: pb.RespondRequest, context: Context) -> pb.RespondResponse:
         try:
-            response = self._start(request, context)
+            response = await self._start(request, context)
         except TokenwireError as error:
             await abort(context, error)
             raise  # unreachable: abort raises
@@ -214,10 +250,10 @@ class RespondServicer(respond_pb2_grpc.RespondServiceServicer):
     ) -> AsyncIterator[pb.StreamRespondResponse]:
         try:
             if request.HasField("resume"):
-                response = self._resume(request)
+                response = await self._resume(request)
                 start_after = request.resume.after_sequence
             else:
-                response = self._start(request, context)
+                response = await self._start(request, context)
                 start_after = 0
         except TokenwireError as error:
             await abort(context, error)
@@ -252,7 +288,7 @@ class RespondServicer(respond_pb2_grpc.RespondServiceServicer):
             _note_progress(response, delivery.last_sequence)
 
     async def Cancel(self, request: pb.CancelRequest, context: Context) -> pb.CancelResponse:
-        response = self._store.get(request.response_id) if request.response_id else None
+        response = await self._store.get(request.response_id) if request.response_id else None
         if response is None:
             await abort(
                 context,
@@ -264,7 +300,7 @@ class RespondServicer(respond_pb2_grpc.RespondServiceServicer):
             raise AssertionError("unreachable: abort raises")
         was_running = not response.done
         if was_running:
-            response.stop_generation()
+            await self._store.request_cancel(response)
             await response.wait_ended()
         return pb.CancelResponse(
             response_id=response.response_id,

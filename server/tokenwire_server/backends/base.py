@@ -20,6 +20,9 @@ class Backend(abc.ABC):
 
     #: Route name reported in `Completed.serving.backend`.
     name: str
+    #: The same request always yields the same tokens, so another replica can
+    #: regenerate a response and continue it exactly where its log ends.
+    deterministic: bool = False
 
     @abc.abstractmethod
     def models(self) -> Mapping[str, str]:

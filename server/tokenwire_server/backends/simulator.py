@@ -234,6 +234,7 @@ class SimulatorBackend(Backend):
     """Deterministic token source with timing and fault knobs."""
 
     name = "simulator"
+    deterministic = True
 
     def __init__(self, config: SimulatorConfig) -> None:
         self._config = config

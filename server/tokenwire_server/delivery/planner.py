@@ -105,6 +105,12 @@ class StreamDelivery:
             return self._codec.heartbeat(time.time_ns())
         return None
 
+    async def _durable(self, sequence: int) -> None:
+        """With a shared log, a chunk leaves only once other replicas could replay it."""
+        log = self._response.log
+        if log is not None:
+            await log.durable(sequence)
+
     def _sent(self, sequence: int) -> None:
         self.last_sequence = sequence
         if self._response.first_chunk_at is None:
@@ -120,6 +126,7 @@ class StreamDelivery:
         if response.state is State.FINISHED and not response.chunks:
             response.cut_whole()
         for record in response.chunks[self._start_after :]:
+            await self._durable(record.sequence)
             self._sent(record.sequence)
             yield self._codec.chunk(record)
 
@@ -146,6 +153,7 @@ class StreamDelivery:
         while True:
             if not chunks and self._replaced_before_streaming():
                 record = response.cut_whole()
+                await self._durable(record.sequence)
                 self._sent(record.sequence)
                 yield codec.chunk(record)
                 return
@@ -166,6 +174,8 @@ class StreamDelivery:
                     yield heartbeat
                 continue
             cursor += 1
+            if response.log is not None:
+                await response.log.durable(record.sequence)
             self._sent(record.sequence)
             yield codec.chunk(record)
             self._last_sent = self._loop.time()

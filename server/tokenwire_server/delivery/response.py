@@ -21,7 +21,7 @@ import math
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Protocol
 
 from tokenwire.v1 import respond_pb2 as pb
 from tokenwire_server.domain import (
@@ -127,6 +127,8 @@ class LiveResponse:
         self.completed_message: pb.Completed | None = None
         self._chunk_bytes = 0
         self._on_end: list[Callable[[LiveResponse], None]] = []
+        #: A shared log (several replicas): chunks are written there before they are sent.
+        self.log: ChunkLog | None = None
 
     # ----- readers ---------------------------------------------------------
 
@@ -160,6 +162,11 @@ class LiveResponse:
 
     def on_end(self, callback: Callable[[LiveResponse], None]) -> None:
         self._on_end.append(callback)
+
+    @property
+    def logged_bytes(self) -> int:
+        """UTF-8 bytes of all chunks so far: the offset the next chunk starts at."""
+        return self._next_offset
 
     @property
     def retained_bytes(self) -> int:
@@ -251,6 +258,8 @@ class LiveResponse:
             self._detach_timer.cancel()
             self._detach_timer = None
         self._wake()
+        if self.log is not None:
+            self.log.end(self)
         for callback in self._on_end:
             callback(self)
         if self._space is not None and not self._space.done():
@@ -353,11 +362,40 @@ class LiveResponse:
             actions=actions,
             emitted_at_ns=time.time_ns(),
         )
-        size = len(text.encode())
+        self._add_chunk(record)
+        if self.log is not None:
+            self.log.append(record)
+        return record
+
+    def append_logged(self, record: ChunkRecord) -> None:
+        """Adds a chunk another replica cut and logged."""
+        self._released.append(record.text)
+        self._add_chunk(record)
+
+    def _add_chunk(self, record: ChunkRecord) -> None:
+        size = len(record.text.encode())
         self._next_offset += size
         self._chunk_bytes += size
         self.chunks.append(record)
-        return record
+        if self._waiters:
+            self._wake()
+
+    def end_logged(
+        self, state: State, outcome: Outcome | None, error: TokenwireError | None
+    ) -> bool:
+        """Applies an ending read from another replica's log."""
+        return self._end(state, outcome=outcome, error=error)
+
+
+class ChunkLog(Protocol):
+    """Where a response's chunks and ending are written for other replicas."""
+
+    def append(self, record: ChunkRecord) -> None: ...
+
+    def end(self, response: LiveResponse) -> None: ...
+
+    async def durable(self, sequence: int) -> None:
+        """Returns once every chunk up to `sequence` is written."""
 
 
 class Reader:

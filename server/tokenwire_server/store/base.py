@@ -3,7 +3,8 @@
 A store keeps responses (their chunk log and ending) for a bounded retention
 after they finish, and an index from a caller's request id to the response
 it started, so that a resumed call replays the log and a retried call
-attaches instead of generating twice.
+attaches instead of generating twice. The in-memory store serves one
+replica; the Redis store lets several replicas behind one name share them.
 """
 
 from __future__ import annotations
@@ -24,21 +25,26 @@ class Attached:
 
 class ResponseStore(abc.ABC):
     @abc.abstractmethod
-    def register(
-        self, response: LiveResponse, idempotency_key: str | None, fingerprint: str
+    async def register(
+        self, response: LiveResponse, idempotency_key: str | None, fingerprint: str, request: bytes
     ) -> Attached:
-        """Stores a new response, or returns the live one already started for the key.
+        """Stores a new response, or returns the one already started for the key.
 
+        `request` is the serialized request, for a replica that takes over.
         Raises `RequestIdReused` when the key is known with another fingerprint.
         """
 
     @abc.abstractmethod
-    def get(self, response_id: str) -> LiveResponse | None:
-        """The response, if it is still retained."""
+    async def get(self, response_id: str) -> LiveResponse | None:
+        """The response, if it is still retained (here or, shared, elsewhere)."""
 
     @abc.abstractmethod
     def finished(self, response: LiveResponse) -> None:
         """Starts the retention clock of an ended response."""
 
-    @abc.abstractmethod
-    def __len__(self) -> int: ...
+    async def request_cancel(self, response: LiveResponse) -> None:
+        """Stops a response's generation, wherever it runs."""
+        response.stop_generation()
+
+    async def close(self) -> None:  # noqa: B027 - nothing to release by default
+        """Stops background work at shutdown."""

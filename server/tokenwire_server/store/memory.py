@@ -43,8 +43,8 @@ class InMemoryResponseStore(ResponseStore):
     def retained_bytes(self) -> int:
         return self._ended_bytes
 
-    def register(
-        self, response: LiveResponse, idempotency_key: str | None, fingerprint: str
+    async def register(
+        self, response: LiveResponse, idempotency_key: str | None, fingerprint: str, request: bytes
     ) -> Attached:
         self._evict()
         if idempotency_key is not None:
@@ -62,7 +62,7 @@ class InMemoryResponseStore(ResponseStore):
         self._responses[response.response_id] = response
         return Attached(response, existing=False)
 
-    def get(self, response_id: str) -> LiveResponse | None:
+    async def get(self, response_id: str) -> LiveResponse | None:
         self._evict()
         return self._responses.get(response_id)
 

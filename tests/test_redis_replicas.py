@@ -1,0 +1,237 @@
+"""Several replicas sharing responses through a real Redis server.
+
+The fixture starts Debian's `redis-server` on a free loopback port (`.ci/run`
+installs it). Without it these tests skip with that reason, and
+TOKENWIRE_REQUIRE_REDIS=1 (set by `.ci/run`) turns the skip into a failure.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import os
+import re
+import shutil
+import signal
+import socket
+import sys
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import grpc
+import pytest
+import redis.asyncio as redis
+
+from tests.conftest import (
+    RunningServer,
+    StartServer,
+    chunks_of,
+    collect,
+    completed_of,
+    status_details,
+    stream_request,
+)
+from tokenwire.v1 import respond_pb2 as pb
+from tokenwire.v1 import respond_pb2_grpc
+
+REDIS = shutil.which("redis-server")
+if REDIS is None and os.environ.get("TOKENWIRE_REQUIRE_REDIS") == "1":
+    raise RuntimeError("TOKENWIRE_REQUIRE_REDIS=1 but redis-server is not installed")
+pytestmark = pytest.mark.skipif(
+    REDIS is None, reason="needs Debian's redis-server (apt-get install redis-server; .ci/run does)"
+)
+
+SLOW = {"tokenwire.sim/inter-token-ms": "20", "tokenwire.sim/answer-tokens": "60"}
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+@pytest.fixture
+async def redis_url(tmp_path: Path) -> AsyncIterator[str]:
+    assert REDIS is not None
+    port = free_port()
+    process = await asyncio.create_subprocess_exec(
+        REDIS,
+        "--port",
+        str(port),
+        "--bind",
+        "127.0.0.1",
+        "--save",
+        "",
+        "--appendonly",
+        "no",
+        "--dir",
+        str(tmp_path),
+        stdout=asyncio.subprocess.DEVNULL,
+        stderr=asyncio.subprocess.DEVNULL,
+    )
+    url = f"redis://127.0.0.1:{port}/0"
+    client = redis.from_url(url)
+    try:
+        for _ in range(200):  # bounded wait for the server to accept connections
+            try:
+                if await client.ping():
+                    break
+            except redis.ConnectionError:
+                await asyncio.sleep(0.02)
+        yield url
+    finally:
+        await client.aclose()
+        process.terminate()
+        await process.wait()
+
+
+async def replicas(start_server: StartServer, url: str, **overrides: object):
+    a = await start_server(store=url, lease_seconds=1, **overrides)
+    b = await start_server(store=url, lease_seconds=1, **overrides)
+    return a, b
+
+
+def resumable(**fields: object) -> pb.StreamRespondRequest:
+    fields.setdefault("labels", SLOW)
+    return stream_request(resumable=True, chunking=pb.Chunking(max_tokens_per_chunk=1), **fields)
+
+
+def resume(response_id: str, after: int) -> pb.StreamRespondRequest:
+    return pb.StreamRespondRequest(
+        resume=pb.ResumeFrom(response_id=response_id, after_sequence=after)
+    )
+
+
+async def first_chunks(call, count: int) -> list[pb.TokenChunk]:
+    held: list[pb.TokenChunk] = []
+    async for event in call:
+        if event.HasField("chunk"):
+            held.append(event.chunk)
+            if len(held) == count:
+                return held
+    return held
+
+
+def assert_whole(held: list[pb.TokenChunk], events: list[pb.StreamRespondResponse]) -> None:
+    chunks = held + chunks_of(events)
+    completed = completed_of(events)
+    assert [c.sequence for c in chunks] == list(range(1, len(chunks) + 1))
+    offset = 0
+    for chunk in chunks:
+        assert chunk.text_offset == offset
+        offset += len(chunk.text.encode())
+    text = "".join(c.text for c in chunks)
+    assert hashlib.sha256(text.encode()).hexdigest() == completed.final_sha256
+    assert completed.verification.status == pb.VERIFICATION_STATUS_VERIFIED
+    assert completed.last_sequence == len(chunks)
+
+
+async def test_a_stream_resumes_live_on_another_replica(
+    start_server: StartServer, redis_url: str
+) -> None:
+    a, b = await replicas(start_server, redis_url)
+    call = a.stub.StreamRespond(resumable())
+    held = await first_chunks(call, 5)
+    call.cancel()  # the connection to replica A drops; A keeps generating
+    events = await collect(b.stub.StreamRespond(resume(held[0].response_id, 5)))
+    assert_whole(held, events)
+    assert a.simulator.stats.started == 1 and a.simulator.stats.finished == 1
+    assert b.simulator.stats.started == 0
+
+
+async def test_a_finished_response_replays_on_another_replica(
+    start_server: StartServer, redis_url: str
+) -> None:
+    a, b = await replicas(start_server, redis_url)
+    first = await collect(a.stub.StreamRespond(resumable(labels={})))
+    replay = await collect(b.stub.StreamRespond(resume(completed_of(first).response_id, 0)))
+    assert [(c.sequence, c.text, c.text_offset) for c in chunks_of(replay)] == [
+        (c.sequence, c.text, c.text_offset) for c in chunks_of(first)
+    ]
+    assert completed_of(replay).final_sha256 == completed_of(first).final_sha256
+    with pytest.raises(grpc.aio.AioRpcError) as raised:
+        await collect(b.stub.StreamRespond(resume("rsp_unknown", 0)))
+    assert raised.value.code() == grpc.StatusCode.NOT_FOUND
+
+
+async def test_request_ids_are_shared_between_replicas(
+    start_server: StartServer, redis_url: str
+) -> None:
+    a, b = await replicas(start_server, redis_url)
+    request = resumable(request_id="shared-1", labels={})
+    first = await collect(a.stub.StreamRespond(request))
+    second = await collect(b.stub.StreamRespond(request))
+    assert completed_of(second).response_id == completed_of(first).response_id
+    assert b.simulator.stats.started == 0
+    with pytest.raises(grpc.aio.AioRpcError) as raised:
+        await collect(
+            b.stub.StreamRespond(
+                resumable(request_id="shared-1", labels={}, params=pb.GenerationParams(seed=4))
+            )
+        )
+    assert status_details(raised.value).error_info.reason == "REQUEST_ID_REUSED"
+
+
+async def test_cancel_on_one_replica_stops_generation_on_the_other(
+    start_server: StartServer, redis_url: str
+) -> None:
+    a, b = await replicas(start_server, redis_url)
+    call = a.stub.StreamRespond(resumable(labels={**SLOW, "tokenwire.sim/answer-tokens": "5000"}))
+    held = await first_chunks(call, 3)
+    cancelled = await b.stub.Cancel(pb.CancelRequest(response_id=held[0].response_id))
+    assert cancelled.was_running
+    await asyncio.wait_for(a.simulator.cancelled.wait(), timeout=5)
+    with pytest.raises(grpc.aio.AioRpcError) as raised:
+        async for _ in call:
+            pass
+    assert raised.value.code() == grpc.StatusCode.CANCELLED
+
+
+async def test_a_killed_replica_is_taken_over_and_the_stream_continues(
+    start_server: StartServer, redis_url: str
+) -> None:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("TOKENWIRE_")}
+    process = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-m",
+        "tokenwire.cli",
+        "serve",
+        "--port",
+        "0",
+        "--store",
+        redis_url,
+        "--lease-seconds",
+        "1",
+        "--audit-path",
+        ":memory:",
+        "--sim-time-to-first-token",
+        "0",
+        "--sim-inter-token-delay",
+        "0.02",
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.DEVNULL,
+        env=env,
+    )
+    try:
+        assert process.stdout is not None
+        line = (await asyncio.wait_for(process.stdout.readline(), 30)).decode()
+        port = re.search(r":(\d+)\s*$", line)
+        assert port, line
+        b: RunningServer = await start_server(
+            store=redis_url, lease_seconds=1, sim_inter_token_delay=0.02
+        )
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{port.group(1)}") as channel:
+            stub = respond_pb2_grpc.RespondServiceStub(channel)
+            call = stub.StreamRespond(resumable(labels={"tokenwire.sim/answer-tokens": "120"}))
+            held = await first_chunks(call, 5)
+            process.send_signal(signal.SIGKILL)  # replica A dies mid-stream
+            await process.wait()
+        events = await collect(b.stub.StreamRespond(resume(held[0].response_id, 5), timeout=30))
+        assert_whole(held, events)
+        assert completed_of(events).usage.completion_tokens == 120
+        # B regenerated the response (deterministically) to continue it.
+        assert b.simulator.stats.started == 1
+    finally:
+        if process.returncode is None:
+            process.kill()
+            await process.wait()
