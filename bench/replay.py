@@ -10,19 +10,22 @@ measures in the same run:
 * replayed chunks per second for a full replay, against the same response
   streamed live the first time.
 
-    python bench/replay.py [--chunks 4000] [--resumes 200]
+    python bench/replay.py [--chunks 4000] [--resumes 200] [--redis]
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import shutil
+import socket
 import statistics
 import sys
 import time
 from pathlib import Path
 
 import grpc
+import redis.asyncio as redis
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
@@ -79,13 +82,15 @@ def percentile(values: list[float], q: float) -> float:
     return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
 
 
-async def main(args: argparse.Namespace) -> None:
+async def measure(store: str, args: argparse.Namespace) -> dict[str, float]:
     server = await start(
         sys.executable,
         "-m",
         "tokenwire_server",
         "--port",
         "0",
+        "--store",
+        store,
         "--sim-time-to-first-token",
         "0",
         "--sim-inter-token-delay",
@@ -113,24 +118,70 @@ async def main(args: argparse.Namespace) -> None:
                 await first_chunk_seconds(stub, resume(response_id, args.chunks // 2))
                 for _ in range(args.resumes)
             ]
-        print(f"replay overhead (in-memory store, {live_chunks} one-token chunks)\n")
-        print(f"{'measure':<40} | {'baseline':>12} | {'resume/replay':>13} | {'ratio':>5}")
-        print("-" * 80)
-        live_rate = live_chunks / live_seconds
-        replay_rate = statistics.median(replay_rates)
-        print(
-            f"{'chunks/s (live first stream vs replay)':<40} | {live_rate:>12,.0f} | "
-            f"{replay_rate:>13,.0f} | {replay_rate / live_rate:>5.2f}"
-        )
-        for label, q in (("p50", 0.5), ("p99", 0.99)):
-            base, resumed = percentile(fresh_ttft, q) * 1e3, percentile(resume_ttft, q) * 1e3
-            print(
-                f"{'first chunk ms ' + label + ' (fresh vs resume)':<40} | {base:>12.2f} | "
-                f"{resumed:>13.2f} | {resumed / base:>5.2f}"
-            )
     finally:
         server.process.terminate()
         await server.process.wait()
+    return {
+        "live": live_chunks / live_seconds,
+        "replay": statistics.median(replay_rates),
+        "fresh_p50": percentile(fresh_ttft, 0.5) * 1e3,
+        "fresh_p99": percentile(fresh_ttft, 0.99) * 1e3,
+        "resume_p50": percentile(resume_ttft, 0.5) * 1e3,
+        "resume_p99": percentile(resume_ttft, 0.99) * 1e3,
+    }
+
+
+async def main(args: argparse.Namespace) -> None:
+    stores = {"memory": "memory"}
+    redis_process = None
+    if args.redis:
+        redis_server = shutil.which("redis-server")
+        if redis_server is None:
+            raise SystemExit("--redis needs redis-server on PATH")
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        redis_process = await asyncio.create_subprocess_exec(
+            redis_server,
+            "--port",
+            str(port),
+            "--bind",
+            "127.0.0.1",
+            "--save",
+            "",
+            "--appendonly",
+            "no",
+            stdout=asyncio.subprocess.DEVNULL,
+        )
+        stores["redis"] = f"redis://127.0.0.1:{port}/0"
+        client = redis.from_url(stores["redis"])
+        for _ in range(100):
+            try:
+                await client.ping()
+                break
+            except redis.ConnectionError:
+                await asyncio.sleep(0.05)
+        await client.aclose()
+    try:
+        print(f"replay overhead ({args.chunks} one-token chunks, loopback)\n")
+        header = (
+            f"{'store':<7} | {'live chunks/s':>13} | {'replay chunks/s':>15} | {'ratio':>5} | "
+            f"{'fresh 1st ms p50/p99':>20} | {'resume 1st ms p50/p99':>21}"
+        )
+        print(header)
+        print("-" * len(header))
+        for name, store in stores.items():
+            r = await measure(store, args)
+            print(
+                f"{name:<7} | {r['live']:>13,.0f} | {r['replay']:>15,.0f} | "
+                f"{r['replay'] / r['live']:>5.2f} | "
+                f"{r['fresh_p50']:>9.2f} / {r['fresh_p99']:<8.2f} | "
+                f"{r['resume_p50']:>9.2f} / {r['resume_p99']:<9.2f}"
+            )
+    finally:
+        if redis_process is not None:
+            redis_process.terminate()
+            await redis_process.wait()
 
 
 if __name__ == "__main__":
@@ -138,4 +189,5 @@ if __name__ == "__main__":
     parser.add_argument("--chunks", type=int, default=4000)
     parser.add_argument("--resumes", type=int, default=200)
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--redis", action="store_true", help="also measure the Redis store")
     asyncio.run(main(parser.parse_args()))

@@ -139,10 +139,13 @@ async def test_a_stream_resumes_live_on_another_replica(
     assert b.simulator.stats.started == 0
 
 
+@pytest.mark.parametrize("delay", [0, 0.0005])
 async def test_a_finished_response_replays_on_another_replica(
-    start_server: StartServer, redis_url: str
+    start_server: StartServer, redis_url: str, delay: float
 ) -> None:
-    a, b = await replicas(start_server, redis_url)
+    # At zero delay generation ends before the reader cuts a chunk: the log must
+    # still hold every chunk before its ending.
+    a, b = await replicas(start_server, redis_url, sim_inter_token_delay=delay)
     first = await collect(a.stub.StreamRespond(resumable(labels={})))
     replay = await collect(b.stub.StreamRespond(resume(completed_of(first).response_id, 0)))
     assert [(c.sequence, c.text, c.text_offset) for c in chunks_of(replay)] == [

@@ -218,14 +218,18 @@ async def test_a_reused_request_id_with_another_body_is_already_exists(
     assert details.error_info.metadata["responseId"].startswith("rsp_")
 
 
-async def test_the_store_stays_within_its_bounds(start_server: StartServer) -> None:
-    server = await start_server(store_max_responses=50, store_max_bytes=20_000)
-    for _ in range(200):
-        await server.stub.Respond(respond_request(labels={"tokenwire.sim/answer-tokens": "16"}))
+async def test_the_store_stays_within_its_bounds_under_10000_responses(
+    start_server: StartServer,
+) -> None:
+    server = await start_server(store_max_responses=500, store_max_bytes=40_000)
     store = server.server.store
     assert isinstance(store, InMemoryResponseStore)
-    assert len(store) <= 50
-    assert store.retained_bytes <= 20_000
+    request = respond_request(labels={"tokenwire.sim/answer-tokens": "8"})
+    for _ in range(100):
+        await asyncio.gather(*(server.stub.Respond(request) for _ in range(100)))
+        assert len(store) <= 500 + 100  # ended ones bounded; at most a batch still running
+        assert store.retained_bytes <= 40_000
+    assert server.simulator.stats.finished == 10_000
 
 
 @pytest.fixture

@@ -129,6 +129,7 @@ class LiveResponse:
         self._on_end: list[Callable[[LiveResponse], None]] = []
         #: A shared log (several replicas): chunks are written there before they are sent.
         self.log: ChunkLog | None = None
+        self._log_ended = False
 
     # ----- readers ---------------------------------------------------------
 
@@ -142,7 +143,10 @@ class LiveResponse:
 
     def _detach(self) -> None:
         self.readers -= 1
-        if self.readers or self.done:
+        if self.readers:
+            return
+        if self.done:
+            self._log_end_when_complete()
             return
         if not self.resumable:
             self.stop_generation()
@@ -151,6 +155,33 @@ class LiveResponse:
         # until the detach window closes without a new reader.
         self._cut_detached()
         self._detach_timer = self._loop.call_later(self.detach_window, self.stop_generation)
+
+    def _log_end_when_complete(self) -> None:
+        """Logs the ending once every chunk before it is logged (a shared log is ordered).
+
+        Chunks are cut by readers; with none attached, what is pending is cut
+        here, as the response would have been sent.
+        """
+        if self.log is None or self._log_ended or self.state is State.RUNNING:
+            return
+        if not self.readers:
+            if self.mode_used is DeliveryMode.BUFFERED:
+                if self.state is State.FINISHED and not self.chunks:
+                    self.cut_whole()
+                    return  # cut_whole logs the ending
+            else:
+                while self._pending:
+                    self.cut_chunk(self.detached_chunk_tokens)
+            if self._log_ended:
+                return  # the last cut logged the ending
+        if self._pending or (
+            self.state is State.FINISHED
+            and self.mode_used is DeliveryMode.BUFFERED
+            and not self.chunks
+        ):
+            return  # a reader will cut the rest; the ending follows its last chunk
+        self._log_ended = True
+        self.log.end(self)
 
     def _cut_detached(self) -> None:
         if self.mode_used is DeliveryMode.BUFFERED:
@@ -258,8 +289,7 @@ class LiveResponse:
             self._detach_timer.cancel()
             self._detach_timer = None
         self._wake()
-        if self.log is not None:
-            self.log.end(self)
+        self._log_end_when_complete()
         for callback in self._on_end:
             callback(self)
         if self._space is not None and not self._space.done():
@@ -332,6 +362,8 @@ class LiveResponse:
         record = self._append(text, tokens, self._take_actions(len(text.encode())))
         if self._space is not None and not self.over_budget and not self._space.done():
             self._space.set_result(None)
+        if not pending:
+            self._log_end_when_complete()
         return record
 
     def cut_whole(self) -> ChunkRecord:
@@ -341,9 +373,11 @@ class LiveResponse:
         self._pending_counts.clear()
         self._pending_chars = 0
         self._pending_actions.clear()
-        return self._append(
+        record = self._append(
             self.outcome.final_text, self.outcome.completion_tokens, self.outcome.actions
         )
+        self._log_end_when_complete()
+        return record
 
     def _take_actions(self, byte_length: int) -> tuple[Action, ...]:
         if not self._pending_actions:
