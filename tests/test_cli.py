@@ -75,3 +75,31 @@ async def test_ask_resume_by_hand(server: RunningServer) -> None:
     assert code == 0, err
     assert out == "ghijkl\n"
     assert "resumed after 2, server verified" in err
+
+
+async def test_ctrl_c_cancels_the_response_on_the_server(server: RunningServer) -> None:
+    import signal
+
+    process = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-m",
+        "tokenwire.cli",
+        "ask",
+        "--target",
+        server.address,
+        "--label",
+        "tokenwire.sim/inter-token-ms=20",
+        "--label",
+        "tokenwire.sim/answer-tokens=500",
+        "a long answer please",
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+    )
+    assert process.stdout is not None
+    await asyncio.wait_for(process.stdout.read(8), timeout=30)  # the answer is streaming
+    process.send_signal(signal.SIGINT)
+    _, err = await asyncio.wait_for(process.communicate(), timeout=30)
+    assert process.returncode == 130 and b"cancelled" in err
+    # The stream was resumable (the default), so only the explicit Cancel stops it.
+    await asyncio.wait_for(server.simulator.cancelled.wait(), timeout=5)
+    assert server.simulator.stats.finished == 0

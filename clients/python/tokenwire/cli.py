@@ -12,9 +12,9 @@ from typing import TextIO
 
 from google.protobuf import json_format
 
-from tokenwire.client import DEFAULT_TARGET, Client, Mode, RespondOptions
+from tokenwire.client import DEFAULT_TARGET, Client, Mode, RespondOptions, ResponseStream
 from tokenwire.errors import TokenwireError
-from tokenwire.stream import Chunk, Completion, Result, Retraction, StreamAssembler
+from tokenwire.stream import Chunk, Result, Retraction, StreamAssembler
 from tokenwire.v1 import respond_pb2 as pb
 
 
@@ -36,6 +36,19 @@ def _summary(result: Result, mode: str) -> str:
         f"ttft {result.time_to_first_token * 1000:.1f} ms · total {result.total_time * 1000:.1f} ms"
         f" · {reason} · {verdict} · {completed.usage.completion_tokens} tokens]"
     )
+
+
+def _print_stream(stream: ResponseStream, out: TextIO) -> Result:
+    for event in stream:
+        if isinstance(event, Chunk):
+            out.write(event.text)
+            out.flush()
+        elif isinstance(event, Retraction):
+            out.write(
+                f"\n[retracted from chunk {event.from_sequence}; final text:]\n{event.final_text}"
+            )
+    assert stream.result is not None
+    return stream.result
 
 
 def _ask(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
@@ -64,18 +77,14 @@ def _ask(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
                     stream = client.stream(
                         args.prompt, mode=mode_name, resumable=args.resumable, **options
                     )
-                for event in stream:
-                    if isinstance(event, Chunk):
-                        out.write(event.text)
-                        out.flush()
-                    elif isinstance(event, Retraction):
-                        out.write(
-                            f"\n[retracted from chunk {event.from_sequence}; final text:]\n"
-                            f"{event.final_text}"
-                        )
-                    elif isinstance(event, Completion):
-                        pass
-                result = stream.collect() if stream.result is None else stream.result
+                try:
+                    result = _print_stream(stream, out)
+                except KeyboardInterrupt:
+                    # A resumable response would go on generating: stop it for real.
+                    if stream.response_id:
+                        client.cancel_response(stream.response_id, timeout=5)
+                    err.write("\ntokenwire ask: cancelled\n")
+                    return 130
                 mode = pb.DeliveryMode.Name(result.completed.delivery_mode)
                 mode = mode.removeprefix("DELIVERY_MODE_").lower()
         except TokenwireError as error:
@@ -134,9 +143,11 @@ def build_parser() -> argparse.ArgumentParser:
     group.add_argument("--unary", action="store_true", help="use the unary Respond RPC")
     ask.add_argument("--show-completed", action="store_true", help="print Completed as JSON")
     ask.add_argument(
-        "--resumable",
-        action="store_true",
-        help="survive a dropped connection (the client resumes by itself)",
+        "--no-resume",
+        dest="resumable",
+        action="store_false",
+        help="do not survive a dropped connection (by default the client resumes by itself, "
+        "and Ctrl-C cancels the response)",
     )
     ask.add_argument("--resume", metavar="RESPONSE_ID", help="continue an earlier response")
     ask.add_argument("--after", type=int, default=0, help="with --resume: the last sequence held")

@@ -337,6 +337,18 @@ class AsyncClient:
         """Calls unary `Respond`; options are those of `build_respond_request`."""
         return await self.respond_request(build_respond_request(prompt, **options), timeout=timeout)
 
+    async def cancel_response(self, response_id: str, *, timeout: float | None = None) -> bool:
+        """Stops a response by id (`Cancel`); True when it was still running."""
+        try:
+            answer = await self._stub.Cancel(
+                pb.CancelRequest(response_id=response_id),
+                timeout=timeout or self._timeout,
+                metadata=self._metadata,
+            )
+        except grpc.RpcError as error:
+            raise from_rpc_error(error) from None
+        return bool(answer.was_running)
+
 
 class ResponseStream:
     """Blocking counterpart of `AsyncResponseStream` (resumes the same way)."""
@@ -402,8 +414,14 @@ class ResponseStream:
     def last_sequence(self) -> int:
         return self._assembler.last_sequence
 
+    @property
+    def response_id(self) -> str:
+        return self._assembler.response_id
+
     def cancel(self) -> None:
-        self._call.cancel()
+        """Cancels the call; the server stops generation (unless the stream is resumable)."""
+        if self._call is not None:
+            self._call.cancel()
 
     def collect(self) -> Result:
         for _ in self:
@@ -482,3 +500,15 @@ class Client:
         self, prompt: Prompt, *, timeout: float | None = None, **options: Unpack[RespondOptions]
     ) -> Result:
         return self.respond_request(build_respond_request(prompt, **options), timeout=timeout)
+
+    def cancel_response(self, response_id: str, *, timeout: float | None = None) -> bool:
+        """Stops a response by id (`Cancel`); True when it was still running."""
+        try:
+            answer = self._stub.Cancel(
+                pb.CancelRequest(response_id=response_id),
+                timeout=timeout or self._timeout,
+                metadata=self._metadata,
+            )
+        except grpc.RpcError as error:
+            raise from_rpc_error(error) from None
+        return bool(answer.was_running)
