@@ -19,6 +19,7 @@ import asyncio
 import enum
 import math
 import time
+from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Protocol
@@ -98,8 +99,11 @@ class LiveResponse:
         self.error: TokenwireError | None = None
         self.tokens_generated = 0
         self._max_pending_chars: float = max_pending_chars
-        self._pending: list[str] = []
-        self._pending_counts: list[int] = []
+        # Deques: a fast model can run thousands of tokens ahead of a slow reader,
+        # and cutting from the front of a list would cost O(pending) per chunk.
+        self._pending: deque[str] = deque()
+        self._pending_counts: deque[int] = deque()
+        self._pending_token_total = 0
         self._pending_chars = 0
         self._pending_actions: list[Action] = []
         self._carry_tokens = 0
@@ -231,6 +235,7 @@ class LiveResponse:
             self._pending_since = self._loop.time()
         self._pending.append(text)
         self._pending_counts.append(tokens + self._carry_tokens)
+        self._pending_token_total += tokens + self._carry_tokens
         self._carry_tokens = 0
         self._pending_chars += len(text)
         self._released.append(text)
@@ -256,6 +261,7 @@ class LiveResponse:
                 self._pending_since = self._loop.time()
             self._pending.append("")
             self._pending_counts.append(self._carry_tokens)
+            self._pending_token_total += self._carry_tokens
             self._carry_tokens = 0
         if not self.readers and self.resumable:
             self._cut_detached()
@@ -308,7 +314,7 @@ class LiveResponse:
 
     @property
     def pending_tokens(self) -> int:
-        return sum(self._pending_counts)
+        return self._pending_token_total
 
     @property
     def pending_since(self) -> float:
@@ -347,19 +353,20 @@ class LiveResponse:
     def cut_chunk(self, max_tokens: int) -> ChunkRecord:
         """Turns up to `max_tokens` pending tokens into the next chunk of the log."""
         pending, counts = self._pending, self._pending_counts
-        take = tokens = 0
-        for count in counts:
-            if take and tokens + count > max_tokens:
-                break
-            tokens += count
-            take += 1
-        text = pending[0] if take == 1 else "".join(pending[:take])
-        del pending[:take]
-        del counts[:take]
+        text, tokens = pending.popleft(), counts.popleft()
+        if pending and tokens + counts[0] <= max_tokens:
+            parts = [text]
+            while pending and tokens + counts[0] <= max_tokens:
+                parts.append(pending.popleft())
+                tokens += counts.popleft()
+            text = "".join(parts)
+        self._pending_token_total -= tokens
         self._pending_chars -= len(text)
         if pending:
             self._pending_since = self._loop.time()
-        record = self._append(text, tokens, self._take_actions(len(text.encode())))
+        record = self._append(
+            text, tokens, self._take_actions(text) if self._pending_actions else ()
+        )
         if self._space is not None and not self.over_budget and not self._space.done():
             self._space.set_result(None)
         if not pending:
@@ -371,6 +378,7 @@ class LiveResponse:
         assert self.outcome is not None and not self.chunks
         self._pending.clear()
         self._pending_counts.clear()
+        self._pending_token_total = 0
         self._pending_chars = 0
         self._pending_actions.clear()
         record = self._append(
@@ -379,10 +387,8 @@ class LiveResponse:
         self._log_end_when_complete()
         return record
 
-    def _take_actions(self, byte_length: int) -> tuple[Action, ...]:
-        if not self._pending_actions:
-            return ()
-        end = self._next_offset + byte_length
+    def _take_actions(self, text: str) -> tuple[Action, ...]:
+        end = self._next_offset + len(text.encode())
         taken = tuple(a for a in self._pending_actions if a.start < end)
         self._pending_actions = [a for a in self._pending_actions if a.start >= end]
         return taken

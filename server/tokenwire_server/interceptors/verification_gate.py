@@ -33,16 +33,19 @@ from tokenwire_server.interceptors._wrap import (
 )
 
 
-def retraction_point(chunks: list[tuple[int, int, bytes]], final: bytes) -> int:
+def retraction_point(chunks: list[bytes], final: bytes) -> int:
     """The first sequence whose bytes are not the final payload's at the same offset.
 
-    When every streamed chunk is a prefix of the final payload (the final text
-    only adds to it), nothing needs dropping: the answer is the next sequence.
+    `chunks` are the contiguous chunks 1..n as sent. When every one is a prefix
+    of the final payload (the final text only adds to it), nothing needs
+    dropping: the answer is the next sequence.
     """
-    for sequence, offset, data in chunks:
+    offset = 0
+    for sequence, data in enumerate(chunks, start=1):
         if final[offset : offset + len(data)] != data:
             return sequence
-    return chunks[-1][0] + 1 if chunks else 1
+        offset += len(data)
+    return len(chunks) + 1
 
 
 def _verify(completed: pb.Completed, streamed_sha256: str, retract_from: int, omit: bool) -> None:
@@ -114,7 +117,7 @@ def _gate_stream(behavior: StreamBehavior, tracer: trace.Tracer) -> StreamBehavi
     async def gated(request: Any, context: Context) -> Any:
         omit = bool(getattr(request, "omit_final_text", False))
         digest = hashlib.sha256()
-        sent: list[tuple[int, int, bytes]] = []
+        sent: list[bytes] = []
         next_sequence, next_offset = 1, 0
         completed_seen = False
         started = False
@@ -124,7 +127,7 @@ def _gate_stream(behavior: StreamBehavior, tracer: trace.Tracer) -> StreamBehavi
                 started = True
                 for sequence, offset, data in CALL_REPLAY_PREFIX.get():
                     digest.update(data)
-                    sent.append((sequence, offset, data))
+                    sent.append(data)
                     next_sequence, next_offset = sequence + 1, offset + len(data)
             kind = event.WhichOneof("event")
             if kind == "chunk":
@@ -145,7 +148,7 @@ def _gate_stream(behavior: StreamBehavior, tracer: trace.Tracer) -> StreamBehavi
                         ((LAST_SEQUENCE_KEY, str(next_sequence - 1)),),
                     )
                 digest.update(data)
-                sent.append((next_sequence, next_offset, data))
+                sent.append(data)
                 next_sequence += 1
                 next_offset += len(data)
             elif kind == "completed":
