@@ -33,7 +33,12 @@ log = logging.getLogger(__name__)
 
 
 class Watchdog:
-    """Cancels a task when its deadline passes or its token source goes quiet."""
+    """Cancels a task when its deadline passes or its token source goes quiet.
+
+    A token costs one integer increment (`progress`). A timer wakes every half
+    stall timeout; two wakes in a row without progress mean the backend
+    stalled (detected between 1 and 1.5 stall timeouts after its last token).
+    """
 
     def __init__(
         self,
@@ -45,14 +50,14 @@ class Watchdog:
         self._task = task
         self._deadline = deadline
         self._stall_timeout = stall_timeout
-        self._last_activity = self._loop.time()
+        self._interval = stall_timeout / 2
+        #: Incremented for every token; the only per-token cost.
+        self.progress = 0
+        self._seen = -1
+        self._quiet_checks = 0
         self._suspended = False
         self.fired: TokenwireError | None = None
         self._handle = self._loop.call_at(self._next_check(), self._check)
-
-    def kick(self) -> None:
-        """Records progress; the only per-token cost."""
-        self._last_activity = self._loop.time()
 
     def suspend(self) -> None:
         """Stall checks pause while generation waits on a slow reader."""
@@ -60,29 +65,32 @@ class Watchdog:
 
     def resume(self) -> None:
         self._suspended = False
-        self.kick()
+        self.progress += 1
 
     def stop(self) -> None:
         self._handle.cancel()
 
     def _next_check(self) -> float:
-        stall_at = self._last_activity + self._stall_timeout
-        return stall_at if self._deadline is None else min(stall_at, self._deadline)
+        at = self._loop.time() + self._interval
+        return at if self._deadline is None else min(at, self._deadline)
 
     def _check(self) -> None:
         now = self._loop.time()
         if self._deadline is not None and now >= self._deadline:
             self.fired = DeadlineExceeded("the call's deadline passed during generation")
-        elif not self._suspended and now - self._last_activity >= self._stall_timeout:
-            self.fired = BackendStalled(
-                f"the backend produced no token for {self._stall_timeout:g}s",
-                metadata={"stallTimeoutSeconds": f"{self._stall_timeout:g}"},
-            )
+        elif self.progress != self._seen or self._suspended:
+            self._seen = self.progress
+            self._quiet_checks = 0
+        else:
+            self._quiet_checks += 1
+            if self._quiet_checks >= 2:
+                self.fired = BackendStalled(
+                    f"the backend produced no token for {self._stall_timeout:g}s",
+                    metadata={"stallTimeoutSeconds": f"{self._stall_timeout:g}"},
+                )
         if self.fired is not None:
             self._task.cancel()
             return
-        if self._suspended:
-            self._last_activity = now
         self._handle = self._loop.call_at(self._next_check(), self._check)
 
 
@@ -140,7 +148,7 @@ async def _generate(
         try:
             async for item in tokens:
                 if isinstance(item, str):
-                    watchdog.kick()
+                    watchdog.progress += 1
                     text, actions = push(item)
                     release(text, actions)
                     if session.halted:
