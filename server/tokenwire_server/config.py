@@ -39,6 +39,11 @@ class NetworkConfig:
         "balancers see the change first",
     )
     max_message_bytes: int = _setting(4 * 1024 * 1024, "largest request message accepted")
+    tls_cert: str = _setting("", "PEM certificate chain; with tls_key, the port serves TLS only")
+    tls_key: str = _setting("", "PEM private key of tls_cert")
+    tls_client_ca: str = _setting(
+        "", "PEM CA bundle; when set, clients must present a certificate it signed (mTLS)"
+    )
 
 
 @dataclass(frozen=True)
@@ -331,6 +336,15 @@ def _check(config: Config) -> None:
         ("redis://", "rediss://", "unix://")
     ):
         problems.append("store must be memory or a redis:// URL")
+    net = config.network
+    if bool(net.tls_cert) != bool(net.tls_key):
+        problems.append("tls_cert and tls_key go together")
+    if net.tls_client_ca and not net.tls_cert:
+        problems.append("tls_client_ca needs tls_cert and tls_key")
+    for name in ("tls_cert", "tls_key", "tls_client_ca"):
+        path = getattr(net, name)
+        if path and not Path(path).is_file():
+            problems.append(f"{name}: no file at {path}")
     if config.logging.log_format not in ("json", "text"):
         problems.append("log_format must be json or text")
     if config.logging.log_level.upper() not in ("DEBUG", "INFO", "WARNING", "ERROR"):

@@ -11,6 +11,7 @@ import asyncio
 import logging
 import signal
 from collections.abc import Sequence
+from pathlib import Path
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
@@ -22,7 +23,7 @@ from tokenwire_server.audit.store import AuditStore, SqliteAuditStore
 from tokenwire_server.backends.base import Backend
 from tokenwire_server.backends.factory import build_backends
 from tokenwire_server.backends.registry import BackendRegistry
-from tokenwire_server.config import Config
+from tokenwire_server.config import Config, NetworkConfig
 from tokenwire_server.governance.holder import PolicyHolder
 from tokenwire_server.governance.policy import Policy
 from tokenwire_server.interceptors import build_chain
@@ -37,6 +38,17 @@ log = logging.getLogger(__name__)
 
 SERVICE_NAME: str = respond_pb2.DESCRIPTOR.services_by_name["RespondService"].full_name
 HEALTH_SERVICE_NAME: str = health_pb2.DESCRIPTOR.services_by_name["Health"].full_name
+
+
+def server_credentials(net: NetworkConfig) -> grpc.ServerCredentials | None:
+    """TLS from PEM files; with a client CA, only clients it signed get in (mTLS)."""
+    if not net.tls_cert:
+        return None
+    key, chain = Path(net.tls_key).read_bytes(), Path(net.tls_cert).read_bytes()
+    client_ca = Path(net.tls_client_ca).read_bytes() if net.tls_client_ca else None
+    return grpc.ssl_server_credentials(
+        [(key, chain)], root_certificates=client_ca, require_client_auth=client_ca is not None
+    )
 
 
 class TokenwireServer:
@@ -111,7 +123,11 @@ class TokenwireServer:
             (SERVICE_NAME, HEALTH_SERVICE_NAME, reflection.SERVICE_NAME), server
         )
         address = f"{net.host}:{net.port}" if ":" not in net.host else f"[{net.host}]:{net.port}"
-        self.port = server.add_insecure_port(address)
+        credentials = server_credentials(net)
+        if credentials is None:
+            self.port = server.add_insecure_port(address)
+        else:
+            self.port = server.add_secure_port(address, credentials)
         await server.start()
         observability = self.config.observability
         if observability.metrics_port >= 0:

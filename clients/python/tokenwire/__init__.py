@@ -8,7 +8,13 @@
 The generated stubs live in `tokenwire.v1` (`respond_pb2`, `respond_pb2_grpc`).
 """
 
-from tokenwire.client import AsyncClient, AsyncResponseStream, Client, ResponseStream
+from tokenwire.client import (
+    AsyncClient,
+    AsyncResponseStream,
+    Client,
+    ResponseStream,
+    tls_credentials,
+)
 from tokenwire.errors import (
     DataLoss,
     DeadlineExceeded,
@@ -42,4 +48,5 @@ __all__ = [
     "Retraction",
     "TokenwireError",
     "Unavailable",
+    "tls_credentials",
 ]

@@ -12,7 +12,14 @@ from typing import TextIO
 
 from google.protobuf import json_format
 
-from tokenwire.client import DEFAULT_TARGET, Client, Mode, RespondOptions, ResponseStream
+from tokenwire.client import (
+    DEFAULT_TARGET,
+    Client,
+    Mode,
+    RespondOptions,
+    ResponseStream,
+    tls_credentials,
+)
 from tokenwire.errors import TokenwireError
 from tokenwire.stream import Chunk, Result, Retraction, StreamAssembler
 from tokenwire.v1 import respond_pb2 as pb
@@ -58,7 +65,12 @@ def _ask(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
         "labels": dict(args.label),
         "seed": args.seed,
     }
-    with Client(args.target, timeout=args.timeout) as client:
+    credentials = (
+        tls_credentials(args.tls_ca, args.tls_cert, args.tls_key)
+        if args.tls_ca or args.tls_cert or args.tls
+        else None
+    )
+    with Client(args.target, timeout=args.timeout, credentials=credentials) as client:
         try:
             if args.unary:
                 result = client.respond(args.prompt, **options)
@@ -150,6 +162,10 @@ def build_parser() -> argparse.ArgumentParser:
         "and Ctrl-C cancels the response)",
     )
     ask.add_argument("--resume", metavar="RESPONSE_ID", help="continue an earlier response")
+    ask.add_argument("--tls", action="store_true", help="use TLS with the system's trusted roots")
+    ask.add_argument("--tls-ca", help="PEM CA that signed the server's certificate (implies TLS)")
+    ask.add_argument("--tls-cert", help="PEM client certificate, for mTLS")
+    ask.add_argument("--tls-key", help="PEM key of --tls-cert")
     ask.add_argument("--after", type=int, default=0, help="with --resume: the last sequence held")
     if add_serve_arguments is not None:
         audit = commands.add_parser("audit", help="read the server's audit trail")

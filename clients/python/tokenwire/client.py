@@ -164,6 +164,25 @@ class ResumePolicy:
         return float(self.backoff * (2**attempt) * (0.5 + random.random()))
 
 
+def tls_credentials(
+    ca: str | None = None, cert: str | None = None, key: str | None = None
+) -> grpc.ChannelCredentials:
+    """TLS channel credentials from PEM files: `ca` to trust the server (system roots
+    when omitted), `cert` and `key` to present a client certificate (mTLS)."""
+    if bool(cert) != bool(key):
+        raise ValueError("a client certificate needs both cert and key")
+
+    def read(path: str | None) -> bytes | None:
+        if not path:
+            return None
+        with open(path, "rb") as file:
+            return file.read()
+
+    return grpc.ssl_channel_credentials(
+        root_certificates=read(ca), private_key=read(key), certificate_chain=read(cert)
+    )
+
+
 class AsyncResponseStream:
     """An in-progress `StreamRespond`: iterate for events; `result` once completed.
 
