@@ -30,3 +30,8 @@ CALL_DEADLINE: contextvars.ContextVar[float | None] = contextvars.ContextVar(
 CALL_REPLAY_PREFIX: contextvars.ContextVar[tuple[tuple[int, int, bytes], ...]] = (
     contextvars.ContextVar("tokenwire_call_replay_prefix", default=())
 )
+
+#: The authenticated tenant of the call ("" when authentication is off).
+CALL_TENANT: contextvars.ContextVar[str] = contextvars.ContextVar(
+    "tokenwire_call_tenant", default=""
+)

@@ -7,6 +7,7 @@ import asyncio
 import sys
 from pathlib import Path
 
+from tokenwire_server.auth import KeysFileError
 from tokenwire_server.config import ConfigError, add_arguments, load_config
 from tokenwire_server.governance.policy_file import PolicyError
 from tokenwire_server.observability.logs import configure_logging
@@ -38,7 +39,7 @@ def run_serve(args: argparse.Namespace) -> int:
     configure_logging(config.logging.log_level, config.logging.log_format)
     try:
         asyncio.run(serve(config))
-    except PolicyError as error:
+    except (PolicyError, KeysFileError) as error:
         print(f"tokenwire serve: {error}", file=sys.stderr)
         return 2
     return 0

@@ -133,6 +133,16 @@ class ResumeConfig:
 
 
 @dataclass(frozen=True)
+class AuthConfig:
+    auth_keys_file: str = _setting(
+        "", "YAML/TOML file of API-key hashes and their tenants; set, every call needs a key"
+    )
+    auth_mtls: bool = _setting(
+        False, "accept a verified client certificate (its first SAN) as the tenant"
+    )
+
+
+@dataclass(frozen=True)
 class AuditConfig:
     audit_path: str = _setting(
         "tokenwire-audit.sqlite3", "SQLite file of the audit trail (':memory:' keeps it in memory)"
@@ -203,6 +213,7 @@ class Config:
     backends: BackendConfig = field(default_factory=BackendConfig)
     governance: GovernanceConfig = field(default_factory=GovernanceConfig)
     resume: ResumeConfig = field(default_factory=ResumeConfig)
+    auth: AuthConfig = field(default_factory=AuthConfig)
     audit: AuditConfig = field(default_factory=AuditConfig)
     observability: ObservabilityConfig = field(default_factory=ObservabilityConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
@@ -345,6 +356,10 @@ def _check(config: Config) -> None:
         path = getattr(net, name)
         if path and not Path(path).is_file():
             problems.append(f"{name}: no file at {path}")
+    if config.auth.auth_mtls and not net.tls_client_ca:
+        problems.append("auth_mtls needs tls_client_ca")
+    if config.auth.auth_keys_file and not Path(config.auth.auth_keys_file).is_file():
+        problems.append(f"auth_keys_file: no file at {config.auth.auth_keys_file}")
     if config.logging.log_format not in ("json", "text"):
         problems.append("log_format must be json or text")
     if config.logging.log_level.upper() not in ("DEBUG", "INFO", "WARNING", "ERROR"):

@@ -20,6 +20,7 @@ from opentelemetry.sdk.trace import TracerProvider
 
 from tokenwire.v1 import respond_pb2, respond_pb2_grpc
 from tokenwire_server.audit.store import AuditStore, SqliteAuditStore
+from tokenwire_server.auth import Authenticator
 from tokenwire_server.backends.base import Backend
 from tokenwire_server.backends.factory import build_backends
 from tokenwire_server.backends.registry import BackendRegistry
@@ -75,6 +76,9 @@ class TokenwireServer:
         )
         self.audit_store: AuditStore = SqliteAuditStore(config.audit.audit_path)
         self.metrics = Metrics()
+        self.authenticator = (
+            Authenticator(config.auth.auth_keys_file) if config.auth.auth_keys_file else None
+        )
         resume = config.resume
         self.store: ResponseStore
         if resume.store == "memory":
@@ -101,7 +105,11 @@ class TokenwireServer:
         net = self.config.network
         server = grpc.aio.server(
             interceptors=build_chain(
-                self.config, self.tracer_provider, self.audit_store, self.metrics
+                self.config,
+                self.tracer_provider,
+                self.audit_store,
+                self.metrics,
+                self.authenticator,
             ),
             options=[
                 ("grpc.max_receive_message_length", net.max_message_bytes),
@@ -155,6 +163,12 @@ class TokenwireServer:
         self.metrics.stop()
         self.tracer_provider.shutdown()
 
+    def reload(self) -> None:
+        """SIGHUP: re-read the policy and the keys file; a failed reload keeps the old one."""
+        self.policies.reload()
+        if self.authenticator is not None:
+            self.authenticator.reload()
+
     async def wait_stopped(self) -> None:
         await self._stopped.wait()
         if self._server is not None:
@@ -186,7 +200,7 @@ async def serve(config: Config) -> None:
     stop = asyncio.Event()
     for signum in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(signum, stop.set)
-    loop.add_signal_handler(signal.SIGHUP, server.policies.reload)
+    loop.add_signal_handler(signal.SIGHUP, server.reload)
     await stop.wait()
     log.info("draining: grace period %.1fs", config.network.grace_period)
     await server.drain()

@@ -29,6 +29,7 @@ from tokenwire_server.call_context import (
     CALL_DEADLINE,
     CALL_IDENTITY,
     CALL_REPLAY_PREFIX,
+    CALL_TENANT,
     CallIdentity,
 )
 from tokenwire_server.codec import EventCodec
@@ -152,8 +153,14 @@ class RespondServicer(respond_pb2_grpc.RespondServiceServicer):
             response.detached_chunk_tokens = call.delivery.max_tokens_per_chunk
             if call.delivery.mode is DeliveryMode.BUFFERED:
                 response.mode_used = DeliveryMode.BUFFERED
+        response.tenant = CALL_TENANT.get()
         # Only a caller's own request id makes a retry attach; generated ids never repeat.
-        key = f"{type(request).__name__}:{request.request_id}" if request.request_id else None
+        # Keys are per tenant: one tenant's ids never reach another's responses.
+        key = (
+            f"{response.tenant}:{type(request).__name__}:{request.request_id}"
+            if request.request_id
+            else None
+        )
         attached = await self._store.register(
             response, key, fingerprint(request), request.SerializeToString()
         )
@@ -190,6 +197,8 @@ class RespondServicer(respond_pb2_grpc.RespondServiceServicer):
                 violations=[FieldViolation("resume.response_id", "must not be empty")],
             )
         response = await self._store.get(resume.response_id)
+        if response is not None and response.tenant != CALL_TENANT.get():
+            response = None  # someone else's: indistinguishable from unknown
         if response is None:
             raise ResponseNotFound(
                 f"response {resume.response_id} is unknown or expired",
@@ -289,6 +298,8 @@ class RespondServicer(respond_pb2_grpc.RespondServiceServicer):
 
     async def Cancel(self, request: pb.CancelRequest, context: Context) -> pb.CancelResponse:
         response = await self._store.get(request.response_id) if request.response_id else None
+        if response is not None and response.tenant != CALL_TENANT.get():
+            response = None  # someone else's: indistinguishable from unknown
         if response is None:
             await abort(
                 context,

@@ -7,6 +7,8 @@ stderr, so the text can be piped while the summary stays on the terminal.
 from __future__ import annotations
 
 import argparse
+import hashlib
+import os
 import sys
 from typing import TextIO
 
@@ -70,7 +72,10 @@ def _ask(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
         if args.tls_ca or args.tls_cert or args.tls
         else None
     )
-    with Client(args.target, timeout=args.timeout, credentials=credentials) as client:
+    api_key = args.api_key or os.environ.get("TOKENWIRE_API_KEY") or None
+    with Client(
+        args.target, timeout=args.timeout, credentials=credentials, api_key=api_key
+    ) as client:
         try:
             if args.unary:
                 result = client.respond(args.prompt, **options)
@@ -162,11 +167,17 @@ def build_parser() -> argparse.ArgumentParser:
         "and Ctrl-C cancels the response)",
     )
     ask.add_argument("--resume", metavar="RESPONSE_ID", help="continue an earlier response")
+    ask.add_argument("--api-key", help="API key (default: TOKENWIRE_API_KEY)")
     ask.add_argument("--tls", action="store_true", help="use TLS with the system's trusted roots")
     ask.add_argument("--tls-ca", help="PEM CA that signed the server's certificate (implies TLS)")
     ask.add_argument("--tls-cert", help="PEM client certificate, for mTLS")
     ask.add_argument("--tls-key", help="PEM key of --tls-cert")
     ask.add_argument("--after", type=int, default=0, help="with --resume: the last sequence held")
+    keys = commands.add_parser("keys", help="API key helpers")
+    keys_commands = keys.add_subparsers(dest="keys_command", required=True)
+    keys_commands.add_parser(
+        "hash", help="print the SHA-256 to put in the keys file, for a key read from stdin"
+    )
     if add_serve_arguments is not None:
         audit = commands.add_parser("audit", help="read the server's audit trail")
         audit_commands = audit.add_subparsers(dest="audit_command", required=True)
@@ -247,6 +258,12 @@ def main(argv: list[str] | None = None) -> int:
         return run_serve(args)
     if args.command == "audit":
         return _audit(args, sys.stdout, sys.stderr)
+    if args.command == "keys":
+        key = sys.stdin.readline().strip()
+        if not key:
+            parser.error("keys hash reads the key from stdin")
+        print(hashlib.sha256(key.encode()).hexdigest())
+        return 0
     return _ask(args, sys.stdout, sys.stderr)
 
 

@@ -293,8 +293,11 @@ class AsyncClient:
         metadata: Sequence[tuple[str, str]] = (),
         channel: grpc.aio.Channel | None = None,
         resume: ResumePolicy | None = ResumePolicy(),
+        api_key: str | None = None,
     ) -> None:
         self._resume = resume
+        if api_key:
+            metadata = (*metadata, ("authorization", f"Bearer {api_key}"))
         if channel is None:
             channel = (
                 grpc.aio.secure_channel(target, credentials)
@@ -461,8 +464,11 @@ class Client:
         metadata: Sequence[tuple[str, str]] = (),
         channel: grpc.Channel | None = None,
         resume: ResumePolicy | None = ResumePolicy(),
+        api_key: str | None = None,
     ) -> None:
         self._resume = resume
+        if api_key:
+            metadata = (*metadata, ("authorization", f"Bearer {api_key}"))
         if channel is None:
             channel = (
                 grpc.secure_channel(target, credentials)

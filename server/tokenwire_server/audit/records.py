@@ -23,6 +23,7 @@ class AuditRecord:
     response_id: str
     request_id: str
     trace_id: str
+    tenant: str
     method: str
     status: str
     error_reason: str

@@ -25,6 +25,7 @@ CREATE TABLE IF NOT EXISTS responses (
     created_at_ns INTEGER NOT NULL,
     request_id TEXT NOT NULL,
     trace_id TEXT NOT NULL,
+    tenant TEXT NOT NULL,
     method TEXT NOT NULL,
     status TEXT NOT NULL,
     error_reason TEXT NOT NULL,

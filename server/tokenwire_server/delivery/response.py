@@ -115,6 +115,8 @@ class LiveResponse:
         #: The generation task feeding this response, once started.
         self.task: asyncio.Task[None] | None = None
         self._stop_requested = False
+        #: The tenant that started it; only it may resume, cancel or retry into it.
+        self.tenant = ""
         #: How the first call asked for chunks; resumed and attached readers reuse it.
         self.delivery: DeliveryOptions | None = None
         #: A resumable response keeps generating for `detach_window` without readers.

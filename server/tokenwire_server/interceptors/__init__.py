@@ -1,5 +1,6 @@
 """The interceptor chain, in one visible list (first = outermost).
 
+0. auth (when configured): API key or mTLS identity → tenant; UNAUTHENTICATED otherwise.
 1. tracing: the OpenTelemetry server span; continues the caller's traceparent.
 2. request context: request id (echoed as x-request-id) and trace id for the call.
 3. observability: metrics, span attributes/events and the log line of each outcome.
@@ -14,8 +15,10 @@ import grpc
 from opentelemetry.trace import TracerProvider
 
 from tokenwire_server.audit.store import AuditStore
+from tokenwire_server.auth import Authenticator
 from tokenwire_server.config import Config
 from tokenwire_server.interceptors.audit import AuditInterceptor
+from tokenwire_server.interceptors.auth import AuthInterceptor
 from tokenwire_server.interceptors.deadlines import DeadlineInterceptor
 from tokenwire_server.interceptors.observability import ObservabilityInterceptor
 from tokenwire_server.interceptors.request_context import RequestContextInterceptor
@@ -25,9 +28,17 @@ from tokenwire_server.observability.metrics import Metrics
 
 
 def build_chain(
-    config: Config, tracer_provider: TracerProvider, audit_store: AuditStore, metrics: Metrics
+    config: Config,
+    tracer_provider: TracerProvider,
+    audit_store: AuditStore,
+    metrics: Metrics,
+    authenticator: Authenticator | None = None,
 ) -> list[grpc.aio.ServerInterceptor]:
+    auth: list[grpc.aio.ServerInterceptor] = []
+    if authenticator is not None or config.auth.auth_mtls:
+        auth.append(AuthInterceptor(authenticator, accept_certificates=config.auth.auth_mtls))
     return [
+        *auth,
         tracing_interceptor(tracer_provider),
         RequestContextInterceptor(),
         ObservabilityInterceptor(metrics, log_text=config.logging.log_text),

@@ -22,7 +22,7 @@ import grpc
 from tokenwire.v1 import respond_pb2 as pb
 from tokenwire_server.audit.records import CALL_RECORD, AuditRecord, CallRecord, TokenEvent
 from tokenwire_server.audit.store import AuditStore
-from tokenwire_server.call_context import CALL_IDENTITY
+from tokenwire_server.call_context import CALL_IDENTITY, CALL_TENANT
 from tokenwire_server.interceptors._wrap import (
     AbortHook,
     Context,
@@ -63,6 +63,7 @@ class AuditInterceptor(RespondServiceInterceptor):
                 response_id=record.response_id,
                 request_id=identity.request_id if identity else "",
                 trace_id=identity.trace_id if identity else "",
+                tenant=CALL_TENANT.get(),
                 method=method,
                 status=status,
                 error_reason=record.error_reason,
@@ -92,6 +93,7 @@ class AuditInterceptor(RespondServiceInterceptor):
             response_id=completed.response_id,
             request_id=completed.request_id,
             trace_id=completed.trace_id,
+            tenant=CALL_TENANT.get(),
             method=method,
             status=status,
             error_reason="",

@@ -21,7 +21,7 @@ from opentelemetry import trace
 
 from tokenwire.v1 import respond_pb2 as pb
 from tokenwire_server.audit.records import CALL_RECORD
-from tokenwire_server.call_context import CALL_IDENTITY
+from tokenwire_server.call_context import CALL_IDENTITY, CALL_TENANT
 from tokenwire_server.interceptors._wrap import (
     AbortHook,
     Context,
@@ -112,6 +112,7 @@ class ObservabilityInterceptor(RespondServiceInterceptor):
                 "tokenwire.verdict": verdict,
                 "tokenwire.verification": verification,
                 "tokenwire.delivery_mode": mode,
+                "tokenwire.tenant": CALL_TENANT.get(),
             }
         )
         span.add_event(
@@ -122,6 +123,7 @@ class ObservabilityInterceptor(RespondServiceInterceptor):
             "method": method,
             "status": "OK",
             "request_id": completed.request_id,
+            "tenant": CALL_TENANT.get(),
             "response_id": completed.response_id,
             "trace_id": completed.trace_id,
             "model": model,

@@ -268,6 +268,7 @@ class RedisResponseStore(ResponseStore):
             meta: dict[str, str | bytes | int | float] = {
                 "request": request,
                 "request_id": response.request_id,
+                "tenant": response.tenant,
                 "model": response.model.name,
                 "model_version": response.model.version,
                 "backend": response.model.backend,
@@ -384,6 +385,7 @@ class RedisResponseStore(ResponseStore):
             policy_version=text("policy_version"),
             max_pending_chars=1 << 30,
         )
+        mirror.tenant = text("tenant") if "tenant" in meta else ""
         mirror.resumable = bool(int(text("resumable")))
         mirror.detach_window = float(text("detach_window"))
         mirror.detached_chunk_tokens = int(text("chunk_tokens"))

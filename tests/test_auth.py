@@ -1,0 +1,199 @@
+"""Authentication and tenants through the real server: keys, mTLS identities, scoping."""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import logging
+import sys
+from pathlib import Path
+
+import grpc
+import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from tests.conftest import StartServer, collect, completed_of, status_details, stream_request
+from tests.test_tls import Pki
+from tokenwire import AsyncClient, tls_credentials
+from tokenwire.v1 import respond_pb2 as pb
+from tokenwire.v1 import respond_pb2_grpc
+
+KEY_A, KEY_B = "tw-key-acme-0123456789", "tw-key-globex-9876543210"
+
+
+def keys_file(path: Path, *entries: tuple[str, str]) -> str:
+    lines = ["keys:"] + [
+        f"  - tenant: {tenant}\n    sha256: {hashlib.sha256(key.encode()).hexdigest()}"
+        for tenant, key in entries
+    ]
+    path.write_text("\n".join(lines) + "\n")
+    return str(path)
+
+
+def bearer(key: str) -> tuple[tuple[str, str], ...]:
+    return (("authorization", f"Bearer {key}"),)
+
+
+@pytest.fixture
+async def secured(start_server: StartServer, tmp_path: Path):
+    path = keys_file(tmp_path / "keys.yaml", ("acme", KEY_A), ("globex", KEY_B))
+    return await start_server(auth_keys_file=path, audit_path=str(tmp_path / "audit.db"))
+
+
+async def test_calls_need_a_valid_key(secured, caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.DEBUG)
+    with pytest.raises(grpc.aio.AioRpcError) as raised:
+        await collect(secured.stub.StreamRespond(stream_request()))
+    details = status_details(raised.value)
+    assert details.code == grpc.StatusCode.UNAUTHENTICATED
+    assert details.error_info.reason == "MISSING_CREDENTIALS"
+    with pytest.raises(grpc.aio.AioRpcError) as raised:
+        await collect(secured.stub.StreamRespond(stream_request(), metadata=bearer("wrong-key")))
+    assert status_details(raised.value).error_info.reason == "INVALID_CREDENTIALS"
+    assert "wrong-key" not in caplog.text
+    completed = completed_of(
+        await collect(secured.stub.StreamRespond(stream_request(), metadata=bearer(KEY_A)))
+    )
+    assert completed.verification.status == pb.VERIFICATION_STATUS_VERIFIED
+    assert secured.simulator.stats.started == 1
+    assert KEY_A not in caplog.text
+
+
+async def test_health_and_reflection_stay_open(secured) -> None:
+    health = health_pb2_grpc.HealthStub(secured.channel)
+    answer = await health.Check(health_pb2.HealthCheckRequest(service=""))
+    assert answer.status == health_pb2.HealthCheckResponse.SERVING
+
+
+async def test_only_the_owning_tenant_can_resume_or_cancel(secured) -> None:
+    request = stream_request(resumable=True, request_id="tenant-req")
+    completed = completed_of(
+        await collect(secured.stub.StreamRespond(request, metadata=bearer(KEY_A)))
+    )
+    resume = pb.StreamRespondRequest(
+        resume=pb.ResumeFrom(response_id=completed.response_id, after_sequence=0)
+    )
+    replay = await collect(secured.stub.StreamRespond(resume, metadata=bearer(KEY_A)))
+    assert completed_of(replay).final_sha256 == completed.final_sha256
+    for call in (
+        collect(secured.stub.StreamRespond(resume, metadata=bearer(KEY_B))),
+        secured.stub.Cancel(
+            pb.CancelRequest(response_id=completed.response_id), metadata=bearer(KEY_B)
+        ),
+    ):
+        with pytest.raises(grpc.aio.AioRpcError) as raised:
+            await call
+        assert raised.value.code() == grpc.StatusCode.NOT_FOUND
+    # The same request id from another tenant is a new response, not the first one.
+    other = completed_of(await collect(secured.stub.StreamRespond(request, metadata=bearer(KEY_B))))
+    assert other.response_id != completed.response_id
+
+
+async def test_the_tenant_reaches_the_audit(secured, tmp_path: Path) -> None:
+    from tokenwire_server.audit.store import read_record
+
+    completed = completed_of(
+        await collect(secured.stub.StreamRespond(stream_request(), metadata=bearer(KEY_B)))
+    )
+    record = read_record(tmp_path / "audit.db", completed.response_id)
+    assert record is not None and record["tenant"] == "globex"
+
+
+async def test_keys_reload_on_sighup_without_a_restart(tmp_path: Path) -> None:
+    import os
+    import re
+    import signal
+
+    path = keys_file(tmp_path / "keys.yaml", ("acme", KEY_A))
+    env = {k: v for k, v in os.environ.items() if not k.startswith("TOKENWIRE_")}
+    process = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-m",
+        "tokenwire.cli",
+        "serve",
+        "--port",
+        "0",
+        "--auth-keys-file",
+        path,
+        "--audit-path",
+        ":memory:",
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+        env=env,
+    )
+    try:
+        assert process.stdout is not None and process.stderr is not None
+        line = (await asyncio.wait_for(process.stdout.readline(), 30)).decode()
+        port = re.search(r":(\d+)\s*$", line)
+        assert port
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{port.group(1)}") as channel:
+            stub = respond_pb2_grpc.RespondServiceStub(channel)
+            request = pb.RespondRequest(messages=stream_request().messages)
+            await stub.Respond(request, metadata=bearer(KEY_A))
+            with pytest.raises(grpc.aio.AioRpcError):
+                await stub.Respond(request, metadata=bearer(KEY_B))
+            keys_file(Path(path), ("globex", KEY_B))
+            process.send_signal(signal.SIGHUP)
+            while b"keys reloaded" not in await asyncio.wait_for(process.stderr.readline(), 30):
+                pass
+            await stub.Respond(request, metadata=bearer(KEY_B))
+            with pytest.raises(grpc.aio.AioRpcError):
+                await stub.Respond(request, metadata=bearer(KEY_A))
+        process.send_signal(signal.SIGTERM)
+        assert await asyncio.wait_for(process.wait(), 30) == 0
+    finally:
+        if process.returncode is None:
+            process.kill()
+            await process.wait()
+
+
+async def test_mtls_identity_is_the_tenant(start_server: StartServer, tmp_path: Path) -> None:
+    pki = Pki(tmp_path)
+    server = await start_server(
+        tls_cert=pki.server_cert,
+        tls_key=pki.server_key,
+        tls_client_ca=pki.ca_pem,
+        auth_mtls=True,
+        audit_path=str(tmp_path / "audit.db"),
+    )
+    credentials = tls_credentials(pki.ca_pem, pki.client_cert, pki.client_key)
+    async with AsyncClient(server.address, credentials=credentials) as client:
+        result = await client.stream("who am I", model="echo").collect()
+    from tokenwire_server.audit.store import read_record
+
+    record = read_record(tmp_path / "audit.db", result.completed.response_id)
+    assert record is not None and record["tenant"] == "tenant-a.clients.tokenwire.dev"
+
+
+async def test_client_and_cli_send_the_key(secured) -> None:
+    async with AsyncClient(secured.address, api_key=KEY_A) as client:
+        assert (await client.respond("hi", model="echo")).text == "hi"
+    process = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-m",
+        "tokenwire.cli",
+        "ask",
+        "--target",
+        secured.address,
+        "--api-key",
+        KEY_B,
+        "--model",
+        "echo",
+        "keyed",
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+    )
+    out, err = await asyncio.wait_for(process.communicate(), 60)
+    assert process.returncode == 0, err.decode()
+    assert out.decode() == "keyed\n"
+    hashed = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-m",
+        "tokenwire.cli",
+        "keys",
+        "hash",
+        stdin=asyncio.subprocess.PIPE,
+        stdout=asyncio.subprocess.PIPE,
+    )
+    out, _ = await hashed.communicate(KEY_A.encode() + b"\n")
+    assert out.decode().strip() == hashlib.sha256(KEY_A.encode()).hexdigest()
