@@ -143,6 +143,25 @@ class AuthConfig:
 
 
 @dataclass(frozen=True)
+class QuotaConfig:
+    max_concurrent_calls: int = _setting(
+        1000, "calls served at once, server-wide; more wait briefly, then RESOURCE_EXHAUSTED"
+    )
+    admission_wait: float = _setting(
+        0.1, "seconds a call over max_concurrent_calls may wait for a slot"
+    )
+    tenant_max_concurrent_calls: int = _setting(0, "calls at once per tenant (0: no limit)")
+    tenant_tokens_per_minute: int = _setting(
+        0, "generated tokens per minute per tenant, a token bucket (0: no limit)"
+    )
+    keepalive_time: float = _setting(30.0, "seconds between server keepalive pings")
+    keepalive_timeout: float = _setting(10.0, "seconds a keepalive ping may go unanswered")
+    min_client_ping_interval: float = _setting(
+        10.0, "shortest interval between client pings the server tolerates"
+    )
+
+
+@dataclass(frozen=True)
 class AuditConfig:
     audit_path: str = _setting(
         "tokenwire-audit.sqlite3", "SQLite file of the audit trail (':memory:' keeps it in memory)"
@@ -214,6 +233,7 @@ class Config:
     governance: GovernanceConfig = field(default_factory=GovernanceConfig)
     resume: ResumeConfig = field(default_factory=ResumeConfig)
     auth: AuthConfig = field(default_factory=AuthConfig)
+    quotas: QuotaConfig = field(default_factory=QuotaConfig)
     audit: AuditConfig = field(default_factory=AuditConfig)
     observability: ObservabilityConfig = field(default_factory=ObservabilityConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)

@@ -29,6 +29,12 @@ class FieldViolation:
     description: str
 
 
+@dataclass(frozen=True, slots=True)
+class QuotaViolation:
+    subject: str
+    description: str
+
+
 class TokenwireError(Exception):
     """Base of every error with a defined gRPC status."""
 
@@ -44,6 +50,7 @@ class TokenwireError(Exception):
         metadata: Mapping[str, str] | None = None,
         violations: Sequence[FieldViolation] = (),
         retry_after: float | None = None,
+        quota: Sequence[QuotaViolation] = (),
     ) -> None:
         super().__init__(message)
         self.message = message
@@ -51,6 +58,7 @@ class TokenwireError(Exception):
             self.reason = reason
         self.metadata = dict(metadata or {})
         self.violations = tuple(violations)
+        self.quota = tuple(quota)
         if retry_after is not None:
             self.retry_after = retry_after
 
@@ -63,6 +71,12 @@ class InvalidRequest(TokenwireError):
 class NotFound(TokenwireError):
     code = grpc.StatusCode.NOT_FOUND
     reason = "NOT_FOUND"
+
+
+class QuotaExceeded(TokenwireError):
+    code = grpc.StatusCode.RESOURCE_EXHAUSTED
+    reason = "QUOTA_EXCEEDED"
+    retry_after = 1.0
 
 
 class ResponseNotFound(TokenwireError):
@@ -149,6 +163,19 @@ def to_status_proto(error: TokenwireError) -> status_pb2.Status:
                             field=v.field, description=v.description
                         )
                         for v in error.violations
+                    ]
+                )
+            )
+        )
+    if error.quota:
+        details.append(
+            _pack(
+                error_details_pb2.QuotaFailure(
+                    violations=[
+                        error_details_pb2.QuotaFailure.Violation(
+                            subject=q.subject, description=q.description
+                        )
+                        for q in error.quota
                     ]
                 )
             )

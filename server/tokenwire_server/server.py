@@ -114,6 +114,14 @@ class TokenwireServer:
             options=[
                 ("grpc.max_receive_message_length", net.max_message_bytes),
                 ("grpc.so_reuseport", 0),
+                ("grpc.keepalive_time_ms", int(self.config.quotas.keepalive_time * 1000)),
+                ("grpc.keepalive_timeout_ms", int(self.config.quotas.keepalive_timeout * 1000)),
+                ("grpc.keepalive_permit_without_calls", 1),
+                (
+                    "grpc.http2.min_ping_interval_without_data_ms",
+                    int(self.config.quotas.min_client_ping_interval * 1000),
+                ),
+                ("grpc.http2.max_ping_strikes", 2),
             ],
         )
         respond_pb2_grpc.add_RespondServiceServicer_to_server(

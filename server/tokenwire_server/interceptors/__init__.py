@@ -4,6 +4,7 @@
 1. tracing: the OpenTelemetry server span; continues the caller's traceparent.
 2. request context: request id (echoed as x-request-id) and trace id for the call.
 3. observability: metrics, span attributes/events and the log line of each outcome.
+   limits: server-wide and per-tenant concurrency, tokens per minute (RESOURCE_EXHAUSTED).
 4. audit: one durable record per response, committed before `Completed` leaves.
 5. deadlines: default and maximum deadline, the budget handed to the pipeline.
 6. verification gate: checks every chunk and holds `Completed` until verified.
@@ -20,6 +21,7 @@ from tokenwire_server.config import Config
 from tokenwire_server.interceptors.audit import AuditInterceptor
 from tokenwire_server.interceptors.auth import AuthInterceptor
 from tokenwire_server.interceptors.deadlines import DeadlineInterceptor
+from tokenwire_server.interceptors.limits import LimitsInterceptor
 from tokenwire_server.interceptors.observability import ObservabilityInterceptor
 from tokenwire_server.interceptors.request_context import RequestContextInterceptor
 from tokenwire_server.interceptors.tracing import tracing_interceptor
@@ -42,6 +44,7 @@ def build_chain(
         tracing_interceptor(tracer_provider),
         RequestContextInterceptor(),
         ObservabilityInterceptor(metrics, log_text=config.logging.log_text),
+        LimitsInterceptor(config.quotas),
         AuditInterceptor(audit_store),
         DeadlineInterceptor(config.deadlines.default_deadline, config.deadlines.max_deadline),
         VerificationGateInterceptor(tracer_provider.get_tracer("tokenwire.verification")),
