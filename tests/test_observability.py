@@ -79,11 +79,18 @@ async def test_metrics_match_what_callers_received(start_server: StartServer) ->
     assert value(samples, "tokenwire_verifications_total", status="VERIFIED") == 6
     assert value(samples, "tokenwire_delivery_mode_total", mode="BUFFERED") == 2
     assert value(samples, "tokenwire_delivery_mode_total", mode="STREAM") == 4
-    ok = {"method": "StreamRespond", "status": "OK"}
+    ok = {"method": "StreamRespond", "status": "OK", "tenant": ""}
     assert value(samples, "tokenwire_responses_total", **ok) == 5
-    assert value(samples, "tokenwire_responses_total", method="Respond", status="OK") == 1
+    unary_ok = {"method": "Respond", "status": "OK", "tenant": ""}
+    assert value(samples, "tokenwire_responses_total", **unary_ok) == 1
     assert (
-        value(samples, "tokenwire_responses_total", method="StreamRespond", status="UNAVAILABLE")
+        value(
+            samples,
+            "tokenwire_responses_total",
+            method="StreamRespond",
+            status="UNAVAILABLE",
+            tenant="",
+        )
         == 1
     )
     model = {"gen_ai_operation_name": "chat", "gen_ai_request_model": "tokenwire-sim"}
@@ -107,7 +114,7 @@ async def test_deadline_expiries_are_counted_before_the_caller_sees_them(
     assert raised.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
     samples = await scrape(server)
     assert value(samples, "tokenwire_deadline_expiries_total") == 1
-    status = {"method": "StreamRespond", "status": "DEADLINE_EXCEEDED"}
+    status = {"method": "StreamRespond", "status": "DEADLINE_EXCEEDED", "tenant": ""}
     assert value(samples, "tokenwire_responses_total", **status) == 1
 
 

@@ -159,6 +159,15 @@ class QuotaConfig:
     min_client_ping_interval: float = _setting(
         10.0, "shortest interval between client pings the server tolerates"
     )
+    max_connection_idle: float = _setting(
+        600.0, "seconds an idle connection is kept before the server closes it (GOAWAY)"
+    )
+    max_connection_age: float = _setting(
+        1800.0, "seconds before a connection is asked to reconnect, so meshes rebalance"
+    )
+    max_connection_age_grace: float = _setting(
+        600.0, "seconds in-flight calls keep after max_connection_age (resumable streams resume)"
+    )
 
 
 @dataclass(frozen=True)

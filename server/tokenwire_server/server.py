@@ -122,6 +122,12 @@ class TokenwireServer:
                     int(self.config.quotas.min_client_ping_interval * 1000),
                 ),
                 ("grpc.http2.max_ping_strikes", 2),
+                ("grpc.max_connection_idle_ms", int(self.config.quotas.max_connection_idle * 1000)),
+                ("grpc.max_connection_age_ms", int(self.config.quotas.max_connection_age * 1000)),
+                (
+                    "grpc.max_connection_age_grace_ms",
+                    int(self.config.quotas.max_connection_age_grace * 1000),
+                ),
             ],
         )
         respond_pb2_grpc.add_RespondServiceServicer_to_server(

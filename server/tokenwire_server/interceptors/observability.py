@@ -71,7 +71,7 @@ class ObservabilityInterceptor(RespondServiceInterceptor):
         m.bytes_sent.inc(sent_bytes)
         if heartbeats:
             m.heartbeats.inc(heartbeats)
-        m.responses.labels(method, "OK").inc()
+        m.responses.labels(method, "OK", m.tenant_label(CALL_TENANT.get())).inc()
         mode = _name(pb.DeliveryMode, completed.delivery_mode, "DELIVERY_MODE_")
         m.delivery_mode.labels(mode).inc()
         verification = _name(
@@ -159,7 +159,7 @@ class ObservabilityInterceptor(RespondServiceInterceptor):
         identity = CALL_IDENTITY.get()
         model = record.model if record is not None else request.model
         m.request_duration.labels(OPERATION, model, status).observe(time.monotonic() - started)
-        m.responses.labels(method, status).inc()
+        m.responses.labels(method, status, m.tenant_label(CALL_TENANT.get())).inc()
         m.chunks_sent.inc(chunks)
         m.bytes_sent.inc(sent_bytes)
         if heartbeats:

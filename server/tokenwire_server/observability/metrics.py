@@ -15,6 +15,7 @@ from wsgiref.simple_server import WSGIServer
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
 
 OPERATION = "chat"
+MAX_TENANT_LABELS = 100
 _LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120)
 _PER_TOKEN_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1)
 _TOKEN_BUCKETS = (1, 4, 16, 64, 256, 1024, 4096, 16384, 65536)
@@ -64,8 +65,12 @@ class Metrics:
         )
         self.heartbeats = Counter("tokenwire_heartbeats", "Heartbeats sent.", registry=r)
         self.responses = Counter(
-            "tokenwire_responses", "Finished calls by outcome.", ("method", "status"), registry=r
+            "tokenwire_responses",
+            "Finished calls by outcome and tenant.",
+            ("method", "status", "tenant"),
+            registry=r,
         )
+        self._tenants: set[str] = set()
         self.delivery_mode = Counter(
             "tokenwire_delivery_mode", "Delivery mode used per response.", ("mode",), registry=r
         )
@@ -108,6 +113,13 @@ class Metrics:
         )
         self._server: WSGIServer | None = None
         self._thread: threading.Thread | None = None
+
+    def tenant_label(self, tenant: str) -> str:
+        """Keeps label cardinality bounded: the first 100 tenants by name, then "other"."""
+        if tenant in self._tenants or len(self._tenants) < MAX_TENANT_LABELS:
+            self._tenants.add(tenant)
+            return tenant
+        return "other"
 
     def serve(self, host: str, port: int) -> int:
         """Starts the /metrics endpoint; returns the bound port."""
