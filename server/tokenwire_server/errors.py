@@ -145,12 +145,30 @@ def _pack(message: object) -> any_pb2.Any:
     return packed
 
 
+#: Errors echo caller input (a model name, a response id, a label key); clipped, so a
+#: hostile value can never push the trailers past gRPC's 8 KiB metadata limit.
+MAX_MESSAGE_CHARS = 200
+MAX_DETAIL_CHARS = 96
+MAX_VIOLATIONS = 5
+
+
+def clip(text: str, limit: int = MAX_DETAIL_CHARS) -> str:
+    return text if len(text) <= limit else text[: limit - 1] + "…"
+
+
+def clip_message(text: str) -> str:
+    """ASCII (non-ASCII escaped) and short: grpc-message is percent-encoded on the wire."""
+    return clip(text.encode("ascii", "backslashreplace").decode("ascii"), MAX_MESSAGE_CHARS)
+
+
 def to_status_proto(error: TokenwireError) -> status_pb2.Status:
     """Builds the google.rpc.Status that travels in the grpc-status-details-bin trailer."""
     details = [
         _pack(
             error_details_pb2.ErrorInfo(
-                reason=error.reason, domain=ERROR_DOMAIN, metadata=error.metadata
+                reason=error.reason,
+                domain=ERROR_DOMAIN,
+                metadata={clip(k, 32): clip(v) for k, v in list(error.metadata.items())[:8]},
             )
         )
     ]
@@ -160,9 +178,9 @@ def to_status_proto(error: TokenwireError) -> status_pb2.Status:
                 error_details_pb2.BadRequest(
                     field_violations=[
                         error_details_pb2.BadRequest.FieldViolation(
-                            field=v.field, description=v.description
+                            field=clip(v.field, 64), description=clip(v.description)
                         )
-                        for v in error.violations
+                        for v in error.violations[:MAX_VIOLATIONS]
                     ]
                 )
             )
@@ -186,7 +204,7 @@ def to_status_proto(error: TokenwireError) -> status_pb2.Status:
         details.append(_pack(error_details_pb2.RetryInfo(retry_delay=delay)))
     code_value: int = error.code.value[0]
     assert code_value in code_pb2.Code.values()
-    return status_pb2.Status(code=code_value, message=error.message, details=details)
+    return status_pb2.Status(code=code_value, message=clip_message(error.message), details=details)
 
 
 def trailing_metadata(
@@ -202,4 +220,6 @@ async def abort(
     extra_trailers: Sequence[tuple[str, str]] = (),
 ) -> None:
     """Ends the call with the error's status; never returns normally."""
-    await context.abort(error.code, error.message, trailing_metadata(error, extra_trailers))
+    await context.abort(
+        error.code, clip_message(error.message), trailing_metadata(error, extra_trailers)
+    )

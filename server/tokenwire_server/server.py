@@ -18,7 +18,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 from opentelemetry.sdk.trace import TracerProvider
 
-from tokenwire.v1 import respond_pb2, respond_pb2_grpc
+from tokenwire.v1 import respond_pb2
 from tokenwire_server.audit.store import AuditStore, SqliteAuditStore
 from tokenwire_server.auth import Authenticator
 from tokenwire_server.backends.base import Backend
@@ -34,6 +34,7 @@ from tokenwire_server.store.base import ResponseStore
 from tokenwire_server.store.memory import InMemoryResponseStore
 from tokenwire_server.store.redis_store import RedisResponseStore
 from tokenwire_server.telemetry import build_tracer_provider
+from tokenwire_server.wire import add_respond_service
 
 log = logging.getLogger(__name__)
 
@@ -130,7 +131,7 @@ class TokenwireServer:
                 ),
             ],
         )
-        respond_pb2_grpc.add_RespondServiceServicer_to_server(
+        add_respond_service(
             RespondServicer(
                 self.config,
                 self.registry,

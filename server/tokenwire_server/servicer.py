@@ -56,6 +56,7 @@ from tokenwire_server.interceptors.request_context import current_trace_id
 from tokenwire_server.store.base import ResponseStore
 from tokenwire_server.tokens import estimate_prompt_tokens
 from tokenwire_server.validation import parse_call
+from tokenwire_server.wire import Undecodable
 
 log = logging.getLogger(__name__)
 Context = grpc.aio.ServicerContext[Any, Any]
@@ -125,6 +126,7 @@ class RespondServicer(respond_pb2_grpc.RespondServiceServicer):
 
     async def _start(self, request: Request, context: Context) -> LiveResponse:
         """The response this request reads: a new one, or the one its request id started."""
+        _reject_undecodable(request)
         loop = asyncio.get_running_loop()
         identity = CALL_IDENTITY.get() or CallIdentity(
             request_id=request.request_id or f"req_{uuid.uuid4().hex}",
@@ -258,6 +260,7 @@ class RespondServicer(respond_pb2_grpc.RespondServiceServicer):
         self, request: pb.StreamRespondRequest, context: Context
     ) -> AsyncIterator[pb.StreamRespondResponse]:
         try:
+            _reject_undecodable(request)
             if request.HasField("resume"):
                 response = await self._resume(request)
                 start_after = request.resume.after_sequence
@@ -297,6 +300,10 @@ class RespondServicer(respond_pb2_grpc.RespondServiceServicer):
             _note_progress(response, delivery.last_sequence)
 
     async def Cancel(self, request: pb.CancelRequest, context: Context) -> pb.CancelResponse:
+        try:
+            _reject_undecodable(request)
+        except InvalidRequest as error:
+            await abort(context, error)
         response = await self._store.get(request.response_id) if request.response_id else None
         if response is not None and response.tenant != CALL_TENANT.get():
             response = None  # someone else's: indistinguishable from unknown
@@ -352,6 +359,14 @@ class RespondServicer(respond_pb2_grpc.RespondServiceServicer):
                 (PROMPT_TOKENS_KEY, str(prompt_tokens)),
                 (COMPLETION_TOKENS_KEY, str(response.tokens_generated)),
             ),
+        )
+
+
+def _reject_undecodable(request: object) -> None:
+    if isinstance(request, Undecodable):
+        raise InvalidRequest(
+            f"the request body is not a valid {request.message_type}: {request.reason}",
+            reason="MALFORMED_REQUEST",
         )
 
 

@@ -207,9 +207,9 @@ class LiveResponse:
 
     @property
     def retained_bytes(self) -> int:
-        """Roughly what keeping this response costs: its chunks and final text."""
-        final = len(self.outcome.final_text) if self.outcome is not None else 0
-        return self._chunk_bytes + final
+        """Roughly what keeping this response costs: chunks, released text, final text."""
+        final = len(self.outcome.final_text.encode()) if self.outcome is not None else 0
+        return 2 * self._chunk_bytes + final
 
     def stop_generation(self) -> None:
         """Cancels generation if it still runs; safe to call any number of times.
