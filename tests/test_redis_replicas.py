@@ -238,3 +238,36 @@ async def test_a_killed_replica_is_taken_over_and_the_stream_continues(
         if process.returncode is None:
             process.kill()
             await process.wait()
+
+
+async def test_a_reader_on_another_replica_keeps_the_owner_generating(
+    start_server: StartServer, redis_url: str
+) -> None:
+    a, b = await replicas(start_server, redis_url, detach_window=0.5)
+    call = a.stub.StreamRespond(resumable(labels={**SLOW, "tokenwire.sim/answer-tokens": "100"}))
+    held = await first_chunks(call, 3)
+    call.cancel()  # A has no reader left; B's reader must keep A going past 0.5 s
+    events = await collect(b.stub.StreamRespond(resume(held[0].response_id, 3), timeout=30))
+    assert_whole(held, events)
+    assert a.simulator.stats.cancelled == 0
+
+
+async def test_a_cancelled_buffered_response_stays_cancelled_everywhere(
+    start_server: StartServer, redis_url: str
+) -> None:
+    a, b = await replicas(start_server, redis_url, heartbeat_interval=0.05)
+    request = resumable(
+        delivery_mode=pb.DELIVERY_MODE_BUFFERED,
+        labels={**SLOW, "tokenwire.sim/answer-tokens": "500"},
+    )
+    call = a.stub.StreamRespond(request)
+    heartbeat = await call.read()  # nothing else comes before the end in BUFFERED mode
+    response_id = heartbeat.heartbeat.response_id
+    assert response_id
+    cancelled = await a.stub.Cancel(pb.CancelRequest(response_id=response_id))
+    assert cancelled.was_running
+    call.cancel()
+    with pytest.raises(grpc.aio.AioRpcError) as raised:
+        await collect(b.stub.StreamRespond(resume(response_id, 0), timeout=10))
+    assert raised.value.code() == grpc.StatusCode.CANCELLED
+    assert b.simulator.stats.started == 0

@@ -334,13 +334,16 @@ class RespondServicer(respond_pb2_grpc.RespondServiceServicer):
             "lastSequence": str(last_sequence),
             "responseId": response.response_id,
         }
-        error = type(error)(
-            error.message,
-            reason=error.reason,
+        original = error
+        error = type(original)(
+            original.message,
+            reason=original.reason,
             metadata=metadata,
-            violations=error.violations,
-            retry_after=error.retry_after,
+            violations=original.violations,
+            retry_after=original.retry_after,
+            quota=original.quota,
         )
+        error.code = original.code  # an error replayed from a shared log keeps its status
         _note_progress(response, last_sequence, error.reason)
         log.info(
             "response %s ended after sequence %d: %s %s",

@@ -207,6 +207,7 @@ class AsyncResponseStream:
         self._resume = resume if request.resumable else None
         self._assembler = assembler or StreamAssembler()
         self._call: Any = None
+        self._cancelled = False
         self.resumes = 0
 
     def __aiter__(self) -> AsyncIterator[Event]:
@@ -237,6 +238,8 @@ class AsyncResponseStream:
                 await asyncio.sleep(
                     min(self._resume.delay(self.resumes - 1), max(0.0, remaining))  # type: ignore[union-attr]
                 )
+                if self._cancelled:
+                    raise error from None
                 request = self._assembler.resume_request()
             finally:
                 # A caller that stops reading (or a failed check) must stop generation too.
@@ -249,7 +252,8 @@ class AsyncResponseStream:
 
     def _should_resume(self, error: TokenwireError) -> bool:
         return (
-            self._resume is not None
+            not self._cancelled
+            and self._resume is not None
             and self.resumes < self._resume.attempts
             and bool(self._assembler.response_id)
             and worth_resuming(error)
@@ -269,7 +273,9 @@ class AsyncResponseStream:
         return self._assembler.response_id
 
     def cancel(self) -> None:
-        """Cancels the call; the server stops generation (unless the stream is resumable)."""
+        """Cancels the call and any resume still to come; the server stops generation
+        (unless the stream is resumable: then `cancel_response` stops it)."""
+        self._cancelled = True
         if self._call is not None:
             self._call.cancel()
 
@@ -391,6 +397,7 @@ class ResponseStream:
         self._resume = resume if request.resumable else None
         self._assembler = assembler or StreamAssembler()
         self._call: Any = None
+        self._cancelled = False
         self.resumes = 0
 
     def __iter__(self) -> Iterator[Event]:
@@ -410,7 +417,8 @@ class ResponseStream:
             except grpc.RpcError as rpc_error:
                 error = from_rpc_error(rpc_error)
                 if not (
-                    self._resume is not None
+                    not self._cancelled
+                    and self._resume is not None
                     and self.resumes < self._resume.attempts
                     and self._assembler.response_id
                     and worth_resuming(error)
@@ -419,6 +427,8 @@ class ResponseStream:
                     raise error from None
                 self.resumes += 1
                 time.sleep(min(self._resume.delay(self.resumes - 1), max(0.0, remaining)))
+                if self._cancelled:
+                    raise error from None
                 request = self._assembler.resume_request()
             finally:
                 if call.is_active():
@@ -441,7 +451,9 @@ class ResponseStream:
         return self._assembler.response_id
 
     def cancel(self) -> None:
-        """Cancels the call; the server stops generation (unless the stream is resumable)."""
+        """Cancels the call and any resume still to come; the server stops generation
+        (unless the stream is resumable: then `cancel_response` stops it)."""
+        self._cancelled = True
         if self._call is not None:
             self._call.cancel()
 

@@ -136,6 +136,9 @@ class LiveResponse:
         #: A shared log (several replicas): chunks are written there before they are sent.
         self.log: ChunkLog | None = None
         self._log_ended = False
+        #: Set on a replica that only mirrors another's response: called when its
+        #: last reader leaves (the mirror stops following; the owner goes on).
+        self.on_orphaned: Callable[[LiveResponse], None] | None = None
 
     # ----- readers ---------------------------------------------------------
 
@@ -150,6 +153,9 @@ class LiveResponse:
     def _detach(self) -> None:
         self.readers -= 1
         if self.readers:
+            return
+        if self.on_orphaned is not None and self.log is None:
+            self.on_orphaned(self)  # a mirror: generation is another replica's business
             return
         if self.done:
             self._log_end_when_complete()
@@ -170,24 +176,30 @@ class LiveResponse:
         """
         if self.log is None or self._log_ended or self.state is State.RUNNING:
             return
+        if self.state is not State.FINISHED and self.mode_used is DeliveryMode.BUFFERED:
+            # A buffered response that did not finish sends nothing: drop what it held.
+            self._pending.clear()
+            self._pending_counts.clear()
+            self._pending_token_total = 0
+        whole_due = self.state is State.FINISHED and not self.chunks and self._whole_chunk_due()
         if not self.readers:
-            if self.mode_used is DeliveryMode.BUFFERED:
-                if self.state is State.FINISHED and not self.chunks:
-                    self.cut_whole()
-                    return  # cut_whole logs the ending
-            else:
-                while self._pending:
-                    self.cut_chunk(self.detached_chunk_tokens)
+            if whole_due:
+                self.cut_whole()
+                return  # cut_whole logs the ending
+            while self._pending:
+                self.cut_chunk(self.detached_chunk_tokens)
             if self._log_ended:
                 return  # the last cut logged the ending
-        if self._pending or (
-            self.state is State.FINISHED
-            and self.mode_used is DeliveryMode.BUFFERED
-            and not self.chunks
-        ):
+        if self._pending or whole_due:
             return  # a reader will cut the rest; the ending follows its last chunk
         self._log_ended = True
         self.log.end(self)
+
+    def _whole_chunk_due(self) -> bool:
+        """A reader will send the final payload as one chunk (buffered, or replaced)."""
+        if self.mode_used is not DeliveryMode.STREAM:
+            return True
+        return self.outcome is not None and self.outcome.final_text != self.released_text
 
     def _cut_detached(self) -> None:
         if self.mode_used is DeliveryMode.BUFFERED:
@@ -196,6 +208,12 @@ class LiveResponse:
             self.mode_used = DeliveryMode.STREAM  # chunks exist now: it is a stream
         while self._pending:
             self.cut_chunk(self.detached_chunk_tokens)
+
+    def keep_alive(self) -> None:
+        """A reader elsewhere (another replica) still reads: restart the detach window."""
+        if self._detach_timer is not None and not self.done:
+            self._detach_timer.cancel()
+            self._detach_timer = self._loop.call_later(self.detach_window, self.stop_generation)
 
     def on_end(self, callback: Callable[[LiveResponse], None]) -> None:
         self._on_end.append(callback)

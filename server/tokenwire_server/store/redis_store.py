@@ -308,6 +308,7 @@ class RedisResponseStore(ResponseStore):
 
     async def _hold_lease(self, response: LiveResponse) -> None:
         owner, cancel = _key(response.response_id, "owner"), _key(response.response_id, "cancel")
+        remote_readers = _key(response.response_id, "readers")
         try:
             while not response.done:
                 with contextlib.suppress(asyncio.TimeoutError):
@@ -318,7 +319,8 @@ class RedisResponseStore(ResponseStore):
                     pipe = self._client.pipeline(transaction=False)
                     pipe.set(owner, self.replica_id, px=int(self._lease * 1000))
                     pipe.get(cancel)
-                    _, cancelled = await pipe.execute()
+                    pipe.exists(remote_readers)
+                    _, cancelled, read_elsewhere = await pipe.execute()
                 except redis.RedisError as error:
                     # Keep serving local readers; another replica may take over meanwhile,
                     # and the log writer reports the store's failure to the readers.
@@ -326,6 +328,8 @@ class RedisResponseStore(ResponseStore):
                     continue
                 if cancelled:
                     response.stop_generation()
+                elif read_elsewhere and not response.readers:
+                    response.keep_alive()
         finally:
             with contextlib.suppress(Exception):
                 await self._client.delete(owner)
@@ -350,6 +354,8 @@ class RedisResponseStore(ResponseStore):
             return None
         meta = {_text(k): v for k, v in raw.items()}
         mirror = self._mirror(response_id, meta)
+        mirror.on_end(self.finished)
+        mirror.on_orphaned = self._orphaned
         self._local[response_id] = mirror
         entries = await self._client.xrange(_key(response_id, "log"))
         last_id = "0-0"
@@ -363,6 +369,13 @@ class RedisResponseStore(ResponseStore):
         else:
             self.finished(mirror)
         return mirror
+
+    def _orphaned(self, mirror: LiveResponse) -> None:
+        """A mirror's last reader left: stop following; the owner keeps the response."""
+        if self._local.get(mirror.response_id) is mirror and not mirror.done:
+            del self._local[mirror.response_id]
+        if mirror.task is not None and not mirror.done:
+            mirror.task.cancel()
 
     async def request_cancel(self, response: LiveResponse) -> None:
         """Cancel for a response this replica may only be mirroring."""
@@ -445,9 +458,12 @@ class RedisResponseStore(ResponseStore):
 
     async def _follow(self, mirror: LiveResponse, last_id: str, request: bytes) -> None:
         log_key, owner_key = _key(mirror.response_id, "log"), _key(mirror.response_id, "owner")
+        readers_key = _key(mirror.response_id, "readers")
         block_ms = max(50, int(self._lease * 1000 / 3))
         try:
             while not mirror.done:
+                if mirror.readers:  # tell the owner someone here still reads
+                    await self._client.set(readers_key, self.replica_id, px=int(self._lease * 2000))
                 answer = await self._client.xread({log_key: last_id}, block=block_ms, count=1000)
                 for _, entries in answer:
                     for entry_id, fields in entries:
@@ -464,9 +480,6 @@ class RedisResponseStore(ResponseStore):
                     continue  # another replica won the race; keep following
                 await self._take_over(mirror, request)
                 return
-        except asyncio.CancelledError:
-            mirror.cancel()
-            raise
         except redis.RedisError as error:
             mirror.end_logged(
                 State.FAILED,
