@@ -59,6 +59,33 @@ log = logging.getLogger(__name__)
 Takeover = Callable[[LiveResponse, bytes], Awaitable[bool]]
 
 
+#: Renews a lease only for its holder: 1 when renewed, 0 when someone else holds it.
+_RENEW = """
+if redis.call('get', KEYS[1]) == ARGV[1] then
+  return redis.call('pexpire', KEYS[1], ARGV[2])
+end
+return 0
+"""
+
+
+_RELEASE = """
+if redis.call('get', KEYS[1]) == ARGV[1] then
+  return redis.call('del', KEYS[1])
+end
+return 0
+"""
+
+
+_SWAP = """
+local current = redis.call('get', KEYS[1])
+if current == false or current == ARGV[1] then
+  redis.call('set', KEYS[1], ARGV[2], 'EX', ARGV[3])
+  return 1
+end
+return 0
+"""
+
+
 def _key(response_id: str, part: str) -> str:
     return f"tw:rsp:{response_id}:{part}"
 
@@ -71,6 +98,14 @@ def _actions_json(actions: tuple[Action, ...]) -> str:
 
 def _actions(raw: str) -> tuple[Action, ...]:
     return tuple(Action(r, e, Operator(o), s, t) for r, e, o, s, t in json.loads(raw))
+
+
+def _entry_id(fields: dict[str, str | int], last_sequence: int) -> str:
+    """Stream ids follow sequences (chunk n is n-1, the ending last-2), so a stale
+    owner's append after a takeover is refused by Redis instead of interleaving."""
+    if fields["k"] == "c":
+        return f"{int(fields['s'])}-1"
+    return f"{last_sequence}-2"
 
 
 def _chunk_fields(record: ChunkRecord) -> dict[str, str | int]:
@@ -143,6 +178,7 @@ class RedisLog:
         self._queue: list[dict[str, str | int]] = []
         #: Chunks up to this sequence are in the stream already.
         self._written = written
+        self._last_sequence = written
         self._waiters: list[tuple[int, asyncio.Future[None]]] = []
         self._wake = asyncio.Event()
         self._failure: BaseException | None = None
@@ -178,7 +214,9 @@ class RedisLog:
                 try:
                     pipe = self._client.pipeline(transaction=False)
                     for fields in batch:
-                        pipe.xadd(self._key, fields)
+                        if fields["k"] == "c":
+                            self._last_sequence = int(fields["s"])
+                        pipe.xadd(self._key, fields, id=_entry_id(fields, self._last_sequence))
                     done = batch[-1]["k"] == "e"
                     pipe.expire(self._key, self._retention if done else self._ttl)
                     await pipe.execute()
@@ -253,10 +291,18 @@ class RedisResponseStore(ResponseStore):
                             "this request id was used for a different request",
                             metadata={"responseId": response_id},
                         )
-                    existing = await self.get(response_id)
-                    if existing is not None:
-                        return Attached(existing, existing=True)
-                await self._client.set(key, value, ex=int(self._retention))
+                    for _ in range(40):  # the winner writes its metadata right after the key
+                        existing = await self.get(response_id)
+                        if existing is not None:
+                            return Attached(existing, existing=True)
+                        await asyncio.sleep(0.025)
+                # The response behind the key expired: take the key over, but only if it
+                # still names that response (another retry may have just done the same).
+                swapped = await self._client.eval(
+                    _SWAP, 1, key, _text(known or b""), value, int(self._retention)
+                )
+                if not swapped:
+                    return await self.register(response, idempotency_key, fingerprint, request)
         await self.own(response, request)
         return Attached(response, existing=False)
 
@@ -317,22 +363,29 @@ class RedisResponseStore(ResponseStore):
                     break
                 try:
                     pipe = self._client.pipeline(transaction=False)
-                    pipe.set(owner, self.replica_id, px=int(self._lease * 1000))
+                    pipe.eval(_RENEW, 1, owner, self.replica_id, int(self._lease * 1000))
                     pipe.get(cancel)
                     pipe.exists(remote_readers)
-                    _, cancelled, read_elsewhere = await pipe.execute()
+                    still_owner, cancelled, read_elsewhere = await pipe.execute()
                 except redis.RedisError as error:
                     # Keep serving local readers; another replica may take over meanwhile,
                     # and the log writer reports the store's failure to the readers.
                     log.warning("cannot renew the lease of %s: %s", response.response_id, error)
                     continue
+                if not still_owner:
+                    # Another replica took over while this one was silent: stop, and
+                    # write nothing more (its log would be refused anyway).
+                    log.warning("lost the lease of %s; stopping", response.response_id)
+                    response.log = None
+                    response.stop_generation()
+                    return
                 if cancelled:
                     response.stop_generation()
                 elif read_elsewhere and not response.readers:
                     response.keep_alive()
         finally:
             with contextlib.suppress(Exception):
-                await self._client.delete(owner)
+                await self._client.eval(_RELEASE, 1, owner, self.replica_id)
 
     def finished(self, response: LiveResponse) -> None:
         async def expire() -> None:
