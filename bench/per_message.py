@@ -52,6 +52,29 @@ async def start(*command: str) -> Process:
     return Process(process, f"127.0.0.1:{match.group(2)}")
 
 
+async def start_tokenwire(*flags: str) -> Process:
+    """A `tokenwire serve` process as the benchmarks run it: the simulator at zero
+    delay, no audit file, quiet logs; `flags` add to or override these."""
+    return await start(
+        sys.executable,
+        "-m",
+        "tokenwire_server",
+        "--port",
+        "0",
+        "--sim-time-to-first-token",
+        "0",
+        "--sim-inter-token-delay",
+        "0",
+        "--max-tokens-cap",
+        "1000000",
+        "--audit-path",
+        ":memory:",
+        "--log-level",
+        "WARNING",
+        *flags,
+    )
+
+
 def tokenwire_request(messages: int) -> pb.StreamRespondRequest:
     return pb.StreamRespondRequest(
         model="tokenwire-sim",
@@ -95,23 +118,7 @@ async def measure(
 
 
 async def main(args: argparse.Namespace) -> None:
-    tokenwire = await start(
-        sys.executable,
-        "-m",
-        "tokenwire_server",
-        "--port",
-        "0",
-        "--sim-time-to-first-token",
-        "0",
-        "--sim-inter-token-delay",
-        "0",
-        "--max-tokens-cap",
-        "100000",
-        "--log-level",
-        "WARNING",
-        "--audit-path",
-        ":memory:",
-    )
+    tokenwire = await start_tokenwire()
     raw = await start(sys.executable, str(ROOT / "bench" / "raw_server.py"))
     try:
         print(

@@ -23,7 +23,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from per_message import measure, start, tokenwire_request
+from per_message import measure, start_tokenwire, tokenwire_request
 
 from tokenwire_server.governance.policy import PassThroughPolicy, Policy
 from tokenwire_server.governance.policy_file import load_policy
@@ -70,25 +70,7 @@ async def main(args: argparse.Namespace) -> None:
     print(f"\nend to end: StreamRespond, one token per chunk, {args.chunks} chunks per run\n")
     servers = {}
     for name in policies:
-        servers[name] = await start(
-            sys.executable,
-            "-m",
-            "tokenwire_server",
-            "--port",
-            "0",
-            "--policy",
-            name,
-            "--sim-time-to-first-token",
-            "0",
-            "--sim-inter-token-delay",
-            "0",
-            "--max-tokens-cap",
-            "100000",
-            "--audit-path",
-            ":memory:",
-            "--log-level",
-            "WARNING",
-        )
+        servers[name] = await start_tokenwire("--policy", name)
     try:
         print(
             f"{'policy':<16} | {'chunks/s':>9} | {'server CPU µs/chunk':>19} | "

@@ -29,7 +29,7 @@ import redis.asyncio as redis
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from per_message import start
+from per_message import start_tokenwire
 
 from tokenwire.v1 import respond_pb2 as pb
 from tokenwire.v1 import respond_pb2_grpc
@@ -83,25 +83,7 @@ def percentile(values: list[float], q: float) -> float:
 
 
 async def measure(store: str, args: argparse.Namespace) -> dict[str, float]:
-    server = await start(
-        sys.executable,
-        "-m",
-        "tokenwire_server",
-        "--port",
-        "0",
-        "--store",
-        store,
-        "--sim-time-to-first-token",
-        "0",
-        "--sim-inter-token-delay",
-        "0",
-        "--max-tokens-cap",
-        "100000",
-        "--audit-path",
-        ":memory:",
-        "--log-level",
-        "WARNING",
-    )
+    server = await start_tokenwire("--store", store)
     try:
         async with grpc.aio.insecure_channel(server.address) as channel:
             stub = respond_pb2_grpc.RespondServiceStub(channel)

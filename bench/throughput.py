@@ -29,7 +29,7 @@ import grpc
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from per_message import ROOT, Process, raw_request, start
+from per_message import ROOT, Process, raw_request, start, start_tokenwire
 
 from tokenwire.v1 import respond_pb2 as pb
 from tokenwire.v1 import respond_pb2_grpc
@@ -109,23 +109,7 @@ def pct(values: list[float], q: float) -> float:
 
 
 async def main(args: argparse.Namespace) -> None:
-    tokenwire = await start(
-        sys.executable,
-        "-m",
-        "tokenwire_server",
-        "--port",
-        "0",
-        "--sim-time-to-first-token",
-        "0",
-        "--sim-inter-token-delay",
-        "0",
-        "--max-tokens-cap",
-        "1000000",
-        "--audit-path",
-        ":memory:",
-        "--log-level",
-        "WARNING",
-    )
+    tokenwire = await start_tokenwire()
     raw = await start(sys.executable, str(ROOT / "bench" / "raw_server.py"))
     sse = await start(sys.executable, str(ROOT / "bench" / "sse_server.py"))
     try:
