@@ -183,13 +183,8 @@ def tls_credentials(
     )
 
 
-class AsyncResponseStream:
-    """An in-progress `StreamRespond`: iterate for events; `result` once completed.
-
-    A resumable stream whose connection drops (UNAVAILABLE without a tokenwire
-    error) reconnects with the last sequence it holds and goes on, so the
-    caller sees one seamless, verified stream.
-    """
+class _StreamState:
+    """What the sync and async streams share: the checks, the resume decision, cancel."""
 
     def __init__(
         self,
@@ -209,6 +204,55 @@ class AsyncResponseStream:
         self._call: Any = None
         self._cancelled = False
         self.resumes = 0
+
+    def _should_resume(self, error: TokenwireError) -> bool:
+        return (
+            not self._cancelled
+            and self._resume is not None
+            and self.resumes < self._resume.attempts
+            and bool(self._assembler.response_id)
+            and worth_resuming(error)
+            and time.monotonic() < self._deadline
+        )
+
+    def _resume_delay(self, remaining: float) -> float:
+        assert self._resume is not None
+        self.resumes += 1
+        return min(self._resume.delay(self.resumes - 1), max(0.0, remaining))
+
+    def _missing_completed(self) -> None:
+        if self._assembler.result is None:
+            raise ProtocolError(
+                "stream ended without Completed", last_sequence=self._assembler.last_sequence
+            )
+
+    @property
+    def result(self) -> Result | None:
+        return self._assembler.result
+
+    @property
+    def last_sequence(self) -> int:
+        return self._assembler.last_sequence
+
+    @property
+    def response_id(self) -> str:
+        return self._assembler.response_id
+
+    def cancel(self) -> None:
+        """Cancels the call and any resume still to come; the server stops generation
+        (unless the stream is resumable: then `cancel_response` stops it)."""
+        self._cancelled = True
+        if self._call is not None:
+            self._call.cancel()
+
+
+class AsyncResponseStream(_StreamState):
+    """An in-progress `StreamRespond`: iterate for events; `result` once completed.
+
+    A resumable stream whose connection drops (UNAVAILABLE without a tokenwire
+    error) reconnects with the last sequence it holds and goes on, so the
+    caller sees one seamless, verified stream.
+    """
 
     def __aiter__(self) -> AsyncIterator[Event]:
         return self._events()
@@ -234,10 +278,7 @@ class AsyncResponseStream:
                 error = from_rpc_error(rpc_error)
                 if not self._should_resume(error):
                     raise error from None
-                self.resumes += 1
-                await asyncio.sleep(
-                    min(self._resume.delay(self.resumes - 1), max(0.0, remaining))  # type: ignore[union-attr]
-                )
+                await asyncio.sleep(self._resume_delay(remaining))
                 if self._cancelled:
                     raise error from None
                 request = self._assembler.resume_request()
@@ -245,39 +286,7 @@ class AsyncResponseStream:
                 # A caller that stops reading (or a failed check) must stop generation too.
                 if not call.done():
                     call.cancel()
-        if self._assembler.result is None:
-            raise ProtocolError(
-                "stream ended without Completed", last_sequence=self._assembler.last_sequence
-            )
-
-    def _should_resume(self, error: TokenwireError) -> bool:
-        return (
-            not self._cancelled
-            and self._resume is not None
-            and self.resumes < self._resume.attempts
-            and bool(self._assembler.response_id)
-            and worth_resuming(error)
-            and time.monotonic() < self._deadline
-        )
-
-    @property
-    def result(self) -> Result | None:
-        return self._assembler.result
-
-    @property
-    def last_sequence(self) -> int:
-        return self._assembler.last_sequence
-
-    @property
-    def response_id(self) -> str:
-        return self._assembler.response_id
-
-    def cancel(self) -> None:
-        """Cancels the call and any resume still to come; the server stops generation
-        (unless the stream is resumable: then `cancel_response` stops it)."""
-        self._cancelled = True
-        if self._call is not None:
-            self._call.cancel()
+        self._missing_completed()
 
     async def collect(self) -> Result:
         """Consumes the stream and returns the verified result."""
@@ -378,27 +387,8 @@ class AsyncClient:
         return bool(answer.was_running)
 
 
-class ResponseStream:
+class ResponseStream(_StreamState):
     """Blocking counterpart of `AsyncResponseStream` (resumes the same way)."""
-
-    def __init__(
-        self,
-        stub: respond_pb2_grpc.RespondServiceStub,
-        request: pb.StreamRespondRequest,
-        timeout: float,
-        metadata: Sequence[tuple[str, str]],
-        resume: ResumePolicy | None,
-        assembler: StreamAssembler | None = None,
-    ) -> None:
-        self._stub = stub
-        self._request = request
-        self._deadline = time.monotonic() + timeout
-        self._metadata = metadata
-        self._resume = resume if request.resumable else None
-        self._assembler = assembler or StreamAssembler()
-        self._call: Any = None
-        self._cancelled = False
-        self.resumes = 0
 
     def __iter__(self) -> Iterator[Event]:
         request = self._request
@@ -416,46 +406,16 @@ class ResponseStream:
                 break
             except grpc.RpcError as rpc_error:
                 error = from_rpc_error(rpc_error)
-                if not (
-                    not self._cancelled
-                    and self._resume is not None
-                    and self.resumes < self._resume.attempts
-                    and self._assembler.response_id
-                    and worth_resuming(error)
-                    and time.monotonic() < self._deadline
-                ):
+                if not self._should_resume(error):
                     raise error from None
-                self.resumes += 1
-                time.sleep(min(self._resume.delay(self.resumes - 1), max(0.0, remaining)))
+                time.sleep(self._resume_delay(remaining))
                 if self._cancelled:
                     raise error from None
                 request = self._assembler.resume_request()
             finally:
                 if call.is_active():
                     call.cancel()
-        if self._assembler.result is None:
-            raise ProtocolError(
-                "stream ended without Completed", last_sequence=self._assembler.last_sequence
-            )
-
-    @property
-    def result(self) -> Result | None:
-        return self._assembler.result
-
-    @property
-    def last_sequence(self) -> int:
-        return self._assembler.last_sequence
-
-    @property
-    def response_id(self) -> str:
-        return self._assembler.response_id
-
-    def cancel(self) -> None:
-        """Cancels the call and any resume still to come; the server stops generation
-        (unless the stream is resumable: then `cancel_response` stops it)."""
-        self._cancelled = True
-        if self._call is not None:
-            self._call.cancel()
+        self._missing_completed()
 
     def collect(self) -> Result:
         for _ in self:
