@@ -23,6 +23,18 @@ UnaryBehavior = Callable[[Any, Context], Awaitable[Any]]
 StreamBehavior = Callable[[Any, Context], AsyncIterator[Any]]
 
 
+def method_name(details: grpc.HandlerCallDetails) -> str:
+    """`Respond` from `/tokenwire.v1.RespondService/Respond`."""
+    method: str = details.method
+    return method.rsplit("/", 1)[-1]
+
+
+def status_name(context: Context) -> str:
+    """The status a call ended with, as its enum name (UNKNOWN when none was set)."""
+    code = context.code()
+    return code.name if isinstance(code, grpc.StatusCode) else "UNKNOWN"
+
+
 def is_respond_service(details: grpc.HandlerCallDetails) -> bool:
     method: str = details.method
     return method.startswith(SERVICE_PREFIX)
@@ -63,10 +75,8 @@ class RespondServiceInterceptor(grpc.aio.ServerInterceptor):
         handler: grpc.RpcMethodHandler[Any, Any] | None = await continuation(handler_call_details)
         if not is_respond_service(handler_call_details):
             return handler
-        if self.methods is not None:
-            method: str = handler_call_details.method
-            if method.rsplit("/", 1)[-1] not in self.methods:
-                return handler
+        if self.methods is not None and method_name(handler_call_details) not in self.methods:
+            return handler
         return wrap_handler(
             handler,
             lambda behavior: self.wrap_unary(behavior, handler_call_details),

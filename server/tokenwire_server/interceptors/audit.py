@@ -29,6 +29,8 @@ from tokenwire_server.interceptors._wrap import (
     RespondServiceInterceptor,
     StreamBehavior,
     UnaryBehavior,
+    method_name,
+    status_name,
 )
 
 
@@ -139,15 +141,10 @@ class AuditInterceptor(RespondServiceInterceptor):
         if record is not None:
             self._store.record_nowait(record)
 
-    @staticmethod
-    def _failure_status(context: Context) -> str:
-        code = context.code()
-        return code.name if isinstance(code, grpc.StatusCode) else "UNKNOWN"
-
     def wrap_unary(
         self, behavior: UnaryBehavior, details: grpc.HandlerCallDetails
     ) -> UnaryBehavior:
-        method = details.method.rsplit("/", 1)[-1]
+        method = method_name(details)
 
         async def audited(request: Any, context: Context) -> Any:
             record = CallRecord(started_ns=time.time_ns())
@@ -164,7 +161,7 @@ class AuditInterceptor(RespondServiceInterceptor):
                 raise
             except Exception:
                 if not hooked.fired:
-                    status = self._failure_status(context)
+                    status = status_name(context)
                     await self._write(self._build(request, record, method, None, status))
                 raise
             await self._write(self._build(request, record, method, response.completed, "OK"))
@@ -175,7 +172,7 @@ class AuditInterceptor(RespondServiceInterceptor):
     def wrap_stream(
         self, behavior: StreamBehavior, details: grpc.HandlerCallDetails
     ) -> StreamBehavior:
-        method = details.method.rsplit("/", 1)[-1]
+        method = method_name(details)
 
         async def audited(request: Any, context: Context) -> AsyncIterator[Any]:
             record = CallRecord(started_ns=time.time_ns())
@@ -213,7 +210,7 @@ class AuditInterceptor(RespondServiceInterceptor):
                 raise
             except Exception:
                 if not hooked.fired:
-                    status = self._failure_status(context)
+                    status = status_name(context)
                     await self._write(self._build(request, record, method, None, status))
                 raise
 

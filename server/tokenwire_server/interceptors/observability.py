@@ -28,6 +28,8 @@ from tokenwire_server.interceptors._wrap import (
     RespondServiceInterceptor,
     StreamBehavior,
     UnaryBehavior,
+    method_name,
+    status_name,
 )
 from tokenwire_server.observability.metrics import OPERATION, Metrics
 
@@ -185,15 +187,10 @@ class ObservabilityInterceptor(RespondServiceInterceptor):
             },
         )
 
-    @staticmethod
-    def _status(context: Context) -> str:
-        code = context.code()
-        return code.name if isinstance(code, grpc.StatusCode) else "UNKNOWN"
-
     def wrap_unary(
         self, behavior: UnaryBehavior, details: grpc.HandlerCallDetails
     ) -> UnaryBehavior:
-        method = details.method.rsplit("/", 1)[-1]
+        method = method_name(details)
 
         async def observed(request: Any, context: Context) -> Any:
             started = time.monotonic()
@@ -209,7 +206,7 @@ class ObservabilityInterceptor(RespondServiceInterceptor):
                 raise
             except Exception:
                 if not hooked.fired:
-                    self._failed(method, self._status(context), started, 0, 0, 0, request)
+                    self._failed(method, status_name(context), started, 0, 0, 0, request)
                 raise
             self._completed(method, request, response.completed, 0, 0, 0)
             return response
@@ -219,7 +216,7 @@ class ObservabilityInterceptor(RespondServiceInterceptor):
     def wrap_stream(
         self, behavior: StreamBehavior, details: grpc.HandlerCallDetails
     ) -> StreamBehavior:
-        method = details.method.rsplit("/", 1)[-1]
+        method = method_name(details)
         active = self._metrics.active_streams
 
         async def observed(request: Any, context: Context) -> AsyncIterator[Any]:
@@ -261,7 +258,7 @@ class ObservabilityInterceptor(RespondServiceInterceptor):
                 raise
             except Exception:
                 if not hooked.fired:
-                    status = self._status(context)
+                    status = status_name(context)
                     self._failed(method, status, started, chunks, sent_bytes(), heartbeats, request)
                 raise
             finally:
