@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import os
+import re
+import sys
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -209,3 +212,31 @@ async def upstream() -> AsyncIterator[Callable[[Handler], Awaitable[Upstream]]]:
     yield start
     for runner in runners:
         await runner.cleanup()
+
+
+async def start_serve_process(
+    *flags: str, stderr: int = asyncio.subprocess.PIPE
+) -> tuple[asyncio.subprocess.Process, str]:
+    """A real `tokenwire serve` process on a free port (no audit file, no TOKENWIRE_*
+    settings from the environment); `flags` add to or override those. Returns the
+    process once it listens, and its address."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("TOKENWIRE_")}
+    process = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-m",
+        "tokenwire.cli",
+        "serve",
+        "--port",
+        "0",
+        "--audit-path",
+        ":memory:",
+        *flags,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=stderr,
+        env=env,
+    )
+    assert process.stdout is not None
+    line = (await asyncio.wait_for(process.stdout.readline(), timeout=30)).decode()
+    match = re.search(r"serving on \S+:(\d+)", line)
+    assert match, line
+    return process, f"127.0.0.1:{match.group(1)}"

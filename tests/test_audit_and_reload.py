@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import os
-import re
 import signal
 import sys
 from pathlib import Path
@@ -13,7 +11,14 @@ from pathlib import Path
 import grpc
 import pytest
 
-from tests.conftest import StartServer, chunks_of, collect, completed_of, stream_request
+from tests.conftest import (
+    StartServer,
+    chunks_of,
+    collect,
+    completed_of,
+    start_serve_process,
+    stream_request,
+)
 from tests.test_governance import POLICY_YAML, SECRETS, echo
 from tokenwire.v1 import respond_pb2 as pb
 from tokenwire.v1 import respond_pb2_grpc
@@ -140,28 +145,12 @@ async def test_audit_cli_lists_and_shows_records(audited) -> None:
 async def test_sighup_reloads_the_policy_without_dropping_streams(tmp_path: Path) -> None:
     policy = tmp_path / "policy.yaml"
     policy.write_text("id: live\nversion: '1'\nredact:\n  - detector: email\n")
-    env = {k: v for k, v in os.environ.items() if not k.startswith("TOKENWIRE_")}
-    process = await asyncio.create_subprocess_exec(
-        sys.executable,
-        "-m",
-        "tokenwire.cli",
-        "serve",
-        "--port",
-        "0",
-        "--policy",
-        str(policy),
-        "--audit-path",
-        str(tmp_path / "audit.sqlite3"),
-        stdout=asyncio.subprocess.PIPE,
-        stderr=asyncio.subprocess.PIPE,
-        env=env,
+    process, address = await start_serve_process(
+        "--policy", str(policy), "--audit-path", str(tmp_path / "audit.sqlite3")
     )
     try:
-        assert process.stdout is not None and process.stderr is not None
-        line = (await asyncio.wait_for(process.stdout.readline(), 30)).decode()
-        port = re.search(r":(\d+)$", line.strip())
-        assert port, line
-        async with grpc.aio.insecure_channel(f"127.0.0.1:{port.group(1)}") as channel:
+        assert process.stderr is not None
+        async with grpc.aio.insecure_channel(address) as channel:
             stub = respond_pb2_grpc.RespondServiceStub(channel)
             old = stub.StreamRespond(
                 stream_request(

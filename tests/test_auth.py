@@ -12,7 +12,14 @@ import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from tests.conftest import StartServer, collect, completed_of, status_details, stream_request
+from tests.conftest import (
+    StartServer,
+    collect,
+    completed_of,
+    start_serve_process,
+    status_details,
+    stream_request,
+)
 from tests.test_tls import Pki
 from tokenwire import AsyncClient, tls_credentials
 from tokenwire.v1 import respond_pb2 as pb
@@ -100,33 +107,13 @@ async def test_the_tenant_reaches_the_audit(secured, tmp_path: Path) -> None:
 
 
 async def test_keys_reload_on_sighup_without_a_restart(tmp_path: Path) -> None:
-    import os
-    import re
     import signal
 
     path = keys_file(tmp_path / "keys.yaml", ("acme", KEY_A))
-    env = {k: v for k, v in os.environ.items() if not k.startswith("TOKENWIRE_")}
-    process = await asyncio.create_subprocess_exec(
-        sys.executable,
-        "-m",
-        "tokenwire.cli",
-        "serve",
-        "--port",
-        "0",
-        "--auth-keys-file",
-        path,
-        "--audit-path",
-        ":memory:",
-        stdout=asyncio.subprocess.PIPE,
-        stderr=asyncio.subprocess.PIPE,
-        env=env,
-    )
+    process, address = await start_serve_process("--auth-keys-file", path)
     try:
-        assert process.stdout is not None and process.stderr is not None
-        line = (await asyncio.wait_for(process.stdout.readline(), 30)).decode()
-        port = re.search(r":(\d+)\s*$", line)
-        assert port
-        async with grpc.aio.insecure_channel(f"127.0.0.1:{port.group(1)}") as channel:
+        assert process.stderr is not None
+        async with grpc.aio.insecure_channel(address) as channel:
             stub = respond_pb2_grpc.RespondServiceStub(channel)
             request = pb.RespondRequest(messages=stream_request().messages)
             await stub.Respond(request, metadata=bearer(KEY_A))

@@ -9,9 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import os
-import re
 import socket
-import sys
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,7 +19,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from tests.conftest import RunningServer, StartServer, status_details
+from tests.conftest import RunningServer, StartServer, start_serve_process, status_details
 from tokenwire.v1 import respond_pb2 as pb
 from tokenwire.v1 import respond_pb2_grpc
 
@@ -115,16 +113,7 @@ class ServerProcess:
 @pytest.fixture
 async def barrage_server() -> AsyncIterator[ServerProcess]:
     """A separate process, so the memory measured is the server's, not the test's."""
-    env = {k: v for k, v in os.environ.items() if not k.startswith("TOKENWIRE_")}
-    process = await asyncio.create_subprocess_exec(
-        sys.executable,
-        "-m",
-        "tokenwire.cli",
-        "serve",
-        "--port",
-        "0",
-        "--audit-path",
-        ":memory:",
+    process, address = await start_serve_process(
         "--sim-time-to-first-token",
         "0",
         "--sim-inter-token-delay",
@@ -133,15 +122,9 @@ async def barrage_server() -> AsyncIterator[ServerProcess]:
         "2000000",
         "--log-level",
         "ERROR",
-        stdout=asyncio.subprocess.PIPE,
         stderr=asyncio.subprocess.DEVNULL,
-        env=env,
     )
-    assert process.stdout is not None
-    line = (await asyncio.wait_for(process.stdout.readline(), 30)).decode()
-    port = re.search(r":(\d+)\s*$", line)
-    assert port, line
-    async with grpc.aio.insecure_channel(f"127.0.0.1:{port.group(1)}") as channel:
+    async with grpc.aio.insecure_channel(address) as channel:
         yield ServerProcess(process, respond_pb2_grpc.RespondServiceStub(channel))
     process.terminate()
     await process.wait()

@@ -3,49 +3,23 @@
 from __future__ import annotations
 
 import asyncio
-import os
-import re
 import signal
-import sys
 from collections.abc import AsyncIterator
 
 import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from tests.conftest import chunks_of, completed_of, stream_request
+from tests.conftest import chunks_of, completed_of, start_serve_process, stream_request
 from tokenwire.v1 import respond_pb2 as pb
 from tokenwire.v1 import respond_pb2_grpc
 
 SLOW = {"tokenwire.sim/inter-token-ms": "25", "tokenwire.sim/answer-tokens": "40"}
 
 
-async def start_process(*flags: str) -> tuple[asyncio.subprocess.Process, str]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("TOKENWIRE_")}
-    process = await asyncio.create_subprocess_exec(
-        sys.executable,
-        "-m",
-        "tokenwire.cli",
-        "serve",
-        "--port",
-        "0",
-        "--audit-path",
-        ":memory:",
-        *flags,
-        stdout=asyncio.subprocess.PIPE,
-        stderr=asyncio.subprocess.PIPE,
-        env=env,
-    )
-    assert process.stdout is not None
-    line = (await asyncio.wait_for(process.stdout.readline(), timeout=30)).decode()
-    match = re.search(r"serving on (\S+):(\d+)", line)
-    assert match, line
-    return process, f"127.0.0.1:{match.group(2)}"
-
-
 @pytest.fixture
 async def serve_process() -> AsyncIterator[tuple[asyncio.subprocess.Process, str]]:
-    process, address = await start_process("--grace-period", "5")
+    process, address = await start_serve_process("--grace-period", "5")
     yield process, address
     if process.returncode is None:
         process.kill()
@@ -89,7 +63,7 @@ async def pb_call(stub: respond_pb2_grpc.RespondServiceStub) -> pb.RespondRespon
 
 
 async def test_streams_longer_than_the_grace_period_are_cut_and_exit_is_zero() -> None:
-    process, address = await start_process("--grace-period", "0.3")
+    process, address = await start_serve_process("--grace-period", "0.3")
     try:
         async with grpc.aio.insecure_channel(address) as channel:
             stub = respond_pb2_grpc.RespondServiceStub(channel)

@@ -10,11 +10,9 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import os
-import re
 import shutil
 import signal
 import socket
-import sys
 from collections.abc import AsyncIterator
 from pathlib import Path
 
@@ -28,6 +26,7 @@ from tests.conftest import (
     chunks_of,
     collect,
     completed_of,
+    start_serve_process,
     status_details,
     stream_request,
 )
@@ -193,37 +192,22 @@ async def test_cancel_on_one_replica_stops_generation_on_the_other(
 async def test_a_killed_replica_is_taken_over_and_the_stream_continues(
     start_server: StartServer, redis_url: str
 ) -> None:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("TOKENWIRE_")}
-    process = await asyncio.create_subprocess_exec(
-        sys.executable,
-        "-m",
-        "tokenwire.cli",
-        "serve",
-        "--port",
-        "0",
+    process, address = await start_serve_process(
         "--store",
         redis_url,
         "--lease-seconds",
         "1",
-        "--audit-path",
-        ":memory:",
         "--sim-time-to-first-token",
         "0",
         "--sim-inter-token-delay",
         "0.02",
-        stdout=asyncio.subprocess.PIPE,
         stderr=asyncio.subprocess.DEVNULL,
-        env=env,
     )
     try:
-        assert process.stdout is not None
-        line = (await asyncio.wait_for(process.stdout.readline(), 30)).decode()
-        port = re.search(r":(\d+)\s*$", line)
-        assert port, line
         b: RunningServer = await start_server(
             store=redis_url, lease_seconds=1, sim_inter_token_delay=0.02
         )
-        async with grpc.aio.insecure_channel(f"127.0.0.1:{port.group(1)}") as channel:
+        async with grpc.aio.insecure_channel(address) as channel:
             stub = respond_pb2_grpc.RespondServiceStub(channel)
             call = stub.StreamRespond(resumable(labels={"tokenwire.sim/answer-tokens": "120"}))
             held = await first_chunks(call, 5)
