@@ -6,9 +6,12 @@ import asyncio
 import dataclasses
 import os
 import re
+import shutil
+import subprocess
 import sys
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import grpc
@@ -240,3 +243,36 @@ async def start_serve_process(
     match = re.search(r"serving on \S+:(\d+)", line)
     assert match, line
     return process, f"127.0.0.1:{match.group(1)}"
+
+
+#: Set by `.ci/run`: a missing polyglot toolchain or tool fails instead of skipping.
+REQUIRE_POLYGLOT = os.environ.get("TOKENWIRE_REQUIRE_POLYGLOT") == "1"
+
+
+def find_tool(name: str) -> str | None:
+    """An executable on PATH or in Go's install directory (where scripts/setup.sh
+    puts grpcurl and the protoc plugins), or None."""
+    found = shutil.which(name)
+    if found:
+        return found
+    go = shutil.which("go")
+    if go is None:
+        return None
+    gobin = subprocess.run([go, "env", "GOBIN"], capture_output=True, text=True).stdout.strip()
+    if not gobin:
+        gopath = subprocess.run([go, "env", "GOPATH"], capture_output=True, text=True).stdout
+        gobin = str(Path(gopath.strip().split(os.pathsep)[0]) / "bin")
+    candidate = Path(gobin) / name
+    return str(candidate) if candidate.is_file() else None
+
+
+def require_tool(name: str) -> str:
+    """The tool's path; skips the test without it (fails under TOKENWIRE_REQUIRE_POLYGLOT=1)
+    so a machine without the toolchain still runs the rest of the suite."""
+    path = find_tool(name)
+    if path is None:
+        message = f"{name} not found; run scripts/setup.sh"
+        if REQUIRE_POLYGLOT:
+            pytest.fail(message)
+        pytest.skip(message)
+    return path

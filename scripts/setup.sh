@@ -1,0 +1,30 @@
+#!/usr/bin/env bash
+# One command for a development machine: the Python package with its dev tools,
+# and the pinned Go tools the polyglot clients and the grpcurl recipes use
+# (protoc-gen-go, protoc-gen-go-grpc, grpcurl), plus the TypeScript client's
+# locked npm dependencies. Safe to re-run; each step is skipped when its
+# toolchain is missing, and the tests that need it say so when they skip.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+python3 -m pip install --quiet --disable-pip-version-check -e '.[dev]' "$@"
+
+# Pinned versions: bump them here and nowhere else.
+GO_TOOLS=(
+  google.golang.org/protobuf/cmd/protoc-gen-go@v1.36.11
+  google.golang.org/grpc/cmd/protoc-gen-go-grpc@v1.6.1
+  github.com/fullstorydev/grpcurl/cmd/grpcurl@v1.9.3
+)
+if command -v go >/dev/null 2>&1; then
+  for tool in "${GO_TOOLS[@]}"; do
+    go install "$tool"
+  done
+else
+  echo "setup: go not found; the Go client and grpcurl tests will skip" >&2
+fi
+
+if command -v npm >/dev/null 2>&1 && [ -f clients/typescript/package-lock.json ]; then
+  (cd clients/typescript && npm ci --silent --no-audit --no-fund)
+else
+  echo "setup: npm or clients/typescript missing; the TypeScript client tests will skip" >&2
+fi
