@@ -40,9 +40,15 @@ class Process:
         return (int(fields[11]) + int(fields[12])) / CLOCK_TICKS
 
 
-async def start(*command: str) -> Process:
+async def start(*command: str, env: dict[str, str] | None = None) -> Process:
+    """A server process that prints `... serving on HOST:PORT` once it listens;
+    `env` adds to the inherited environment."""
     process = await asyncio.create_subprocess_exec(
-        *command, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.DEVNULL, cwd=ROOT
+        *command,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.DEVNULL,
+        cwd=ROOT,
+        env={**os.environ, **(env or {})},
     )
     assert process.stdout is not None
     line = (await asyncio.wait_for(process.stdout.readline(), 60)).decode()
@@ -52,7 +58,7 @@ async def start(*command: str) -> Process:
     return Process(process, f"127.0.0.1:{match.group(2)}")
 
 
-async def start_tokenwire(*flags: str) -> Process:
+async def start_tokenwire(*flags: str, env: dict[str, str] | None = None) -> Process:
     """A `tokenwire serve` process as the benchmarks run it: the simulator at zero
     delay, no audit file, quiet logs; `flags` add to or override these."""
     return await start(
@@ -72,6 +78,7 @@ async def start_tokenwire(*flags: str) -> Process:
         "--log-level",
         "WARNING",
         *flags,
+        env=env,
     )
 
 

@@ -15,8 +15,8 @@ import socket
 import sys
 from collections.abc import AsyncIterator
 
+import aiohttp
 import grpc
-import httpx
 import pytest
 
 from tests.conftest import (
@@ -68,14 +68,15 @@ async def start_llama_server() -> tuple[asyncio.subprocess.Process, str]:
         stderr=asyncio.subprocess.DEVNULL,
     )
     url = f"http://127.0.0.1:{port}/v1"
-    async with httpx.AsyncClient() as client:
+    async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=0.5)) as client:
         for _ in range(600):  # bounded: up to 60 s for the model to load
             if process.returncode is not None:
                 raise RuntimeError(f"llama_cpp.server exited with {process.returncode}")
             try:
-                if (await client.get(f"{url}/models", timeout=0.5)).status_code == 200:
-                    return process, url
-            except httpx.TransportError:
+                async with client.get(f"{url}/models") as response:
+                    if response.status == 200:
+                        return process, url
+            except (aiohttp.ClientError, TimeoutError):
                 pass
             await asyncio.sleep(0.1)
     process.kill()

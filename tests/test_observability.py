@@ -7,8 +7,8 @@ import asyncio
 import logging
 from typing import Any
 
+import aiohttp
 import grpc
-import httpx
 import pytest
 from aiohttp import web
 from opentelemetry.sdk.trace import TracerProvider
@@ -35,8 +35,9 @@ PARENT_SPAN = "00f067aa0ba902b7"
 
 async def scrape(server: RunningServer) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
     assert server.server.metrics_port
-    async with httpx.AsyncClient() as client:
-        text = (await client.get(f"http://127.0.0.1:{server.server.metrics_port}/metrics")).text
+    url = f"http://127.0.0.1:{server.server.metrics_port}/metrics"
+    async with aiohttp.ClientSession() as client, client.get(url) as response:
+        text = await response.text()
     samples = {}
     for family in text_string_to_metric_families(text):
         for sample in family.samples:
@@ -263,8 +264,9 @@ async def test_serve_prints_the_metrics_endpoint() -> None:
         await asyncio.wait_for(process.stdout.readline(), 30)
         line = (await asyncio.wait_for(process.stdout.readline(), 30)).decode().strip()
         assert line.startswith("metrics on http://127.0.0.1:") and line.endswith("/metrics")
-        async with httpx.AsyncClient() as client:
-            text = (await client.get(line.removeprefix("metrics on "))).text
+        url = line.removeprefix("metrics on ")
+        async with aiohttp.ClientSession() as client, client.get(url) as response:
+            text = await response.text()
         assert "tokenwire_active_streams" in text
     finally:
         process.terminate()

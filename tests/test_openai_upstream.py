@@ -7,14 +7,16 @@ stalls) and drives tokenwire through its gRPC surface.
 from __future__ import annotations
 
 import asyncio
+import itertools
 import json
 import socket
-from collections.abc import AsyncIterator
 from typing import Any
 
 import grpc
 import pytest
 from aiohttp import web
+from hypothesis import given
+from hypothesis import strategies as st
 
 from tests.conftest import (
     StartServer,
@@ -25,7 +27,7 @@ from tests.conftest import (
     stream_request,
 )
 from tokenwire.v1 import respond_pb2 as pb
-from tokenwire_server.backends.sse import sse_data
+from tokenwire_server.backends.sse import SSEDecoder
 from tokenwire_server.config import UpstreamConfig
 
 
@@ -251,11 +253,29 @@ async def test_deadline_bounds_the_upstream_request(start_server: StartServer, u
     await asyncio.wait_for(up.disconnected.wait(), timeout=5)
 
 
-async def _lines(text: str) -> AsyncIterator[str]:
-    for line in text.split("\n"):
-        yield line
+def decode(reads: list[bytes]) -> list[str]:
+    decoder = SSEDecoder()
+    events = [event for read in reads for event in decoder.feed(read)]
+    return events + decoder.close()
 
 
-async def test_sse_parser_follows_the_event_stream_rules() -> None:
-    text = ": comment\n\ndata: one\ndata: two\n\nevent: x\ndata:three\n\nid: 7\n\ndata: last"
-    assert [d async for d in sse_data(_lines(text))] == ["one\ntwo", "three", "last"]
+def test_sse_decoder_follows_the_event_stream_rules() -> None:
+    body = (
+        b": comment\n\ndata: one\ndata: two\n\nevent: x\ndata:three\n\nid: 7\n\ndata\n\ndata: last"
+    )
+    assert decode([body]) == ["one\ntwo", "three", "", "last"]
+    assert decode([b"data: a\r\n\r\ndata: b\r\rdata: \xc3\xa9\n\n"]) == ["a", "b", "\u00e9"]
+
+
+@given(
+    events=st.lists(st.text(alphabet=st.characters(exclude_characters="\r\n")), max_size=6),
+    newline=st.sampled_from(["\n", "\r\n", "\r"]),
+    cuts=st.lists(st.integers(min_value=0), max_size=12),
+)
+def test_sse_decoder_gives_the_same_events_however_the_reads_are_cut(
+    events: list[str], newline: str, cuts: list[int]
+) -> None:
+    body = "".join(f"data: {e}{newline}{newline}" for e in events).encode()
+    points = sorted({c % (len(body) + 1) for c in cuts} | {0, len(body)})
+    reads = [body[a:b] for a, b in itertools.pairwise(points)]
+    assert decode(reads) == events

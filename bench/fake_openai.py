@@ -1,0 +1,138 @@
+"""A fake OpenAI-compatible upstream for the real-path benchmark.
+
+`POST /v1/chat/completions` answers `stream: true` with one
+`chat.completion.chunk` event per token, a usage chunk when
+`stream_options.include_usage` asks for it, then `data: [DONE]`; `max_tokens`
+sets the token count. The tokens are deterministic English-like word pieces
+(`answer(n)` gives the exact text), so a benchmark can check what came out
+the other end. Events are rendered once per token count and, with no delay,
+written in one piece: the fake must never be what limits the measurement.
+
+It also accepts OTLP/HTTP trace exports (`POST /v1/traces`) and drops them, so
+tokenwire can export spans as a deployment would without a collector.
+
+Prints `fake-openai serving on HOST:PORT` once listening.
+
+    python bench/fake_openai.py [--port 0] [--ttft-ms 0] [--inter-token-ms 0]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import functools
+import json
+import signal
+
+from aiohttp import web
+
+TEXT = (
+    "the model streams tokens in order and every chunk carries its sequence;"
+    " a gateway that verifies the final payload can say when streamed text"
+    " diverged, so callers never act on words that were later withdrawn."
+    " Latency budgets of 2 ms and 40 ms per 1,000 tokens are checked here."
+)
+WORDS = TEXT.split()
+
+
+def token(index: int) -> str:
+    """The index-th token: a word with its leading space (none for the first)."""
+    word = WORDS[index % len(WORDS)]
+    return word if index == 0 else " " + word
+
+
+def answer(tokens: int) -> str:
+    return "".join(token(i) for i in range(tokens))
+
+
+def _chunk(delta: dict[str, str], finish: str | None, usage: dict[str, int] | None) -> bytes:
+    payload: dict[str, object] = {
+        "id": "chatcmpl-fake",
+        "object": "chat.completion.chunk",
+        "created": 0,
+        "model": "fake",
+        "choices": [{"index": 0, "delta": delta, "finish_reason": finish}] if usage is None else [],
+    }
+    if usage is not None:
+        payload["usage"] = usage
+    return b"data: " + json.dumps(payload, separators=(",", ":")).encode() + b"\n\n"
+
+
+@functools.lru_cache(maxsize=64)
+def events(tokens: int, usage: bool) -> tuple[bytes, ...]:
+    """Every event of one answer, rendered once per (token count, usage)."""
+    rendered = [_chunk({"role": "assistant", "content": token(0)}, None, None)]
+    rendered += [_chunk({"content": token(i)}, None, None) for i in range(1, tokens)]
+    rendered.append(_chunk({}, "length", None))
+    if usage:
+        counts = {"prompt_tokens": 8, "completion_tokens": tokens, "total_tokens": 8 + tokens}
+        rendered.append(_chunk({}, None, counts))
+    rendered.append(b"data: [DONE]\n\n")
+    return tuple(rendered)
+
+
+async def completions(request: web.Request) -> web.StreamResponse:
+    body = await request.json()
+    tokens = int(body.get("max_tokens") or 16)
+    settings: argparse.Namespace = request.app["settings"]
+    if not body.get("stream"):
+        return web.json_response(
+            {
+                "id": "chatcmpl-fake",
+                "object": "chat.completion",
+                "choices": [
+                    {
+                        "index": 0,
+                        "message": {"role": "assistant", "content": answer(tokens)},
+                        "finish_reason": "length",
+                    }
+                ],
+                "usage": {"prompt_tokens": 8, "completion_tokens": tokens},
+            }
+        )
+    usage = bool((body.get("stream_options") or {}).get("include_usage")) and settings.usage
+    rendered = events(tokens, usage)
+    response = web.StreamResponse(headers={"content-type": "text/event-stream"})
+    await response.prepare(request)
+    if settings.ttft_ms:
+        await asyncio.sleep(settings.ttft_ms / 1000)
+    if settings.inter_token_ms:
+        for event in rendered:
+            await response.write(event)
+            await asyncio.sleep(settings.inter_token_ms / 1000)
+    else:
+        await response.write(b"".join(rendered))
+    return response
+
+
+async def traces(request: web.Request) -> web.Response:
+    await request.read()
+    return web.Response(body=b"", content_type="application/x-protobuf")
+
+
+async def serve(settings: argparse.Namespace) -> None:
+    app = web.Application()
+    app["settings"] = settings
+    app.router.add_post("/v1/chat/completions", completions)
+    app.router.add_post("/v1/traces", traces)
+    runner = web.AppRunner(app, access_log=None)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", settings.port)
+    await site.start()
+    bound = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+    print(f"fake-openai serving on 127.0.0.1:{bound}", flush=True)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(signum, stop.set)
+    await stop.wait()
+    await runner.cleanup()
+
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--port", type=int, default=0)
+    parser.add_argument("--ttft-ms", type=float, default=0.0)
+    parser.add_argument("--inter-token-ms", type=float, default=0.0)
+    parser.add_argument("--no-usage", dest="usage", action="store_false")
+    asyncio.run(serve(parser.parse_args()))
