@@ -253,7 +253,7 @@ async def test_deadline_bounds_the_upstream_request(start_server: StartServer, u
     await asyncio.wait_for(up.disconnected.wait(), timeout=5)
 
 
-def decode(reads: list[bytes]) -> list[str]:
+def decode(reads: list[bytes]) -> list[bytes]:
     decoder = SSEDecoder()
     events = [event for read in reads for event in decoder.feed(read)]
     return events + decoder.close()
@@ -263,8 +263,8 @@ def test_sse_decoder_follows_the_event_stream_rules() -> None:
     body = (
         b": comment\n\ndata: one\ndata: two\n\nevent: x\ndata:three\n\nid: 7\n\ndata\n\ndata: last"
     )
-    assert decode([body]) == ["one\ntwo", "three", "", "last"]
-    assert decode([b"data: a\r\n\r\ndata: b\r\rdata: \xc3\xa9\n\n"]) == ["a", "b", "\u00e9"]
+    assert decode([body]) == [b"one\ntwo", b"three", b"", b"last"]
+    assert decode([b"data: a\r\n\r\ndata: b\r\rdata: \xc3\xa9\n\n"]) == [b"a", b"b", b"\xc3\xa9"]
 
 
 @given(
@@ -278,4 +278,4 @@ def test_sse_decoder_gives_the_same_events_however_the_reads_are_cut(
     body = "".join(f"data: {e}{newline}{newline}" for e in events).encode()
     points = sorted({c % (len(body) + 1) for c in cuts} | {0, len(body)})
     reads = [body[a:b] for a, b in itertools.pairwise(points)]
-    assert decode(reads) == events
+    assert decode(reads) == [event.encode() for event in events]

@@ -2,6 +2,9 @@
 
 A backend turns a `GenerationRequest` into an async iterator of token texts,
 optionally ending with a `Finish` that carries the finish reason and counts.
+Tokens that arrive together (one network read from an upstream) may come as
+one list: the pipeline then handles them in one step instead of one async
+hand-off each, which is most of the per-token cost at line rate.
 Cancellation is honoured by construction: the pipeline cancels the task that
 iterates, so a backend only has to await something between tokens (network
 reads, sleeps) and let `CancelledError` propagate.
@@ -29,8 +32,9 @@ class Backend(abc.ABC):
         """Model name -> model version, for every model this backend serves."""
 
     @abc.abstractmethod
-    def generate(self, request: GenerationRequest) -> AsyncIterator[str | Finish]:
-        """Yields token texts, then optionally one `Finish`.
+    def generate(self, request: GenerationRequest) -> AsyncIterator[str | list[str] | Finish]:
+        """Yields token texts (one, or a list of those that arrived together), then
+        optionally one `Finish`.
 
         Raises `tokenwire_server.errors.TokenwireError` subclasses for failures
         a caller should see as a specific status (e.g. `BackendUnavailable`).

@@ -29,13 +29,13 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
 import random
 from collections.abc import AsyncIterator, Mapping
 from dataclasses import dataclass, replace
 from typing import Any
 
 import aiohttp
+import orjson
 from opentelemetry import propagate
 
 from tokenwire_server.backends.base import Backend
@@ -63,7 +63,7 @@ class UpstreamError(Exception):
 
 def _error_message(status: int, body: bytes) -> str:
     try:
-        error = json.loads(body).get("error", {})
+        error = orjson.loads(body).get("error", {})
         message = error.get("message") if isinstance(error, dict) else str(error)
     except (ValueError, AttributeError):
         message = None
@@ -139,7 +139,7 @@ class OpenAICompatibleBackend(Backend):
             total=None, sock_connect=min(self.config.connect_timeout, read), sock_read=read
         )
 
-    async def generate(self, request: GenerationRequest) -> AsyncIterator[str | Finish]:
+    async def generate(self, request: GenerationRequest) -> AsyncIterator[str | list[str] | Finish]:
         attempts = 0
         last: UpstreamError | None = None
         for route in (self, *self.fallbacks):
@@ -190,7 +190,7 @@ class OpenAICompatibleBackend(Backend):
             delay = min(delay, max(0.0, request.deadline - asyncio.get_running_loop().time()))
         await asyncio.sleep(delay)
 
-    async def _stream(self, request: GenerationRequest) -> AsyncIterator[str | Finish]:
+    async def _stream(self, request: GenerationRequest) -> AsyncIterator[list[str] | Finish]:
         body = self._body(request, stream=True)
         finish_reason: str | None = None
         usage: dict[str, Any] = {}
@@ -198,7 +198,10 @@ class OpenAICompatibleBackend(Backend):
         done = False
         try:
             async with self._client().post(
-                self._url, json=body, timeout=self._timeout(request), headers=_trace_headers()
+                self._url,
+                data=orjson.dumps(body),
+                timeout=self._timeout(request),
+                headers=_trace_headers(),
             ) as response:
                 if response.status != 200:
                     raise UpstreamError(
@@ -209,21 +212,24 @@ class OpenAICompatibleBackend(Backend):
                 decoder = SSEDecoder()
                 reads = response.content.iter_any()
                 while not done:
-                    chunk = await anext(reads, None)
-                    events = decoder.feed(chunk) if chunk is not None else decoder.close()
-                    for data in events:
-                        if data == "[DONE]":
+                    read = await anext(reads, None)
+                    # Every token of one read goes on as one batch (see Backend.generate).
+                    batch: list[str] = []
+                    for data in decoder.feed(read) if read is not None else decoder.close():
+                        if data == b"[DONE]":
                             done = True
                             break
                         event = _parse_event(data)
                         for choice in event.get("choices") or ():
                             content = (choice.get("delta") or {}).get("content")
                             if content:
-                                count += 1
-                                yield content
+                                batch.append(content)
                             finish_reason = choice.get("finish_reason") or finish_reason
                         usage = event.get("usage") or usage
-                    if chunk is None:
+                    if batch:
+                        count += len(batch)
+                        yield batch
+                    if read is None:
                         break
                 if done:
                     await _drain(response)
@@ -244,7 +250,7 @@ class OpenAICompatibleBackend(Backend):
         try:
             async with self._client().post(
                 self._url,
-                json=self._body(request, stream=False),
+                data=orjson.dumps(self._body(request, stream=False)),
                 timeout=self._timeout(request),
                 headers=_trace_headers(),
             ) as response:
@@ -258,7 +264,7 @@ class OpenAICompatibleBackend(Backend):
             raise UpstreamError(
                 _error_message(status, content), retryable=status >= 500, status=status
             )
-        payload = _parse_event(content.decode("utf-8", "replace"))
+        payload = _parse_event(content)
         choices = payload.get("choices") or [{}]
         text = (choices[0].get("message") or {}).get("content") or ""
         usage = payload.get("usage") or {}
@@ -286,15 +292,15 @@ async def _drain(response: aiohttp.ClientResponse) -> None:
 
 def _trace_headers() -> dict[str, str]:
     """W3C traceparent (and baggage) of the current span, for the upstream."""
-    headers: dict[str, str] = {}
+    headers: dict[str, str] = {"content-type": "application/json"}
     propagate.inject(headers)
     return headers
 
 
-def _parse_event(data: str) -> dict[str, Any]:
+def _parse_event(data: bytes) -> dict[str, Any]:
     try:
-        event = json.loads(data)
-    except ValueError:
+        event = orjson.loads(data)
+    except orjson.JSONDecodeError:
         raise UpstreamError(f"upstream sent invalid JSON: {data[:120]!r}", retryable=True) from None
     if not isinstance(event, dict):
         raise UpstreamError("upstream sent a non-object event", retryable=True)

@@ -8,7 +8,8 @@ single leading space is dropped; other fields are ignored.
 The decoder is fed whole network reads and returns every event they
 complete, so a read carrying forty tokens costs one pass over a list instead
 of forty trips through stacked async generators: at line rate the layers a
-token passes through are most of what a gateway spends on it.
+token passes through are most of what a gateway spends on it. Event data
+stays bytes, which is what the JSON parser wants anyway.
 """
 
 from __future__ import annotations
@@ -24,9 +25,9 @@ class SSEDecoder:
 
     def __init__(self) -> None:
         self._pending = b""
-        self._data: list[str] = []
+        self._data: list[bytes] = []
 
-    def feed(self, chunk: bytes) -> list[str]:
+    def feed(self, chunk: bytes) -> list[bytes]:
         """The data of every event this read completes, in order."""
         buffer = self._pending + chunk if self._pending else chunk
         trailing_cr = False
@@ -43,7 +44,7 @@ class SSEDecoder:
             self._pending = _CR
         return self._lines(lines)
 
-    def close(self) -> list[str]:
+    def close(self) -> list[bytes]:
         """What the end of the body completes: a last unterminated line and event.
 
         The standard drops an event the body ends inside; upstreams that omit
@@ -53,22 +54,22 @@ class SSEDecoder:
         self._pending = b""
         events = self._lines([pending]) if pending else []
         if self._data:
-            events.append("\n".join(self._data))
+            events.append(_LF.join(self._data))
             self._data = []
         return events
 
-    def _lines(self, lines: list[bytes]) -> list[str]:
-        events: list[str] = []
+    def _lines(self, lines: list[bytes]) -> list[bytes]:
+        events: list[bytes] = []
         data = self._data
         for line in lines:
             if not line:
                 if data:
-                    events.append("\n".join(data))
+                    events.append(_LF.join(data))
                     data = self._data = []
                 continue
             if line.startswith(b"data:"):
                 value = line[6:] if line[5:6] == b" " else line[5:]
-                data.append(value.decode("utf-8", "replace"))
+                data.append(value)
             elif line == b"data":
-                data.append("")
+                data.append(b"")
         return events

@@ -147,23 +147,27 @@ async def _generate(
         tokens = backend.generate(request)
         try:
             async for item in tokens:
-                if isinstance(item, str):
-                    watchdog.progress += 1
-                    text, actions = push(item)
-                    release(text, actions)
-                    if session.halted:
-                        break  # blocked: stop the backend; the decision comes from finish()
-                    if response.over_budget:
-                        watchdog.suspend()
-                        await response.wait_for_space()
-                        watchdog.resume()
-                elif isinstance(item, Finish):
+                if isinstance(item, Finish):
                     finish = item
-                else:
+                    continue
+                batch = (item,) if isinstance(item, str) else item
+                if not isinstance(batch, tuple | list):
                     raise InternalError(
                         f"backend {backend.name} yielded {type(item).__name__}, not text",
                         reason="BACKEND_ERROR",
                     )
+                watchdog.progress += 1
+                for token in batch:
+                    text, actions = push(token)
+                    release(text, actions)
+                    if session.halted:
+                        break
+                if session.halted:
+                    break  # blocked: stop the backend; the decision comes from finish()
+                if response.over_budget:
+                    watchdog.suspend()
+                    await response.wait_for_space()
+                    watchdog.resume()
         finally:
             aclose = getattr(tokens, "aclose", None)
             if aclose is not None:
