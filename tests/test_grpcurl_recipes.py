@@ -89,7 +89,8 @@ RECIPES = parse_recipes(README.read_text(encoding="utf-8"))
 def json_documents(text: str) -> list[Any]:
     """grpcurl prints one pretty JSON object per message, back to back."""
     decoder = json.JSONDecoder()
-    documents, index = [], 0
+    documents: list[Any] = []
+    index = 0
     while True:
         while index < len(text) and text[index].isspace():
             index += 1
