@@ -279,3 +279,53 @@ def test_sse_decoder_gives_the_same_events_however_the_reads_are_cut(
     points = sorted({c % (len(body) + 1) for c in cuts} | {0, len(body)})
     reads = [body[a:b] for a, b in itertools.pairwise(points)]
     assert decode(reads) == [event.encode() for event in events]
+
+
+async def test_a_burst_of_tokens_in_one_read_keeps_the_chunk_bound(
+    start_server: StartServer, upstream
+) -> None:
+    tokens = [f" t{i}" for i in range(200)]
+
+    async def handler(request: web.Request) -> web.StreamResponse:
+        burst = "".join(chunk_event(t) for t in tokens) + chunk_event(None, "stop")
+        return await sse(request, [burst + "data: [DONE]\n\n"])
+
+    up = await upstream(handler)
+    server = await start_server(upstreams=(route(up.url),))
+    request = stream_request(model="up-model", chunking=pb.Chunking(max_tokens_per_chunk=4))
+    events = await collect(server.stub.StreamRespond(request))
+    chunks = chunks_of(events)
+    assert all(0 < c.token_count <= 4 for c in chunks)
+    assert sum(c.token_count for c in chunks) == 200
+    assert "".join(c.text for c in chunks) == "".join(tokens)
+    assert completed_of(events).final_text == "".join(tokens)
+
+
+async def test_governance_redacts_values_split_inside_and_across_reads(
+    start_server: StartServer, upstream
+) -> None:
+    # One email split over tokens within a read, one split across two reads.
+    first = ["Mail ", "jane", ".doe", "@exam", "ple.com", " or ", "ops@", "exa"]
+    second = ["mple.org", " key ", "AKIA", "IOSFODNN", "7EXAMPLE", " done."]
+
+    async def handler(request: web.Request) -> web.StreamResponse:
+        return await sse(
+            request,
+            [
+                "".join(chunk_event(t) for t in first),
+                "".join(chunk_event(t) for t in second) + "data: [DONE]\n\n",
+            ],
+            delay=0.01,
+        )
+
+    up = await upstream(handler)
+    server = await start_server(policy="builtin:default", upstreams=(route(up.url),))
+    events = await collect(server.stub.StreamRespond(stream_request(model="up-model")))
+    streamed = "".join(c.text for c in chunks_of(events))
+    completed = completed_of(events)
+    for secret in ("jane.doe@example.com", "ops@example.org", "AKIAIOSFODNN7EXAMPLE"):
+        assert secret not in streamed and secret not in completed.final_text
+    assert streamed == completed.final_text
+    assert completed.final_text.count("[EMAIL]") == 2
+    assert completed.verification.status == pb.VERIFICATION_STATUS_VERIFIED
+    assert sum(c.token_count for c in chunks_of(events)) == len(first) + len(second)

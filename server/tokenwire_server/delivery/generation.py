@@ -14,12 +14,13 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from collections.abc import Callable
 
 from opentelemetry import trace
 
 from tokenwire_server.backends.base import Backend
 from tokenwire_server.delivery.response import LiveResponse, Outcome
-from tokenwire_server.domain import Finish, FinishReason, GenerationRequest, Verdict
+from tokenwire_server.domain import Action, Finish, FinishReason, GenerationRequest, Verdict
 from tokenwire_server.errors import (
     BackendStalled,
     DeadlineExceeded,
@@ -94,6 +95,26 @@ class Watchdog:
         self._handle = self._loop.call_at(self._next_check(), self._check)
 
 
+def _release_batch(
+    batch: list[str],
+    push: Callable[[str], tuple[str, tuple[Action, ...]]],
+    release: Callable[[str, tuple[Action, ...], int], None],
+) -> None:
+    """Tokens that arrived together pass governance as one text: the policy scans
+    a read once instead of once per token, which is what makes a governed
+    stream keep up with a fast upstream. When the policy lets the text through
+    untouched the tokens are released one by one, so `max_tokens_per_chunk`
+    holds; text it held back or rewrote is released as one piece, as it is when
+    a single token completes a held span."""
+    joined = "".join(batch)
+    text, actions = push(joined)
+    if text == joined and not actions:
+        for token in batch:
+            release(token, (), 1)
+    else:
+        release(text, actions, len(batch))
+
+
 async def run_generation(
     backend: Backend,
     request: GenerationRequest,
@@ -150,18 +171,17 @@ async def _generate(
                 if isinstance(item, Finish):
                     finish = item
                     continue
-                batch = (item,) if isinstance(item, str) else item
-                if not isinstance(batch, tuple | list):
+                watchdog.progress += 1
+                if isinstance(item, str):
+                    text, actions = push(item)
+                    release(text, actions)
+                elif isinstance(item, list):
+                    _release_batch(item, push, release)
+                else:
                     raise InternalError(
                         f"backend {backend.name} yielded {type(item).__name__}, not text",
                         reason="BACKEND_ERROR",
                     )
-                watchdog.progress += 1
-                for token in batch:
-                    text, actions = push(token)
-                    release(text, actions)
-                    if session.halted:
-                        break
                 if session.halted:
                     break  # blocked: stop the backend; the decision comes from finish()
                 if response.over_budget:
