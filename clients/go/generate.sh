@@ -3,6 +3,7 @@
 # pinned protoc-gen-go / protoc-gen-go-grpc (scripts/setup.sh installs them).
 #   clients/go/generate.sh          # into clients/go/gen (commit the result)
 #   clients/go/generate.sh DIR      # into DIR/gen instead (the drift check)
+# BUF names the buf binary when it is not on PATH (it comes with the dev extra).
 set -euo pipefail
 here="$(cd "$(dirname "$0")" && pwd)"
 out="${1:-$here}"
@@ -13,4 +14,4 @@ gobin="$(go env GOBIN)"
 export PATH="$gobin:$PATH"
 cd "$here"
 rm -rf "$out/gen"
-buf generate --template buf.gen.yaml --output "$out"
+"${BUF:-buf}" generate --template buf.gen.yaml --output "$out"
