@@ -33,9 +33,10 @@ def _run(*argv: str, timeout: float) -> subprocess.CompletedProcess[str]:
 
 @pytest.fixture(scope="module")
 def go() -> str:
+    go = require_tool("go")
     require_tool("protoc-gen-go")
     require_tool("protoc-gen-go-grpc")
-    return require_tool("go")
+    return go
 
 
 def _files(root: Path) -> list[str]:
@@ -51,6 +52,7 @@ def test_committed_go_stubs_match_the_protos(go: str, tmp_path: Path) -> None:
     assert not mismatch and not errors, f"run clients/go/generate.sh and commit: {mismatch}"
 
 
+@pytest.mark.timeout(600)  # a cold module and build cache: downloads and compiles grpc-go
 def test_go_vet_is_clean(go: str) -> None:
     result = _run(go, "vet", "./...", timeout=300)
     assert result.returncode == 0, result.stdout + result.stderr
