@@ -53,9 +53,11 @@ def test_committed_go_stubs_match_the_protos(go: str, tmp_path: Path) -> None:
 
 
 @pytest.mark.timeout(600)  # a cold module and build cache: downloads and compiles grpc-go
-def test_go_vet_is_clean(go: str) -> None:
+def test_go_vet_and_go_mod_tidy_are_clean(go: str) -> None:
     result = _run(go, "vet", "./...", timeout=300)
     assert result.returncode == 0, result.stdout + result.stderr
+    result = _run(go, "mod", "tidy", "-diff", timeout=120)
+    assert result.returncode == 0, "run `go mod tidy` in clients/go:\n" + result.stdout
 
 
 @pytest.mark.timeout(600)
