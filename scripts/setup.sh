@@ -19,6 +19,7 @@ if command -v go >/dev/null 2>&1; then
   for tool in "${GO_TOOLS[@]}"; do
     go install "$tool"
   done
+  (cd clients/go && go mod download)
 else
   echo "setup: go not found; the Go client and grpcurl tests will skip" >&2
 fi
