@@ -8,6 +8,7 @@ longer run: TOKENWIRE_BARRAGE_CASES=10000 pytest tests/test_barrage.py
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import socket
 from collections.abc import AsyncIterator
@@ -15,6 +16,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import grpc
+import h2.config
+import h2.connection
+import h2.events
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
@@ -245,3 +249,100 @@ def test_the_listener_is_a_real_socket(server: RunningServer) -> None:
     host, port = server.address.rsplit(":", 1)
     with socket.create_connection((host, int(port)), timeout=5):
         pass
+
+
+def _text(value: str | bytes) -> str:
+    return value.decode() if isinstance(value, bytes) else value
+
+
+async def h2_call(
+    server: RunningServer, headers: list[tuple[str, str]], body: bytes
+) -> dict[str, str]:
+    """One HTTP/2 request written frame by frame (the h2 library), so the headers
+    can be what no gRPC client would send; returns response headers and trailers."""
+    host, port = server.address.rsplit(":", 1)
+    reader, writer = await asyncio.open_connection(host, int(port))
+    connection = h2.connection.H2Connection(h2.config.H2Configuration(client_side=True))
+    connection.initiate_connection()
+    connection.send_headers(1, headers)
+    connection.send_data(1, body, end_stream=True)
+    writer.write(connection.data_to_send())
+    received: dict[str, str] = {}
+    try:
+        while True:
+            data = await asyncio.wait_for(reader.read(65536), timeout=5)
+            if not data:
+                break
+            events = connection.receive_data(data)
+            for event in events:
+                if isinstance(event, h2.events.ResponseReceived | h2.events.TrailersReceived):
+                    received.update((_text(k), _text(v)) for k, v in event.headers)
+            writer.write(connection.data_to_send())
+            if any(isinstance(e, h2.events.StreamEnded | h2.events.StreamReset) for e in events):
+                break
+    finally:
+        writer.close()
+    return received
+
+
+def grpc_headers(content_type: str) -> list[tuple[str, str]]:
+    return [
+        (":method", "POST"),
+        (":scheme", "http"),
+        (":path", "/tokenwire.v1.RespondService/Respond"),
+        (":authority", "tokenwire"),
+        ("content-type", content_type),
+        ("te", "trailers"),
+    ]
+
+
+def framed(message: bytes) -> bytes:
+    return b"\x00" + len(message).to_bytes(4, "big") + message
+
+
+async def test_wrong_content_type_gets_a_complete_grpc_answer(server: RunningServer) -> None:
+    """grpc-core does not refuse a foreign content type (it judges the body), so
+    what must hold is that every such call ends with a real gRPC status: a
+    protobuf body is served, anything else is INVALID_ARGUMENT, and the
+    server keeps serving."""
+    request = pb.RespondRequest(
+        model="echo", messages=[pb.ChatMessage(role=pb.ROLE_USER, content="hi")]
+    ).SerializeToString()
+    for content_type in ("application/grpc", "text/plain", ""):
+        received = await h2_call(server, grpc_headers(content_type), framed(request))
+        assert received.get(":status") == "200" and received.get("grpc-status") == "0", received
+    for content_type in ("application/json", "application/grpc+json"):
+        body = framed(b'{"model": "echo", "messages": [{"content": "hi"}]}')
+        received = await h2_call(server, grpc_headers(content_type), body)
+        status = received.get("grpc-status")
+        assert status == str(grpc.StatusCode.INVALID_ARGUMENT.value[0]), received
+    await assert_serving(server)
+
+
+def frame_types(data: bytes) -> list[int]:
+    """The type of each whole HTTP/2 frame in `data` (after no preface: server side)."""
+    types, at = [], 0
+    while at + 9 <= len(data):
+        length = int.from_bytes(data[at : at + 3], "big")
+        types.append(data[at + 3])
+        at += 9 + length
+    return types
+
+
+async def test_an_oversized_http2_frame_closes_only_that_connection(server: RunningServer) -> None:
+    connection = h2.connection.H2Connection(h2.config.H2Configuration(client_side=True))
+    connection.initiate_connection()
+    # A DATA frame header claiming 16 MiB - 1 on stream 1: far over the 16 KiB default.
+    frame = (2**24 - 1).to_bytes(3, "big") + b"\x00\x00" + (1).to_bytes(4, "big")
+    host, port = server.address.rsplit(":", 1)
+    reader, writer = await asyncio.open_connection(host, int(port))
+    writer.write(connection.data_to_send() + frame + os.urandom(4096))
+    answer = b""
+    with contextlib.suppress(ConnectionError):
+        # Until the server hangs up; a server that kept reading would time out here.
+        while chunk := await asyncio.wait_for(reader.read(65536), timeout=10):
+            answer += chunk
+    writer.close()
+    # Its SETTINGS, then nothing for the frame: no stream was opened, no data taken.
+    assert 4 in frame_types(answer) and 0 not in frame_types(answer)
+    await assert_serving(server)
