@@ -11,6 +11,7 @@ from pathlib import Path
 import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
 from tests.conftest import (
     StartServer,
@@ -70,6 +71,37 @@ async def test_health_and_reflection_stay_open(secured) -> None:
     health = health_pb2_grpc.HealthStub(secured.channel)
     answer = await health.Check(health_pb2.HealthCheckRequest(service=""))
     assert answer.status == health_pb2.HealthCheckResponse.SERVING
+
+
+async def test_health_and_reflection_can_require_a_key_too(
+    start_server: StartServer, tmp_path: Path
+) -> None:
+    path = keys_file(tmp_path / "keys.yaml", ("acme", KEY_A))
+    server = await start_server(auth_keys_file=path, auth_health_and_reflection=True)
+    health = health_pb2_grpc.HealthStub(server.channel)
+    reflection = reflection_pb2_grpc.ServerReflectionStub(server.channel)
+    list_services = reflection_pb2.ServerReflectionRequest(list_services="")
+
+    with pytest.raises(grpc.aio.AioRpcError) as raised:
+        await health.Check(health_pb2.HealthCheckRequest(service=""))
+    assert status_details(raised.value).error_info.reason == "MISSING_CREDENTIALS"
+    with pytest.raises(grpc.aio.AioRpcError) as raised:
+        await collect(health.Watch(health_pb2.HealthCheckRequest(service="")))
+    assert raised.value.code() == grpc.StatusCode.UNAUTHENTICATED
+    with pytest.raises(grpc.aio.AioRpcError) as raised:
+        await collect(reflection.ServerReflectionInfo(iter([list_services])))
+    assert raised.value.code() == grpc.StatusCode.UNAUTHENTICATED
+
+    key = bearer(KEY_A)
+    answer = await health.Check(health_pb2.HealthCheckRequest(service=""), metadata=key)
+    assert answer.status == health_pb2.HealthCheckResponse.SERVING
+    watch = health.Watch(health_pb2.HealthCheckRequest(service=""), metadata=key)
+    first = await watch.read()
+    assert first.status == health_pb2.HealthCheckResponse.SERVING
+    watch.cancel()
+    replies = await collect(reflection.ServerReflectionInfo(iter([list_services]), metadata=key))
+    names = {s.name for s in replies[0].list_services_response.service}
+    assert "tokenwire.v1.RespondService" in names
 
 
 async def test_only_the_owning_tenant_can_resume_or_cancel(secured) -> None:

@@ -140,6 +140,10 @@ class AuthConfig:
     auth_mtls: bool = _setting(
         False, "accept a verified client certificate (its first SAN) as the tenant"
     )
+    auth_health_and_reflection: bool = _setting(
+        False,
+        "require credentials for health checking and reflection too (off: open for probes)",
+    )
 
 
 @dataclass(frozen=True)

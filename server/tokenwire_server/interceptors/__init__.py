@@ -38,7 +38,13 @@ def build_chain(
 ) -> list[grpc.aio.ServerInterceptor]:
     auth: list[grpc.aio.ServerInterceptor] = []
     if authenticator is not None or config.auth.auth_mtls:
-        auth.append(AuthInterceptor(authenticator, accept_certificates=config.auth.auth_mtls))
+        auth.append(
+            AuthInterceptor(
+                authenticator,
+                accept_certificates=config.auth.auth_mtls,
+                every_service=config.auth.auth_health_and_reflection,
+            )
+        )
     return [
         *auth,
         tracing_interceptor(tracer_provider),

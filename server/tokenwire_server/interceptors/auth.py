@@ -3,11 +3,16 @@
 A caller proves who it is with `authorization: Bearer <key>` (a key from the
 keys file) or, on an mTLS port, with its verified client certificate, whose
 first subject alternative name becomes the tenant. Health and reflection stay
-open (load balancers and grpcurl need them). The key is never logged.
+open by default (load balancers, kubelet probes and grpcurl need them);
+`auth_health_and_reflection` puts them behind the same check, for a port
+exposed beyond the mesh where a service listing is information. The key is
+never logged.
 """
 
 from __future__ import annotations
 
+import inspect
+from collections.abc import Callable
 from typing import Any
 
 import grpc
@@ -15,7 +20,11 @@ import grpc
 from tokenwire_server.auth import Authenticator
 from tokenwire_server.call_context import CALL_TENANT
 from tokenwire_server.errors import TokenwireError, abort
-from tokenwire_server.interceptors._wrap import Context, RespondServiceInterceptor
+from tokenwire_server.interceptors._wrap import (
+    Context,
+    RespondServiceInterceptor,
+    is_respond_service,
+)
 
 
 class Unauthenticated(TokenwireError):
@@ -32,9 +41,25 @@ def _certificate_identity(context: Context) -> str | None:
 
 
 class AuthInterceptor(RespondServiceInterceptor):
-    def __init__(self, authenticator: Authenticator | None, accept_certificates: bool) -> None:
+    def __init__(
+        self,
+        authenticator: Authenticator | None,
+        accept_certificates: bool,
+        every_service: bool = False,
+    ) -> None:
         self._authenticator = authenticator
         self._accept_certificates = accept_certificates
+        self._every_service = every_service
+
+    async def intercept_service(
+        self, continuation: Any, handler_call_details: grpc.HandlerCallDetails
+    ) -> grpc.RpcMethodHandler[Any, Any] | None:
+        if not self._every_service or is_respond_service(handler_call_details):
+            return await super().intercept_service(continuation, handler_call_details)
+        handler: grpc.RpcMethodHandler[Any, Any] | None = await continuation(handler_call_details)
+        if handler is None:
+            return None
+        return _guarded(handler, self.enter)
 
     def _tenant(self, context: Context) -> str:
         metadata = dict(context.invocation_metadata() or ())
@@ -61,3 +86,38 @@ class AuthInterceptor(RespondServiceInterceptor):
             CALL_TENANT.set(self._tenant(context))
         except Unauthenticated as error:
             await abort(context, error)
+
+
+def _guarded(
+    handler: grpc.RpcMethodHandler[Any, Any], enter: Callable[..., Any]
+) -> grpc.RpcMethodHandler[Any, Any]:
+    """Any handler shape (health Watch writes through the context, reflection
+    streams both ways) behind `enter`; streamed answers are written through
+    the context so one wrapper serves generators and writers alike."""
+    kinds: dict[tuple[bool, bool], tuple[Any, Any]] = {
+        (False, False): (grpc.unary_unary_rpc_method_handler, handler.unary_unary),
+        (False, True): (grpc.unary_stream_rpc_method_handler, handler.unary_stream),
+        (True, False): (grpc.stream_unary_rpc_method_handler, handler.stream_unary),
+        (True, True): (grpc.stream_stream_rpc_method_handler, handler.stream_stream),
+    }
+    make, behavior = kinds[(handler.request_streaming, handler.response_streaming)]
+
+    async def unary(request: Any, context: Context) -> Any:
+        await enter(request, context, None)
+        return await behavior(request, context)
+
+    async def streaming(request: Any, context: Context) -> None:
+        await enter(request, context, None)
+        result = behavior(request, context)
+        if inspect.isawaitable(result):
+            await result
+            return
+        async for message in result:
+            await context.write(message)
+
+    guarded: grpc.RpcMethodHandler[Any, Any] = make(
+        streaming if handler.response_streaming else unary,
+        request_deserializer=handler.request_deserializer,
+        response_serializer=handler.response_serializer,
+    )
+    return guarded
