@@ -9,6 +9,7 @@ from pathlib import Path
 import grpc
 import pytest
 import trustme
+from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from tests.conftest import StartServer, completed_of, stream_request
 from tokenwire import AsyncClient, Unavailable, tls_credentials
@@ -93,6 +94,33 @@ async def test_mtls_lets_in_only_clients_the_ca_signed(start_server: StartServer
     async with AsyncClient(server.address, credentials=tls_credentials(pki.ca_pem)) as client:
         with pytest.raises(Unavailable):
             await client.respond("no certificate", model="echo")
+
+
+async def test_a_plaintext_health_port_answers_probes_of_an_mtls_server(
+    start_server: StartServer, pki: Pki
+) -> None:
+    server = await start_server(
+        tls_cert=pki.server_cert,
+        tls_key=pki.server_key,
+        tls_client_ca=pki.ca_pem,
+        health_port=0,
+    )
+    assert server.server.health_port
+    probe = f"127.0.0.1:{server.server.health_port}"
+    async with grpc.aio.insecure_channel(probe) as channel:
+        health = health_pb2_grpc.HealthStub(channel)
+        for service in ("", "tokenwire.v1.RespondService"):
+            answer = await health.Check(health_pb2.HealthCheckRequest(service=service), timeout=5)
+            assert answer.status == health_pb2.HealthCheckResponse.SERVING
+        stub = respond_pb2_grpc.RespondServiceStub(channel)
+        with pytest.raises(grpc.aio.AioRpcError) as raised:  # health only: nothing else
+            await stub.Respond(pb.RespondRequest(messages=stream_request().messages), timeout=5)
+        assert raised.value.code() == grpc.StatusCode.UNIMPLEMENTED
+        watch = health.Watch(health_pb2.HealthCheckRequest(service=""))
+        assert (await watch.read()).status == health_pb2.HealthCheckResponse.SERVING
+        draining = asyncio.create_task(server.server.drain(grace=1))
+        assert (await watch.read()).status == health_pb2.HealthCheckResponse.NOT_SERVING
+        await draining
 
 
 async def test_ask_over_mtls(start_server: StartServer, pki: Pki) -> None:

@@ -44,6 +44,11 @@ class NetworkConfig:
     tls_client_ca: str = _setting(
         "", "PEM CA bundle; when set, clients must present a certificate it signed (mTLS)"
     )
+    health_port: int = _setting(
+        -1,
+        "plaintext port serving only grpc.health.v1, for probes that cannot speak TLS "
+        "(kubelet); -1 off, 0 picks a free port",
+    )
 
 
 @dataclass(frozen=True)

@@ -95,6 +95,9 @@ class TokenwireServer:
             )
         #: Bound port of /metrics, when served.
         self.metrics_port: int | None = None
+        #: Bound port of the plaintext health-only listener, when served.
+        self.health_port: int | None = None
+        self._health_server: grpc.aio.Server | None = None
         self.tracer_provider = tracer_provider or build_tracer_provider()
         self.health = health.aio.HealthServicer()
         self.port = 0
@@ -152,6 +155,8 @@ class TokenwireServer:
         else:
             self.port = server.add_secure_port(address, credentials)
         await server.start()
+        if net.health_port >= 0:
+            await self._start_health_listener(net.host, net.health_port)
         observability = self.config.observability
         if observability.metrics_port >= 0:
             self.metrics_port = self.metrics.serve(
@@ -161,6 +166,17 @@ class TokenwireServer:
         for service in ("", SERVICE_NAME):
             await self.health.set(service, health_pb2.HealthCheckResponse.SERVING)
         return self.port
+
+    async def _start_health_listener(self, host: str, port: int) -> None:
+        """Kubernetes' native gRPC probes speak plaintext only, so a TLS port cannot
+        be probed; this listener answers health (the same servicer, so it turns
+        NOT_SERVING with the drain) and nothing else."""
+        listener = grpc.aio.server()
+        health_pb2_grpc.add_HealthServicer_to_server(self.health, listener)
+        address = f"{host}:{port}" if ":" not in host else f"[{host}]:{port}"
+        self.health_port = listener.add_insecure_port(address)
+        await listener.start()
+        self._health_server = listener
 
     async def drain(self, grace: float | None = None) -> None:
         """Health to NOT_SERVING, refuse new calls, let in-flight ones finish within grace."""
@@ -172,6 +188,8 @@ class TokenwireServer:
         if self.config.network.drain_delay > 0:
             await asyncio.sleep(self.config.network.drain_delay)
         await self._server.stop(grace)
+        if self._health_server is not None:
+            await self._health_server.stop(0)
         await self.registry.aclose()
         await self.audit_store.close()
         await self.store.close()
@@ -201,6 +219,8 @@ async def serve(config: Config) -> None:
             f"metrics on http://{config.observability.metrics_host}:{server.metrics_port}/metrics",
             flush=True,
         )
+    if server.health_port is not None:
+        print(f"health on {host}:{server.health_port} (plaintext, health only)", flush=True)
     policy = server.policies.current
     log.info(
         "serving on %s:%d (default model %s, policy %s v%s, audit %s)",
