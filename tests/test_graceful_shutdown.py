@@ -10,7 +10,13 @@ import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from tests.conftest import chunks_of, completed_of, start_serve_process, stream_request
+from tests.conftest import (
+    chunks_of,
+    completed_of,
+    start_serve_process,
+    status_details,
+    stream_request,
+)
 from tokenwire.v1 import respond_pb2 as pb
 from tokenwire.v1 import respond_pb2_grpc
 
@@ -75,12 +81,18 @@ async def test_streams_longer_than_the_grace_period_are_cut_and_exit_is_zero() -
                     }
                 )
             )
-            await long_stream.read()
+            first = await long_stream.read()
+            received = int(first.WhichOneof("event") == "chunk")
             process.send_signal(signal.SIGTERM)
             with pytest.raises(grpc.aio.AioRpcError) as cut:
-                while await long_stream.read() is not grpc.aio.EOF:
-                    pass
-            assert cut.value.code() in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.CANCELLED)
+                while (event := await long_stream.read()) is not grpc.aio.EOF:
+                    received += event.WhichOneof("event") == "chunk"
+            details = status_details(cut.value)
+            assert details.code == grpc.StatusCode.CANCELLED
+            assert details.error_info.reason == "RESPONSE_CANCELLED"
+            trailers = dict(cut.value.trailing_metadata() or ())
+            assert int(trailers["tokenwire-last-sequence"]) == received
+            assert details.error_info.metadata["lastSequence"] == str(received)
         assert await asyncio.wait_for(process.wait(), timeout=30) == 0
     finally:
         if process.returncode is None:

@@ -53,6 +53,11 @@ def server_credentials(net: NetworkConfig) -> grpc.ServerCredentials | None:
     )
 
 
+#: How long before the grace period ends still-running responses are stopped, so
+#: their readers can send a status with the last sequence before grpc cuts them.
+_CUT_MARGIN = 0.5
+
+
 class TokenwireServer:
     """One server instance; `start` binds, `drain` stops gracefully."""
 
@@ -187,7 +192,7 @@ class TokenwireServer:
         await self.health.enter_graceful_shutdown()
         if self.config.network.drain_delay > 0:
             await asyncio.sleep(self.config.network.drain_delay)
-        await self._server.stop(grace)
+        await self._stop_calls(self._server, grace)
         if self._health_server is not None:
             await self._health_server.stop(0)
         await self.registry.aclose()
@@ -195,6 +200,20 @@ class TokenwireServer:
         await self.store.close()
         self.metrics.stop()
         self.tracer_provider.shutdown()
+
+    async def _stop_calls(self, server: grpc.aio.Server, grace: float) -> None:
+        """Lets calls finish within `grace`; shortly before it ends, stops what
+        is still generating, so each reader ends with CANCELLED /
+        RESPONSE_CANCELLED and its last sequence, not with the transport's
+        bare "Cancelling all calls" that grpc core sends at the deadline."""
+        stopping = asyncio.ensure_future(server.stop(grace))
+        margin = min(_CUT_MARGIN, grace / 2)
+        done, _ = await asyncio.wait({stopping}, timeout=max(0.0, grace - margin))
+        if not done:
+            for response in self.store.running_here():
+                response.cancel()
+                response.stop_generation()
+        await stopping
 
     def reload(self) -> None:
         """SIGHUP: re-read the policy and the keys file; a failed reload keeps the old one."""

@@ -46,5 +46,11 @@ class ResponseStore(abc.ABC):
         """Stops a response's generation, wherever it runs."""
         response.stop_generation()
 
+    def running_here(self) -> list[LiveResponse]:
+        """Responses this process generates that only it can finish: the ones a
+        stopping server must end itself so their readers get a proper status.
+        A shared store returns none, because another replica takes them over."""
+        return []
+
     async def close(self) -> None:  # noqa: B027 - nothing to release by default
         """Stops background work at shutdown."""

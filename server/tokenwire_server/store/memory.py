@@ -66,6 +66,9 @@ class InMemoryResponseStore(ResponseStore):
         self._evict()
         return self._responses.get(response_id)
 
+    def running_here(self) -> list[LiveResponse]:
+        return [r for r in self._responses.values() if not r.done]
+
     def finished(self, response: LiveResponse) -> None:
         if response.response_id not in self._responses or response.response_id in self._ended:
             return
