@@ -186,17 +186,15 @@ export function buildRespondRequest(prompt: Prompt, options: RespondOptions = {}
 }
 
 /**
- * A dropped connection (no tokenwire `ErrorInfo`), not a response that failed.
- * The Python client resumes on UNAVAILABLE without an ErrorInfo domain; Node's
- * HTTP/2 stack reports a reset connection as ABORTED or INTERNAL too, so those
- * count when they came from the transport rather than a `grpc-status` trailer.
+ * A dropped connection (no tokenwire `ErrorInfo`), not a response that failed:
+ * UNAVAILABLE without an ErrorInfo domain, as in the Python client. A stream the
+ * transport ended without any gRPC status (INTERNAL "missing status", e.g. a
+ * proxy closing the connection cleanly mid-stream) counts too.
  */
 export function worthResuming(error: TokenwireError): boolean {
   if (error instanceof ProtocolError || error.domain) return false;
   if (error.code === StatusCode.UNAVAILABLE) return true;
-  return (
-    !error.fromServer && (error.code === StatusCode.ABORTED || error.code === StatusCode.INTERNAL)
-  );
+  return !error.fromServer && error.code === StatusCode.INTERNAL;
 }
 
 const sleep = (ms: number) => new Promise<void>((resolve) => setTimeout(resolve, ms));

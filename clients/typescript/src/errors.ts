@@ -171,8 +171,12 @@ export function fromError(error: unknown): TokenwireError {
     const message = error instanceof Error ? error.message : String(error);
     return new Unknown(message, { cause: error });
   }
-  // Connect calls it Canceled; numbers are the gRPC codes.
-  const code: number = error.code === Code.Canceled ? StatusCode.CANCELLED : error.code;
+  const fromServer = error.metadata.has("grpc-status") || error.details.length > 0;
+  // Numbers are the gRPC codes. Connect reports a reset connection (ECONNRESET,
+  // a destroyed HTTP/2 stream) as ABORTED; gRPC and the Python client call a
+  // dropped connection UNAVAILABLE, so a transport-side ABORTED becomes that.
+  const code: number =
+    !fromServer && error.code === Code.Aborted ? StatusCode.UNAVAILABLE : error.code;
   const trailers: Record<string, string> = {};
   error.metadata.forEach((value, key) => {
     if (key !== STATUS_DETAILS_KEY && !key.endsWith("-bin")) trailers[key] = value;
@@ -213,7 +217,7 @@ export function fromError(error: unknown): TokenwireError {
     retryDelay,
     lastSequence: last !== undefined && /^\d+$/.test(last) ? Number(last) : undefined,
     trailers,
-    fromServer: error.metadata.has("grpc-status") || error.details.length > 0,
+    fromServer,
     cause: error,
   });
 }
