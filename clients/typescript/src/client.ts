@@ -288,6 +288,8 @@ export class ResponseStream implements AsyncIterable<StreamEvent> {
       const controller = new AbortController();
       this.controller = controller;
       if (this.cancelled) controller.abort();
+      let messages: AsyncIterator<unknown> | undefined;
+      let finished = false;
       try {
         const call = this.rpc.streamRespond(request, {
           timeoutMs: remaining,
@@ -297,9 +299,14 @@ export class ResponseStream implements AsyncIterable<StreamEvent> {
             this.assembler.requestId ||= header.get(REQUEST_ID_HEADER) ?? "";
           },
         });
-        for await (const message of call) {
-          for (const event of this.assembler.feed(message)) yield event;
+        const iterator = call[Symbol.asyncIterator]();
+        messages = iterator;
+        for (;;) {
+          const next = await iterator.next();
+          if (next.done) break;
+          for (const event of this.assembler.feed(next.value)) yield event;
         }
+        finished = true;
         break;
       } catch (caught) {
         const error = fromError(caught);
@@ -316,6 +323,11 @@ export class ResponseStream implements AsyncIterable<StreamEvent> {
       } finally {
         // A caller that stops reading (or a failed check) must stop generation too.
         controller.abort();
+        if (!finished && messages !== undefined) {
+          // Connect releases the call's deadline timer only when its iterator ends
+          // or fails: one more read after the abort fails at once and does that.
+          messages.next().catch(() => undefined);
+        }
       }
     }
     if (this.assembler.result === undefined) {

@@ -11,6 +11,7 @@ import {
   DeadlineExceeded,
   InvalidArgument,
   NotFound,
+  ResourceExhausted,
   type RetractionEvent,
   type StreamEvent,
   TokenwireClient,
@@ -192,6 +193,18 @@ describe("against tokenwire serve", () => {
     assert.ok(stream.result!.verified);
   });
 
+  test("leaving a stream early cancels it and leaves no deadline timer behind", async () => {
+    const timers = () => process.getActiveResourcesInfo().filter((r) => r === "Timeout").length;
+    const before = timers();
+    const stream = client.stream("x", { mode: "stream", maxTokensPerChunk: 1, labels: SLOW });
+    for await (const event of stream) {
+      if (event.type === "chunk") break;
+    }
+    await new Promise((resolve) => setImmediate(resolve));
+    assert.equal(stream.result, undefined);
+    assert.equal(timers(), before);
+  });
+
   test("a resumable stream resumes by sequence across a cut connection", async () => {
     const proxy = new CuttableProxy(served.address);
     const address = await proxy.start();
@@ -284,7 +297,7 @@ describe("against tokenwire serve", () => {
   });
 });
 
-describe("with a blocking policy", () => {
+describe("with a blocking policy and one call slot", () => {
   let served: Served;
   let policy: { path: string; remove(): void };
   let client: TokenwireClient;
@@ -305,7 +318,15 @@ describe("with a blocking policy", () => {
         "",
       ].join("\n"),
     );
-    served = await startServe(...FAST_SIMULATOR, "--policy", policy.path);
+    served = await startServe(
+      ...FAST_SIMULATOR,
+      "--policy",
+      policy.path,
+      "--max-concurrent-calls",
+      "1",
+      "--admission-wait",
+      "0.01",
+    );
     client = new TokenwireClient(served.address);
   });
 
@@ -361,5 +382,28 @@ describe("with a blocking policy", () => {
     assert.ok(retraction);
     assert.equal(retraction.fromSequence, 1);
     assert.equal(stream.result!.text, "Blocked by ts-test policy.");
+  });
+
+  test("a call over the server's limit is RESOURCE_EXHAUSTED with QuotaFailure", async () => {
+    const stream = client.stream("x", {
+      mode: "stream",
+      maxTokensPerChunk: 1,
+      labels: { "tokenwire.sim/inter-token-ms": "50" },
+    });
+    let error: ResourceExhausted | undefined;
+    for await (const event of stream) {
+      if (event.type === "chunk") {
+        error = await rejection(client.respond("y"), ResourceExhausted);
+        break; // cancels the stream, freeing the slot
+      }
+    }
+    assert.ok(error);
+    assert.equal(error.code, 8);
+    assert.equal(error.reason, "SERVER_CONCURRENCY_EXCEEDED");
+    assert.deepEqual(
+      error.quotaViolations.map((v) => v.subject),
+      ["server"],
+    );
+    assert.ok(error.retryDelay !== undefined && error.retryDelay > 0, String(error.retryDelay));
   });
 });
