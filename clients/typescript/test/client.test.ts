@@ -324,8 +324,9 @@ describe("with a blocking policy and one call slot", () => {
       policy.path,
       "--max-concurrent-calls",
       "1",
+      // Slack for a just-finished call's slot; the quota test's rival waits this long.
       "--admission-wait",
-      "0.01",
+      "0.5",
     );
     client = new TokenwireClient(served.address);
   });

@@ -1,6 +1,7 @@
 /**
  * TLS and mTLS against a real `tokenwire serve --tls-cert --tls-key --tls-client-ca`,
- * with a throwaway CA made by the `openssl` CLI (skipped without it).
+ * with a throwaway CA made by the `openssl` CLI (skipped without it, failed
+ * without it under TOKENWIRE_REQUIRE_POLYGLOT=1).
  */
 
 import assert from "node:assert/strict";
@@ -48,7 +49,14 @@ function makePki(dir: string): Record<"ca" | "serverCert" | "serverKey" | "clien
   };
 }
 
-describe("over mTLS", { skip: hasOpenssl() ? false : "openssl not found" }, () => {
+// Like the Python suite's require_tool: skip without the tool, fail under
+// TOKENWIRE_REQUIRE_POLYGLOT=1 (CI), where every polyglot test must run.
+const opensslMissing = !hasOpenssl();
+if (opensslMissing && process.env["TOKENWIRE_REQUIRE_POLYGLOT"] === "1") {
+  throw new Error("openssl not found (TOKENWIRE_REQUIRE_POLYGLOT=1)");
+}
+
+describe("over mTLS", { skip: opensslMissing ? "openssl not found" : false }, () => {
   let dir: string;
   let pki: ReturnType<typeof makePki>;
   let served: Served;
