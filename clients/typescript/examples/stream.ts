@@ -15,7 +15,14 @@
 
 import { parseArgs } from "node:util";
 
-import { type Mode, type Result, TokenwireClient, TokenwireError, tlsFromFiles } from "../src/index.js";
+import {
+  type Mode,
+  type Result,
+  TokenwireClient,
+  TokenwireError,
+  pb,
+  tlsFromFiles,
+} from "../src/index.js";
 
 function summary(result: Result, mode: string): string {
   const c = result.completed;
@@ -108,7 +115,7 @@ async function main(): Promise<number> {
     }
     process.off("SIGINT", interrupt);
     const result = stream.result!;
-    const mode = result.completed.deliveryMode === 3 ? "buffered" : "stream";
+    const mode = result.completed.deliveryMode === pb.DeliveryMode.BUFFERED ? "buffered" : "stream";
     process.stdout.write("\n");
     process.stderr.write(
       `${summary(result, mode)}${stream.resumes ? ` · resumed ${stream.resumes}×` : ""}\n`,

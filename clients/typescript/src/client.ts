@@ -226,6 +226,7 @@ export class ResponseStream implements AsyncIterable<StreamEvent> {
     this.deadline = Date.now() + timeoutMs;
     this.resume = request.resumable ? resume : null;
     this.assembler = assembler ?? new StreamAssembler();
+    if (signal?.aborted) this.cancelled = true;
     signal?.addEventListener("abort", () => this.cancel(), { once: true });
   }
 
