@@ -139,7 +139,9 @@ def build_parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", required=True)
     try:
         from tokenwire_server.cli import add_serve_arguments
-    except ImportError:  # client-only install
+    except ModuleNotFoundError as error:  # a client-only install has no server package
+        if error.name != "tokenwire_server":
+            raise  # the server is installed but broken: say why, don't hide `serve`
         add_serve_arguments = None  # type: ignore[assignment]
     if add_serve_arguments is not None:
         serve = commands.add_parser("serve", help="run the tokenwire server")
