@@ -30,15 +30,19 @@ TEXT = (
     "the model streams tokens in order and every chunk carries its sequence;"
     " a gateway that verifies the final payload can say when streamed text"
     " diverged, so callers never act on words that were later withdrawn."
-    " Latency budgets of 2 ms and 40 ms per 1,000 tokens are checked here."
+    " Latency budgets of 2 ms and 40 ms per 1,000 tokens are checked here;"
+    " questions go to ops-team @exam ple.com before release."
 )
+#: Word pieces; "@exam" and "ple.com" join the word before them, so the answer
+#: carries an email address split across three tokens for governance to find.
 WORDS = TEXT.split()
+_GLUED = {"@exam", "ple.com"}
 
 
 def token(index: int) -> str:
     """The index-th token: a word with its leading space (none for the first)."""
     word = WORDS[index % len(WORDS)]
-    return word if index == 0 else " " + word
+    return word if index == 0 or word in _GLUED else " " + word
 
 
 def answer(tokens: int) -> str:

@@ -18,8 +18,11 @@ requests (and the difference to the direct read), tokens/s delivered at 1 and
 tokens (utime+stime from /proc/PID/stat over the throughput runs). Medians
 with min-max over the repeats. Every tokenwire stream is checked: sequences
 1..n, offsets contiguous, the reassembled text hashes to
-`Completed.final_sha256` and equals the text the upstream sent (no detector
-fires on it, so redaction leaves it as it is). A failed check aborts the run.
+`Completed.final_sha256` and equals the text the upstream sent, after
+redaction: the answer carries an email address split across three tokens
+(and across network reads where they fall), and the governed stream must
+equal the same policy applied to the whole text at once. A failed check
+aborts the run.
 
     python bench/upstream_path.py [--repeats 3] [--tokens 256] [--ttft-requests 200]
 """
@@ -48,6 +51,7 @@ from per_message import ROOT, Process, start, start_tokenwire
 
 from tokenwire.v1 import respond_pb2 as pb
 from tokenwire.v1 import respond_pb2_grpc
+from tokenwire_server.governance.holder import PolicyHolder
 
 MODEL = "fake"
 
@@ -104,12 +108,22 @@ class DirectPath:
         await self.session.close()
 
 
+def governed(text: str, policy: str) -> str:
+    """What `policy` makes of `text` seen whole: the streamed answer must match it."""
+    session = PolicyHolder.from_source(policy).current.open_session()
+    released, _ = session.push(text)
+    tail, _, decision = session.finish()
+    return decision.text if decision.text is not None else released + tail
+
+
 class TokenwirePath:
     """tokenwire StreamRespond over one grpc.aio channel, every stream checked."""
 
-    def __init__(self, name: str, server: Process) -> None:
+    def __init__(self, name: str, server: Process, policy: str | None = None) -> None:
         self.name = name
         self.server = server
+        self.policy = policy
+        self._expected: dict[int, str] = {}
         self.channel = grpc.aio.insecure_channel(server.address)
         self.stub = respond_pb2_grpc.RespondServiceStub(self.channel)
 
@@ -141,9 +155,15 @@ class TokenwirePath:
             raise AssertionError(f"{self.name}: no Completed")
         if hashlib.sha256(text.encode()).hexdigest() != completed.final_sha256:
             raise AssertionError(f"{self.name}: reassembled text does not match final_sha256")
-        if text != answer(tokens):
+        if text != self.expected(tokens):
             raise AssertionError(f"{self.name}: text differs from what the upstream sent")
         return tokens
+
+    def expected(self, tokens: int) -> str:
+        if tokens not in self._expected:
+            sent = answer(tokens)
+            self._expected[tokens] = governed(sent, self.policy) if self.policy else sent
+        return self._expected[tokens]
 
     async def aclose(self) -> None:
         await self.channel.close()
@@ -215,11 +235,11 @@ async def main(args: argparse.Namespace) -> None:
         "--metrics-port", "0", "--log-level", "INFO", "--max-tokens-cap", "100000",
     )  # fmt: skip
     passthrough = await start_tokenwire(*common, env=deployment)
-    governed = await start_tokenwire(*common, "--policy", "builtin:default", env=deployment)
+    governed_server = await start_tokenwire(*common, "--policy", "builtin:default", env=deployment)
     paths: list[Path_] = [
         DirectPath(base_url),
         TokenwirePath("tokenwire pass-through", passthrough),
-        TokenwirePath("tokenwire default policy", governed),
+        TokenwirePath("tokenwire default policy", governed_server, "builtin:default"),
     ]
     figures = {path.name: Figures() for path in paths}
     try:
@@ -232,7 +252,7 @@ async def main(args: argparse.Namespace) -> None:
     finally:
         for path in paths:
             await path.aclose()
-        for server in (passthrough, governed, upstream):
+        for server in (passthrough, governed_server, upstream):
             server.process.terminate()
             await server.process.wait()
     report(figures, args)
@@ -267,8 +287,10 @@ def report(figures: dict[str, Figures], args: argparse.Namespace) -> None:
     print("-+-".join("-" * w for w in widths))
     for row in rows:
         print(" | ".join(v.ljust(w) for v, w in zip(row, widths, strict=True)))
-    print("\nall tokenwire streams: sequences 1..n, offsets contiguous, sha256 = final_sha256, "
-          "text = what the upstream sent")  # fmt: skip
+    print(
+        "\nall tokenwire streams: sequences 1..n, offsets contiguous, sha256 = final_sha256,"
+        " text = what the upstream sent (default policy: = the policy over the whole text)"
+    )
 
 
 if __name__ == "__main__":
