@@ -41,7 +41,7 @@ def nginx() -> str:
 
 
 async def test_heartbeats_keep_a_silent_stream_alive_through_nginx(nginx: str) -> None:
-    row = await faults.fault_nginx(QUICK, heartbeats=True)
+    row = await faults.fault_nginx(QUICK, "heartbeats")
     detail = faults.render([row], markdown=False)
     assert row.completed == STREAMS, detail
     assert row.losses == row.reorders == row.unretracted == 0, detail
@@ -54,7 +54,7 @@ async def test_heartbeats_keep_a_silent_stream_alive_through_nginx(nginx: str) -
 async def test_without_heartbeats_nginx_cuts_the_stream_and_the_caller_sees_an_error(
     nginx: str,
 ) -> None:
-    row = await faults.fault_nginx(QUICK, heartbeats=False)
+    row = await faults.fault_nginx(QUICK, "control")
     detail = faults.render([row], markdown=False)
     assert row.completed == 0, detail
     # An error status, never OK without Completed: the caller knows the stream broke.
@@ -64,6 +64,18 @@ async def test_without_heartbeats_nginx_cuts_the_stream_and_the_caller_sees_an_e
     # What the caller got before the cut is still a correct prefix: sequence 1 only.
     assert all(r.chunks == 1 for r in row.results), detail
     assert row.proxy_timeouts == STREAMS, detail  # nginx's error log: "upstream timed out"
+    assert row.passed, detail
+
+
+async def test_a_failure_behind_nginx_reaches_the_caller_with_its_last_sequence(
+    nginx: str,
+) -> None:
+    """nginx passes grpc-status-details-bin and tokenwire-last-sequence through."""
+    row = await faults.fault_nginx(QUICK, "failure")
+    detail = faults.render([row], markdown=False)
+    assert row.clean == STREAMS, detail
+    assert {r.reason for r in row.results} == {"BACKEND_FAILED"}, detail
+    assert row.losses == row.reorders == row.unretracted == 0, detail
     assert row.passed, detail
 
 
