@@ -53,9 +53,9 @@ def server_credentials(net: NetworkConfig) -> grpc.ServerCredentials | None:
     )
 
 
-#: How long before the grace period ends still-running responses are stopped, so
-#: their readers can send a status with the last sequence before grpc cuts them.
-_CUT_MARGIN = 0.5
+#: Time after the grace period for readers of stopped responses to send their
+#: status with the last sequence, before grpc core cuts the remaining calls.
+_STATUS_MARGIN = 1.0
 
 
 class TokenwireServer:
@@ -202,13 +202,12 @@ class TokenwireServer:
         self.tracer_provider.shutdown()
 
     async def _stop_calls(self, server: grpc.aio.Server, grace: float) -> None:
-        """Lets calls finish within `grace`; shortly before it ends, stops what
-        is still generating, so each reader ends with CANCELLED /
-        RESPONSE_CANCELLED and its last sequence, not with the transport's
-        bare "Cancelling all calls" that grpc core sends at the deadline."""
-        stopping = asyncio.ensure_future(server.stop(grace))
-        margin = min(_CUT_MARGIN, grace / 2)
-        done, _ = await asyncio.wait({stopping}, timeout=max(0.0, grace - margin))
+        """Lets calls finish within `grace`; then stops what is still generating,
+        so each reader ends with CANCELLED / RESPONSE_CANCELLED and its last
+        sequence. grpc core gets `_STATUS_MARGIN` more before it cuts whatever
+        is left with its bare "Cancelling all calls" (no trailers)."""
+        stopping = asyncio.ensure_future(server.stop(grace + _STATUS_MARGIN))
+        done, _ = await asyncio.wait({stopping}, timeout=grace)
         if not done:
             for response in self.store.running_here():
                 response.cancel()
