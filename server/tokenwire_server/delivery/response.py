@@ -387,7 +387,14 @@ class LiveResponse:
         record = self._append(
             text, tokens, self._take_actions(text) if self._pending_actions else ()
         )
-        if self._space is not None and not self.over_budget and not self._space.done():
+        if (
+            self._space is not None
+            and self._pending_chars <= self._max_pending_chars / 2
+            and not self._space.done()
+        ):
+            # Hysteresis: a producer parked at the budget resumes once half of it
+            # has drained, not after every chunk, so a reader that keeps up pays
+            # one producer wake-up per half-budget of text instead of one each.
             self._space.set_result(None)
         if not pending:
             self._log_end_when_complete()
