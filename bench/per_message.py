@@ -5,7 +5,11 @@ Starts both servers as their own processes on loopback, then alternates runs
 prints, per configuration, the median messages/s of each, the ratio
 tokenwire/raw, and each server's CPU time per message read from /proc.
 
-    python bench/per_message.py [--messages 4000] [--streams 1 8 64] [--repeats 3]
+Streams are long (1,000 messages each at 64 streams): this is the cost of a
+message, not of a call; what a call costs before its first message is
+`bench/throughput.py`'s time to first token.
+
+    python bench/per_message.py [--messages 64000] [--streams 1 8 64] [--repeats 3]
 """
 
 from __future__ import annotations
@@ -160,7 +164,7 @@ async def main(args: argparse.Namespace) -> None:
 
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--messages", type=int, default=4000, help="messages per configuration")
+    parser.add_argument("--messages", type=int, default=64000, help="messages per configuration")
     parser.add_argument("--streams", type=int, nargs="+", default=[1, 8, 64])
     parser.add_argument("--repeats", type=int, default=3)
     asyncio.run(main(parser.parse_args()))
