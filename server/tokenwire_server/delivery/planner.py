@@ -53,20 +53,25 @@ class StreamDelivery:
         #: Sequence of the last chunk handed to gRPC; named in the trailers on failure.
         self.last_sequence = start_after
         self._last_sent = self._loop.time()
+        #: One timer per silence, not per wait: see `_wait`.
+        self._heartbeat_timer: asyncio.TimerHandle | None = None
 
     async def events(self) -> AsyncIterator[pb.StreamRespondResponse]:
-        response = self._response
-        if response.mode_used is None:
-            chosen = await self._choose_mode()
-            if response.mode_used is None:  # a concurrent reader may have chosen first
-                response.mode_used = chosen
-        mode = response.mode_used
-        if mode is DeliveryMode.BUFFERED:
-            async for event in self._buffered():
-                yield event
-        else:
-            async for event in self._streamed():
-                yield event
+        try:
+            response = self._response
+            if response.mode_used is None:
+                chosen = await self._choose_mode()
+                if response.mode_used is None:  # a concurrent reader may have chosen first
+                    response.mode_used = chosen
+            mode = response.mode_used
+            if mode is DeliveryMode.BUFFERED:
+                async for event in self._buffered():
+                    yield event
+            else:
+                async for event in self._streamed():
+                    yield event
+        finally:
+            self._stop_heartbeats()
         if response.state is not State.FINISHED:
             assert response.error is not None
             raise response.error
@@ -97,13 +102,30 @@ class StreamDelivery:
         return DeliveryMode.BUFFERED if response.state is State.FINISHED else DeliveryMode.STREAM
 
     async def _wait(self, until: float | None) -> pb.StreamRespondResponse | None:
-        """Waits for progress; returns a heartbeat if the silence reached the interval."""
+        """Waits for progress (or `until`); returns a heartbeat once the silence
+        reached the interval.
+
+        The heartbeat deadline moves with every chunk, so instead of a timer per
+        wait (a heap push and a cancel per chunk: thousands a second at scale)
+        one timer stays armed; when it fires early because chunks went out
+        meanwhile, the next wait re-arms it for the new deadline."""
         due = self._last_sent + self._options.heartbeat_interval
-        limit = due if until is None else min(due, until)
-        if not await self._response.wait(limit) and self._loop.time() >= due:
+        if self._loop.time() >= due:
             self._last_sent = self._loop.time()
             return self._codec.heartbeat(time.time_ns())
+        if self._heartbeat_timer is None:
+            self._heartbeat_timer = self._loop.call_at(due, self._heartbeat_due)
+        await self._response.wait(until)
         return None
+
+    def _heartbeat_due(self) -> None:
+        self._heartbeat_timer = None
+        self._response.wake_readers()
+
+    def _stop_heartbeats(self) -> None:
+        if self._heartbeat_timer is not None:
+            self._heartbeat_timer.cancel()
+            self._heartbeat_timer = None
 
     async def _durable(self, sequence: int) -> None:
         """With a shared log, a chunk leaves only once other replicas could replay it."""

@@ -364,6 +364,10 @@ class LiveResponse:
                 self._waiters.remove(waiter)
         return waiter.result()
 
+    def wake_readers(self) -> None:
+        """Returns every pending `wait` early (True), e.g. to let a reader send a heartbeat."""
+        self._wake()
+
     def _wake(self) -> None:
         waiters, self._waiters = self._waiters, []
         for waiter in waiters:
