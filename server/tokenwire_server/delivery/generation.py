@@ -98,7 +98,7 @@ class Watchdog:
 def _release_batch(
     batch: list[str],
     push: Callable[[str], tuple[str, tuple[Action, ...]]],
-    release: Callable[[str, tuple[Action, ...], int], None],
+    response: LiveResponse,
 ) -> None:
     """Tokens that arrived together pass governance as one text: the policy scans
     a read once instead of once per token, which is what makes a governed
@@ -109,10 +109,9 @@ def _release_batch(
     joined = "".join(batch)
     text, actions = push(joined)
     if text == joined and not actions:
-        for token in batch:
-            release(token, (), 1)
+        response.release_tokens(batch)
     else:
-        release(text, actions, len(batch))
+        response.release(text, actions, len(batch))
 
 
 async def run_generation(
@@ -176,7 +175,7 @@ async def _generate(
                     text, actions = push(item)
                     release(text, actions)
                 elif isinstance(item, list):
-                    _release_batch(item, push, release)
+                    _release_batch(item, push, response)
                 else:
                     raise InternalError(
                         f"backend {backend.name} yielded {type(item).__name__}, not text",
