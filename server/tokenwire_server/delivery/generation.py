@@ -114,6 +114,11 @@ def _release_batch(
         response.release(text, actions, len(batch))
 
 
+#: Items a generation handles before it lets other tasks run, when its backend
+#: has not waited on its own.
+_YIELD_EVERY = 64
+
+
 async def run_generation(
     backend: Backend,
     request: GenerationRequest,
@@ -187,6 +192,11 @@ async def _generate(
                     watchdog.suspend()
                     await response.wait_for_space()
                     watchdog.resume()
+                elif not watchdog.progress % _YIELD_EVERY:
+                    # A backend that never waits (a burst already in memory) would
+                    # otherwise hold the loop until the pending budget fills: every
+                    # other stream, and this one's own writer, would stall meanwhile.
+                    await asyncio.sleep(0)
         finally:
             aclose = getattr(tokens, "aclose", None)
             if aclose is not None:
