@@ -82,11 +82,11 @@ class Load:
 class WorkerResult:
     """What one client process measured; arrays keep 1M+ values cheap to pickle."""
 
-    request_start: array = field(default_factory=lambda: array("d"))  # per stream
-    chunk_stream: array = field(default_factory=lambda: array("i"))  # per chunk, stream order
-    chunk_arrival: array = field(default_factory=lambda: array("d"))
-    chunk_emitted: array = field(default_factory=lambda: array("d"))
-    chunk_tokens: array = field(default_factory=lambda: array("i"))
+    request_start: array[float] = field(default_factory=lambda: array("d"))  # per stream
+    chunk_stream: array[int] = field(default_factory=lambda: array("i"))  # per chunk, in order
+    chunk_arrival: array[float] = field(default_factory=lambda: array("d"))
+    chunk_emitted: array[float] = field(default_factory=lambda: array("d"))
+    chunk_tokens: array[int] = field(default_factory=lambda: array("i"))
     completed: int = 0
     failed: int = 0
     out_of_order: int = 0
@@ -150,7 +150,7 @@ async def _client(
     t0 = start_at.value
     result = WorkerResult()
     result.request_start = array("d", [0.0]) * len(stream_ids)
-    per_stream: list[tuple[array, array, array]] = [
+    per_stream: list[tuple[array[float], array[float], array[int]]] = [
         (array("d"), array("d"), array("i")) for _ in stream_ids
     ]
     cpu_before = _own_cpu()
@@ -445,12 +445,12 @@ def plot(
             y,
             color=colours[sizes.index(streams) % len(colours)],
             linestyle="-" if kind == "tokenwire" else "--",
-            label=f"{kind}, {streams} streams",
+            label=f"{kind}, {streams} streams ({min(r.completed for r in results)} completed)",
         )
     ax.axvline(target, color="grey", linestyle=":", linewidth=1, label=f"target p99 {target:g} ms")
     ax.axhline(0.99, color="grey", linestyle=":", linewidth=1)
     ax.set_xscale("log")
-    ax.set_xlabel("added delay per token: arrival - schedule (ms, log scale)")
+    ax.set_xlabel("added delay per delivered token: arrival - schedule (ms, log scale)")
     ax.set_ylabel("fraction of tokens")
     ax.set_title(
         f"StreamRespond, {load.rate:g} tokens/s per stream for {load.seconds:g} s "
