@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import math
 import random
 from collections.abc import AsyncIterator, Mapping
 from dataclasses import dataclass
@@ -241,6 +242,7 @@ class SimulatorBackend(Backend):
         self.stats = SimulatorStats()
         #: Set whenever a generation is cancelled; tests await it instead of sleeping.
         self.cancelled = asyncio.Event()
+        self._ticker: _Ticker | None = None
 
     def models(self) -> Mapping[str, str]:
         return {SIM_MODEL: MODEL_VERSION, ECHO_MODEL: MODEL_VERSION}
@@ -311,10 +313,16 @@ class SimulatorBackend(Backend):
         prompt_tokens = estimate_prompt_tokens(request.messages)
         stats = self.stats
         stats.started += 1
+        ticker = self._ticker_for_loop()
+        loop = ticker.loop
+        # Token i is due at start + ttft + i * delay, however late the loop ran the
+        # previous one: sleeping `delay` after each token instead would add every
+        # wake-up's lateness to all later tokens (about 1 ms per token on an idle
+        # loop, seconds over a long answer on a busy one). A token already due goes
+        # out at once, so a stream that fell behind catches up in one burst.
+        first_due = loop.time() + knobs.time_to_first_token
+        delay = knobs.inter_token_delay
         try:
-            if knobs.time_to_first_token > 0:
-                await asyncio.sleep(knobs.time_to_first_token)
-            delay = knobs.inter_token_delay
             for index, token in enumerate(tokens):
                 if index == knobs.fail_after:
                     raise BackendUnavailable(
@@ -324,9 +332,10 @@ class SimulatorBackend(Backend):
                 if index == knobs.raise_after:
                     raise RuntimeError(f"simulated crash after {index} tokens")
                 if index == knobs.stall_after:
-                    await asyncio.get_running_loop().create_future()
-                if index and delay > 0:
-                    await asyncio.sleep(delay)
+                    await loop.create_future()
+                due = first_due + index * delay
+                if due > loop.time():
+                    await ticker.wait_until(due)
                 stats.tokens_emitted += 1
                 yield token
         except asyncio.CancelledError:
@@ -335,3 +344,44 @@ class SimulatorBackend(Backend):
             raise
         stats.finished += 1
         yield Finish(reason=reason, prompt_tokens=prompt_tokens, completion_tokens=len(tokens))
+
+    def _ticker_for_loop(self) -> _Ticker:
+        loop = asyncio.get_running_loop()
+        ticker = self._ticker
+        if ticker is None or ticker.loop is not loop:
+            ticker = self._ticker = _Ticker(loop)
+        return ticker
+
+
+class _Ticker:
+    """One timer per millisecond slot, shared by every generation on the loop.
+
+    A paced generation waits once per token; with one `asyncio.sleep` each,
+    2,000 streams at 20 tokens/s are 40,000 timer handles a second pushed on
+    and popped off the loop's heap. Waits that fall due in the same slot share
+    one timer instead; a wait ends at the end of its slot (never early, at most
+    `resolution` late, about what epoll's millisecond timeout costs anyway).
+    """
+
+    __slots__ = ("_resolution", "_slots", "loop")
+
+    def __init__(self, loop: asyncio.AbstractEventLoop, resolution: float = 0.001) -> None:
+        self.loop = loop
+        self._resolution = resolution
+        self._slots: dict[int, list[asyncio.Future[None]]] = {}
+
+    def wait_until(self, when: float) -> asyncio.Future[None]:
+        """A future resolved once loop time `when` has passed."""
+        slot = math.ceil(when / self._resolution)
+        waiter: asyncio.Future[None] = self.loop.create_future()
+        waiters = self._slots.get(slot)
+        if waiters is None:
+            waiters = self._slots[slot] = []
+            self.loop.call_at(slot * self._resolution, self._fire, slot)
+        waiters.append(waiter)
+        return waiter
+
+    def _fire(self, slot: int) -> None:
+        for waiter in self._slots.pop(slot):
+            if not waiter.done():  # a cancelled generation leaves its waiter cancelled
+                waiter.set_result(None)
