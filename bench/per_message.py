@@ -133,7 +133,7 @@ async def main(args: argparse.Namespace) -> None:
     raw = await start(sys.executable, str(ROOT / "bench" / "raw_server.py"))
     try:
         print(
-            f"per-message efficiency: {args.messages} one-token chunks per stream, "
+            f"per-message efficiency: {args.messages} one-token chunks per configuration, "
             f"median of {args.repeats} alternating runs (loopback, {os.cpu_count()} cores)\n"
         )
         header = (
