@@ -231,6 +231,10 @@ def _apply_stop(tokens: list[str], stop: tuple[str, ...]) -> list[str] | None:
     return kept
 
 
+#: Most tokens handed on at once when several are already due.
+_BURST = 64
+
+
 class SimulatorBackend(Backend):
     """Deterministic token source with timing and fault knobs."""
 
@@ -299,7 +303,7 @@ class SimulatorBackend(Backend):
             seed = hashlib.sha256(prompt.encode()).hexdigest()
         return _compose(random.Random(seed), knobs.answer_tokens)
 
-    async def generate(self, request: GenerationRequest) -> AsyncIterator[str | Finish]:
+    async def generate(self, request: GenerationRequest) -> AsyncIterator[str | list[str] | Finish]:
         knobs = self._knobs(request.labels)
         tokens = self._plan(request, knobs)
         reason = FinishReason.STOP
@@ -322,8 +326,17 @@ class SimulatorBackend(Backend):
         # out at once, so a stream that fell behind catches up in one burst.
         first_due = loop.time() + knobs.time_to_first_token
         delay = knobs.inter_token_delay
+        faults = {knobs.fail_after, knobs.raise_after, knobs.stall_after}
+        # Tokens already due go out together, as an upstream's network read
+        # would bring them: one hand-off per burst instead of one per token.
+        burst: list[str] = []
         try:
             for index, token in enumerate(tokens):
+                due = first_due + index * delay
+                if burst and (len(burst) >= _BURST or index in faults or due > loop.time()):
+                    stats.tokens_emitted += len(burst)
+                    yield burst[0] if len(burst) == 1 else burst
+                    burst = []
                 if index == knobs.fail_after:
                     raise BackendUnavailable(
                         f"simulated backend failure after {index} tokens",
@@ -333,11 +346,12 @@ class SimulatorBackend(Backend):
                     raise RuntimeError(f"simulated crash after {index} tokens")
                 if index == knobs.stall_after:
                     await loop.create_future()
-                due = first_due + index * delay
                 if due > loop.time():
                     await ticker.wait_until(due)
-                stats.tokens_emitted += 1
-                yield token
+                burst.append(token)
+            if burst:
+                stats.tokens_emitted += len(burst)
+                yield burst[0] if len(burst) == 1 else burst
         except asyncio.CancelledError:
             stats.cancelled += 1
             self.cancelled.set()

@@ -95,23 +95,38 @@ class Watchdog:
         self._handle = self._loop.call_at(self._next_check(), self._check)
 
 
-def _release_batch(
+async def _release_batch(
     batch: list[str],
     push: Callable[[str], tuple[str, tuple[Action, ...]]],
     response: LiveResponse,
+    watchdog: Watchdog,
 ) -> None:
     """Tokens that arrived together pass governance as one text: the policy scans
     a read once instead of once per token, which is what makes a governed
     stream keep up with a fast upstream. When the policy lets the text through
     untouched the tokens are released one by one, so `max_tokens_per_chunk`
-    holds; text it held back or rewrote is released as one piece, as it is when
-    a single token completes a held span."""
+    holds, and no further than the pending budget allows at a time (as if
+    they had come singly); text it held back or rewrote is released as one
+    piece, as it is when a single token completes a held span."""
     joined = "".join(batch)
     text, actions = push(joined)
-    if text == joined and not actions:
-        response.release_tokens(batch)
-    else:
+    if text != joined or actions:
         response.release(text, actions, len(batch))
+        return
+    start, count = 0, len(batch)
+    while start < count:
+        end, room = start, response.room
+        while end < count and room >= 0:
+            room -= len(batch[end])
+            end += 1
+        response.release_tokens(batch[start:end] if start or end < count else batch)
+        start = end
+        if start < count:
+            watchdog.suspend()
+            await response.wait_for_space()
+            watchdog.resume()
+            if response.done:
+                return
 
 
 #: Items a generation handles before it lets other tasks run, when its backend
@@ -180,7 +195,7 @@ async def _generate(
                     text, actions = push(item)
                     release(text, actions)
                 elif isinstance(item, list):
-                    _release_batch(item, push, response)
+                    await _release_batch(item, push, response, watchdog)
                 else:
                     raise InternalError(
                         f"backend {backend.name} yielded {type(item).__name__}, not text",

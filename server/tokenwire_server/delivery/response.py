@@ -294,6 +294,11 @@ class LiveResponse:
             self._cut_detached()
 
     @property
+    def room(self) -> float:
+        """Characters that may still be released before the pending budget is spent."""
+        return self._max_pending_chars - self._pending_chars
+
+    @property
     def over_budget(self) -> bool:
         return self._pending_chars > self._max_pending_chars
 
