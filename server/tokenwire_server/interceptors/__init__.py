@@ -53,5 +53,5 @@ def build_chain(
         LimitsInterceptor(config.quotas),
         AuditInterceptor(audit_store),
         DeadlineInterceptor(config.deadlines.default_deadline, config.deadlines.max_deadline),
-        VerificationGateInterceptor(tracer_provider.get_tracer("tokenwire.verification")),
+        VerificationGateInterceptor(),
     ]
