@@ -4,9 +4,9 @@ Starts a fake OpenAI-compatible upstream (bench/fake_openai.py, zero delay,
 one token per SSE event) and two `tokenwire serve` processes routed to it:
 one with the pass-through policy, one with `builtin:default` (every built-in
 detector). Both run as a deployment would: spans exported over OTLP/HTTP (to
-the fake's drop-everything `/v1/traces`), the Prometheus endpoint on, INFO
-logs to /dev/null. Then, alternating between the three paths, `--repeats`
-times:
+a second fake process's drop-everything `/v1/traces`, standing in for a
+collector), the Prometheus endpoint on, INFO logs to /dev/null. Then,
+alternating between the three paths, `--repeats` times:
 
 * the upstream read directly by an async Python SSE client (aiohttp): the
   ceiling of this machine's client side;
@@ -225,9 +225,12 @@ def spread(values: list[float], fmt: str) -> str:
 
 async def main(args: argparse.Namespace) -> None:
     upstream = await start(sys.executable, str(ROOT / "bench" / "fake_openai.py"))
+    # The span sink is a process of its own, as a collector would be: sharing
+    # the upstream's event loop, trace posts delayed the answers being measured.
+    collector = await start(sys.executable, str(ROOT / "bench" / "fake_openai.py"))
     base_url = f"http://{upstream.address}/v1"
     deployment = {
-        "OTEL_EXPORTER_OTLP_TRACES_ENDPOINT": f"http://{upstream.address}/v1/traces",
+        "OTEL_EXPORTER_OTLP_TRACES_ENDPOINT": f"http://{collector.address}/v1/traces",
         "OTEL_EXPORTER_OTLP_TRACES_PROTOCOL": "http/protobuf",
     }
     common = (
@@ -252,7 +255,7 @@ async def main(args: argparse.Namespace) -> None:
     finally:
         for path in paths:
             await path.aclose()
-        for server in (passthrough, governed_server, upstream):
+        for server in (passthrough, governed_server, upstream, collector):
             server.process.terminate()
             await server.process.wait()
     report(figures, args)
