@@ -22,9 +22,9 @@ import argparse
 import asyncio
 import functools
 import json
-import signal
 
 from aiohttp import web
+from serving import serve_http
 
 TEXT = (
     "the model streams tokens in order and every chunk carries its sequence;"
@@ -119,18 +119,7 @@ async def serve(settings: argparse.Namespace) -> None:
     app["settings"] = settings
     app.router.add_post("/v1/chat/completions", completions)
     app.router.add_post("/v1/traces", traces)
-    runner = web.AppRunner(app, access_log=None)
-    await runner.setup()
-    site = web.TCPSite(runner, "127.0.0.1", settings.port)
-    await site.start()
-    bound = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
-    print(f"fake-openai serving on 127.0.0.1:{bound}", flush=True)
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for signum in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(signum, stop.set)
-    await stop.wait()
-    await runner.cleanup()
+    await serve_http(app, settings.port, "fake-openai")
 
 
 if __name__ == "__main__":

@@ -14,12 +14,11 @@ from __future__ import annotations
 import argparse
 import asyncio
 import hashlib
-import signal
 import time
 from collections.abc import AsyncIterator
 from typing import Any
 
-import grpc
+from serving import serve_stream_respond
 
 from tokenwire.v1 import respond_pb2 as pb
 
@@ -59,27 +58,7 @@ async def stream(request: pb.StreamRespondRequest, context: Any) -> AsyncIterato
 
 
 async def serve(port: int) -> None:
-    handler = grpc.method_handlers_generic_handler(
-        "tokenwire.v1.RespondService",
-        {
-            "StreamRespond": grpc.unary_stream_rpc_method_handler(
-                stream,
-                request_deserializer=pb.StreamRespondRequest.FromString,
-                response_serializer=pb.StreamRespondResponse.SerializeToString,
-            )
-        },
-    )
-    server = grpc.aio.server()
-    server.add_generic_rpc_handlers((handler,))
-    bound = server.add_insecure_port(f"127.0.0.1:{port}")
-    await server.start()
-    print(f"raw serving on 127.0.0.1:{bound}", flush=True)
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for signum in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(signum, stop.set)
-    await stop.wait()
-    await server.stop(0)
+    await serve_stream_respond(stream, port, "raw")
 
 
 if __name__ == "__main__":

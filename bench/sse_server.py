@@ -10,9 +10,9 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import signal
 
 from aiohttp import web
+from serving import serve_http
 
 
 def event(token: str) -> bytes:
@@ -38,18 +38,7 @@ async def stream(request: web.Request) -> web.StreamResponse:
 async def serve(port: int) -> None:
     app = web.Application()
     app.router.add_get("/v1/stream", stream)
-    runner = web.AppRunner(app, access_log=None)
-    await runner.setup()
-    site = web.TCPSite(runner, "127.0.0.1", port)
-    await site.start()
-    bound = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
-    print(f"sse serving on 127.0.0.1:{bound}", flush=True)
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for signum in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(signum, stop.set)
-    await stop.wait()
-    await runner.cleanup()
+    await serve_http(app, port, "sse")
 
 
 if __name__ == "__main__":
