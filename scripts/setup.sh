@@ -20,6 +20,11 @@ if command -v go >/dev/null 2>&1; then
     go install "$tool"
   done
   (cd clients/go && go mod download)
+  gobin="$(go env GOBIN)"; gobin="${gobin:-$(go env GOPATH)/bin}"
+  case ":$PATH:" in
+    *":$gobin:"*) ;;
+    *) echo "setup: grpcurl and the protoc plugins are in $gobin; add it to PATH" >&2 ;;
+  esac
 else
   echo "setup: go not found; the Go client and grpcurl tests will skip" >&2
 fi
