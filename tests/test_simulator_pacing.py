@@ -12,7 +12,7 @@ import time
 
 from tokenwire_server.backends.simulator import SimulatorBackend
 from tokenwire_server.config import SimulatorConfig
-from tokenwire_server.domain import Finish, GenerationRequest, Message, Role
+from tokenwire_server.domain import Finish, FinishReason, GenerationRequest, Message, Role
 
 
 def paced(tokens: int, delay_ms: float, ttft_ms: float = 0) -> GenerationRequest:
@@ -63,3 +63,18 @@ async def test_cancelling_one_generation_leaves_those_sharing_its_tick() -> None
     assert results[0] == results[2] == 10
     assert isinstance(results[1], asyncio.CancelledError)
     assert backend.stats.cancelled == 1 and backend.stats.finished == 2
+
+
+async def test_a_huge_answer_label_costs_only_what_max_tokens_lets_out() -> None:
+    backend = SimulatorBackend(SimulatorConfig())
+    request = GenerationRequest(
+        model="tokenwire-sim",
+        messages=(Message(Role.USER, "huge"),),
+        max_tokens=16,
+        labels={"tokenwire.sim/answer-tokens": str(10**12)},
+    )
+    items = [item async for item in backend.generate(request)]
+    finish = items[-1]
+    assert isinstance(finish, Finish) and finish.reason is FinishReason.LENGTH
+    tokens = [t for item in items[:-1] for t in (item if isinstance(item, list) else [item])]
+    assert len(tokens) == 16

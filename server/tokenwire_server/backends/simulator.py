@@ -183,7 +183,11 @@ def _word_pieces(word: str) -> list[str]:
     return [word[:cut], *_word_pieces(word[cut:])]
 
 
-@functools.lru_cache(maxsize=64)
+#: Answers up to this many tokens are cached (8 of them: a few MiB at most).
+_CACHED_ANSWER_TOKENS = 100_000
+
+
+@functools.lru_cache(maxsize=8)
 def _composed(seed: int | str, n_tokens: int) -> tuple[str, ...]:
     """The answer for a seed, composed once: callers that repeat a prompt (load
     tests, retries) get it without paying ~2 µs per token for the composing."""
@@ -309,7 +313,12 @@ class SimulatorBackend(Backend):
         else:
             prompt = "\x1e".join(f"{m.role}:{m.content}" for m in request.messages)
             seed = hashlib.sha256(prompt.encode()).hexdigest()
-        return list(_composed(seed, knobs.answer_tokens))
+        # Tokens past max_tokens are never sent: composing them would let a label
+        # (answer-tokens=10**9) cost unbounded time and memory.
+        count = min(knobs.answer_tokens, request.max_tokens + 1)
+        if count > _CACHED_ANSWER_TOKENS:
+            return _compose(random.Random(seed), count)
+        return list(_composed(seed, count))
 
     async def generate(self, request: GenerationRequest) -> AsyncIterator[str | list[str] | Finish]:
         knobs = self._knobs(request.labels)
