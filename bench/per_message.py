@@ -44,6 +44,12 @@ class Process:
         return (int(fields[11]) + int(fields[12])) / CLOCK_TICKS
 
 
+def percentile(values: list[float], q: float) -> float:
+    """The value at quantile `q` (nearest rank), as every benchmark reports it."""
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
+
+
 async def start(*command: str, env: dict[str, str] | None = None) -> Process:
     """A server process that prints `... serving on HOST:PORT` once it listens;
     `env` adds to the inherited environment."""

@@ -29,7 +29,7 @@ import redis.asyncio as redis
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from per_message import start_tokenwire
+from per_message import percentile, start_tokenwire
 
 from tokenwire.v1 import respond_pb2 as pb
 from tokenwire.v1 import respond_pb2_grpc
@@ -75,11 +75,6 @@ async def full_read(
             chunks += 1
             response_id = event.chunk.response_id
     return chunks, time.perf_counter() - started, response_id
-
-
-def percentile(values: list[float], q: float) -> float:
-    ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
 
 
 async def measure(store: str, args: argparse.Namespace) -> dict[str, float]:

@@ -25,6 +25,7 @@ import os
 import statistics
 import sys
 import time
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 
 import aiohttp
@@ -32,7 +33,7 @@ import grpc
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from per_message import ROOT, Process, raw_request, start, start_tokenwire
+from per_message import ROOT, Process, percentile, raw_request, start, start_tokenwire
 
 from tokenwire.v1 import respond_pb2 as pb
 from tokenwire.v1 import respond_pb2_grpc
@@ -61,12 +62,7 @@ async def tokenwire_tokens_per_second(
                     received += event.chunk.token_count
             return received
 
-        await one()
-        started = time.perf_counter()
-        counts = await asyncio.gather(*(one() for _ in range(streams)))
-        elapsed = time.perf_counter() - started
-    assert all(c == tokens for c in counts), counts
-    return sum(counts) / elapsed
+        return await _rate(one, streams, tokens)
 
 
 async def sse_tokens_per_second(address: str, streams: int, tokens: int) -> float:
@@ -81,10 +77,16 @@ async def sse_tokens_per_second(address: str, streams: int, tokens: int) -> floa
                         received += 1
             return received
 
-        await one()
-        started = time.perf_counter()
-        counts = await asyncio.gather(*(one() for _ in range(streams)))
-        elapsed = time.perf_counter() - started
+        return await _rate(one, streams, tokens)
+
+
+async def _rate(one: Callable[[], Awaitable[int]], streams: int, tokens: int) -> float:
+    """Tokens/s over `streams` concurrent answers, after one warm-up answer;
+    every answer must have delivered all `tokens`."""
+    await one()
+    started = time.perf_counter()
+    counts = await asyncio.gather(*(one() for _ in range(streams)))
+    elapsed = time.perf_counter() - started
     assert all(c == tokens for c in counts), counts
     return sum(counts) / elapsed
 
@@ -104,11 +106,6 @@ async def first_message_ms(
                     break
             call.cancel()
     return timings[10:]  # the first calls warm the channel and the server
-
-
-def pct(values: list[float], q: float) -> float:
-    ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
 
 
 async def main(args: argparse.Namespace) -> None:
@@ -144,7 +141,7 @@ async def main(args: argparse.Namespace) -> None:
         print(f"{'':>4} | {'raw grpc.aio ms':>15} | {'tokenwire ms':>12} | {'added ms':>8}")
         print("-" * 49)
         for label, q in (("p50", 0.5), ("p99", 0.99)):
-            r, t = pct(raw_ttft, q), pct(tw_ttft, q)
+            r, t = percentile(raw_ttft, q), percentile(tw_ttft, q)
             print(f"{label:>4} | {r:>15.3f} | {t:>12.3f} | {t - r:>8.3f}")
     finally:
         for server in (tokenwire, raw, sse):

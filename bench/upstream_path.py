@@ -47,7 +47,7 @@ import grpc
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from fake_openai import answer
-from per_message import ROOT, Process, start, start_tokenwire
+from per_message import ROOT, Process, percentile, start, start_tokenwire
 
 from tokenwire.v1 import respond_pb2 as pb
 from tokenwire.v1 import respond_pb2_grpc
@@ -64,11 +64,6 @@ class Figures:
     ttft_p99: list[float] = field(default_factory=list)
     rate: dict[int, list[float]] = field(default_factory=dict)
     cpu_per_1k: list[float] = field(default_factory=list)
-
-
-def percentile(values: list[float], q: float) -> float:
-    ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
 
 
 class DirectPath:
