@@ -95,6 +95,13 @@ class Watchdog:
         self._handle = self._loop.call_at(self._next_check(), self._check)
 
 
+async def _wait_for_space(response: LiveResponse, watchdog: Watchdog) -> None:
+    """Backpressure: a reader's slowness is not a stalled backend."""
+    watchdog.suspend()
+    await response.wait_for_space()
+    watchdog.resume()
+
+
 async def _release_batch(
     batch: list[str],
     push: Callable[[str], tuple[str, tuple[Action, ...]]],
@@ -122,9 +129,7 @@ async def _release_batch(
         response.release_tokens(batch[start:end] if start or end < count else batch)
         start = end
         if start < count:
-            watchdog.suspend()
-            await response.wait_for_space()
-            watchdog.resume()
+            await _wait_for_space(response, watchdog)
             if response.done:
                 return
 
@@ -203,9 +208,7 @@ async def _generate(
                 if session.halted:
                     break  # blocked: stop the backend; the decision comes from finish()
                 if response.over_budget:
-                    watchdog.suspend()
-                    await response.wait_for_space()
-                    watchdog.resume()
+                    await _wait_for_space(response, watchdog)
                 elif not watchdog.progress % _YIELD_EVERY:
                     # A backend that never waits (a burst already in memory) would
                     # otherwise hold the loop until the pending budget fills: every

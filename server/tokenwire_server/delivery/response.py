@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import asyncio
 import enum
-import itertools
 import math
 import time
 from collections import deque
@@ -244,26 +243,13 @@ class LiveResponse:
 
     def release(self, text: str, actions: tuple[Action, ...] = (), tokens: int = 1) -> None:
         """Adds governed text (from `tokens` generated tokens) that may now be sent."""
-        self.tokens_generated += tokens
-        if self.first_token_at is None:
-            self.first_token_at = self._loop.time()
+        self._generated(tokens)
         if actions:
             self._pending_actions.extend(actions)
         if not text:
             self._carry_tokens += tokens
             return
-        if not self._pending:
-            self._pending_since = self._loop.time()
-        self._pending.append(text)
-        self._pending_counts.append(tokens + self._carry_tokens)
-        self._pending_token_total += tokens + self._carry_tokens
-        self._carry_tokens = 0
-        self._pending_chars += len(text)
-        self._released.append(text)
-        if self._waiters:
-            self._wake()
-        if not self.readers and self.resumable:
-            self._cut_detached()
+        self._pend([text], [tokens + self._carry_tokens], len(text))
 
     def release_tokens(self, tokens: list[str]) -> None:
         """Adds tokens that passed governance untouched, each its own pending piece
@@ -273,21 +259,27 @@ class LiveResponse:
             for token in tokens:
                 self.release(token)
             return
-        count = len(tokens)
-        self.tokens_generated += count
+        self._generated(len(tokens))
+        counts = [1] * len(tokens)
+        counts[0] += self._carry_tokens
+        self._pend(tokens, counts, sum(map(len, tokens)))
+
+    def _generated(self, tokens: int) -> None:
+        self.tokens_generated += tokens
         if self.first_token_at is None:
             self.first_token_at = self._loop.time()
+
+    def _pend(self, pieces: list[str], counts: list[int], chars: int) -> None:
+        """Queues released pieces for the readers to cut; tokens carried so far are
+        already in `counts`."""
         if not self._pending:
             self._pending_since = self._loop.time()
-        self._pending.extend(tokens)
-        self._pending_counts.extend(itertools.repeat(1, count))
-        if self._carry_tokens:
-            self._pending_counts[-count] += self._carry_tokens
-            self._pending_token_total += self._carry_tokens
-            self._carry_tokens = 0
-        self._pending_token_total += count
-        self._pending_chars += sum(map(len, tokens))
-        self._released.extend(tokens)
+        self._pending.extend(pieces)
+        self._pending_counts.extend(counts)
+        self._pending_token_total += sum(counts)
+        self._carry_tokens = 0
+        self._pending_chars += chars
+        self._released.extend(pieces)
         if self._waiters:
             self._wake()
         if not self.readers and self.resumable:
