@@ -53,6 +53,8 @@ class StreamDelivery:
         #: Sequence of the last chunk handed to gRPC; named in the trailers on failure.
         self.last_sequence = start_after
         self._last_sent = self._loop.time()
+        #: `last_sequence` when `_last_sent` was last brought up to date (see `_wait`).
+        self._sequence_timed = start_after
         #: One timer per silence, not per wait: see `_wait`.
         self._heartbeat_timer: asyncio.TimerHandle | None = None
 
@@ -108,10 +110,18 @@ class StreamDelivery:
         The heartbeat deadline moves with every chunk, so instead of a timer per
         wait (a heap push and a cancel per chunk: thousands a second at scale)
         one timer stays armed; when it fires early because chunks went out
-        meanwhile, the next wait re-arms it for the new deadline."""
+        meanwhile, the next wait re-arms it for the new deadline.
+
+        Nor is the clock read per chunk: a reader waits only once it has sent
+        everything there is, so when chunks went out since the previous wait,
+        the last of them left just now."""
+        now = self._loop.time()
+        if self.last_sequence != self._sequence_timed:
+            self._sequence_timed = self.last_sequence
+            self._last_sent = now
         due = self._last_sent + self._options.heartbeat_interval
-        if self._loop.time() >= due:
-            self._last_sent = self._loop.time()
+        if now >= due:
+            self._last_sent = now
             return self._codec.heartbeat(time.time_ns())
         if self._heartbeat_timer is None:
             self._heartbeat_timer = self._loop.call_at(due, self._heartbeat_due)
@@ -200,4 +210,3 @@ class StreamDelivery:
                 await response.log.durable(record.sequence)
             self._sent(record.sequence)
             yield codec.chunk(record)
-            self._last_sent = self._loop.time()

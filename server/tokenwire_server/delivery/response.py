@@ -22,7 +22,7 @@ import time
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Protocol
+from typing import TYPE_CHECKING, NamedTuple, Protocol
 
 from tokenwire.v1 import respond_pb2 as pb
 from tokenwire_server.domain import (
@@ -46,8 +46,11 @@ class State(enum.Enum):
     CANCELLED = "cancelled"
 
 
-@dataclass(frozen=True, slots=True)
-class ChunkRecord:
+class ChunkRecord(NamedTuple):
+    """One chunk of the log, as cut. A named tuple, not a frozen dataclass: one is
+    built per chunk on the hot path, and a frozen dataclass's `__init__` costs
+    three times as much (it sets every field through `object.__setattr__`)."""
+
     sequence: int
     text: str
     text_offset: int
@@ -131,7 +134,6 @@ class LiveResponse:
         self.first_chunk_at: float | None = None
         #: The terminal message, built once so every reader gets the same one.
         self.completed_message: pb.Completed | None = None
-        self._chunk_bytes = 0
         self._on_end: list[Callable[[LiveResponse], None]] = []
         #: A shared log (several replicas): chunks are written there before they are sent.
         self.log: ChunkLog | None = None
@@ -227,7 +229,7 @@ class LiveResponse:
     def retained_bytes(self) -> int:
         """Roughly what keeping this response costs: chunks, released text, final text."""
         final = len(self.outcome.final_text.encode()) if self.outcome is not None else 0
-        return 2 * self._chunk_bytes + final
+        return 2 * self._next_offset + final
 
     def stop_generation(self) -> None:
         """Cancels generation if it still runs; safe to call any number of times.
@@ -417,15 +419,16 @@ class LiveResponse:
         record = self._append(
             text, tokens, self._take_actions(text) if self._pending_actions else ()
         )
+        space = self._space
         if (
-            self._space is not None
+            space is not None
             and self._pending_chars <= self._max_pending_chars / 2
-            and not self._space.done()
+            and not space.done()
         ):
             # Hysteresis: a producer parked at the budget resumes once half of it
             # has drained, not after every chunk, so a reader that keeps up pays
             # one producer wake-up per half-budget of text instead of one each.
-            self._space.set_result(None)
+            space.set_result(None)
         if not pending:
             self._log_end_when_complete()
         return record
@@ -451,15 +454,13 @@ class LiveResponse:
         return taken
 
     def _append(self, text: str, tokens: int, actions: tuple[Action, ...]) -> ChunkRecord:
-        record = ChunkRecord(
-            sequence=len(self.chunks) + 1,
-            text=text,
-            text_offset=self._next_offset,
-            token_count=tokens,
-            actions=actions,
-            emitted_at_ns=time.time_ns(),
-        )
-        self._add_chunk(record)
+        offset = self._next_offset
+        chunks = self.chunks
+        record = ChunkRecord(len(chunks) + 1, text, offset, tokens, actions, time.time_ns())
+        self._next_offset = offset + len(text.encode())
+        chunks.append(record)
+        if self._waiters:
+            self._wake()
         if self.log is not None:
             self.log.append(record)
         return record
@@ -467,12 +468,7 @@ class LiveResponse:
     def append_logged(self, record: ChunkRecord) -> None:
         """Adds a chunk another replica cut and logged."""
         self._released.append(record.text)
-        self._add_chunk(record)
-
-    def _add_chunk(self, record: ChunkRecord) -> None:
-        size = len(record.text.encode())
-        self._next_offset += size
-        self._chunk_bytes += size
+        self._next_offset += len(record.text.encode())
         self.chunks.append(record)
         if self._waiters:
             self._wake()

@@ -237,13 +237,14 @@ class ObservabilityInterceptor(RespondServiceInterceptor):
             active.inc()
             try:
                 async for event in behavior(request, hooked.context):
-                    if event.HasField("chunk"):
+                    kind = event.WhichOneof("event")
+                    if kind == "chunk":
                         last = event.chunk
                         chunks += 1
                         if first is None:
                             first = last
                             trace.get_current_span().add_event("first_chunk")
-                    elif event.HasField("completed"):
+                    elif kind == "completed":
                         self._completed(
                             method, request, event.completed, chunks, sent_bytes(), heartbeats
                         )
