@@ -31,7 +31,7 @@ from tokenwire_server.domain import Action, Verdict
 from tokenwire_server.governance.policy import FinalDecision, GovernanceSession, Policy
 from tokenwire_server.interceptors import build_chain
 from tokenwire_server.observability.metrics import Metrics
-from tokenwire_server.telemetry import build_tracer_provider
+from tokenwire_server.telemetry import build_tracing
 
 
 class _RewriteSession(GovernanceSession):
@@ -121,7 +121,7 @@ async def broken_server() -> AsyncIterator[respond_pb2_grpc.RespondServiceStub]:
     config = make_config()
     server = grpc.aio.server(
         interceptors=build_chain(
-            config, build_tracer_provider(), SqliteAuditStore(":memory:"), Metrics()
+            config, build_tracing().provider, SqliteAuditStore(":memory:"), Metrics()
         )
     )
     respond_pb2_grpc.add_RespondServiceServicer_to_server(_BrokenServicer(), server)

@@ -27,7 +27,6 @@ from tests.conftest import (
 from tests.test_interceptors import RewritingPolicy
 from tests.test_openai_upstream import chunk_event, route, sse
 from tokenwire.v1 import respond_pb2 as pb
-from tokenwire_server.telemetry import _exporter
 
 TRACE_ID = "4bf92f3577b34da6a3ce929d0e0e4736"
 PARENT_SPAN = "00f067aa0ba902b7"
@@ -226,24 +225,6 @@ async def test_failed_calls_log_their_status(
     assert record.status == "UNAVAILABLE"  # type: ignore[attr-defined]
     assert record.error_reason == "BACKEND_FAILED"  # type: ignore[attr-defined]
     assert record.levelno == logging.WARNING
-
-
-@pytest.mark.parametrize(
-    ("env", "kind"),
-    [
-        ({}, None),
-        ({"OTEL_TRACES_EXPORTER": "none", "OTEL_EXPORTER_OTLP_ENDPOINT": "http://x:4317"}, None),
-        ({"OTEL_EXPORTER_OTLP_ENDPOINT": "http://127.0.0.1:4317"}, "grpc"),
-        ({"OTEL_TRACES_EXPORTER": "otlp", "OTEL_EXPORTER_OTLP_PROTOCOL": "http/protobuf"}, "http"),
-    ],
-)
-def test_exporter_follows_the_otel_environment(env: dict[str, str], kind: str | None) -> None:
-    exporter = _exporter(env)
-    if kind is None:
-        assert exporter is None
-    else:
-        assert exporter is not None and f".{kind}." in type(exporter).__module__
-        exporter.shutdown()
 
 
 async def test_serve_prints_the_metrics_endpoint() -> None:

@@ -34,7 +34,7 @@ from tokenwire_server.servicer import RespondServicer
 from tokenwire_server.store.base import ResponseStore
 from tokenwire_server.store.memory import InMemoryResponseStore
 from tokenwire_server.store.redis_store import RedisResponseStore
-from tokenwire_server.telemetry import build_tracer_provider
+from tokenwire_server.telemetry import Tracing, build_tracing
 from tokenwire_server.wire import add_respond_service
 
 log = logging.getLogger(__name__)
@@ -104,7 +104,8 @@ class TokenwireServer:
         #: Bound port of the plaintext health-only listener, when served.
         self.health_port: int | None = None
         self._health_server: grpc.aio.Server | None = None
-        self.tracer_provider = tracer_provider or build_tracer_provider()
+        self.tracing = Tracing(tracer_provider) if tracer_provider is not None else build_tracing()
+        self.tracer_provider = self.tracing.provider
         self.health = health.aio.HealthServicer()
         self.port = 0
         self._server: grpc.aio.Server | None = None
@@ -200,7 +201,7 @@ class TokenwireServer:
         await self.audit_store.close()
         await self.store.close()
         self.metrics.stop()
-        self.tracer_provider.shutdown()
+        await self.tracing.aclose()
 
     async def _stop_calls(self, server: grpc.aio.Server, grace: float) -> None:
         """Lets calls finish within `grace`; then stops what is still generating,

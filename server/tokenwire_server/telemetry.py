@@ -5,8 +5,10 @@ An SDK provider is always used so every call has a real trace id to report in
 created and dropped: a cost per call, none per chunk). Export follows the
 standard OpenTelemetry environment variables: `OTEL_TRACES_EXPORTER=otlp` or
 an `OTEL_EXPORTER_OTLP_(TRACES_)ENDPOINT` turns on OTLP, over gRPC or HTTP per
-`OTEL_EXPORTER_OTLP_(TRACES_)PROTOCOL`; `OTEL_TRACES_SAMPLER` and the
-exporter's own variables (headers, timeouts, TLS) are read by the SDK.
+`OTEL_EXPORTER_OTLP_(TRACES_)PROTOCOL`, with the exporter's headers, timeout,
+compression and TLS variables and the OTEL_BSP_* batch limits;
+`OTEL_TRACES_SAMPLER` is read by the SDK. Spans are exported from the event
+loop (observability/span_export.py), not from the SDK's batch thread.
 """
 
 from __future__ import annotations
@@ -14,44 +16,31 @@ from __future__ import annotations
 import logging
 import os
 from collections.abc import Mapping
+from dataclasses import dataclass
 
 from opentelemetry.sdk.resources import Resource
 from opentelemetry.sdk.trace import TracerProvider
-from opentelemetry.sdk.trace.export import BatchSpanProcessor, SpanExporter
 
 from tokenwire_server import __version__
+from tokenwire_server.observability.span_export import LoopSpanProcessor, span_processor
 
 log = logging.getLogger(__name__)
 
 
-def _exporter(env: Mapping[str, str]) -> SpanExporter | None:
-    chosen = env.get("OTEL_TRACES_EXPORTER", "").strip().lower()
-    endpoint = env.get("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT") or env.get(
-        "OTEL_EXPORTER_OTLP_ENDPOINT"
-    )
-    if chosen in ("none", "console") or (chosen != "otlp" and not endpoint):
-        return None
-    protocol = (
-        env.get("OTEL_EXPORTER_OTLP_TRACES_PROTOCOL")
-        or env.get("OTEL_EXPORTER_OTLP_PROTOCOL")
-        or "grpc"
-    )
-    if protocol.startswith("http"):
-        from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter
+@dataclass
+class Tracing:
+    """The provider every span comes from, and the exporter that must be flushed on drain."""
 
-        return OTLPSpanExporter()
-    from opentelemetry.exporter.otlp.proto.grpc.trace_exporter import (
-        OTLPSpanExporter as GrpcOTLPSpanExporter,
-    )
+    provider: TracerProvider
+    export: LoopSpanProcessor | None = None
 
-    return GrpcOTLPSpanExporter()
+    async def aclose(self) -> None:
+        if self.export is not None:
+            await self.export.aclose()
+        self.provider.shutdown()
 
 
-#: Spans per export unless OTEL_BSP_MAX_EXPORT_BATCH_SIZE says otherwise.
-_EXPORT_BATCH = 32
-
-
-def build_tracer_provider(env: Mapping[str, str] | None = None) -> TracerProvider:
+def build_tracing(env: Mapping[str, str] | None = None) -> Tracing:
     env = os.environ if env is None else env
     resource = Resource.create(
         {
@@ -60,13 +49,8 @@ def build_tracer_provider(env: Mapping[str, str] | None = None) -> TracerProvide
         }
     )
     provider = TracerProvider(resource=resource)
-    exporter = _exporter(env)
-    if exporter is not None:
-        # The exporter encodes a batch while holding the GIL, which stalls the
-        # event loop: with the SDK's 512-span batches that showed as 10-25 ms on
-        # p99 time to first token (bench/upstream_path.py); 32-span batches keep
-        # each stall around a millisecond. OTEL_BSP_MAX_EXPORT_BATCH_SIZE still wins.
-        batch = int(env.get("OTEL_BSP_MAX_EXPORT_BATCH_SIZE", _EXPORT_BATCH))
-        provider.add_span_processor(BatchSpanProcessor(exporter, max_export_batch_size=batch))
-        log.info("exporting traces with %s", type(exporter).__module__)
-    return provider
+    export = span_processor(env)
+    if export is not None:
+        provider.add_span_processor(export)
+        log.info("exporting traces over OTLP")
+    return Tracing(provider, export)
