@@ -192,27 +192,7 @@ async def tokens_per_second(path: Path_, streams: int, tokens: int, seconds: flo
     return sum(counts) / (time.perf_counter() - started)
 
 
-async def settle(servers: list[Process], quiet: float = 0.2, limit: float = 30.0) -> None:
-    """Waits until no server spends CPU any more (at most `limit` seconds).
-
-    A throughput run leaves thousands of spans queued for export; draining
-    them takes the exporting server seconds of CPU on a 2-core machine. The
-    time-to-first-token run of the next path would otherwise measure that
-    backlog, not its own requests."""
-    give_up = time.perf_counter() + limit
-    before = [server.cpu_seconds() for server in servers]
-    while time.perf_counter() < give_up:
-        await asyncio.sleep(quiet)
-        now = [server.cpu_seconds() for server in servers]
-        if all(b - a < quiet * 0.05 for a, b in zip(before, now, strict=True)):
-            return
-        before = now
-
-
-async def measure(
-    path: Path_, figures: Figures, args: argparse.Namespace, servers: list[Process]
-) -> None:
-    await settle(servers)
+async def measure(path: Path_, figures: Figures, args: argparse.Namespace) -> None:
     ttft = await time_to_first_token(path, args.ttft_requests)
     figures.ttft_p50.append(percentile(ttft, 0.50))
     figures.ttft_p99.append(percentile(ttft, 0.99))
@@ -265,7 +245,7 @@ async def main(args: argparse.Namespace) -> None:
             await path.stream(args.tokens, lambda: None)
         for repeat in range(args.repeats):
             for path in paths:
-                await measure(path, figures[path.name], args, [passthrough, governed_server])
+                await measure(path, figures[path.name], args)
             print(f"  repeat {repeat + 1}/{args.repeats} done", file=sys.stderr)
     finally:
         for path in paths:
