@@ -227,6 +227,36 @@ async def test_failed_calls_log_their_status(
     assert record.levelno == logging.WARNING
 
 
+async def test_a_caller_hanging_up_is_logged_at_info_not_as_a_warning(
+    server: RunningServer,
+) -> None:
+    """Users stop generations all the time; warnings are kept for what an operator must read."""
+    loop = asyncio.get_running_loop()
+    arrived: asyncio.Future[logging.LogRecord] = loop.create_future()
+
+    class Catch(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            if not arrived.done():
+                loop.call_soon_threadsafe(arrived.set_result, record)
+
+    logger = logging.getLogger("tokenwire.responses")
+    handler, level = Catch(), logger.level
+    logger.addHandler(handler)
+    logger.setLevel(logging.INFO)
+    try:
+        call = server.stub.StreamRespond(stream_request(params=pb.GenerationParams(max_tokens=500)))
+        async for event in call:
+            if event.HasField("chunk"):
+                break
+        call.cancel()
+        record = await asyncio.wait_for(arrived, 10)
+    finally:
+        logger.removeHandler(handler)
+        logger.setLevel(level)
+    assert record.status == "CANCELLED"  # type: ignore[attr-defined]
+    assert record.levelno == logging.INFO
+
+
 async def test_serve_prints_the_metrics_endpoint() -> None:
     import sys
 

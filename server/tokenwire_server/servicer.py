@@ -15,7 +15,8 @@ import asyncio
 import hashlib
 import logging
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator
+from contextlib import aclosing
 from typing import Any
 
 import grpc
@@ -258,7 +259,7 @@ class RespondServicer(respond_pb2_grpc.RespondServiceServicer):
 
     async def StreamRespond(
         self, request: pb.StreamRespondRequest, context: Context
-    ) -> AsyncIterator[pb.StreamRespondResponse]:
+    ) -> AsyncGenerator[pb.StreamRespondResponse, None]:
         try:
             _reject_undecodable(request)
             if request.HasField("resume"):
@@ -291,8 +292,9 @@ class RespondServicer(respond_pb2_grpc.RespondServiceServicer):
             start_after,
         )
         try:
-            async for event in delivery.events():
-                yield event
+            async with aclosing(delivery.events()) as stream:
+                async for event in stream:
+                    yield event
         except TokenwireError:
             await self._fail(context, response, delivery.last_sequence)
         finally:

@@ -12,7 +12,8 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator
+from contextlib import aclosing
 from dataclasses import dataclass
 
 from tokenwire.v1 import respond_pb2 as pb
@@ -58,7 +59,7 @@ class StreamDelivery:
         #: One timer per silence, not per wait: see `_wait`.
         self._heartbeat_timer: asyncio.TimerHandle | None = None
 
-    async def events(self) -> AsyncIterator[pb.StreamRespondResponse]:
+    async def events(self) -> AsyncGenerator[pb.StreamRespondResponse, None]:
         try:
             response = self._response
             if response.mode_used is None:
@@ -67,11 +68,13 @@ class StreamDelivery:
                     response.mode_used = chosen
             mode = response.mode_used
             if mode is DeliveryMode.BUFFERED:
-                async for event in self._buffered():
-                    yield event
+                async with aclosing(self._buffered()) as stream:
+                    async for event in stream:
+                        yield event
             else:
-                async for event in self._streamed():
-                    yield event
+                async with aclosing(self._streamed()) as stream:
+                    async for event in stream:
+                        yield event
         finally:
             self._stop_heartbeats()
         if response.state is not State.FINISHED:
@@ -148,7 +151,7 @@ class StreamDelivery:
         if self._response.first_chunk_at is None:
             self._response.first_chunk_at = self._loop.time()
 
-    async def _buffered(self) -> AsyncIterator[pb.StreamRespondResponse]:
+    async def _buffered(self) -> AsyncGenerator[pb.StreamRespondResponse, None]:
         response = self._response
         response.unbounded()
         self._last_sent = self._loop.time()
@@ -176,7 +179,7 @@ class StreamDelivery:
             and outcome.final_text != response.released_text
         )
 
-    async def _streamed(self) -> AsyncIterator[pb.StreamRespondResponse]:
+    async def _streamed(self) -> AsyncGenerator[pb.StreamRespondResponse, None]:
         response, options, codec = self._response, self._options, self._codec
         chunks = response.chunks
         cap, max_delay = options.max_tokens_per_chunk, options.max_delay

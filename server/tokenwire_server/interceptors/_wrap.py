@@ -7,7 +7,8 @@ once. Health and reflection pass through untouched.
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncGenerator, Awaitable, Callable
+from contextlib import aclosing
 from typing import Any
 
 import grpc
@@ -20,7 +21,7 @@ SERVICE_PREFIX = f"/{SERVICE_NAME}/"
 
 Context = grpc.aio.ServicerContext[Any, Any]
 UnaryBehavior = Callable[[Any, Context], Awaitable[Any]]
-StreamBehavior = Callable[[Any, Context], AsyncIterator[Any]]
+StreamBehavior = Callable[[Any, Context], AsyncGenerator[Any, None]]
 
 
 def method_name(details: grpc.HandlerCallDetails) -> str:
@@ -98,10 +99,11 @@ class RespondServiceInterceptor(grpc.aio.ServerInterceptor):
     def wrap_stream(
         self, behavior: StreamBehavior, details: grpc.HandlerCallDetails
     ) -> StreamBehavior:
-        async def entered(request: Any, context: Context) -> AsyncIterator[Any]:
+        async def entered(request: Any, context: Context) -> AsyncGenerator[Any, None]:
             await self.enter(request, context, details)
-            async for event in behavior(request, context):
-                yield event
+            async with aclosing(behavior(request, context)) as stream:
+                async for event in stream:
+                    yield event
 
         return entered
 

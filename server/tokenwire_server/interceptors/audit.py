@@ -14,7 +14,8 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator
+from contextlib import aclosing
 from typing import Any
 
 import grpc
@@ -174,7 +175,7 @@ class AuditInterceptor(RespondServiceInterceptor):
     ) -> StreamBehavior:
         method = method_name(details)
 
-        async def audited(request: Any, context: Context) -> AsyncIterator[Any]:
+        async def audited(request: Any, context: Context) -> AsyncGenerator[Any, None]:
             record = CallRecord(started_ns=time.time_ns())
             CALL_RECORD.set(record)
             events = record.events
@@ -185,25 +186,26 @@ class AuditInterceptor(RespondServiceInterceptor):
 
             hooked = AbortHook(context, before_status)
             try:
-                async for event in behavior(request, hooked.context):
-                    if event.HasField("completed"):
-                        await self._write(
-                            self._build(request, record, method, event.completed, "OK")
-                        )
-                        written = True
-                    elif record.token_events and event.HasField("chunk"):
-                        chunk = event.chunk
-                        events.append(
-                            TokenEvent(
-                                chunk.sequence,
-                                chunk.text_offset,
-                                len(chunk.text.encode()),
-                                chunk.token_count,
-                                len(chunk.governance.actions),
-                                chunk.emitted_at.ToNanoseconds(),
+                async with aclosing(behavior(request, hooked.context)) as stream:
+                    async for event in stream:
+                        if event.HasField("completed"):
+                            await self._write(
+                                self._build(request, record, method, event.completed, "OK")
                             )
-                        )
-                    yield event
+                            written = True
+                        elif record.token_events and event.HasField("chunk"):
+                            chunk = event.chunk
+                            events.append(
+                                TokenEvent(
+                                    chunk.sequence,
+                                    chunk.text_offset,
+                                    len(chunk.text.encode()),
+                                    chunk.token_count,
+                                    len(chunk.governance.actions),
+                                    chunk.emitted_at.ToNanoseconds(),
+                                )
+                            )
+                        yield event
             except (asyncio.CancelledError, GeneratorExit):
                 if not written and not hooked.fired:
                     self._write_nowait(self._build(request, record, method, None, "CANCELLED"))

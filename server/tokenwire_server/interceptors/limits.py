@@ -11,7 +11,8 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator
+from contextlib import aclosing
 from typing import Any
 
 import grpc
@@ -120,19 +121,20 @@ class LimitsInterceptor(RespondServiceInterceptor):
     def wrap_stream(
         self, behavior: StreamBehavior, details: grpc.HandlerCallDetails
     ) -> StreamBehavior:
-        async def limited(request: Any, context: Context) -> AsyncIterator[Any]:
+        async def limited(request: Any, context: Context) -> AsyncGenerator[Any, None]:
             try:
                 tenant = await self._admit(context)
             except QuotaExceeded as error:
                 await abort(context, error)
                 return
             try:
-                async for event in behavior(request, context):
-                    if event.HasField("completed"):
-                        record = CALL_RECORD.get()
-                        if record is not None:
-                            record.completion_tokens = event.completed.usage.completion_tokens
-                    yield event
+                async with aclosing(behavior(request, context)) as stream:
+                    async for event in stream:
+                        if event.HasField("completed"):
+                            record = CALL_RECORD.get()
+                            if record is not None:
+                                record.completion_tokens = event.completed.usage.completion_tokens
+                        yield event
             finally:
                 self._release(tenant)
 

@@ -13,7 +13,8 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator
+from contextlib import aclosing
 from typing import Any
 
 import grpc
@@ -170,7 +171,10 @@ class ObservabilityInterceptor(RespondServiceInterceptor):
             m.deadline_expiries.inc()
         elif status == "CANCELLED":
             m.cancellations.inc()
-        log.warning(
+        # A caller that hangs up is routine (a user pressed stop), not a server
+        # fault: INFO, so a busy server's warnings stay worth reading.
+        log.log(
+            logging.INFO if status == "CANCELLED" else logging.WARNING,
             "response failed",
             extra={
                 "event": "response",
@@ -219,7 +223,7 @@ class ObservabilityInterceptor(RespondServiceInterceptor):
         method = method_name(details)
         active = self._metrics.active_streams
 
-        async def observed(request: Any, context: Context) -> AsyncIterator[Any]:
+        async def observed(request: Any, context: Context) -> AsyncGenerator[Any, None]:
             started = time.monotonic()
             chunks = heartbeats = 0
             first: pb.TokenChunk | None = None
@@ -236,21 +240,22 @@ class ObservabilityInterceptor(RespondServiceInterceptor):
             hooked = AbortHook(context, before_status)
             active.inc()
             try:
-                async for event in behavior(request, hooked.context):
-                    kind = event.WhichOneof("event")
-                    if kind == "chunk":
-                        last = event.chunk
-                        chunks += 1
-                        if first is None:
-                            first = last
-                            trace.get_current_span().add_event("first_chunk")
-                    elif kind == "completed":
-                        self._completed(
-                            method, request, event.completed, chunks, sent_bytes(), heartbeats
-                        )
-                    else:
-                        heartbeats += 1
-                    yield event
+                async with aclosing(behavior(request, hooked.context)) as stream:
+                    async for event in stream:
+                        kind = event.WhichOneof("event")
+                        if kind == "chunk":
+                            last = event.chunk
+                            chunks += 1
+                            if first is None:
+                                first = last
+                                trace.get_current_span().add_event("first_chunk")
+                        elif kind == "completed":
+                            self._completed(
+                                method, request, event.completed, chunks, sent_bytes(), heartbeats
+                            )
+                        else:
+                            heartbeats += 1
+                        yield event
             except (asyncio.CancelledError, GeneratorExit):
                 if not hooked.fired:
                     self._failed(

@@ -17,6 +17,7 @@ must match `final_sha256`.
 from __future__ import annotations
 
 import hashlib
+from contextlib import aclosing
 from typing import Any
 
 import grpc
@@ -121,52 +122,53 @@ def _gate_stream(behavior: StreamBehavior) -> StreamBehavior:
         next_sequence, next_offset = 1, 0
         completed_seen = False
         started = False
-        async for event in behavior(request, context):
-            if not started:
-                # A resumed call: the caller already holds these chunks.
-                started = True
-                for sequence, offset, data in CALL_REPLAY_PREFIX.get():
+        async with aclosing(behavior(request, context)) as stream:
+            async for event in stream:
+                if not started:
+                    # A resumed call: the caller already holds these chunks.
+                    started = True
+                    for sequence, offset, data in CALL_REPLAY_PREFIX.get():
+                        digest.update(data)
+                        sent.append(data)
+                        next_sequence, next_offset = sequence + 1, offset + len(data)
+                kind = event.WhichOneof("event")
+                if kind == "chunk":
+                    chunk = event.chunk
+                    data = chunk.text.encode()
+                    if (
+                        completed_seen
+                        or chunk.sequence != next_sequence
+                        or (chunk.text_offset != next_offset)
+                    ):
+                        await abort(
+                            context,
+                            VerificationFailed(
+                                f"chunk {chunk.sequence}@{chunk.text_offset} does not follow "
+                                f"{next_sequence - 1}@{next_offset}",
+                                metadata={"lastSequence": str(next_sequence - 1)},
+                            ),
+                            ((LAST_SEQUENCE_KEY, str(next_sequence - 1)),),
+                        )
                     digest.update(data)
                     sent.append(data)
-                    next_sequence, next_offset = sequence + 1, offset + len(data)
-            kind = event.WhichOneof("event")
-            if kind == "chunk":
-                chunk = event.chunk
-                data = chunk.text.encode()
-                if (
-                    completed_seen
-                    or chunk.sequence != next_sequence
-                    or (chunk.text_offset != next_offset)
-                ):
-                    await abort(
-                        context,
-                        VerificationFailed(
-                            f"chunk {chunk.sequence}@{chunk.text_offset} does not follow "
-                            f"{next_sequence - 1}@{next_offset}",
-                            metadata={"lastSequence": str(next_sequence - 1)},
-                        ),
-                        ((LAST_SEQUENCE_KEY, str(next_sequence - 1)),),
-                    )
-                digest.update(data)
-                sent.append(data)
-                next_sequence += 1
-                next_offset += len(data)
-            elif kind == "completed":
-                completed = event.completed
-                if completed_seen or completed.last_sequence != next_sequence - 1:
-                    await _contract_broken(
-                        context,
-                        f"Completed names last sequence {completed.last_sequence} "
-                        f"but {next_sequence - 1} chunks were sent",
-                        next_sequence - 1,
-                    )
-                streamed = digest.hexdigest()
-                retract_from = 0
-                if streamed != completed.final_sha256:
-                    retract_from = retraction_point(sent, completed.final_text.encode())
-                _verify(completed, streamed, retract_from, omit)
-                _describe(completed, len(sent))
-                completed_seen = True
-            yield event
+                    next_sequence += 1
+                    next_offset += len(data)
+                elif kind == "completed":
+                    completed = event.completed
+                    if completed_seen or completed.last_sequence != next_sequence - 1:
+                        await _contract_broken(
+                            context,
+                            f"Completed names last sequence {completed.last_sequence} "
+                            f"but {next_sequence - 1} chunks were sent",
+                            next_sequence - 1,
+                        )
+                    streamed = digest.hexdigest()
+                    retract_from = 0
+                    if streamed != completed.final_sha256:
+                        retract_from = retraction_point(sent, completed.final_text.encode())
+                    _verify(completed, streamed, retract_from, omit)
+                    _describe(completed, len(sent))
+                    completed_seen = True
+                yield event
 
     return gated
