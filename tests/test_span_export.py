@@ -19,9 +19,15 @@ import pytest
 from aiohttp import web
 from opentelemetry.proto.collector.trace.v1 import trace_service_pb2 as otlp
 from opentelemetry.proto.collector.trace.v1 import trace_service_pb2_grpc as otlp_grpc
+from opentelemetry.sdk.trace import TracerProvider
 
 from tests.conftest import StartServer, collect, completed_of, stream_request
-from tokenwire_server.observability.span_export import OtlpTarget, otlp_target
+from tokenwire_server.observability.span_export import (
+    LoopSpanProcessor,
+    OtlpTarget,
+    _Sender,
+    otlp_target,
+)
 
 STREAM_SPAN = "/tokenwire.v1.RespondService/StreamRespond"
 
@@ -226,3 +232,40 @@ def test_the_target_follows_the_otel_environment(
     env: dict[str, str], expected: OtlpTarget | None
 ) -> None:
     assert otlp_target(env) == expected
+
+
+class _GatedSender(_Sender):
+    """Holds every post until the test opens the gate: a collector that is slow."""
+
+    def __init__(self) -> None:
+        self.gate = asyncio.Event()
+        self.bodies: list[bytes] = []
+
+    async def send(self, body: bytes) -> bool:
+        await self.gate.wait()
+        self.bodies.append(body)
+        return True
+
+
+async def test_a_slow_collector_bounds_the_queue_and_counts_what_it_drops() -> None:
+    sender = _GatedSender()
+    export = LoopSpanProcessor(sender, max_batch=2, max_queue=4, schedule_delay=60)
+    provider = TracerProvider()
+    provider.add_span_processor(export)
+    tracer = provider.get_tracer("test")
+    for number in range(10):
+        tracer.start_span(f"span-{number}").end()
+        await asyncio.sleep(0)  # let the encode callback run, as between calls
+    # Two went out in the first post (held at the gate); four more may wait.
+    assert export.dropped == 4
+    sender.gate.set()
+    await export.aclose()
+    names = [
+        span.name
+        for body in sender.bodies
+        for resource_spans in otlp.ExportTraceServiceRequest.FromString(body).resource_spans
+        for scope in resource_spans.scope_spans
+        for span in scope.spans
+    ]
+    assert names == [f"span-{n}" for n in range(6)]
+    assert export.exported == 6

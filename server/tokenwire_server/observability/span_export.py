@@ -276,7 +276,10 @@ class LoopSpanProcessor(SpanProcessor):
         elif running is self._loop:
             self._enqueue(span)
         else:
-            self._loop.call_soon_threadsafe(self._enqueue, span)
+            try:
+                self._loop.call_soon_threadsafe(self._enqueue, span)
+            except RuntimeError:  # that loop is closed: the span has nowhere to go
+                self.dropped += 1
 
     def _enqueue(self, span: ReadableSpan) -> None:
         if len(self._ended) + len(self._encoded) >= self._max_queue:
@@ -316,8 +319,11 @@ class LoopSpanProcessor(SpanProcessor):
         while self._encoded:
             batch = self._encoded[: self._max_batch]
             del self._encoded[: len(batch)]
-            if await self._sender.send(b"".join(batch)):
-                self.exported += len(batch)
+            try:
+                if await self._sender.send(b"".join(batch)):
+                    self.exported += len(batch)
+            except Exception:  # e.g. a malformed endpoint: tell, drop the batch, go on
+                log.exception("span export failed; %d spans dropped", len(batch))
 
     async def aclose(self, timeout: float = 5.0) -> None:
         """Posts what is queued (for at most `timeout` seconds), then stops."""
