@@ -138,6 +138,8 @@ async def test_spans_reach_an_http_collector_with_headers_and_gzip(
     assert len(http_collector.requests) == 1  # four spans joined into one request
     headers = http_collector.headers[0]
     assert headers["x-tenant"] == "blue" and headers["authorization"] == "Bearer t0k"
+    registry = server.server.metrics.registry
+    assert registry.get_sample_value("tokenwire_spans_total", {"outcome": "exported"}) == 4
     assert headers["content-encoding"] == "gzip"
 
 
@@ -189,6 +191,9 @@ async def test_an_unreachable_collector_costs_neither_calls_nor_drain(
     await server.server.drain(grace=0)
     assert loop.time() - started < 7  # bounded by the export's 5 s flush limit
     assert export.exported == 0
+    registry = server.server.metrics.registry
+    assert registry.get_sample_value("tokenwire_spans_total", {"outcome": "failed"}) >= 1
+    assert registry.get_sample_value("tokenwire_spans_total", {"outcome": "exported"}) is None
 
 
 @pytest.mark.parametrize(

@@ -106,6 +106,8 @@ class TokenwireServer:
         self._health_server: grpc.aio.Server | None = None
         self.tracing = Tracing(tracer_provider) if tracer_provider is not None else build_tracing()
         self.tracer_provider = self.tracing.provider
+        if self.tracing.export is not None:
+            self.tracing.export.on_outcome = self.metrics.count_spans
         self.health = health.aio.HealthServicer()
         self.port = 0
         self._server: grpc.aio.Server | None = None

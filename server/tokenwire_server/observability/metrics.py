@@ -111,8 +111,18 @@ class Metrics:
             ("backend", "path"),
             registry=r,
         )
+        self.spans = Counter(
+            "tokenwire_spans",
+            "Spans handed to the OTLP exporter: exported, dropped (queue full), "
+            "failed (the collector refused them or could not be reached).",
+            ("outcome",),
+            registry=r,
+        )
         self._server: WSGIServer | None = None
         self._thread: threading.Thread | None = None
+
+    def count_spans(self, outcome: str, count: int) -> None:
+        self.spans.labels(outcome).inc(count)
 
     def tenant_label(self, tenant: str) -> str:
         """Keeps label cardinality bounded: the first 100 tenants by name, then "other"."""

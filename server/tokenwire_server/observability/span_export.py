@@ -22,7 +22,7 @@ import asyncio
 import gzip
 import logging
 import ssl
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from urllib.parse import urlparse
 
@@ -253,10 +253,24 @@ class LoopSpanProcessor(SpanProcessor):
         self._timer: asyncio.TimerHandle | None = None
         self._posting: asyncio.Task[None] | None = None
         self._closed = False
-        #: Spans dropped because the queue was full.
+        #: Spans dropped because the queue was full (or no loop could post them).
         self.dropped = 0
         #: Spans the collector accepted.
         self.exported = 0
+        #: Spans in batches the collector refused or that could not reach it.
+        self.failed = 0
+        #: Told each outcome ("exported", "dropped", "failed") and its span count.
+        self.on_outcome: Callable[[str, int], None] | None = None
+
+    def _count(self, outcome: str, count: int) -> None:
+        if outcome == "exported":
+            self.exported += count
+        elif outcome == "failed":
+            self.failed += count
+        else:
+            self.dropped += count
+        if self.on_outcome is not None:
+            self.on_outcome(outcome, count)
 
     def on_start(self, span: Span, parent_context: Context | None = None) -> None:
         pass
@@ -272,20 +286,20 @@ class LoopSpanProcessor(SpanProcessor):
         if self._loop is None:
             self._loop = running
         if self._loop is None:
-            self.dropped += 1  # no loop has ever run here: nothing could post it
+            self._count("dropped", 1)  # no loop has ever run here: nothing could post it
         elif running is self._loop:
             self._enqueue(span)
         else:
             try:
                 self._loop.call_soon_threadsafe(self._enqueue, span)
             except RuntimeError:  # that loop is closed: the span has nowhere to go
-                self.dropped += 1
+                self._count("dropped", 1)
 
     def _enqueue(self, span: ReadableSpan) -> None:
         if len(self._ended) + len(self._encoded) >= self._max_queue:
             if self.dropped == 0:
                 log.warning("span export queue full (%d); dropping spans", self._max_queue)
-            self.dropped += 1
+            self._count("dropped", 1)
             return
         self._ended.append(span)
         if not self._encode_scheduled:
@@ -320,10 +334,11 @@ class LoopSpanProcessor(SpanProcessor):
             batch = self._encoded[: self._max_batch]
             del self._encoded[: len(batch)]
             try:
-                if await self._sender.send(b"".join(batch)):
-                    self.exported += len(batch)
+                accepted = await self._sender.send(b"".join(batch))
             except Exception:  # e.g. a malformed endpoint: tell, drop the batch, go on
                 log.exception("span export failed; %d spans dropped", len(batch))
+                accepted = False
+            self._count("exported" if accepted else "failed", len(batch))
 
     async def aclose(self, timeout: float = 5.0) -> None:
         """Posts what is queued (for at most `timeout` seconds), then stops."""
