@@ -13,7 +13,6 @@ loop (observability/span_export.py), not from the SDK's batch thread.
 
 from __future__ import annotations
 
-import logging
 import os
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -23,8 +22,6 @@ from opentelemetry.sdk.trace import TracerProvider
 
 from tokenwire_server import __version__
 from tokenwire_server.observability.span_export import LoopSpanProcessor, span_processor
-
-log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -52,5 +49,4 @@ def build_tracing(env: Mapping[str, str] | None = None) -> Tracing:
     export = span_processor(env)
     if export is not None:
         provider.add_span_processor(export)
-        log.info("exporting traces over OTLP")
     return Tracing(provider, export)

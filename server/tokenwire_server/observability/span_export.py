@@ -377,6 +377,7 @@ def span_processor(env: Mapping[str, str]) -> LoopSpanProcessor | None:
     target = otlp_target(env)
     if target is None:
         return None
+    log.info("exporting traces over OTLP (%s) to %s", target.protocol, target.endpoint)
     return LoopSpanProcessor(
         sender_for(target),
         max_batch=_int_env(env, "OTEL_BSP_MAX_EXPORT_BATCH_SIZE", 512),
