@@ -9,7 +9,11 @@ Streams are long (1,000 messages each at 64 streams): this is the cost of a
 message, not of a call; what a call costs before its first message is
 `bench/throughput.py`'s time to first token.
 
-    python bench/per_message.py [--messages 64000] [--streams 1 8 64] [--repeats 3]
+`--floor` adds two more baselines: bare grpc.aio building each message the
+way tokenwire's codec does, and building plus checking it the way the gate
+does (sequence, offset, SHA-256) — the least the contract costs per message.
+
+    python bench/per_message.py [--messages 64000] [--streams 1 8 64] [--repeats 3] [--floor]
 """
 
 from __future__ import annotations
@@ -136,7 +140,17 @@ async def measure(
 
 async def main(args: argparse.Namespace) -> None:
     tokenwire = await start_tokenwire()
-    raw = await start(sys.executable, str(ROOT / "bench" / "raw_server.py"))
+    raw_script = str(ROOT / "bench" / "raw_server.py")
+    raw = await start(sys.executable, raw_script)
+    # The floor: bare grpc.aio building (and checking) each message as tokenwire must.
+    floors = (
+        [
+            ("built", await start(sys.executable, raw_script, "--mode", "built")),
+            ("built+checked", await start(sys.executable, raw_script, "--mode", "checked")),
+        ]
+        if args.floor
+        else []
+    )
     try:
         print(
             f"per-message efficiency: {args.messages} one-token chunks per configuration, "
@@ -145,25 +159,33 @@ async def main(args: argparse.Namespace) -> None:
         header = (
             f"{'streams':>7} | {'raw msg/s':>10} | {'tokenwire msg/s':>15} | {'ratio':>5} | "
             f"{'raw CPU µs/msg':>14} | {'tokenwire CPU µs/msg':>20}"
+            + "".join(f" | {name + ' ratio':>19}" for name, _ in floors)
         )
         print(header)
         print("-" * len(header))
         for streams in args.streams:
             per_stream = max(args.messages // streams, 200)
             raw_runs, tw_runs = [], []
+            floor_runs: list[list[tuple[float, float]]] = [[] for _ in floors]
             for _ in range(args.repeats):
                 raw_runs.append(await measure(raw, raw_request, streams, per_stream))
                 tw_runs.append(await measure(tokenwire, tokenwire_request, streams, per_stream))
+                for runs, (_, server) in zip(floor_runs, floors, strict=True):
+                    runs.append(await measure(server, raw_request, streams, per_stream))
             raw_rate = statistics.median(r[0] for r in raw_runs)
             tw_rate = statistics.median(r[0] for r in tw_runs)
             raw_cpu = statistics.median(r[1] for r in raw_runs)
             tw_cpu = statistics.median(r[1] for r in tw_runs)
+            floor_cells = "".join(
+                f" | {statistics.median(r[0] for r in runs) / raw_rate:>19.2f}"
+                for runs in floor_runs
+            )
             print(
                 f"{streams:>7} | {raw_rate:>10,.0f} | {tw_rate:>15,.0f} | "
-                f"{tw_rate / raw_rate:>5.2f} | {raw_cpu:>14.1f} | {tw_cpu:>20.1f}"
+                f"{tw_rate / raw_rate:>5.2f} | {raw_cpu:>14.1f} | {tw_cpu:>20.1f}{floor_cells}"
             )
     finally:
-        for server in (tokenwire, raw):
+        for server in (tokenwire, raw, *(server for _, server in floors)):
             server.process.terminate()
             await server.process.wait()
 
@@ -173,4 +195,9 @@ if __name__ == "__main__":
     parser.add_argument("--messages", type=int, default=64000, help="messages per configuration")
     parser.add_argument("--streams", type=int, nargs="+", default=[1, 8, 64])
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument(
+        "--floor",
+        action="store_true",
+        help="also measure bare grpc.aio building (and checking) each message, against raw",
+    )
     asyncio.run(main(parser.parse_args()))

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import hashlib
 import time
 from collections.abc import AsyncIterator
 from typing import Any
@@ -42,18 +43,55 @@ def sample_event(sequence: int = 1) -> pb.StreamRespondResponse:
     )
 
 
-async def serve(port: int) -> None:
+async def serve(port: int, mode: str) -> None:
     payload = sample_event(1000)
+    template = sample_event(1)
+    for name in ("sequence", "text", "text_offset", "emitted_at"):
+        template.chunk.ClearField(name)
 
-    async def stream(request: pb.StreamRespondRequest, context: Any) -> AsyncIterator[Any]:
+    async def prebuilt(request: pb.StreamRespondRequest, context: Any) -> AsyncIterator[Any]:
         count = int(request.labels.get("count", "1000"))
         for _ in range(count):
             yield payload
 
-    await serve_stream_respond(stream, port, "raw")
+    async def built(request: pb.StreamRespondRequest, context: Any) -> AsyncIterator[Any]:
+        """Each message built as tokenwire's codec builds a chunk, and (`checked`)
+        verified as its gate verifies one: what the contract costs at least."""
+        count = int(request.labels.get("count", "1000"))
+        check = mode == "checked"
+        digest, sent, next_sequence, next_offset = hashlib.sha256(), [], 1, 0
+        for sequence in range(1, count + 1):
+            event = pb.StreamRespondResponse()
+            event.CopyFrom(template)
+            chunk = event.chunk
+            chunk.sequence = sequence
+            chunk.text = " token"
+            chunk.text_offset = 6 * (sequence - 1)
+            chunk.token_count = 1
+            ns = time.time_ns()
+            chunk.emitted_at.seconds = ns // 1_000_000_000
+            chunk.emitted_at.nanos = ns % 1_000_000_000
+            if check:
+                sent_chunk = event.chunk
+                data = sent_chunk.text.encode()
+                if sent_chunk.sequence != next_sequence or sent_chunk.text_offset != next_offset:
+                    raise RuntimeError("out of order")
+                digest.update(data)
+                sent.append(data)
+                next_sequence, next_offset = next_sequence + 1, next_offset + len(data)
+            yield event
+
+    await serve_stream_respond(prebuilt if mode == "prebuilt" else built, port, "raw")
 
 
 if __name__ == "__main__":
     parser = argparse.ArgumentParser()
     parser.add_argument("--port", type=int, default=0)
-    asyncio.run(serve(parser.parse_args().port))
+    parser.add_argument(
+        "--mode",
+        choices=("prebuilt", "built", "checked"),
+        default="prebuilt",
+        help="yield one pre-built message (the baseline), build each, or build and check each",
+    )
+    arguments = parser.parse_args()
+    asyncio.run(serve(arguments.port, arguments.mode))
