@@ -165,7 +165,10 @@ class RespondServicer(respond_pb2_grpc.RespondServiceServicer):
             else None
         )
         attached = await self._store.register(
-            response, key, fingerprint(request), request.SerializeToString()
+            response,
+            key,
+            fingerprint(request) if key is not None else "",  # only a key is ever compared
+            request.SerializeToString(),
         )
         response = attached.response
         record = CALL_RECORD.get() or CallRecord()
