@@ -22,6 +22,7 @@ from tests.conftest import (
     chunks_of,
     collect,
     completed_of,
+    start_serve_process,
     stream_request,
 )
 from tests.test_interceptors import RewritingPolicy
@@ -258,25 +259,9 @@ async def test_a_caller_hanging_up_is_logged_at_info_not_as_a_warning(
 
 
 async def test_serve_prints_the_metrics_endpoint() -> None:
-    import sys
-
-    process = await asyncio.create_subprocess_exec(
-        sys.executable,
-        "-m",
-        "tokenwire.cli",
-        "serve",
-        "--port",
-        "0",
-        "--metrics-port",
-        "0",
-        "--audit-path",
-        ":memory:",
-        stdout=asyncio.subprocess.PIPE,
-        stderr=asyncio.subprocess.PIPE,
-    )
+    process, _ = await start_serve_process("--metrics-port", "0")
     try:
         assert process.stdout is not None
-        await asyncio.wait_for(process.stdout.readline(), 30)
         line = (await asyncio.wait_for(process.stdout.readline(), 30)).decode().strip()
         assert line.startswith("metrics on http://127.0.0.1:") and line.endswith("/metrics")
         url = line.removeprefix("metrics on ")
