@@ -622,6 +622,36 @@ async def settle(server: Server, idle_window: float = 1.0) -> tuple[bool, str]:
     return ok, summary
 
 
+async def measure_row(
+    name: str,
+    expect: str,
+    config: MatrixConfig,
+    server: Server,
+    address: str,
+    request_for: Callable[[int], pb.StreamRespondRequest],
+    plan_for: Callable[[int], StreamPlan],
+    own_channels: bool = False,
+) -> Row:
+    """Warm up, drive every stream through `address`, let the server settle, and
+    report: RSS before / peak / after and the settled state are the server's."""
+    await warm_up(address)
+    before = server.rss_bytes()
+    with RssSampler(server) as sampler:
+        results = await drive(address, config.streams, request_for, plan_for, own_channels)
+    ok, summary = await settle(server, config.idle_window)
+    return Row(
+        name,
+        config.streams,
+        results,
+        before,
+        sampler.peak,
+        server.rss_bytes(),
+        summary,
+        ok,
+        expect,
+    )
+
+
 async def run_on_fresh_server(
     name: str,
     expect: str,
@@ -633,23 +663,8 @@ async def run_on_fresh_server(
 ) -> Row:
     server = await start_server(*flags)
     try:
-        await warm_up(server.address)
-        before = server.rss_bytes()
-        with RssSampler(server) as sampler:
-            results = await drive(
-                server.address, config.streams, request_for, plan_for, own_channels
-            )
-        ok, summary = await settle(server, config.idle_window)
-        return Row(
-            name,
-            config.streams,
-            results,
-            before,
-            sampler.peak,
-            server.rss_bytes(),
-            summary,
-            ok,
-            expect,
+        return await measure_row(
+            name, expect, config, server, server.address, request_for, plan_for, own_channels
         )
     finally:
         await server.stop()
@@ -972,25 +987,10 @@ async def fault_nginx(config: MatrixConfig, variant: str = "heartbeats") -> Row:
     proxy = NginxProxy(server.address, read_timeout=read_timeout)
     try:
         await proxy.start()
-        await warm_up(proxy.address)
-        before = server.rss_bytes()
-        with RssSampler(server) as sampler:
-            results = await drive(
-                proxy.address, config.streams, request, lambda i: StreamPlan(timeout=30)
-            )
-        ok, summary = await settle(server, config.idle_window)
-        timeouts = proxy.error_log.count("upstream timed out")
-        row = Row(
-            name,
-            config.streams,
-            results,
-            before,
-            sampler.peak,
-            server.rss_bytes(),
-            summary,
-            ok,
-            expect,
+        row = await measure_row(
+            name, expect, config, server, proxy.address, request, lambda i: StreamPlan(timeout=30)
         )
+        timeouts = proxy.error_log.count("upstream timed out")
     finally:
         await proxy.stop()
         await server.stop()
