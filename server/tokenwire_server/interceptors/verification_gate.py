@@ -140,14 +140,11 @@ def _gate_stream(behavior: StreamBehavior) -> StreamBehavior:
                         or chunk.sequence != next_sequence
                         or (chunk.text_offset != next_offset)
                     ):
-                        await abort(
+                        await _contract_broken(
                             context,
-                            VerificationFailed(
-                                f"chunk {chunk.sequence}@{chunk.text_offset} does not follow "
-                                f"{next_sequence - 1}@{next_offset}",
-                                metadata={"lastSequence": str(next_sequence - 1)},
-                            ),
-                            ((LAST_SEQUENCE_KEY, str(next_sequence - 1)),),
+                            f"chunk {chunk.sequence}@{chunk.text_offset} does not follow "
+                            f"{next_sequence - 1}@{next_offset}",
+                            next_sequence - 1,
                         )
                     digest.update(data)
                     sent.append(data)
