@@ -144,7 +144,12 @@ class RedactionSession:
         found: list[tuple[int, int, int, RedactionRule]] = []
         for index, rule in enumerate(self._redactor.rules):
             validate = rule.detector.validate
-            for match in rule.detector.pattern.finditer(buffer, start, partial=not final):
+            # Overlapped: a candidate that fails validation (a 19-digit run
+            # failing Luhn) must not hide a valid match starting inside it, or
+            # the answer would depend on where a token boundary fell.
+            for match in rule.detector.pattern.finditer(
+                buffer, start, partial=not final, overlapped=True
+            ):
                 m_start, m_end = match.span()
                 if m_start == end:
                     continue
