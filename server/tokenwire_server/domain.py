@@ -11,6 +11,14 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 
 
+def utf8_length(text: str) -> int:
+    """The length of `text` in UTF-8 bytes, the unit of every offset on the wire.
+
+    Most model output is ASCII, where the byte length is the character length;
+    checking that is cheaper than encoding, which matters once per chunk."""
+    return len(text) if text.isascii() else len(text.encode())
+
+
 class Role(enum.IntEnum):
     SYSTEM = 1
     USER = 2

@@ -32,6 +32,7 @@ from tokenwire_server.domain import (
     ModelInfo,
     ServingPath,
     Verdict,
+    utf8_length,
 )
 from tokenwire_server.errors import ResponseCancelled, TokenwireError
 
@@ -414,8 +415,9 @@ class LiveResponse:
             text = "".join(parts)
         self._pending_token_total -= tokens
         self._pending_chars -= len(text)
-        if pending:
-            self._pending_since = self._loop.time()
+        # `pending_since` stays at the oldest piece's release: text left over
+        # from a full chunk has waited that long already, and restarting its
+        # clock here would let `max_delay` hold it longer than the caller allowed.
         record = self._append(
             text, tokens, self._take_actions(text) if self._pending_actions else ()
         )
@@ -448,7 +450,7 @@ class LiveResponse:
         return record
 
     def _take_actions(self, text: str) -> tuple[Action, ...]:
-        end = self._next_offset + len(text.encode())
+        end = self._next_offset + utf8_length(text)
         taken = tuple(a for a in self._pending_actions if a.start < end)
         self._pending_actions = [a for a in self._pending_actions if a.start >= end]
         return taken
@@ -457,7 +459,7 @@ class LiveResponse:
         offset = self._next_offset
         chunks = self.chunks
         record = ChunkRecord(len(chunks) + 1, text, offset, tokens, actions, time.time_ns())
-        self._next_offset = offset + len(text.encode())
+        self._next_offset = offset + utf8_length(text)
         chunks.append(record)
         if self._waiters:
             self._wake()
@@ -468,7 +470,7 @@ class LiveResponse:
     def append_logged(self, record: ChunkRecord) -> None:
         """Adds a chunk another replica cut and logged."""
         self._released.append(record.text)
-        self._next_offset += len(record.text.encode())
+        self._next_offset += utf8_length(record.text)
         self.chunks.append(record)
         if self._waiters:
             self._wake()
