@@ -13,7 +13,11 @@ message, not of a call; what a call costs before its first message is
 way tokenwire's codec does, and building plus checking it the way the gate
 does (sequence, offset, SHA-256) — the least the contract costs per message.
 
+`--pin` puts the client on one core and every server on another, so the
+ratio is of server CPU per message with the scheduler's placement taken out.
+
     python bench/per_message.py [--messages 64000] [--streams 1 8 64] [--repeats 3] [--floor]
+                                [--pin]
 """
 
 from __future__ import annotations
@@ -54,11 +58,17 @@ def percentile(values: list[float], q: float) -> float:
     return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
 
 
+#: CPUs the servers run on (`--pin`); None leaves placement to the scheduler.
+SERVER_CPUS: set[int] | None = None
+
+
 async def start(*command: str, env: dict[str, str] | None = None) -> Process:
     """A server process that prints `... serving on HOST:PORT` once it listens;
     `env` adds to the inherited environment."""
+    cpus = SERVER_CPUS
     process = await asyncio.create_subprocess_exec(
         *command,
+        preexec_fn=None if cpus is None else lambda: os.sched_setaffinity(0, cpus),
         stdout=asyncio.subprocess.PIPE,
         stderr=asyncio.subprocess.DEVNULL,
         cwd=ROOT,
@@ -139,6 +149,17 @@ async def measure(
 
 
 async def main(args: argparse.Namespace) -> None:
+    global SERVER_CPUS
+    if args.pin:
+        # The client on the first CPU, every server on the last: each server's
+        # threads share one core, so the ratio is of server CPU per message and
+        # the scheduler's placement (the main source of run-to-run spread here)
+        # drops out. Absolute rates are lower than unpinned.
+        cpus = sorted(os.sched_getaffinity(0))
+        if len(cpus) < 2:
+            raise SystemExit("--pin needs two CPUs")
+        os.sched_setaffinity(0, {cpus[0]})
+        SERVER_CPUS = {cpus[-1]}
     tokenwire = await start_tokenwire()
     raw_script = str(ROOT / "bench" / "raw_server.py")
     raw = await start(sys.executable, raw_script)
@@ -154,7 +175,8 @@ async def main(args: argparse.Namespace) -> None:
     try:
         print(
             f"per-message efficiency: {args.messages} one-token chunks per configuration, "
-            f"median of {args.repeats} alternating runs (loopback, {os.cpu_count()} cores)\n"
+            f"median of {args.repeats} alternating runs (loopback, {os.cpu_count()} cores"
+            f"{'; client and servers pinned to one core each' if args.pin else ''})\n"
         )
         header = (
             f"{'streams':>7} | {'raw msg/s':>10} | {'tokenwire msg/s':>15} | {'ratio':>5} | "
@@ -199,5 +221,10 @@ if __name__ == "__main__":
         "--floor",
         action="store_true",
         help="also measure bare grpc.aio building (and checking) each message, against raw",
+    )
+    parser.add_argument(
+        "--pin",
+        action="store_true",
+        help="pin the client to one core and every server to another (less spread)",
     )
     asyncio.run(main(parser.parse_args()))
