@@ -16,7 +16,6 @@ must match `final_sha256`.
 
 from __future__ import annotations
 
-import hashlib
 from contextlib import aclosing
 from typing import Any
 
@@ -25,6 +24,7 @@ from opentelemetry import trace
 
 from tokenwire.v1 import respond_pb2 as pb
 from tokenwire_server.call_context import CALL_REPLAY_PREFIX
+from tokenwire_server.codec import sha256_hex
 from tokenwire_server.domain import utf8_length
 from tokenwire_server.errors import LAST_SEQUENCE_KEY, VerificationFailed, abort
 from tokenwire_server.interceptors._wrap import (
@@ -104,8 +104,7 @@ def _gate_unary(behavior: UnaryBehavior) -> UnaryBehavior:
         response = await behavior(request, context)
         if isinstance(response, pb.RespondResponse):
             completed = response.completed
-            payload = completed.final_text.encode()
-            digest = hashlib.sha256(payload).hexdigest()
+            digest = sha256_hex(completed.final_text)
             if digest != completed.final_sha256:
                 await _contract_broken(context, "the payload does not match its digest", 0)
             _verify(completed, digest, 0, omit=False)
@@ -160,7 +159,7 @@ def _gate_stream(behavior: StreamBehavior) -> StreamBehavior:
                             f"but {next_sequence - 1} chunks were sent",
                             next_sequence - 1,
                         )
-                    streamed = hashlib.sha256("".join(sent).encode()).hexdigest()
+                    streamed = sha256_hex("".join(sent))
                     retract_from = 0
                     if streamed != completed.final_sha256:
                         retract_from = retraction_point(
