@@ -229,7 +229,7 @@ class LiveResponse:
     @property
     def retained_bytes(self) -> int:
         """Roughly what keeping this response costs: chunks, released text, final text."""
-        final = len(self.outcome.final_text.encode()) if self.outcome is not None else 0
+        final = utf8_length(self.outcome.final_text) if self.outcome is not None else 0
         return 2 * self._next_offset + final
 
     def stop_generation(self) -> None:

@@ -20,7 +20,7 @@ import hashlib
 import hmac
 from dataclasses import dataclass
 
-from tokenwire_server.domain import Action, Operator
+from tokenwire_server.domain import Action, Operator, utf8_length
 from tokenwire_server.governance.detectors import Detector
 
 #: Released characters kept as context so lookbehind assertions see across cuts.
@@ -191,7 +191,7 @@ class RedactionSession:
             for match in matches:
                 plain = buffer[cursor : match.start]
                 parts.append(plain)
-                offset += len(plain.encode())
+                offset += utf8_length(plain)
                 if match.rule.operator is Operator.BLOCK:
                     # Nothing from the blocked match on ever leaves.
                     self.blocked_by = match.rule
@@ -201,7 +201,7 @@ class RedactionSession:
                 replacement = self._redactor.replacement(
                     match.rule, buffer[match.start : match.end]
                 )
-                size = len(replacement.encode())
+                size = utf8_length(replacement)
                 found.append(
                     Action(
                         rule_id=match.rule.rule_id,
@@ -218,7 +218,7 @@ class RedactionSession:
                 parts.append(buffer[cursor:hold_from])
             released = "".join(parts)
             actions = tuple(found)
-        self._released_bytes += len(released.encode())
+        self._released_bytes += utf8_length(released)
         self._held = buffer[hold_from:]
         self._context = (self._context + buffer[start:hold_from])[-CONTEXT_CHARS:]
         return released, actions

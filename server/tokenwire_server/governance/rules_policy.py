@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 import regex
 
-from tokenwire_server.domain import Action, Operator, Verdict
+from tokenwire_server.domain import Action, Operator, Verdict, utf8_length
 from tokenwire_server.governance.policy import FinalDecision, GovernanceSession, Policy
 from tokenwire_server.governance.redaction import Redactor
 
@@ -88,7 +88,7 @@ class _RulesSession(GovernanceSession):
             )
         if block_rule is not None:
             refusal = self._policy.refusal_text
-            action = Action(block_rule, BLOCK_ENTITY, Operator.BLOCK, 0, len(refusal.encode()))
+            action = Action(block_rule, BLOCK_ENTITY, Operator.BLOCK, 0, utf8_length(refusal))
             return (
                 tail,
                 tail_actions,
@@ -116,7 +116,7 @@ class _RulesSession(GovernanceSession):
         actions = []
         for rule in rules:
             for match in rule.pattern.finditer(text):
-                start = len(text[: match.start()].encode())
-                end = start + len(match.group().encode())
+                start = utf8_length(text[: match.start()])
+                end = start + utf8_length(match.group())
                 actions.append(Action(rule.rule_id, rule.entity_type, operator, start, end))
         return actions

@@ -24,6 +24,7 @@ from tokenwire.v1 import respond_pb2 as pb
 from tokenwire_server.audit.records import CALL_RECORD, AuditRecord, CallRecord, TokenEvent
 from tokenwire_server.audit.store import AuditStore
 from tokenwire_server.call_context import CALL_IDENTITY, CALL_TENANT
+from tokenwire_server.domain import utf8_length
 from tokenwire_server.interceptors._wrap import (
     AbortHook,
     Context,
@@ -199,7 +200,7 @@ class AuditInterceptor(RespondServiceInterceptor):
                                 TokenEvent(
                                     chunk.sequence,
                                     chunk.text_offset,
-                                    len(chunk.text.encode()),
+                                    utf8_length(chunk.text),
                                     chunk.token_count,
                                     len(chunk.governance.actions),
                                     chunk.emitted_at.ToNanoseconds(),

@@ -23,6 +23,7 @@ from opentelemetry import trace
 from tokenwire.v1 import respond_pb2 as pb
 from tokenwire_server.audit.records import CALL_RECORD
 from tokenwire_server.call_context import CALL_IDENTITY, CALL_TENANT
+from tokenwire_server.domain import utf8_length
 from tokenwire_server.interceptors._wrap import (
     AbortHook,
     Context,
@@ -232,7 +233,7 @@ class ObservabilityInterceptor(RespondServiceInterceptor):
             def sent_bytes() -> int:
                 if first is None or last is None:
                     return 0
-                return last.text_offset + len(last.text.encode()) - first.text_offset
+                return last.text_offset + utf8_length(last.text) - first.text_offset
 
             async def before_status(code: grpc.StatusCode) -> None:
                 self._failed(method, code.name, started, chunks, sent_bytes(), heartbeats, request)
