@@ -115,13 +115,16 @@ async def grpc_collector() -> AsyncIterator[Collector]:
     await server.stop(0)
 
 
+def export_over_http(monkeypatch: pytest.MonkeyPatch, endpoint: str) -> None:
+    """Spans go to `endpoint` over OTLP/HTTP (protobuf), as an operator configures it."""
+    monkeypatch.setenv("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT", endpoint)
+    monkeypatch.setenv("OTEL_EXPORTER_OTLP_TRACES_PROTOCOL", "http/protobuf")
+
+
 async def test_spans_reach_an_http_collector_with_headers_and_gzip(
     start_server: StartServer, http_collector: Collector, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setenv(
-        "OTEL_EXPORTER_OTLP_TRACES_ENDPOINT", f"http://{http_collector.address}/v1/traces"
-    )
-    monkeypatch.setenv("OTEL_EXPORTER_OTLP_TRACES_PROTOCOL", "http/protobuf")
+    export_over_http(monkeypatch, f"http://{http_collector.address}/v1/traces")
     monkeypatch.setenv("OTEL_EXPORTER_OTLP_HEADERS", "x-tenant=blue,authorization=Bearer%20t0k")
     monkeypatch.setenv("OTEL_EXPORTER_OTLP_COMPRESSION", "gzip")
     monkeypatch.setenv("OTEL_BSP_MAX_EXPORT_BATCH_SIZE", "4")
@@ -160,10 +163,7 @@ async def test_spans_reach_a_grpc_collector_with_metadata(
 async def test_drain_posts_spans_still_waiting_for_their_batch(
     start_server: StartServer, http_collector: Collector, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setenv(
-        "OTEL_EXPORTER_OTLP_TRACES_ENDPOINT", f"http://{http_collector.address}/v1/traces"
-    )
-    monkeypatch.setenv("OTEL_EXPORTER_OTLP_TRACES_PROTOCOL", "http/protobuf")
+    export_over_http(monkeypatch, f"http://{http_collector.address}/v1/traces")
     monkeypatch.setenv("OTEL_BSP_SCHEDULE_DELAY", "600000")  # never on its own in this test
     server = await start_server()
     completed = completed_of(await collect(server.stub.StreamRespond(stream_request())))
@@ -175,10 +175,7 @@ async def test_drain_posts_spans_still_waiting_for_their_batch(
 async def test_an_unreachable_collector_costs_neither_calls_nor_drain(
     start_server: StartServer, monkeypatch: pytest.MonkeyPatch, unused_tcp_port: int
 ) -> None:
-    monkeypatch.setenv(
-        "OTEL_EXPORTER_OTLP_TRACES_ENDPOINT", f"http://127.0.0.1:{unused_tcp_port}/v1/traces"
-    )
-    monkeypatch.setenv("OTEL_EXPORTER_OTLP_TRACES_PROTOCOL", "http/protobuf")
+    export_over_http(monkeypatch, f"http://127.0.0.1:{unused_tcp_port}/v1/traces")
     monkeypatch.setenv("OTEL_BSP_MAX_EXPORT_BATCH_SIZE", "1")
     server = await start_server()
     for _ in range(3):
