@@ -27,6 +27,7 @@ from tokenwire_server.observability.span_export import (
     OtlpTarget,
     _Sender,
     otlp_target,
+    sender_for,
 )
 
 STREAM_SPAN = "/tokenwire.v1.RespondService/StreamRespond"
@@ -271,3 +272,73 @@ async def test_a_slow_collector_bounds_the_queue_and_counts_what_it_drops() -> N
     ]
     assert names == [f"span-{n}" for n in range(6)]
     assert export.exported == 6
+
+
+@pytest.mark.parametrize(
+    ("answers", "accepted", "posts"),
+    [([503, 200], True, 2), ([400], False, 1), ([503, 503, 503], False, 3)],
+)
+async def test_an_http_collector_is_retried_only_while_its_answer_is_transient(
+    answers: list[int], accepted: bool, posts: int
+) -> None:
+    received: list[bytes] = []
+
+    async def traces(request: web.Request) -> web.Response:
+        received.append(gzip.decompress(await request.read()))
+        return web.Response(status=answers[len(received) - 1])
+
+    app = web.Application()
+    app.router.add_post("/v1/traces", traces)
+    runner = web.AppRunner(app, auto_decompress=False)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+    sender = sender_for(
+        OtlpTarget("http/protobuf", f"http://127.0.0.1:{port}/v1/traces", gzip=True)
+    )
+    try:
+        assert await sender.send(b"spans") is accepted
+    finally:
+        await sender.aclose()
+        await runner.cleanup()
+    assert received == [b"spans"] * posts
+
+
+@pytest.mark.parametrize(
+    ("answers", "accepted", "posts"),
+    [
+        ([grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.OK], True, 2),
+        ([grpc.StatusCode.INVALID_ARGUMENT], False, 1),
+    ],
+)
+async def test_a_grpc_collector_is_retried_only_while_its_answer_is_transient(
+    answers: list[grpc.StatusCode], accepted: bool, posts: int
+) -> None:
+    received: list[bytes] = []
+
+    async def export(request: bytes, context: grpc.aio.ServicerContext[bytes, bytes]) -> bytes:
+        received.append(request)
+        code = answers[len(received) - 1]
+        if code is not grpc.StatusCode.OK:
+            await context.abort(code, "scripted")
+        return b""
+
+    server = grpc.aio.server()
+    server.add_generic_rpc_handlers(
+        (
+            grpc.method_handlers_generic_handler(
+                "opentelemetry.proto.collector.trace.v1.TraceService",
+                {"Export": grpc.unary_unary_rpc_method_handler(export)},
+            ),
+        )
+    )
+    port = server.add_insecure_port("127.0.0.1:0")
+    await server.start()
+    sender = sender_for(OtlpTarget("grpc", f"http://127.0.0.1:{port}"))
+    try:
+        assert await sender.send(b"spans") is accepted
+    finally:
+        await sender.aclose()
+        await server.stop(0)
+    assert received == [b"spans"] * posts
