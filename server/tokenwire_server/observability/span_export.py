@@ -99,9 +99,36 @@ def otlp_target(env: Mapping[str, str]) -> OtlpTarget | None:
     )
 
 
+class _Refused(Exception):
+    """The collector rejected a request for good: sending it again cannot help."""
+
+
 class _Sender:
     async def send(self, body: bytes) -> bool:
-        """Posts one request; True once the collector accepted it."""
+        """Posts one request, again after a back-off while the collector's answer is
+        transient; True once the collector accepted it."""
+        data = self._encode(body)
+        problem: str | None = None
+        for attempt in range(_ATTEMPTS):
+            if attempt:
+                await asyncio.sleep(0.5 * 2 ** (attempt - 1))
+            try:
+                problem = await self._attempt(data)
+            except _Refused as refusal:
+                log.warning("span export refused: %s", refusal)
+                return False
+            if problem is None:
+                return True
+        log.warning("span export failed after %d attempts: %s", _ATTEMPTS, problem)
+        return False
+
+    def _encode(self, body: bytes) -> bytes:
+        """The body as the transport sends it; once per request, not per attempt."""
+        return body
+
+    async def _attempt(self, data: bytes) -> str | None:
+        """Posts once: None when accepted, the reason when worth another attempt;
+        raises `_Refused` when not."""
         raise NotImplementedError
 
     async def aclose(self) -> None:
@@ -132,30 +159,26 @@ class _HttpSender(_Sender):
         )
         self._session: aiohttp.ClientSession | None = None
 
-    async def send(self, body: bytes) -> bool:
+    def _encode(self, body: bytes) -> bytes:
+        return gzip.compress(body, compresslevel=6) if self._target.gzip else body
+
+    async def _attempt(self, data: bytes) -> str | None:
         if self._session is None:
             self._session = aiohttp.ClientSession(
                 timeout=aiohttp.ClientTimeout(total=self._target.timeout)
             )
-        data = gzip.compress(body, compresslevel=6) if self._target.gzip else body
-        for attempt in range(_ATTEMPTS):
-            try:
-                async with self._session.post(
-                    self._target.endpoint, data=data, headers=self._headers, ssl=self._ssl
-                ) as reply:
-                    await reply.read()
-                    if reply.status < 300:
-                        return True
-                    if reply.status not in _RETRYABLE_HTTP:
-                        log.warning("span export refused: HTTP %d", reply.status)
-                        return False
-                    problem = f"HTTP {reply.status}"
-            except (aiohttp.ClientError, TimeoutError) as error:
-                problem = repr(error)
-            if attempt + 1 < _ATTEMPTS:
-                await asyncio.sleep(0.5 * 2**attempt)
-        log.warning("span export failed after %d attempts: %s", _ATTEMPTS, problem)
-        return False
+        try:
+            async with self._session.post(
+                self._target.endpoint, data=data, headers=self._headers, ssl=self._ssl
+            ) as reply:
+                await reply.read()
+                if reply.status < 300:
+                    return None
+                if reply.status not in _RETRYABLE_HTTP:
+                    raise _Refused(f"HTTP {reply.status}")
+                return f"HTTP {reply.status}"
+        except (aiohttp.ClientError, TimeoutError) as error:
+            return repr(error)
 
     async def aclose(self) -> None:
         if self._session is not None:
@@ -191,31 +214,24 @@ class _GrpcSender(_Sender):
         )
         return grpc.aio.secure_channel(self._address, credentials)
 
-    async def send(self, body: bytes) -> bool:
+    async def _attempt(self, data: bytes) -> str | None:
         if self._channel is None:
             self._channel = self._open()
         export: grpc.aio.UnaryUnaryMultiCallable[bytes, bytes] = self._channel.unary_unary(
             _EXPORT_METHOD
         )
-        compression = grpc.Compression.Gzip if self._target.gzip else None
-        for attempt in range(_ATTEMPTS):
-            try:
-                await export(
-                    body,
-                    timeout=self._target.timeout,
-                    metadata=self._metadata,
-                    compression=compression,
-                )
-                return True
-            except grpc.aio.AioRpcError as error:
-                if error.code() not in _RETRYABLE_GRPC:
-                    log.warning("span export refused: %s %s", error.code().name, error.details())
-                    return False
-                problem = error.code().name
-            if attempt + 1 < _ATTEMPTS:
-                await asyncio.sleep(0.5 * 2**attempt)
-        log.warning("span export failed after %d attempts: %s", _ATTEMPTS, problem)
-        return False
+        try:
+            await export(
+                data,
+                timeout=self._target.timeout,
+                metadata=self._metadata,
+                compression=grpc.Compression.Gzip if self._target.gzip else None,
+            )
+        except grpc.aio.AioRpcError as error:
+            if error.code() not in _RETRYABLE_GRPC:
+                raise _Refused(f"{error.code().name} {error.details()}") from None
+            return str(error.code().name)
+        return None
 
     async def aclose(self) -> None:
         if self._channel is not None:
