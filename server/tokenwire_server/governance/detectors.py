@@ -1,9 +1,18 @@
 """Built-in detectors: what sensitive values look like, and how to confirm one.
 
-Each detector is a regular expression (compiled with the `regex` module, whose
-partial matching tells the streaming stage exactly how much trailing text
-could still become a match) plus an optional checksum that rejects
-look-alikes: Luhn for payment cards, ISO 13616 mod-97 for IBANs.
+Each detector finds a value by its own shape (prefix, alphabet, length,
+checksum), never by what surrounds it: a key written between letters
+(`xAKIA...y`, `token=ghp_...end`) is still a key. Where a glued neighbour
+makes the end of a value ambiguous, the pattern takes the longer span, so
+the redaction fails closed. Look-alikes are told apart by what the value
+itself carries: Luhn for payment cards, the ISO 13616 country length and
+mod-97 for IBANs, the digit count for phone numbers.
+
+Patterns are compiled with the `regex` module, whose partial matching tells
+the streaming stage exactly how much trailing text could still become a
+match. `begun` says when such a trailing fragment already is a value that
+has started (a key's prefix, eight digits of a card): if the response ends
+there, the fragment is redacted instead of released.
 """
 
 from __future__ import annotations
@@ -12,6 +21,10 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 import regex
+
+#: The longest one regular-expression call of a policy's own rule may hold the
+#: event loop; past it the rule fails closed for that response.
+MATCH_BUDGET_SECONDS = 0.010
 
 
 @dataclass(frozen=True, slots=True)
@@ -22,6 +35,13 @@ class Detector:
     validate: Callable[[str], bool] | None = None
     #: For values that can outgrow the hold-back cap (key blocks): where they end.
     end_marker: regex.Pattern[str] | None = None
+    #: A trailing fragment that matches this is a value already under way.
+    begun: regex.Pattern[str] | None = None
+    #: Seconds one regex call may run (None: a vetted built-in, no timer).
+    budget: float | None = None
+    #: A cheap necessary condition on the unreleased text: False means no match
+    #: and no match in progress can be there, so the pattern need not run.
+    gate: Callable[[str], bool] | None = None
 
 
 def luhn_valid(text: str) -> bool:
@@ -38,10 +58,24 @@ def luhn_valid(text: str) -> bool:
     return total % 10 == 0
 
 
-def iban_valid(text: str) -> bool:
-    compact = "".join(text.split()).upper()
-    if not 15 <= len(compact) <= 34 or not compact[:2].isalpha() or not compact[2:4].isdigit():
-        return False
+#: ISO 13616 registry: the one length an IBAN has in each country.
+IBAN_LENGTHS: dict[str, int] = {
+    "AD": 24, "AE": 23, "AL": 28, "AT": 20, "AZ": 28, "BA": 20, "BE": 16, "BG": 22,
+    "BH": 22, "BI": 27, "BR": 29, "BY": 28, "CH": 21, "CR": 22, "CY": 28, "CZ": 24,
+    "DE": 22, "DJ": 27, "DK": 18, "DO": 28, "EE": 20, "EG": 29, "ES": 24, "FI": 18,
+    "FK": 18, "FO": 18, "FR": 27, "GB": 22, "GE": 22, "GI": 23, "GL": 18, "GR": 27,
+    "GT": 28, "HN": 28, "HR": 21, "HU": 28, "IE": 22, "IL": 23, "IQ": 23, "IS": 26,
+    "IT": 27, "JO": 30, "KW": 30, "KZ": 20, "LB": 28, "LC": 32, "LI": 21, "LT": 20,
+    "LU": 20, "LV": 21, "LY": 25, "MC": 27, "MD": 24, "ME": 22, "MK": 19, "MN": 20,
+    "MR": 27, "MT": 31, "MU": 30, "NI": 28, "NL": 18, "NO": 15, "OM": 23, "PK": 24,
+    "PL": 28, "PS": 29, "PT": 25, "QA": 29, "RO": 24, "RS": 22, "RU": 33, "SA": 24,
+    "SC": 31, "SD": 18, "SE": 24, "SI": 19, "SK": 24, "SM": 27, "SO": 23, "ST": 25,
+    "SV": 28, "TL": 23, "TN": 24, "TR": 26, "UA": 29, "VA": 22, "VG": 24, "XK": 20,
+    "YE": 30,
+}  # fmt: skip
+
+
+def _mod97_valid(compact: str) -> bool:
     rearranged = compact[4:] + compact[:4]
     try:
         number = int("".join(str(int(c, 36)) for c in rearranged))
@@ -50,9 +84,73 @@ def iban_valid(text: str) -> bool:
     return number % 97 == 1
 
 
+def iban_valid(text: str) -> bool:
+    """A valid IBAN at the start of `text`; characters glued after it ride along
+    (the caller redacts the longer span). Countries outside the registry need
+    the whole text to check."""
+    compact = "".join(text.split()).upper()
+    if len(compact) < 15 or not compact[:2].isalpha() or not compact[2:4].isdigit():
+        return False
+    length = IBAN_LENGTHS.get(compact[:2])
+    if length is not None:
+        return len(compact) >= length and _mod97_valid(compact[:length])
+    return len(compact) <= 34 and _mod97_valid(compact)
+
+
+def phone_digits_valid(text: str) -> bool:
+    """E.164 allows at most 15 digits; fewer than 7 is not a dialable number."""
+    return 7 <= sum(c.isdigit() for c in text) <= 15
+
+
 def _compile(pattern: str) -> regex.Pattern[str]:
     return regex.compile(pattern, regex.VERSION1)
 
+
+def literal_gate(*literals: str, fold: bool = False) -> Callable[[str], bool]:
+    """For patterns that start with one of `literals`: a match needs one in the
+    text, and one in progress needs the text to end with a start of one."""
+    starts = frozenset(lit[:k] for lit in literals for k in range(1, len(lit)))
+    last_chars = frozenset(start[-1] for start in starts)
+    longest = max(map(len, literals))
+
+    def gate(text: str) -> bool:
+        if fold:
+            text = text.lower()
+        if any(lit in text for lit in literals):
+            return True
+        if not text or text[-1] not in last_chars:
+            return False
+        return any(text[-k:] in starts for k in range(1, min(longest, len(text) + 1)))
+
+    return gate
+
+
+_DIGIT = regex.compile(r"\d")
+
+
+def _has_digit(text: str) -> bool:
+    return _DIGIT.search(text) is not None
+
+
+def _phone_gate(text: str) -> bool:
+    return _has_digit(text) or text.endswith(("+", "("))
+
+
+def _iban_gate(text: str) -> bool:
+    """Check digits are part of every IBAN; a bare country code can only be
+    one in progress at the very end."""
+    return _has_digit(text) or text[-1:].isupper()
+
+
+def _email_gate(text: str) -> bool:
+    """Every email has an @; one in progress may still be its local part."""
+    if "@" in text:
+        return True
+    last = text[-1:]
+    return last != "" and (last.isalnum() or last in "._+-")
+
+
+_PEM_LABEL = r"(?:[A-Z0-9]+ )*PRIVATE KEY(?: BLOCK)?"
 
 BUILTIN_DETECTORS: dict[str, Detector] = {
     d.name: d
@@ -60,69 +158,110 @@ BUILTIN_DETECTORS: dict[str, Detector] = {
         Detector(
             "email",
             "EMAIL",
-            _compile(r"(?<![\w.+-])[\w.+-]+@[A-Za-z0-9-]+(?:\.[A-Za-z0-9-]+)*\.[A-Za-z]{2,}\b"),
+            _compile(r"(?<![\w.+-])[\w.+-]+@[A-Za-z0-9-]+(?:\.[A-Za-z0-9-]+)*\.[A-Za-z]{2,}"),
+            begun=_compile(r"@"),
+            gate=_email_gate,
         ),
         Detector(
             "payment_card",
             "PAYMENT_CARD",
-            _compile(r"(?<![\d-])\d(?:[ -]?\d){12,18}(?![\d])"),
+            _compile(r"(?<!\d[ -]?)\d(?:[ -]?\d){12,18}(?!\d)"),
             luhn_valid,
+            begun=_compile(r"(?:\d[ -]?){8}"),
+            gate=_has_digit,
         ),
         Detector(
             "iban",
             "IBAN",
-            _compile(r"\b[A-Z]{2}\d{2}(?: ?[A-Z0-9]{4}){2,7}(?: ?[A-Z0-9]{1,4})?\b"),
+            _compile(r"[A-Z]{2}\d{2}(?: ?[A-Z0-9]{4}){2,7}(?: ?[A-Z0-9]{1,4})?"),
             iban_valid,
+            begun=_compile(r"^[A-Z]{2}\d{2} ?[A-Z0-9]{4}"),
+            gate=_iban_gate,
         ),
-        Detector("us_ssn", "US_SSN", _compile(r"(?<![\d-])\d{3}-\d{2}-\d{4}(?![\d-])")),
+        Detector(
+            "us_ssn",
+            "US_SSN",
+            _compile(r"(?<!\d-?)\d{3}-\d{2}-\d{4}(?!-?\d)"),
+            begun=_compile(r"\d{3}-\d{2}"),
+            gate=_has_digit,
+        ),
         Detector(
             "phone",
             "PHONE",
             _compile(
-                r"(?<![\w+])(?<!\d[ .-])(?:\+\d{1,3}[ .-]?)?(?:\(\d{2,4}\)[ .-]?|\d{2,4}[ .-])"
-                r"\d{3,4}[ .-]?\d{3,4}(?!\w|[ .-]\d)"
+                # International: + and up to 15 digits in groups; national: an
+                # area code set off by a separator or parentheses. A letter may
+                # touch either end; a digit may not (that is another number).
+                r"(?:\+\d{1,3}(?:[ .-]?(?:\(\d{1,4}\)|\d{1,4})){1,5}"
+                r"|(?<!\d)(?<!\d[ .-])(?:\(\d{2,4}\)[ .-]?|\d{2,4}[ .-])\d{3,4}[ .-]?\d{3,4})"
+                r"(?!\d|[ .-]\d)"
             ),
+            phone_digits_valid,
+            begun=_compile(r"(?:\d\D{0,2}){7}"),
+            gate=_phone_gate,
         ),
         Detector(
             "ipv4",
             "IPV4",
             _compile(
-                r"(?<![\d.])(?:(?:25[0-5]|2[0-4]\d|1\d\d|[1-9]?\d)\.){3}"
+                r"(?<!\d\.?)(?:(?:25[0-5]|2[0-4]\d|1\d\d|[1-9]?\d)\.){3}"
                 r"(?:25[0-5]|2[0-4]\d|1\d\d|[1-9]?\d)(?![\d.]*\d)"
             ),
+            begun=_compile(r"(?:\d{1,3}\.){3}"),
+            gate=_has_digit,
         ),
-        Detector("aws_access_key", "AWS_ACCESS_KEY", _compile(r"\b(?:AKIA|ASIA)[A-Z0-9]{16}\b")),
+        Detector(
+            "aws_access_key",
+            "AWS_ACCESS_KEY",
+            _compile(r"(?:AKIA|ASIA)[A-Z0-9]{16,}"),
+            begun=_compile(r"^(?:AKIA|ASIA)[A-Z0-9]{4}"),
+            gate=literal_gate("AKIA", "ASIA"),
+        ),
         Detector(
             "api_token",
             "API_TOKEN",
             _compile(
-                r"\b(?:sk-(?:proj-|ant-)?[A-Za-z0-9_-]{20,}"
-                r"|gh[pousr]_[A-Za-z0-9]{36,}"
+                r"sk-[A-Za-z0-9_-]{20,}"
+                r"|gh[pousr]_[A-Za-z0-9]{20,}"
                 r"|github_pat_[A-Za-z0-9_]{22,}"
-                r"|xox[abprs]-[A-Za-z0-9-]{10,}"
-                r"|AIza[0-9A-Za-z_-]{35}"
-                r"|(?:sk|rk)_live_[0-9A-Za-z]{24,}"
-                r"|hf_[A-Za-z0-9]{30,})"
+                r"|xox[abeoprs]-[A-Za-z0-9-]{10,}"
+                r"|xapp-[A-Za-z0-9-]{10,}"
+                r"|AIza[0-9A-Za-z_-]{35,}"
+                r"|[sr]k_(?:live|test)_[0-9A-Za-z]{24,}"
+                r"|hf_[A-Za-z0-9]{30,}"
+            ),
+            begun=_compile(
+                r"^(?:sk-|gh[pousr]_|github_pat_|xox[abeoprs]-|xapp-|AIza|[sr]k_(?:live|test)_|hf_)"
+                r"[A-Za-z0-9_-]{4}"
+            ),
+            gate=literal_gate(
+                *("sk-", "ghp_", "gho_", "ghu_", "ghs_", "ghr_", "github_pat_", "xapp-", "AIza"),
+                *(f"xox{kind}-" for kind in "abeoprs"),
+                *(f"{kind}k_{mode}_" for kind in "sr" for mode in ("live", "test")),
+                "hf_",
             ),
         ),
         Detector(
             "bearer_token",
             "BEARER_TOKEN",
-            _compile(r"\b[Bb]earer[ \t]+[A-Za-z0-9._~+/-]{16,}=*"),
+            _compile(r"(?i:bearer)[ \t]+[A-Za-z0-9._~+/-]{16,}=*"),
+            begun=_compile(r"(?i:bearer)[ \t]+[A-Za-z0-9._~+/-]{4}"),
+            gate=literal_gate("bearer", fold=True),
         ),
         Detector(
             "jwt",
             "JWT",
-            _compile(r"\beyJ[A-Za-z0-9_-]{5,}\.eyJ[A-Za-z0-9_-]{5,}\.[A-Za-z0-9_-]{10,}"),
+            _compile(r"eyJ[A-Za-z0-9_-]{5,}\.[A-Za-z0-9_-]{4,}\.[A-Za-z0-9_-]*"),
+            begun=_compile(r"^eyJ[A-Za-z0-9_-]{4}"),
+            gate=literal_gate("eyJ"),
         ),
         Detector(
             "private_key",
             "PRIVATE_KEY",
-            _compile(
-                r"-----BEGIN (?:[A-Z0-9]+ )*PRIVATE KEY-----[\s\S]*?"
-                r"-----END (?:[A-Z0-9]+ )*PRIVATE KEY-----"
-            ),
-            end_marker=_compile(r"-----END (?:[A-Z0-9]+ )*PRIVATE KEY-----"),
+            _compile(rf"-----BEGIN {_PEM_LABEL}-----[\s\S]*?-----END {_PEM_LABEL}-----"),
+            end_marker=_compile(rf"-----END {_PEM_LABEL}-----"),
+            begun=_compile(r"^-----BEGIN "),
+            gate=literal_gate("-----BEGIN "),
         ),
     )
 }

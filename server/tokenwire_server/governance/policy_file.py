@@ -19,7 +19,12 @@ import regex
 import yaml
 
 from tokenwire_server.domain import Operator
-from tokenwire_server.governance.detectors import BUILTIN_DETECTORS, Detector
+from tokenwire_server.governance.detectors import (
+    BUILTIN_DETECTORS,
+    MATCH_BUDGET_SECONDS,
+    Detector,
+)
+from tokenwire_server.governance.pattern_safety import nested_unbounded_quantifier
 from tokenwire_server.governance.policy import PassThroughPolicy, Policy
 from tokenwire_server.governance.redaction import RedactionRule, Redactor
 from tokenwire_server.governance.rules_policy import (
@@ -49,7 +54,7 @@ def load_policy(source: str, env: Mapping[str, str] | None = None) -> Policy:
         resource = resources.files("tokenwire_server.governance") / "policies" / f"{name}.yaml"
         if not resource.is_file():
             raise PolicyError(f"{source}: no built-in policy named {name!r}")
-        return build_policy(yaml.safe_load(resource.read_text(encoding="utf-8")), source, env)
+        return _build(yaml.safe_load(resource.read_text(encoding="utf-8")), source, env)
     path = Path(source)
     try:
         raw = path.read_text(encoding="utf-8")
@@ -64,16 +69,41 @@ def load_policy(source: str, env: Mapping[str, str] | None = None) -> Policy:
             raise PolicyError(f"{source}: policy files end in .yaml, .yml or .toml")
     except (tomllib.TOMLDecodeError, yaml.YAMLError) as error:
         raise PolicyError(f"{source}: {error}") from error
-    return build_policy(spec, source, env)
+    return _build(spec, source, env)
+
+
+def _build(spec: object, source: str, env: Mapping[str, str]) -> RulesPolicy:
+    """`build_policy`, with any shape it did not foresee refused as a PolicyError
+    (a reload must never die of a wrongly typed field)."""
+    try:
+        return build_policy(spec, source, env)
+    except PolicyError:
+        raise
+    except (TypeError, ValueError, AttributeError, KeyError, RecursionError) as error:
+        raise PolicyError(f"{source}: malformed policy: {type(error).__name__}: {error}") from error
 
 
 def _compile(pattern: object, where: str) -> regex.Pattern[str]:
+    """A policy pattern that compiles and has no obviously catastrophic shape."""
     if not isinstance(pattern, str) or not pattern:
         raise PolicyError(f"{where}: pattern must be a non-empty string")
     try:
-        return regex.compile(pattern, regex.VERSION1)
+        compiled = regex.compile(pattern, regex.VERSION1)
     except regex.error as error:
-        raise PolicyError(f"{where}: bad pattern: {error}") from error
+        pos = getattr(error, "pos", None)  # types-regex does not declare it
+        position = f" at position {pos}" if pos is not None else ""
+        raise PolicyError(
+            f"{where}: bad pattern{position}: {getattr(error, 'msg', error)}"
+        ) from error
+    nested = nested_unbounded_quantifier(pattern)
+    if nested is not None:
+        outer, inner = nested
+        raise PolicyError(
+            f"{where}: catastrophic pattern at position {outer}: an unbounded quantifier "
+            f"repeats a group with another one (position {inner}); bound one of them, or "
+            "make it atomic (?>...) or possessive (*+, ++)"
+        )
+    return compiled
 
 
 def _terms_pattern(terms: object, where: str) -> regex.Pattern[str]:
@@ -98,6 +128,13 @@ def _rule_id(rule: Mapping[str, Any], where: str, default: str | None = None) ->
     return rule_id
 
 
+def _entity_type(rule: Mapping[str, Any], where: str, default: str) -> str:
+    entity = rule.get("entity_type", default)
+    if not isinstance(entity, str) or not entity:
+        raise PolicyError(f"{where}: entity_type must be a non-empty string")
+    return entity
+
+
 def _list(spec: Mapping[str, Any], key: str, source: str) -> list[Mapping[str, Any]]:
     items = spec.get(key, [])
     if not isinstance(items, list) or not all(isinstance(i, dict) for i in items):
@@ -119,7 +156,7 @@ def build_policy(spec: object, source: str, env: Mapping[str, str]) -> RulesPoli
         "block",
         "flag",
     }
-    for key in sorted(set(spec) - known):
+    for key in sorted(str(k) for k in set(spec) - known):
         raise PolicyError(f"{source}: unknown key {key!r}")
     policy_id, version = spec.get("id"), spec.get("version")
     if not isinstance(policy_id, str) or not policy_id:
@@ -139,11 +176,13 @@ def build_policy(spec: object, source: str, env: Mapping[str, str]) -> RulesPoli
     rules: list[RedactionRule] = []
     for index, item in enumerate(_list(spec, "redact", source)):
         where = f"{source}: redact[{index}]"
-        operator = _OPERATORS.get(item.get("operator", "replace"))
+        operator_name = item.get("operator", "replace")
+        operator = _OPERATORS.get(operator_name) if isinstance(operator_name, str) else None
         if operator is None:
             raise PolicyError(f"{where}: operator must be mask, replace or hash")
         if "detector" in item:
-            detector = BUILTIN_DETECTORS.get(item["detector"])
+            name = item["detector"]
+            detector = BUILTIN_DETECTORS.get(name) if isinstance(name, str) else None
             if detector is None:
                 raise PolicyError(
                     f"{where}: unknown detector {item['detector']!r}; "
@@ -152,8 +191,10 @@ def build_policy(spec: object, source: str, env: Mapping[str, str]) -> RulesPoli
             rule_id = _rule_id(item, where, detector.name)
         else:
             rule_id = _rule_id(item, where)
-            entity = item.get("entity_type", rule_id.upper().replace("-", "_"))
-            detector = Detector(rule_id, str(entity), _compile(item.get("pattern"), where))
+            entity = _entity_type(item, where, rule_id.upper().replace("-", "_"))
+            detector = Detector(
+                rule_id, entity, _compile(item.get("pattern"), where), budget=MATCH_BUDGET_SECONDS
+            )
         rules.append(RedactionRule(rule_id, detector, operator))
 
     final_blocks: list[TextRule] = []
@@ -166,7 +207,11 @@ def build_policy(spec: object, source: str, env: Mapping[str, str]) -> RulesPoli
             final_blocks.append(TextRule(rule_id, pattern, BLOCK_ENTITY))
         elif scope == "stream":
             rules.append(
-                RedactionRule(rule_id, Detector(rule_id, BLOCK_ENTITY, pattern), Operator.BLOCK)
+                RedactionRule(
+                    rule_id,
+                    Detector(rule_id, BLOCK_ENTITY, pattern, budget=MATCH_BUDGET_SECONDS),
+                    Operator.BLOCK,
+                )
             )
         else:
             raise PolicyError(f"{where}: scope must be stream or final")
@@ -175,7 +220,7 @@ def build_policy(spec: object, source: str, env: Mapping[str, str]) -> RulesPoli
         TextRule(
             _rule_id(item, f"{source}: flag[{i}]"),
             _matcher(item, f"{source}: flag[{i}]"),
-            str(item.get("entity_type", FLAG_ENTITY)),
+            _entity_type(item, f"{source}: flag[{i}]", FLAG_ENTITY),
         )
         for i, item in enumerate(_list(spec, "flag", source))
     )

@@ -8,7 +8,19 @@ exactly the characters from its start, and they are released as soon as the
 next token shows they cannot complete. A hard cap on held characters forces
 a decision so the stream never stalls: the held text is redacted (fail
 closed), and a rule with an end marker (private key blocks) keeps suppressing
-until the marker arrives.
+until the marker arrives. When the response ends, a held fragment that is
+already a value under way (a key block without its END line, half a card
+number) is redacted, never flushed raw.
+
+Every match runs under a time budget (`MATCH_BUDGET_SECONDS`), so a rule that
+backtracks catastrophically cannot hold the event loop: the session fails
+closed instead (everything unreleased is redacted, nothing more is released,
+and the action names the rule with entity type `RULE_TIMEOUT`).
+
+The budget applies to the policy's own patterns. The built-in detectors are
+fixed, bounded patterns (tests run each against pathological input under the
+same budget) and skip it: the `regex` module's timeout costs about 2.5 us per
+call, more than most of their scans.
 
 Spans in the actions are UTF-8 byte positions of the replacement text in the
 final payload, which, for released text, is exactly what the chunks carry.
@@ -25,6 +37,10 @@ from tokenwire_server.governance.detectors import Detector
 
 #: Released characters kept as context so lookbehind assertions see across cuts.
 CONTEXT_CHARS = 16
+#: The entity type of the action that records a rule which ran out of time.
+TIMEOUT_ENTITY = "RULE_TIMEOUT"
+#: A custom rule's trailing fragment this long is treated as a value under way.
+MIN_BEGUN_CHARS = 4
 
 
 @dataclass(frozen=True, slots=True)
@@ -66,6 +82,14 @@ class Redactor:
         return out + tail, actions + tail_actions
 
 
+class RuleTimeout(Exception):
+    """A rule used up its time budget; the session fails closed."""
+
+    def __init__(self, rule: RedactionRule | None) -> None:
+        super().__init__(rule.rule_id if rule is not None else "*")
+        self.rule = rule
+
+
 @dataclass(slots=True)
 class _Match:
     start: int
@@ -76,7 +100,15 @@ class _Match:
 class RedactionSession:
     """Per-response state: the held tail and how many bytes were released."""
 
-    __slots__ = ("_context", "_continuing", "_held", "_redactor", "_released_bytes", "blocked_by")
+    __slots__ = (
+        "_context",
+        "_continuing",
+        "_held",
+        "_redactor",
+        "_released_bytes",
+        "blocked_by",
+        "timed_out",
+    )
 
     def __init__(self, redactor: Redactor) -> None:
         self._redactor = redactor
@@ -86,22 +118,51 @@ class RedactionSession:
         self._continuing: RedactionRule | None = None
         #: The block rule that stopped this response; nothing is released after it.
         self.blocked_by: RedactionRule | None = None
+        #: The rule id that ran out of time ("*" when the combined search did);
+        #: everything unreleased was redacted and nothing is released after it.
+        self.timed_out: str | None = None
 
     @property
     def held_chars(self) -> int:
         return len(self._held)
 
+    @property
+    def halted(self) -> bool:
+        return self.blocked_by is not None or self.timed_out is not None
+
     def push(self, text: str) -> tuple[str, tuple[Action, ...]]:
-        if self.blocked_by is not None:
+        if self.halted:
             return "", ()
         self._held += text
-        return self._scan(final=False)
+        return self._guarded_scan(final=False)
 
     def flush(self) -> tuple[str, tuple[Action, ...]]:
         """End of generation: decide on everything still held."""
-        if self.blocked_by is not None:
+        if self.halted:
             return "", ()
-        return self._scan(final=True)
+        return self._guarded_scan(final=True)
+
+    def _guarded_scan(self, final: bool) -> tuple[str, tuple[Action, ...]]:
+        try:
+            return self._scan(final)
+        except RuleTimeout as timeout:
+            return self._fail_closed(timeout.rule)
+
+    def _fail_closed(self, rule: RedactionRule | None) -> tuple[str, tuple[Action, ...]]:
+        """Replaces every unreleased character with one marker and stops releasing."""
+        self.timed_out = rule.rule_id if rule is not None else "*"
+        marker = f"[{TIMEOUT_ENTITY}]"
+        start = self._released_bytes
+        self._released_bytes += len(marker)
+        self._held = ""
+        action = Action(
+            rule_id=self.timed_out,
+            entity_type=TIMEOUT_ENTITY,
+            operator=Operator.REPLACE,
+            start=start,
+            end=start + len(marker),
+        )
+        return marker, (action,)
 
     def _scan(self, final: bool) -> tuple[str, tuple[Action, ...]]:
         buffer = self._context + self._held
@@ -123,7 +184,12 @@ class RedactionSession:
     def _consume_until_end_marker(self, buffer: str, start: int, final: bool) -> int:
         rule = self._continuing
         assert rule is not None and rule.detector.end_marker is not None
-        match = rule.detector.end_marker.search(buffer, start, partial=not final)
+        try:
+            match = rule.detector.end_marker.search(
+                buffer, start, partial=not final, timeout=rule.detector.budget
+            )
+        except TimeoutError as error:
+            raise RuleTimeout(rule) from error
         if match is not None and not match.partial:
             self._continuing = None
             self._held = buffer[match.end() :]
@@ -140,31 +206,19 @@ class RedactionSession:
         self, buffer: str, start: int, final: bool
     ) -> tuple[list[_Match], int, RedactionRule | None]:
         end = len(buffer)
+        region = buffer[start:]
         hold_from, hold_rule = end, None
         found: list[tuple[int, int, int, RedactionRule]] = []
         for index, rule in enumerate(self._redactor.rules):
-            validate = rule.detector.validate
-            # Overlapped: a candidate that fails validation (a 19-digit run
-            # failing Luhn) must not hide a valid match starting inside it, or
-            # the answer would depend on where a token boundary fell.
-            for match in rule.detector.pattern.finditer(
-                buffer, start, partial=not final, overlapped=True
-            ):
-                m_start, m_end = match.span()
-                if m_start == end:
-                    continue
-                # Not final yet: a match that reaches the end, or that more text
-                # could still extend ("GB82 WEST 1234" + " 5698 ..."), stays held.
-                if match.partial or (
-                    not final
-                    and rule.detector.pattern.fullmatch(buffer, m_start, end, partial=True)
-                ):
-                    if m_start < hold_from:
-                        hold_from, hold_rule = m_start, rule
-                    continue
-                if validate is not None and not validate(match.group()):
-                    continue
-                found.append((m_start, -(m_end - m_start), index, rule))
+            gate = rule.detector.gate
+            if gate is not None and not gate(region):
+                continue
+            try:
+                held = _candidates(rule, index, buffer, start, final, found)
+            except TimeoutError as error:
+                raise RuleTimeout(rule) from error
+            if held < hold_from:
+                hold_from, hold_rule = held, rule
         found.sort(key=lambda f: (f[0], f[1], f[2]))
         selected: list[_Match] = []
         last_end = start
@@ -222,3 +276,63 @@ class RedactionSession:
         self._held = buffer[hold_from:]
         self._context = (self._context + buffer[start:hold_from])[-CONTEXT_CHARS:]
         return released, actions
+
+
+def _candidates(
+    rule: RedactionRule,
+    index: int,
+    buffer: str,
+    start: int,
+    final: bool,
+    found: list[tuple[int, int, int, RedactionRule]],
+) -> int:
+    """Adds the rule's complete matches to `found`; returns the earliest start
+    of a match that more text could still change (the end when none)."""
+    end = len(buffer)
+    pattern = rule.detector.pattern
+    validate = rule.detector.validate
+    budget = rule.detector.budget
+    held = end
+    # Overlapped where a checksum decides: a candidate that fails validation
+    # (a 19-digit run failing Luhn) must not hide a valid match starting
+    # inside it, or the answer would depend on where a token boundary fell.
+    # Elsewhere the leftmost match is the one kept, and overlapped scanning
+    # would be quadratic on repetitive text ("sk-sk-sk-...").
+    for match in pattern.finditer(
+        buffer, start, partial=True, overlapped=validate is not None, timeout=budget
+    ):
+        m_start, m_end = match.span()
+        if m_start == end:
+            continue
+        if final:
+            if match.partial:
+                complete = pattern.fullmatch(buffer, m_start, timeout=budget)
+                if complete is None:
+                    # The response ended inside this match: a value under way
+                    # is redacted whole, a mere start of one is released.
+                    if _begun(rule, buffer[m_start:]):
+                        found.append((m_start, -(end - m_start), index, rule))
+                    continue
+        # Not final yet: a match that reaches the end, or that more text
+        # could still extend ("GB82 WEST 1234" + " 5698 ..."), stays held.
+        elif match.partial or pattern.fullmatch(buffer, m_start, end, partial=True, timeout=budget):
+            held = min(held, m_start)
+            continue
+        if validate is not None and not validate(match.group()):
+            continue
+        found.append((m_start, -(m_end - m_start), index, rule))
+    return held
+
+
+def _begun(rule: RedactionRule, fragment: str) -> bool:
+    """Whether a fragment the response ended inside is a value already under way.
+
+    A block rule's fragment is not its term, so it is released; a built-in
+    detector says when its fragment counts; a custom rule's counts once it is
+    `MIN_BEGUN_CHARS` long."""
+    if rule.operator is Operator.BLOCK:
+        return False
+    begun = rule.detector.begun
+    if begun is None:
+        return len(fragment) >= MIN_BEGUN_CHARS
+    return begun.search(fragment) is not None

@@ -13,8 +13,9 @@ from dataclasses import dataclass
 import regex
 
 from tokenwire_server.domain import Action, Operator, Verdict, utf8_length
+from tokenwire_server.governance.detectors import MATCH_BUDGET_SECONDS
 from tokenwire_server.governance.policy import FinalDecision, GovernanceSession, Policy
-from tokenwire_server.governance.redaction import Redactor
+from tokenwire_server.governance.redaction import TIMEOUT_ENTITY, Redactor
 
 BLOCK_ENTITY = "POLICY_BLOCK"
 FLAG_ENTITY = "REVIEW"
@@ -69,7 +70,7 @@ class _RulesSession(GovernanceSession):
             self._released.append(released)
         if actions:
             self._actions.extend(actions)
-        if self._redaction.blocked_by is not None:
+        if self._redaction.halted:
             self.halted = True
         return released, actions
 
@@ -83,7 +84,7 @@ class _RulesSession(GovernanceSession):
         block_rule = blocker.rule_id if blocker is not None else None
         if block_rule is None:
             block_rule = next(
-                (rule.rule_id for rule in self._policy.final_blocks if rule.pattern.search(final)),
+                (rule.rule_id for rule in self._policy.final_blocks if _found_in(rule, final)),
                 None,
             )
         if block_rule is not None:
@@ -113,10 +114,25 @@ class _RulesSession(GovernanceSession):
 
     @staticmethod
     def _text_actions(text: str, rules: tuple[TextRule, ...], operator: Operator) -> list[Action]:
+        """Flags over the whole text; a rule out of time flags the whole text
+        (fail closed: a person looks at what could not be checked)."""
         actions = []
         for rule in rules:
-            for match in rule.pattern.finditer(text):
+            try:
+                matches = list(rule.pattern.finditer(text, timeout=MATCH_BUDGET_SECONDS))
+            except TimeoutError:
+                actions.append(Action(rule.rule_id, TIMEOUT_ENTITY, operator, 0, utf8_length(text)))
+                continue
+            for match in matches:
                 start = utf8_length(text[: match.start()])
                 end = start + utf8_length(match.group())
                 actions.append(Action(rule.rule_id, rule.entity_type, operator, start, end))
         return actions
+
+
+def _found_in(rule: TextRule, text: str) -> bool:
+    """A final-scope block rule that runs out of time blocks: it could not clear the text."""
+    try:
+        return rule.pattern.search(text, timeout=MATCH_BUDGET_SECONDS) is not None
+    except TimeoutError:
+        return True

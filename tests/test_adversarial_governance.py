@@ -1,0 +1,480 @@
+"""Governance against adversarial text: values glued to their neighbours, responses
+that end inside a value, rules that backtrack catastrophically.
+
+The promise under test is that no raw fragment of a value (the value minus its
+last character; any 12-character window of a secret) reaches anything a caller
+can see, however the value is surrounded, however the text is cut into tokens,
+and however the response ends.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import string
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import grpc
+import pytest
+import regex
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from tests.conftest import StartServer, chunks_of, collect, completed_of, stream_request
+from tokenwire.v1 import respond_pb2 as pb
+from tokenwire_server.domain import Operator
+from tokenwire_server.governance.detectors import (
+    BUILTIN_DETECTORS,
+    IBAN_LENGTHS,
+    MATCH_BUDGET_SECONDS,
+)
+from tokenwire_server.governance.policy_file import PolicyError, load_policy
+from tokenwire_server.governance.redaction import RedactionRule, Redactor
+
+ALNUM = string.ascii_letters + string.digits
+B64URL = ALNUM + "-_"
+UPPER_DIGITS = string.ascii_uppercase + string.digits
+
+
+def _chars(alphabet: str, size: int) -> st.SearchStrategy[str]:
+    return st.text(alphabet=alphabet, min_size=size, max_size=size)
+
+
+def _luhn_complete(body: str) -> str:
+    for check in string.digits:
+        digits = [int(c) for c in body + check]
+        total = sum(
+            (d * 2 - 9 if d * 2 > 9 else d * 2) if i % 2 else d
+            for i, d in enumerate(reversed(digits))
+        )
+        if total % 10 == 0:
+            return body + check
+    raise AssertionError("unreachable")
+
+
+def _iban(country: str, bban: str) -> str:
+    rearranged = bban + country + "00"
+    number = int("".join(str(int(c, 36)) for c in rearranged))
+    return f"{country}{98 - number % 97:02d}{bban}"
+
+
+@st.composite
+def ibans(draw: st.DrawFn) -> str:
+    country = draw(st.sampled_from(["GB", "DE", "FR", "NL", "NO", "ES"]))
+    bban = draw(_chars(UPPER_DIGITS, IBAN_LENGTHS[country] - 4))
+    value = _iban(country, bban)
+    if draw(st.booleans()):
+        value = " ".join(value[i : i + 4] for i in range(0, len(value), 4))
+    return value
+
+
+@st.composite
+def pem_keys(draw: st.DrawFn) -> str:
+    kind = draw(st.sampled_from(["", "RSA ", "EC ", "DSA ", "OPENSSH ", "ENCRYPTED "]))
+    lines = draw(st.lists(_chars(ALNUM + "+/", 24), min_size=1, max_size=4))
+    body = "\n".join(lines)
+    return f"-----BEGIN {kind}PRIVATE KEY-----\n{body}\n-----END {kind}PRIVATE KEY-----"
+
+
+#: Generated values per detector; secrets are checked window by window too.
+VALUES: dict[str, st.SearchStrategy[str]] = {
+    "aws_access_key": st.builds(
+        lambda p, b: p + b, st.sampled_from(["AKIA", "ASIA"]), _chars(UPPER_DIGITS, 16)
+    ),
+    "github": st.one_of(
+        st.builds(
+            lambda p, b: p + b,
+            st.sampled_from(["ghp_", "gho_", "ghu_", "ghs_", "ghr_"]),
+            _chars(ALNUM, 36),
+        ),
+        st.builds(lambda b: "github_pat_" + b, _chars(ALNUM + "_", 82)),
+    ),
+    "openai": st.one_of(
+        st.builds(lambda b: "sk-" + b, _chars(ALNUM, 48)),
+        st.builds(lambda b: "sk-proj-" + b, _chars(B64URL, 64)),
+    ),
+    "slack": st.builds(
+        lambda k, a, b: f"xox{k}-{a}-{b}",
+        st.sampled_from("abprs"),
+        _chars(string.digits, 12),
+        _chars(ALNUM, 24),
+    ),
+    "jwt": st.builds(
+        lambda h, p, s: f"eyJ{h}.eyJ{p}.{s}",
+        _chars(B64URL, 20),
+        _chars(B64URL, 30),
+        _chars(B64URL, 43),
+    ),
+    "private_key": pem_keys(),
+    "iban": ibans(),
+    "phone": st.sampled_from(
+        ["+1 415-555-0134", "+44 20 7946 0958", "+14155550134", "(415) 555-0134", "415-555-0134"]
+    ),
+    "payment_card": st.builds(
+        lambda b: _luhn_complete(b), st.from_regex(r"4[0-9]{14}", fullmatch=True)
+    ),
+    "email": st.builds(
+        lambda u, d: f"{u}@{d}.com", _chars(string.ascii_lowercase, 6), _chars("abcdef", 5)
+    ),
+}
+SECRET_KINDS = {"aws_access_key", "github", "openai", "slack", "jwt", "private_key"}
+NUMERIC_KINDS = {"phone", "payment_card"}
+SURROUNDINGS = {
+    "letters": st.text(alphabet=string.ascii_letters, min_size=1, max_size=6),
+    "token=": st.just("token="),
+    "punctuation": st.text(alphabet="=:;,'\"()[]{}<>/\\|!?#$%&*", min_size=1, max_size=4),
+    "multibyte": st.text(alphabet="éü東京🔑ß", min_size=1, max_size=4),
+    "line break": st.sampled_from(["\n", "\r\n", "\n\n"]),
+    "nothing": st.just(""),
+    "digits": st.text(alphabet=string.digits, min_size=1, max_size=4),
+}
+
+
+def raw_fragments(kind: str, value: str) -> list[str]:
+    """What must never be seen: the value minus its last character and, for a
+    secret, every 12-character window of it."""
+    fragments = [value[:-1]]
+    if kind in SECRET_KINDS:
+        fragments += [value[i : i + 12] for i in range(len(value) - 11)]
+    return fragments
+
+
+def assert_no_fragment(kind: str, value: str, *seen: str) -> None:
+    for text in seen:
+        for fragment in raw_fragments(kind, value):
+            assert fragment not in text, (kind, value, fragment, text)
+
+
+def default_redactor() -> Redactor:
+    policy = load_policy("builtin:default", env={})
+    return policy.redactor  # type: ignore[attr-defined, no-any-return]
+
+
+def stream_through(redactor: Redactor, text: str, size: int) -> tuple[str, list[str]]:
+    session = redactor.session()
+    pieces = [session.push(text[i : i + size])[0] for i in range(0, len(text), size)]
+    pieces.append(session.flush()[0])
+    return "".join(pieces), pieces
+
+
+@settings(
+    max_examples=400, deadline=None, suppress_health_check=[HealthCheck.too_slow]
+)  # many detectors x surroundings x splits
+@given(data=st.data())
+def test_no_raw_fragment_whatever_surrounds_the_value_or_cuts_it(data: st.DataObject) -> None:
+    kind = data.draw(st.sampled_from(sorted(VALUES)), label="kind")
+    value = data.draw(VALUES[kind], label="value")
+    allowed = [n for n in SURROUNDINGS if not (n == "digits" and kind in NUMERIC_KINDS)]
+    before = data.draw(SURROUNDINGS[data.draw(st.sampled_from(allowed))], label="before")
+    after = data.draw(SURROUNDINGS[data.draw(st.sampled_from(allowed))], label="after")
+    size = data.draw(st.integers(min_value=1, max_value=8), label="token size")
+    text = before + value + after
+    redactor = default_redactor()
+    whole, _ = redactor.redact_all(text)  # what unary returns
+    streamed, pieces = stream_through(redactor, text, size)
+    assert streamed == whole
+    assert_no_fragment(kind, value, whole, *pieces)
+
+
+GLUED = {
+    "aws": "xAKIAIOSFODNN7EXAMPLEy",
+    "aws token=": "token=AKIAIOSFODNN7EXAMPLEend",
+    "github": "xghp_aBcDeFgHiJkLmNoPqRsTuVwXyZ0123456789y",
+    "openai": "xsk-proj-Abcdefghijklmnopqrstuvwxyz0123456789y",
+    "slack": "tokenxoxb-123456789012-ABCDEFGHIJKLMNOPQRSTend",
+    "jwt": "xeyJhbGciOiJIUzI1NiJ9.eyJzdWIiOiIxMjM0NTY3ODkwIn0.dozjgNryP4J3jVmNHl0w5N_XgL0n3I9Py",
+    "iban": "ibanGB82WEST12345698765432end",
+    "phone": "call+14155550134now",
+}
+GLUED_VALUES = {
+    "aws": "AKIAIOSFODNN7EXAMPLE",
+    "aws token=": "AKIAIOSFODNN7EXAMPLE",
+    "github": "ghp_aBcDeFgHiJkLmNoPqRsTuVwXyZ0123456789",
+    "openai": "sk-proj-Abcdefghijklmnopqrstuvwxyz0123456789",
+    "slack": "xoxb-123456789012-ABCDEFGHIJKLMNOPQRST",
+    "jwt": "eyJhbGciOiJIUzI1NiJ9.eyJzdWIiOiIxMjM0NTY3ODkwIn0.dozjgNryP4J3jVmNHl0w5N_XgL0n3I9P",
+    "iban": "GB82WEST12345698765432",
+    "phone": "+14155550134",
+}
+
+
+def echo(text: str, size: int, **fields: object) -> pb.StreamRespondRequest:
+    fields.setdefault("chunking", pb.Chunking(max_tokens_per_chunk=1))
+    fields.setdefault("labels", {"tokenwire.sim/echo-token-chars": str(size)})
+    return stream_request(text, model="echo", **fields)
+
+
+@pytest.fixture
+async def default_policy(start_server: StartServer):
+    return await start_server(policy="builtin:default")
+
+
+@pytest.mark.parametrize("size", [1, 3, 8])
+@pytest.mark.parametrize("name", sorted(GLUED))
+async def test_glued_values_leave_neither_stream_nor_unary(
+    default_policy, name: str, size: int
+) -> None:
+    text = f"The value {GLUED[name]} was written glued."
+    value = GLUED_VALUES[name]
+    kind = "payment_card" if name == "phone" else "jwt"  # both: check secret windows
+    events = await collect(default_policy.stub.StreamRespond(echo(text, size)))
+    chunks, completed = chunks_of(events), completed_of(events)
+    assert_no_fragment(kind, value, completed.final_text, *(c.text for c in chunks))
+    assert completed.verdict == pb.VERDICT_REDACTED
+    unary = await default_policy.stub.Respond(
+        pb.RespondRequest(model="echo", messages=[pb.ChatMessage(role=pb.ROLE_USER, content=text)])
+    )
+    assert_no_fragment(kind, value, unary.completed.final_text)
+    assert unary.completed.final_text == completed.final_text
+
+
+def test_look_alikes_stay_untouched() -> None:
+    redactor = default_redactor()
+    for text in (
+        "Order 4111 1111 1111 1112 shipped.",  # fails Luhn
+        "IBAN GB82 WEST 1234 5698 7654 33 is wrong",  # fails mod-97
+        "released on 2024-01-15 at 10:30",  # a date, not a phone number
+        "version 1.2.3.4.5 of the tool",  # not an address
+        "ASIA is a continent and AKIA is a prefix",  # prefix without a key body
+    ):
+        assert redactor.redact_all(text)[0] == text
+
+
+def test_a_glued_neighbour_that_could_belong_to_the_value_is_redacted_with_it() -> None:
+    redactor = default_redactor()
+    out, _ = redactor.redact_all("key AKIAIOSFODNN7EXAMPLEXYZ here")
+    assert out == "key [AWS_ACCESS_KEY] here"
+    out, _ = redactor.redact_all("iban GB82WEST12345698765432XYZ1 here")
+    assert out == "iban [IBAN] here"
+
+
+@pytest.mark.parametrize(
+    ("kind", "value"),
+    [
+        ("private_key", "-----BEGIN RSA PRIVATE KEY-----\nMIIEowIBAAKCAQEAx1Q2w3e4r5t6y7u8i9o0\n"),
+        ("payment_card", "4111 1111 1111"),
+        ("openai", "sk-proj-Abcdefghijklmnop"),
+        ("aws_access_key", "AKIAIOSFODNN"),
+    ],
+)
+def test_a_value_cut_off_by_the_end_of_the_text_is_redacted(kind: str, value: str) -> None:
+    redactor = default_redactor()
+    for size in range(1, 9):
+        streamed, pieces = stream_through(redactor, f"here: {value}", size)
+        assert_no_fragment(kind, value, streamed, *pieces)
+        assert streamed.startswith("here: [")
+
+
+async def test_max_tokens_inside_a_key_block_never_releases_it(default_policy) -> None:
+    key = "-----BEGIN OPENSSH PRIVATE KEY-----\n" + "b3BlbnNzaC1rZXktdjEAAAAA\n" * 6
+    text = "Here is the key:\n" + key + "-----END OPENSSH PRIVATE KEY-----\nDone."
+    for size in (1, 4, 8):
+        max_tokens = (len("Here is the key:\n") + len(key) // 2) // size
+        request = echo(text, size, params=pb.GenerationParams(max_tokens=max_tokens))
+        events = await collect(default_policy.stub.StreamRespond(request))
+        completed = completed_of(events)
+        assert completed.finish_reason == pb.FINISH_REASON_LENGTH
+        streamed = "".join(c.text for c in chunks_of(events))
+        assert_no_fragment("private_key", key, streamed, completed.final_text)
+        assert "[PRIVATE_KEY]" in completed.final_text
+        unary = await default_policy.stub.Respond(
+            pb.RespondRequest(
+                model="echo",
+                messages=[pb.ChatMessage(role=pb.ROLE_USER, content=text)],
+                params=pb.GenerationParams(max_tokens=len(text) // 2),
+                labels={"tokenwire.sim/echo-token-chars": "1"},
+            )
+        )
+        assert_no_fragment("private_key", key, unary.completed.final_text)
+
+
+async def test_a_cancelled_stream_releases_nothing_it_held(default_policy) -> None:
+    key = "AKIAIOSFODNN7EXAMPLE"
+    request = echo(
+        f"start {key[:10]}" + "X" * 40,
+        1,
+        labels={"tokenwire.sim/echo-token-chars": "1", "tokenwire.sim/inter-token-delay": "0.02"},
+    )
+    call = default_policy.stub.StreamRespond(request)
+    seen: list[str] = []
+    async for event in call:
+        seen.append(event.chunk.text)
+        if "".join(seen).startswith("start "):
+            call.cancel()
+            break
+    assert key[:10] not in "".join(seen)
+
+
+CATASTROPHIC_POLICY = """
+id: slow
+version: "1"
+redact:
+  - id: runs
+    pattern: '(a|aa)+$'
+"""
+
+
+async def test_a_catastrophic_rule_fails_closed_and_other_calls_keep_their_latency(
+    start_server: StartServer, tmp_path: Path
+) -> None:
+    path = tmp_path / "slow.yaml"
+    path.write_text(CATASTROPHIC_POLICY)
+    server = await start_server(policy=str(path))
+    health = health_pb2_grpc.HealthStub(server.channel)
+    await health.Check(health_pb2.HealthCheckRequest())
+    latencies: list[float] = []
+    stop = asyncio.Event()
+
+    async def probe() -> None:
+        while not stop.is_set():
+            started = time.perf_counter()
+            await health.Check(health_pb2.HealthCheckRequest())
+            latencies.append(time.perf_counter() - started)
+
+    prober = asyncio.create_task(probe())
+    text = "a" * 60 + "b then more text"
+    results = await asyncio.gather(
+        *(collect(server.stub.StreamRespond(echo(text, 61))) for _ in range(4))
+    )
+    stop.set()
+    await prober
+    for events in results:
+        completed = completed_of(events)
+        streamed = "".join(c.text for c in chunks_of(events))
+        assert "a" * 12 not in streamed and "a" * 12 not in completed.final_text
+        assert completed.verdict == pb.VERDICT_REDACTED
+        assert [(a.rule_id, a.entity_type) for a in completed.actions] == [("runs", "RULE_TIMEOUT")]
+    # One budget per response (10 ms), never the seconds the pattern would take.
+    assert latencies and max(latencies) < 0.25, sorted(latencies)[-5:]
+
+
+@pytest.mark.parametrize(
+    ("pattern", "position"),
+    [("(a+)+", 4), ("x(\\\\w+\\\\s?)*y", 9), ("(?:[a-z]*,)+$", 11), ("(a{2,})+", 7)],
+)
+def test_nested_unbounded_quantifiers_are_refused_with_file_rule_and_position(
+    tmp_path: Path, pattern: str, position: int
+) -> None:
+    path = tmp_path / "bad.yaml"
+    path.write_text(f'id: x\nversion: 1\nredact:\n  - id: r\n    pattern: "{pattern}"\n')
+    with pytest.raises(PolicyError) as raised:
+        load_policy(str(path), env={})
+    message = str(raised.value)
+    assert str(path) in message and "redact[0]" in message
+    assert f"catastrophic pattern at position {position}" in message
+
+
+def test_atomic_and_bounded_repeats_are_accepted(tmp_path: Path) -> None:
+    path = tmp_path / "ok.yaml"
+    path.write_text(
+        "id: x\nversion: 1\nredact:\n"
+        "  - id: a\n    pattern: '(?>a+)+b'\n"
+        "  - id: b\n    pattern: '(ab{1,3})+'\n"
+        "  - id: c\n    pattern: '(a++)+'\n"
+    )
+    load_policy(str(path), env={})
+
+
+def test_an_invalid_pattern_names_its_position(tmp_path: Path) -> None:
+    path = tmp_path / "bad.yaml"
+    path.write_text("id: x\nversion: 1\nflag:\n  - id: f\n    pattern: 'ab(c'\n")
+    with pytest.raises(PolicyError, match=r"flag\[0\]: bad pattern at position 4"):
+        load_policy(str(path), env={})
+
+
+@pytest.mark.parametrize(
+    "content",
+    [
+        "id: x\nversion: 1\nredact:\n  - detector: [1, 2]\n",
+        "id: x\nversion: 1\nredact:\n  - detector: email\n    operator: [mask]\n",
+        "id: x\nversion: 1\nredact: 5\n",
+        "id: x\nversion: 1\nmax_holdback_chars: lots\n",
+        "id: x\nversion: 1\n1: x\n",
+        "id: x\nversion: 1\nredact:\n  - id: r\n    pattern: a\n    entity_type: [A]\n",
+    ],
+)
+def test_wrongly_typed_fields_are_policy_errors(tmp_path: Path, content: str) -> None:
+    path = tmp_path / "bad.yaml"
+    path.write_text(content)
+    with pytest.raises(PolicyError, match=str(path)):
+        load_policy(str(path), env={})
+
+
+async def test_serve_exits_2_on_a_catastrophic_rule(tmp_path: Path) -> None:
+    path = tmp_path / "bad.yaml"
+    path.write_text("id: x\nversion: 1\nblock:\n  - id: b\n    pattern: '(x+y?)*z'\n")
+    process = await asyncio.create_subprocess_exec(
+        *("tokenwire", "serve", "--port", "0", "--policy", str(path), "--audit-path", ":memory:"),
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+    )
+    _, err = await asyncio.wait_for(process.communicate(), timeout=60)
+    assert process.returncode == 2
+    assert b"block[0]: catastrophic pattern at position 6" in err
+    assert b"Traceback" not in err
+
+
+PATHOLOGICAL: list[Callable[[int], str]] = [
+    lambda n: "a" * n,
+    lambda n: "1" * n,
+    lambda n: "1 " * (n // 2),
+    lambda n: "a@" * (n // 2),
+    lambda n: "a.b" * (n // 3) + "@",
+    lambda n: "1." * (n // 2),
+    lambda n: "+1" * (n // 2),
+    lambda n: "-----BEGIN PRIVATE KEY-----" + "A" * n,
+    lambda n: "eyJ" + "a." * (n // 2),
+    lambda n: "AKIA" * (n // 4),
+    lambda n: "sk-" * (n // 3),
+    lambda n: "Bearer " * (n // 7),
+    lambda n: "GB82 " * (n // 5),
+]
+
+
+@pytest.mark.parametrize("name", sorted(BUILTIN_DETECTORS))
+def test_builtin_detectors_stay_inside_the_budget_on_pathological_text(name: str) -> None:
+    """Built-ins skip the per-call timer (it costs more than their scans), so
+    each is shown linear enough on the worst text the hold-back cap allows."""
+    detector = BUILTIN_DETECTORS[name]
+    overlapped = detector.validate is not None  # as the redaction session scans
+    for make in PATHOLOGICAL:
+        text = make(2048)
+        list(
+            detector.pattern.finditer(
+                text, partial=True, overlapped=overlapped, timeout=MATCH_BUDGET_SECONDS
+            )
+        )
+
+
+def test_a_timed_out_rule_in_a_session_redacts_everything_it_held() -> None:
+    slow = load_policy("builtin:default", env={})
+    assert isinstance(slow.policy_id, str)
+    rule = RedactionRule(
+        "runs",
+        BUILTIN_DETECTORS["email"].__class__(
+            "runs",
+            "RUNS",
+            regex.compile(r"(a|aa)+$", regex.VERSION1),
+            budget=MATCH_BUDGET_SECONDS,
+        ),
+        Operator.REPLACE,
+    )
+    session = Redactor((rule,), None, 2048).session()
+    out = [session.push("ok " + "a" * 60)[0], session.push("b and then the rest")[0]]
+    out.append(session.flush()[0])
+    assert "".join(out) == "ok [RULE_TIMEOUT]"
+    assert session.timed_out == "runs"
+
+
+def test_iban_lengths_reject_a_valid_checksum_at_the_wrong_length() -> None:
+    redactor = default_redactor()
+    value = _iban("GB", "WEST1234569876543")  # 21 characters, GB needs 22
+    assert redactor.redact_all(f"x {value} y")[0] == f"x {value} y"
+
+
+async def test_grpc_status_of_a_normal_call_is_unaffected(default_policy) -> None:
+    with pytest.raises(grpc.aio.AioRpcError) as raised:
+        await collect(default_policy.stub.StreamRespond(stream_request(messages=[])))
+    assert raised.value.code() == grpc.StatusCode.INVALID_ARGUMENT
