@@ -276,3 +276,75 @@ def require_tool(name: str) -> str:
             pytest.fail(message)
         pytest.skip(message)
     return path
+
+
+#: Debian's redis-server, for the tests of several replicas and of store outages.
+REDIS_SERVER = shutil.which("redis-server")
+if REDIS_SERVER is None and os.environ.get("TOKENWIRE_REQUIRE_REDIS") == "1":
+    raise RuntimeError("TOKENWIRE_REQUIRE_REDIS=1 but redis-server is not installed")
+needs_redis = pytest.mark.skipif(
+    REDIS_SERVER is None,
+    reason="needs Debian's redis-server (apt-get install redis-server; .ci/run does)",
+)
+
+
+class RedisServer:
+    """A real `redis-server` on a fixed loopback port; it can be killed and started
+    again on the same port (an outage and a recovery). Without `persistent` a
+    restart comes back empty; with it, every write is in the append-only file."""
+
+    def __init__(self, directory: Path, persistent: bool = False) -> None:
+        import socket
+
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            self.port = int(s.getsockname()[1])
+        self.url = f"redis://127.0.0.1:{self.port}/0"
+        self._directory = directory
+        self._persistence = ("yes", "always") if persistent else ("no", "no")
+        self._process: asyncio.subprocess.Process | None = None
+
+    async def start(self) -> None:
+        import redis.asyncio as redis
+
+        assert REDIS_SERVER is not None and self._process is None
+        self._process = await asyncio.create_subprocess_exec(
+            REDIS_SERVER,
+            *("--port", str(self.port), "--bind", "127.0.0.1"),
+            *("--save", "", "--dir", str(self._directory)),
+            *("--appendonly", self._persistence[0], "--appendfsync", self._persistence[1]),
+            stdout=asyncio.subprocess.DEVNULL,
+            stderr=asyncio.subprocess.DEVNULL,
+        )
+        client = redis.from_url(self.url)
+        try:
+            deadline = asyncio.get_running_loop().time() + 10
+            while True:  # bounded wait for the server to accept connections
+                try:
+                    if await client.ping():
+                        return
+                except redis.ConnectionError:
+                    if asyncio.get_running_loop().time() > deadline:
+                        raise
+                    await asyncio.sleep(0.02)
+        finally:
+            await client.aclose()
+
+    async def kill(self) -> None:
+        """SIGKILL: connections drop at once, nothing is saved."""
+        if self._process is not None:
+            self._process.kill()
+            await self._process.wait()
+            self._process = None
+
+
+@pytest.fixture
+async def redis_server(tmp_path: Path) -> AsyncIterator[RedisServer]:
+    if REDIS_SERVER is None:
+        pytest.skip("needs Debian's redis-server (apt-get install redis-server; .ci/run does)")
+    server = RedisServer(tmp_path)
+    await server.start()
+    try:
+        yield server
+    finally:
+        await server.kill()

@@ -1,31 +1,28 @@
 """Several replicas sharing responses through a real Redis server.
 
-The fixture starts Debian's `redis-server` on a free loopback port (`.ci/run`
-installs it). Without it these tests skip with that reason, and
-TOKENWIRE_REQUIRE_REDIS=1 (set by `.ci/run`) turns the skip into a failure.
+The `redis_server` fixture (tests/conftest.py) starts Debian's `redis-server`
+on a free loopback port (`.ci/run` installs it). Without it these tests skip
+with that reason, and TOKENWIRE_REQUIRE_REDIS=1 (set by `.ci/run`) turns the
+skip into a failure.
 """
 
 from __future__ import annotations
 
 import asyncio
 import hashlib
-import os
-import shutil
 import signal
-import socket
-from collections.abc import AsyncIterator
-from pathlib import Path
 
 import grpc
 import pytest
-import redis.asyncio as redis
 
 from tests.conftest import (
+    RedisServer,
     RunningServer,
     StartServer,
     chunks_of,
     collect,
     completed_of,
+    needs_redis,
     start_serve_process,
     status_details,
     stream_request,
@@ -33,55 +30,14 @@ from tests.conftest import (
 from tokenwire.v1 import respond_pb2 as pb
 from tokenwire.v1 import respond_pb2_grpc
 
-REDIS = shutil.which("redis-server")
-if REDIS is None and os.environ.get("TOKENWIRE_REQUIRE_REDIS") == "1":
-    raise RuntimeError("TOKENWIRE_REQUIRE_REDIS=1 but redis-server is not installed")
-pytestmark = pytest.mark.skipif(
-    REDIS is None, reason="needs Debian's redis-server (apt-get install redis-server; .ci/run does)"
-)
+pytestmark = needs_redis
 
 SLOW = {"tokenwire.sim/inter-token-ms": "20", "tokenwire.sim/answer-tokens": "60"}
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 @pytest.fixture
-async def redis_url(tmp_path: Path) -> AsyncIterator[str]:
-    assert REDIS is not None
-    port = free_port()
-    process = await asyncio.create_subprocess_exec(
-        REDIS,
-        "--port",
-        str(port),
-        "--bind",
-        "127.0.0.1",
-        "--save",
-        "",
-        "--appendonly",
-        "no",
-        "--dir",
-        str(tmp_path),
-        stdout=asyncio.subprocess.DEVNULL,
-        stderr=asyncio.subprocess.DEVNULL,
-    )
-    url = f"redis://127.0.0.1:{port}/0"
-    client = redis.from_url(url)
-    try:
-        for _ in range(200):  # bounded wait for the server to accept connections
-            try:
-                if await client.ping():
-                    break
-            except redis.ConnectionError:
-                await asyncio.sleep(0.02)
-        yield url
-    finally:
-        await client.aclose()
-        process.terminate()
-        await process.wait()
+def redis_url(redis_server: RedisServer) -> str:
+    return redis_server.url
 
 
 async def replicas(start_server: StartServer, url: str, **overrides: object):

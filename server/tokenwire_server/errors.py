@@ -109,6 +109,15 @@ class BackendUnavailable(TokenwireError):
     retry_after = 1.0
 
 
+class StoreUnavailable(TokenwireError):
+    """The shared response store (Redis) cannot be reached. The message never names
+    the store's address or the underlying exception; the server logs those."""
+
+    code = grpc.StatusCode.UNAVAILABLE
+    reason = "STORE_UNAVAILABLE"
+    retry_after = 1.0
+
+
 class BackendStalled(TokenwireError):
     code = grpc.StatusCode.UNAVAILABLE
     reason = "BACKEND_STALLED"

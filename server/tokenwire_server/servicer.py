@@ -2,10 +2,11 @@
 
 A new request is validated, registered in the response store (a retried
 request id attaches to the response it started instead of generating
-again), and fed by one generation task. Every call that reads a response
-holds a `Reader`; when the last reader goes away, a resumable response keeps
-generating for the detach window (its chunks go to the log), any other is
-cancelled, which stops the backend. `resume` replays the log after the
+again: the one rule is in docs/operations.md, "Idempotency"), and fed by
+one generation task. Every call that reads a response holds a `Reader`;
+when the last reader goes away, a resumable response keeps generating for
+the detach window (its chunks go to the log), any other is cancelled,
+which stops the backend. `resume` replays the log after the
 caller's sequence and continues live; `Cancel` stops a response by id.
 """
 
@@ -46,6 +47,7 @@ from tokenwire_server.errors import (
     FieldViolation,
     InternalError,
     InvalidRequest,
+    RequestIdReused,
     ResponseNotFound,
     SequenceOutOfRange,
     TokenwireError,
@@ -53,7 +55,7 @@ from tokenwire_server.errors import (
 )
 from tokenwire_server.governance.holder import PolicyHolder
 from tokenwire_server.governance.replay import ReplayingSession
-from tokenwire_server.interceptors.request_context import current_trace_id
+from tokenwire_server.interceptors.request_context import caller_request_id, current_trace_id
 from tokenwire_server.store.base import ResponseStore
 from tokenwire_server.tokens import estimate_prompt_tokens
 from tokenwire_server.validation import parse_call
@@ -69,12 +71,21 @@ def new_response_id() -> str:
 
 
 def fingerprint(request: Request) -> str:
-    """What makes two requests "the same" for idempotency: everything but ids and resume."""
+    """What makes two requests "the same" for idempotency: the RPC and everything in
+    the body but ids and resume (so one id names one request, whichever RPC)."""
     copy = type(request).FromString(request.SerializeToString())
     copy.ClearField("request_id")
     if isinstance(copy, pb.StreamRespondRequest):
         copy.ClearField("resume")
-    return hashlib.sha256(copy.SerializeToString(deterministic=True)).hexdigest()
+    digest = hashlib.sha256(copy.DESCRIPTOR.full_name.encode() + b"\0")
+    digest.update(copy.SerializeToString(deterministic=True))
+    return digest.hexdigest()
+
+
+def idempotency_key(tenant: str, request_id: str) -> str:
+    """One key space per tenant for both RPCs; the length prefix keeps a tenant
+    containing ':' from ever meeting another tenant's key."""
+    return f"{len(tenant)}:{tenant}:{request_id}"
 
 
 class RespondServicer(respond_pb2_grpc.RespondServiceServicer):
@@ -157,19 +168,23 @@ class RespondServicer(respond_pb2_grpc.RespondServiceServicer):
             if call.delivery.mode is DeliveryMode.BUFFERED:
                 response.mode_used = DeliveryMode.BUFFERED
         response.tenant = CALL_TENANT.get()
-        # Only a caller's own request id makes a retry attach; generated ids never repeat.
-        # Keys are per tenant: one tenant's ids never reach another's responses.
-        key = (
-            f"{response.tenant}:{type(request).__name__}:{request.request_id}"
-            if request.request_id
-            else None
-        )
-        attached = await self._store.register(
-            response,
-            key,
-            fingerprint(request) if key is not None else "",  # only a key is ever compared
-            request.SerializeToString(),
-        )
+        # Only a caller's own request id (the field, else the x-request-id header) makes
+        # a retry attach; generated ids never repeat. Keys are per tenant: one tenant's
+        # ids never reach another's responses.
+        caller_id = caller_request_id(request.request_id, context.invocation_metadata())
+        key = idempotency_key(response.tenant, caller_id) if caller_id else None
+        try:
+            attached = await self._store.register(
+                response,
+                key,
+                fingerprint(request) if key is not None else "",  # only a key is ever compared
+                request.SerializeToString(),
+            )
+        except RequestIdReused as reused:
+            raise RequestIdReused(
+                f"request id {caller_id!r} was already used for a different request",
+                metadata={"requestId": caller_id, **reused.metadata},
+            ) from None
         response = attached.response
         record = CALL_RECORD.get() or CallRecord()
         record.response_id = response.response_id
@@ -309,7 +324,11 @@ class RespondServicer(respond_pb2_grpc.RespondServiceServicer):
             _reject_undecodable(request)
         except InvalidRequest as error:
             await abort(context, error)
-        response = await self._store.get(request.response_id) if request.response_id else None
+        try:
+            response = await self._store.get(request.response_id) if request.response_id else None
+        except TokenwireError as error:  # the shared store is unavailable
+            await abort(context, error)
+            raise AssertionError("unreachable: abort raises") from error
         if response is not None and response.tenant != CALL_TENANT.get():
             response = None  # someone else's: indistinguishable from unknown
         if response is None:
@@ -323,7 +342,10 @@ class RespondServicer(respond_pb2_grpc.RespondServiceServicer):
             raise AssertionError("unreachable: abort raises")
         was_running = not response.done
         if was_running:
-            await self._store.request_cancel(response)
+            try:
+                await self._store.request_cancel(response)
+            except TokenwireError as error:
+                await abort(context, error)
             await response.wait_ended()
         return pb.CancelResponse(
             response_id=response.response_id,

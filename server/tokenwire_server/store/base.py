@@ -30,8 +30,11 @@ class ResponseStore(abc.ABC):
     ) -> Attached:
         """Stores a new response, or returns the one already started for the key.
 
+        The key (tenant and the caller's request id) is None when the caller gave
+        no id; a known key stays known while its response is retained.
         `request` is the serialized request, for a replica that takes over.
-        Raises `RequestIdReused` when the key is known with another fingerprint.
+        Raises `RequestIdReused` when the key is known with another fingerprint,
+        and `StoreUnavailable` when a shared store it needs cannot be reached.
         """
 
     @abc.abstractmethod

@@ -39,6 +39,9 @@ class InMemoryResponseStore(ResponseStore):
     def __len__(self) -> int:
         return len(self._responses)
 
+    def __contains__(self, response_id: object) -> bool:
+        return response_id in self._responses
+
     @property
     def retained_bytes(self) -> int:
         return self._ended_bytes

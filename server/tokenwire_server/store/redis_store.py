@@ -9,7 +9,27 @@ Keys, per response id R:
   error);
 * `tw:rsp:R:owner` the generating replica's id, a lease renewed while it
   generates; `tw:rsp:R:cancel` a cancel request for the owner;
-* `tw:req:K`       request id K → "R<TAB>fingerprint", for idempotent retries.
+* `tw:req:K`       idempotency key K (tenant and caller's request id) →
+  "R<TAB>fingerprint", for idempotent retries; it lives while R runs and
+  `retention` after it ends.
+
+Only what must be shared goes to Redis: a response that is resumable or has
+a caller's request id. Any other (a non-resumable stream or a unary call
+without a request id) stays in this process (an in-memory store), so it
+keeps serving while Redis is down; nobody can retry into it or resume it on
+another replica, and `Cancel` by its id works on the replica that runs it
+(its caller's call, which that replica holds, ends it anyway).
+
+A store outage never leaks: a command that cannot reach Redis within
+`STORE_TIMEOUT` raises `StoreUnavailable` (UNAVAILABLE `STORE_UNAVAILABLE`,
+RetryInfo, no address or exception text); the detail is logged once per
+`OUTAGE_LOG_INTERVAL` at WARNING. A resumable response whose chunk cannot
+be written fails with STORE_UNAVAILABLE and its last delivered sequence, and
+no unwritten chunk is ever sent, so what a caller holds stays replayable.
+redis-py reconnects by itself; a mirror or a response that failed on the
+store is dropped from this replica at once, so the next call reads Redis
+afresh, and a lease that lapsed during an outage is taken back by its owner
+unless another replica took the response over.
 
 The owner writes every chunk to the log before it sends it (the planner
 awaits `durable`), batched per event-loop turn, so any chunk a caller holds
@@ -28,11 +48,16 @@ import asyncio
 import contextlib
 import json
 import logging
+import math
+import time
 import uuid
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterator
 from typing import Any
 
 import redis.asyncio as redis
+from redis.asyncio.retry import Retry
+from redis.backoff import NoBackoff
+from redis.exceptions import ReadOnlyError
 
 from tokenwire_server.delivery.planner import DeliveryOptions
 from tokenwire_server.delivery.response import ChunkRecord, LiveResponse, Outcome, State
@@ -49,20 +74,90 @@ from tokenwire_server.errors import (
     BackendUnavailable,
     RequestIdReused,
     ResponseCancelled,
+    StoreUnavailable,
     TokenwireError,
 )
 from tokenwire_server.store.base import Attached, ResponseStore
+from tokenwire_server.store.memory import InMemoryResponseStore
 
 log = logging.getLogger(__name__)
+
+#: Connect and socket timeout of every store command: an outage fails a call
+#: within about this long (one immediate reconnect included), never at its deadline.
+STORE_TIMEOUT = 1.0
+#: An ongoing outage is logged at most this often.
+OUTAGE_LOG_INTERVAL = 30.0
+#: What an unreachable or read-only (failing over) Redis raises.
+OUTAGE_ERRORS: tuple[type[BaseException], ...] = (
+    redis.ConnectionError,
+    redis.TimeoutError,
+    ReadOnlyError,
+    OSError,
+)
+UNAVAILABLE_MESSAGE = "the shared response store is unavailable; retry shortly"
+
+
+def store_unavailable(response_id: str = "") -> StoreUnavailable:
+    return StoreUnavailable(
+        UNAVAILABLE_MESSAGE, metadata={"responseId": response_id} if response_id else None
+    )
+
+
+class Outage:
+    """Logs a store outage once, then at most every `interval`, and its end.
+
+    WARNING with the exception's type and text (which name the address), no
+    traceback; callers only ever see `StoreUnavailable`."""
+
+    def __init__(
+        self, interval: float = OUTAGE_LOG_INTERVAL, clock: Callable[[], float] = time.monotonic
+    ) -> None:
+        self.down = False
+        self._interval = interval
+        self._clock = clock
+        self._logged_at = -math.inf
+        self._unlogged = 0
+
+    def failed(self, error: BaseException, doing: str) -> None:
+        now = self._clock()
+        if not self.down or now - self._logged_at >= self._interval:
+            log.warning(
+                "the response store is unavailable (%s while %s: %s); calls that need it "
+                "fail with STORE_UNAVAILABLE%s",
+                type(error).__name__,
+                doing,
+                error,
+                f" ({self._unlogged} more failures since the last message)"
+                if self._unlogged
+                else "",
+            )
+            self._logged_at = now
+            self._unlogged = 0
+        else:
+            self._unlogged += 1
+        self.down = True
+
+    def succeeded(self) -> None:
+        if self.down:
+            self.down = False
+            self._unlogged = 0
+            log.info("the response store is reachable again")
+
 
 #: Called to continue a response whose owner died; False when it cannot be.
 Takeover = Callable[[LiveResponse, bytes], Awaitable[bool]]
 
 
-#: Renews a lease only for its holder: 1 when renewed, 0 when someone else holds it.
+#: Renews a lease for its holder, or takes back one that lapsed (an outage outlasted
+#: it and nobody took the response over): 1 when held, 0 when someone else holds it.
 _RENEW = """
-if redis.call('get', KEYS[1]) == ARGV[1] then
+local current = redis.call('get', KEYS[1])
+if current == ARGV[1] then
   return redis.call('pexpire', KEYS[1], ARGV[2])
+end
+if current == false then
+  redis.call('set', KEYS[1], ARGV[1], 'PX', ARGV[2])
+  return 1
 end
 return 0
 """
@@ -170,8 +265,13 @@ class RedisLog:
         ttl: float,
         retention: float,
         written: int = 0,
+        on_failure: Callable[[BaseException], None] | None = None,
     ) -> None:
         self._client = client
+        self._response_id = response_id
+        #: Told first when a write fails, so the response has failed before any
+        #: waiting reader learns of it.
+        self._on_failure = on_failure
         self._key = _key(response_id, "log")
         self._ttl = int(ttl)
         self._retention = int(retention)
@@ -195,10 +295,8 @@ class RedisLog:
         self._wake.set()
 
     async def durable(self, sequence: int) -> None:
-        if self._failure is not None:
-            raise BackendUnavailable(
-                f"the response store is unavailable: {self._failure}", reason="STORE_UNAVAILABLE"
-            )
+        if self._failure is not None:  # a chunk that is not written is never sent
+            raise store_unavailable(self._response_id)
         if self._written >= sequence:
             return
         waiter: asyncio.Future[None] = asyncio.get_running_loop().create_future()
@@ -222,14 +320,11 @@ class RedisLog:
                     await pipe.execute()
                 except Exception as error:  # fail the readers waiting on this write
                     self._failure = error
+                    if self._on_failure is not None:
+                        self._on_failure(error)
                     for _, waiter in self._waiters:
                         if not waiter.done():
-                            waiter.set_exception(
-                                BackendUnavailable(
-                                    f"the response store is unavailable: {error}",
-                                    reason="STORE_UNAVAILABLE",
-                                )
-                            )
+                            waiter.set_exception(store_unavailable(self._response_id))
                     self._waiters.clear()
                     return
                 for fields in batch:
@@ -256,15 +351,38 @@ class RedisResponseStore(ResponseStore):
         lease_seconds: float,
         running_ttl: float,
         replica_id: str | None = None,
+        max_responses: int = 10_000,
+        max_bytes: int = 64 << 20,
+        timeout: float = STORE_TIMEOUT,
     ) -> None:
         # redis-py's types say bytes | str for everything; values are bytes here.
-        self._client: Any = redis.from_url(url)
+        # Short timeouts and one immediate retry (a pooled connection that died with
+        # the server reconnects once); anything longer is an outage, reported as one.
+        self._client: Any = redis.from_url(
+            url,
+            socket_connect_timeout=timeout,
+            socket_timeout=timeout,
+            retry=Retry(NoBackoff(), 1),
+        )
         self._retention = retention
         self._lease = lease_seconds
         self._running_ttl = running_ttl
+        #: Mirrors wait on the log with blocking reads: a longer socket timeout, own pool.
+        self._block_ms = max(50, int(lease_seconds * 1000 / 3))
+        self._blocking: Any = redis.from_url(
+            url,
+            socket_connect_timeout=timeout,
+            socket_timeout=self._block_ms / 1000 + timeout,
+            retry=Retry(NoBackoff(), 1),
+        )
         self.replica_id = replica_id or f"replica-{uuid.uuid4().hex[:12]}"
+        #: Responses nobody else needs (not resumable, no request id): never in Redis.
+        self._here = InMemoryResponseStore(retention, max_responses, max_bytes)
         self._local: dict[str, LiveResponse] = {}
+        #: Idempotency keys of the responses this replica registered, by response id.
+        self._keys: dict[str, str] = {}
         self._tasks: set[asyncio.Task[Any]] = set()
+        self.outage = Outage()
         #: Set by the servicer: how to continue a response whose owner died.
         self.takeover: Takeover | None = None
 
@@ -274,15 +392,43 @@ class RedisResponseStore(ResponseStore):
         task.add_done_callback(self._tasks.discard)
         return task
 
+    @contextlib.contextmanager
+    def _guard(self, doing: str) -> Iterator[None]:
+        """Turns an unreachable store into `StoreUnavailable` (and one log line)."""
+        try:
+            yield
+        except OUTAGE_ERRORS as error:
+            self.outage.failed(error, doing)
+            raise store_unavailable() from None
+        self.outage.succeeded()
+
+    def _forget(self, response: LiveResponse) -> None:
+        """Drops a response from this replica's view (only that very object), so
+        the next call for its id reads Redis afresh."""
+        if self._local.get(response.response_id) is response:
+            del self._local[response.response_id]
+
     # ----- registering (the owner) ----------------------------------------
 
     async def register(
         self, response: LiveResponse, idempotency_key: str | None, fingerprint: str, request: bytes
     ) -> Attached:
+        if idempotency_key is None and not response.resumable:
+            # Nobody can retry into it or resume it: it needs no shared store.
+            return await self._here.register(response, None, "", request)
+        with self._guard("registering a response"):
+            return await self._register_shared(response, idempotency_key, fingerprint, request)
+
+    async def _register_shared(
+        self, response: LiveResponse, idempotency_key: str | None, fingerprint: str, request: bytes
+    ) -> Attached:
+        key = None
         if idempotency_key is not None:
             key = f"tw:req:{idempotency_key}"
             value = f"{response.response_id}\t{fingerprint}"
-            if not await self._client.set(key, value, nx=True, ex=int(self._retention)):
+            # The key lives while the response may run; `finished` shortens it to retention.
+            ttl = int(self._running_ttl)
+            if not await self._client.set(key, value, nx=True, ex=ttl):
                 known = await self._client.get(key)
                 if known is not None:
                     response_id, known_fingerprint = _text(known).split("\t", 1)
@@ -298,15 +444,17 @@ class RedisResponseStore(ResponseStore):
                         await asyncio.sleep(0.025)
                 # The response behind the key expired: take the key over, but only if it
                 # still names that response (another retry may have just done the same).
-                swapped = await self._client.eval(
-                    _SWAP, 1, key, _text(known or b""), value, int(self._retention)
-                )
+                swapped = await self._client.eval(_SWAP, 1, key, _text(known or b""), value, ttl)
                 if not swapped:
-                    return await self.register(response, idempotency_key, fingerprint, request)
-        await self.own(response, request)
+                    return await self._register_shared(
+                        response, idempotency_key, fingerprint, request
+                    )
+        await self.own(response, request, key)
         return Attached(response, existing=False)
 
-    async def own(self, response: LiveResponse, request: bytes | None = None) -> None:
+    async def own(
+        self, response: LiveResponse, request: bytes | None = None, key: str | None = None
+    ) -> None:
         """Makes this replica the response's writer: meta, lease, log."""
         response_id = response.response_id
         if request is not None:
@@ -348,9 +496,30 @@ class RedisResponseStore(ResponseStore):
             self._running_ttl,
             self._retention,
             written=len(response.chunks),
+            on_failure=lambda error: self._log_failed(response, error),
         )
         self._local[response_id] = response
+        if key is not None:
+            self._keys[response_id] = key
         self._spawn(self._hold_lease(response), f"lease {response_id}")
+
+    def _log_failed(self, response: LiveResponse, error: BaseException) -> None:
+        """A chunk or the ending could not be written: the response fails here with
+        STORE_UNAVAILABLE (readers get their last sent sequence) instead of going
+        on unlogged. A response that already ended (a unary answer whose ending
+        could not be logged) keeps its ending; its caller has it."""
+        if isinstance(error, OUTAGE_ERRORS):
+            self.outage.failed(error, f"writing the log of {response.response_id}")
+        else:
+            log.warning(
+                "writing the log of %s failed (%s: %s)",
+                response.response_id,
+                type(error).__name__,
+                error,
+            )
+        self._forget(response)
+        response.fail(store_unavailable(response.response_id))
+        response.stop_generation()
 
     async def _hold_lease(self, response: LiveResponse) -> None:
         owner, cancel = _key(response.response_id, "owner"), _key(response.response_id, "cancel")
@@ -367,11 +536,12 @@ class RedisResponseStore(ResponseStore):
                     pipe.get(cancel)
                     pipe.exists(remote_readers)
                     still_owner, cancelled, read_elsewhere = await pipe.execute()
-                except redis.RedisError as error:
-                    # Keep serving local readers; another replica may take over meanwhile,
-                    # and the log writer reports the store's failure to the readers.
-                    log.warning("cannot renew the lease of %s: %s", response.response_id, error)
+                except OUTAGE_ERRORS as error:
+                    # Keep serving local readers and try again next turn: the log
+                    # writer fails the response if a chunk cannot be written meanwhile.
+                    self.outage.failed(error, f"renewing the lease of {response.response_id}")
                     continue
+                self.outage.succeeded()
                 if not still_owner:
                     # Another replica took over while this one was silent: stop, and
                     # write nothing more (its log would be refused anyway).
@@ -388,29 +558,49 @@ class RedisResponseStore(ResponseStore):
                 await self._client.eval(_RELEASE, 1, owner, self.replica_id)
 
     def finished(self, response: LiveResponse) -> None:
+        if response.response_id in self._here:
+            self._here.finished(response)
+            return
+        key = self._keys.pop(response.response_id, None)
+
         async def expire() -> None:
             with contextlib.suppress(Exception):
-                await self._client.expire(_key(response.response_id, "meta"), int(self._retention))
+                pipe = self._client.pipeline(transaction=False)
+                pipe.expire(_key(response.response_id, "meta"), int(self._retention))
+                if key is not None:
+                    pipe.expire(key, int(self._retention))
+                await pipe.execute()
             await asyncio.sleep(self._retention)
-            self._local.pop(response.response_id, None)
+            self._forget(response)
 
         self._spawn(expire(), f"retain {response.response_id}")
+
+    def running_here(self) -> list[LiveResponse]:
+        """Local-only responses: no other replica can take them over."""
+        return self._here.running_here()
 
     # ----- reading (any replica) -------------------------------------------
 
     async def get(self, response_id: str) -> LiveResponse | None:
+        here = await self._here.get(response_id)
+        if here is not None:
+            return here
         local = self._local.get(response_id)
         if local is not None:
             return local
-        raw = await self._client.hgetall(_key(response_id, "meta"))
-        if not raw:
-            return None
+        with self._guard("reading a response"):
+            raw = await self._client.hgetall(_key(response_id, "meta"))
+            if not raw:
+                return None
+            entries = await self._client.xrange(_key(response_id, "log"))
+        local = self._local.get(response_id)  # another call built it meanwhile
+        if local is not None:
+            return local
         meta = {_text(k): v for k, v in raw.items()}
         mirror = self._mirror(response_id, meta)
         mirror.on_end(self.finished)
         mirror.on_orphaned = self._orphaned
         self._local[response_id] = mirror
-        entries = await self._client.xrange(_key(response_id, "log"))
         last_id = "0-0"
         for entry_id, fields in entries:
             last_id = _text(entry_id)
@@ -419,23 +609,22 @@ class RedisResponseStore(ResponseStore):
             mirror.task = self._spawn(
                 self._follow(mirror, last_id, bytes(meta["request"])), f"follow {response_id}"
             )
-        else:
-            self.finished(mirror)
         return mirror
 
     def _orphaned(self, mirror: LiveResponse) -> None:
         """A mirror's last reader left: stop following; the owner keeps the response."""
-        if self._local.get(mirror.response_id) is mirror and not mirror.done:
-            del self._local[mirror.response_id]
+        if not mirror.done:
+            self._forget(mirror)
         if mirror.task is not None and not mirror.done:
             mirror.task.cancel()
 
     async def request_cancel(self, response: LiveResponse) -> None:
         """Cancel for a response this replica may only be mirroring."""
-        if response.log is None and not response.done:
-            await self._client.set(
-                _key(response.response_id, "cancel"), 1, ex=int(self._running_ttl)
-            )
+        if response.log is None and not response.done and response.response_id not in self._here:
+            with self._guard("requesting a cancel"):
+                await self._client.set(
+                    _key(response.response_id, "cancel"), 1, ex=int(self._running_ttl)
+                )
         else:
             response.stop_generation()
 
@@ -512,12 +701,14 @@ class RedisResponseStore(ResponseStore):
     async def _follow(self, mirror: LiveResponse, last_id: str, request: bytes) -> None:
         log_key, owner_key = _key(mirror.response_id, "log"), _key(mirror.response_id, "owner")
         readers_key = _key(mirror.response_id, "readers")
-        block_ms = max(50, int(self._lease * 1000 / 3))
         try:
             while not mirror.done:
                 if mirror.readers:  # tell the owner someone here still reads
                     await self._client.set(readers_key, self.replica_id, px=int(self._lease * 2000))
-                answer = await self._client.xread({log_key: last_id}, block=block_ms, count=1000)
+                answer = await self._blocking.xread(
+                    {log_key: last_id}, block=self._block_ms, count=1000
+                )
+                self.outage.succeeded()
                 for _, entries in answer:
                     for entry_id, fields in entries:
                         last_id = _text(entry_id)
@@ -533,16 +724,18 @@ class RedisResponseStore(ResponseStore):
                     continue  # another replica won the race; keep following
                 await self._take_over(mirror, request)
                 return
-        except redis.RedisError as error:
-            mirror.end_logged(
-                State.FAILED,
-                None,
-                BackendUnavailable(
-                    f"the response store is unavailable: {error}",
-                    reason="STORE_UNAVAILABLE",
-                    metadata={"responseId": mirror.response_id},
-                ),
-            )
+        except (redis.RedisError, OSError) as error:
+            if isinstance(error, OUTAGE_ERRORS):
+                self.outage.failed(error, f"following {mirror.response_id}")
+            else:
+                log.warning(
+                    "following %s failed (%s: %s)", mirror.response_id, type(error).__name__, error
+                )
+            # Its readers here end with their last sequence; the next call reads afresh.
+            self._forget(mirror)
+            mirror.end_logged(State.FAILED, None, store_unavailable(mirror.response_id))
+            if mirror.task is not asyncio.current_task():
+                mirror.stop_generation()  # a takeover's generation, started before `own` failed
 
     async def _take_over(self, mirror: LiveResponse, request: bytes) -> None:
         log.warning("taking over response %s from a lost replica", mirror.response_id)
@@ -571,6 +764,7 @@ class RedisResponseStore(ResponseStore):
             with contextlib.suppress(BaseException):
                 await task
         await self._client.aclose()
+        await self._blocking.aclose()
 
 
 def _rebuild_error(raw: dict[str, Any]) -> TokenwireError:
