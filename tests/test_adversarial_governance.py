@@ -478,3 +478,58 @@ async def test_grpc_status_of_a_normal_call_is_unaffected(default_policy) -> Non
     with pytest.raises(grpc.aio.AioRpcError) as raised:
         await collect(default_policy.stub.StreamRespond(stream_request(messages=[])))
     assert raised.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+
+
+async def test_error_messages_details_and_logs_never_quote_a_value(
+    default_policy, caplog: pytest.LogCaptureFixture
+) -> None:
+    """An error that quotes caller input (an unknown model name here; upstream
+    bodies the same way) is scrubbed before it leaves: message, ErrorInfo
+    metadata, BadRequest descriptions, trailers and log lines."""
+    from google.rpc import error_details_pb2, status_pb2
+
+    key = "AKIAIOSFODNN7EXAMPLE"
+    caplog.set_level("DEBUG")
+    with pytest.raises(grpc.aio.AioRpcError) as raised:
+        await default_policy.stub.Respond(
+            pb.RespondRequest(
+                model=f"x{key}y",
+                messages=[pb.ChatMessage(role=pb.ROLE_USER, content="hi")],
+            )
+        )
+    error = raised.value
+    seen = [error.details() or ""]
+    for name, value in error.trailing_metadata() or ():
+        if name == "grpc-status-details-bin":
+            status = status_pb2.Status.FromString(value)
+            seen.append(status.message)
+            for detail in status.details:
+                info = error_details_pb2.ErrorInfo()
+                bad = error_details_pb2.BadRequest()
+                if detail.Unpack(info):
+                    seen.extend(info.metadata.values())
+                elif detail.Unpack(bad):
+                    seen.extend(v.description for v in bad.field_violations)
+        elif isinstance(value, str):
+            seen.append(value)
+    seen.extend(record.getMessage() for record in caplog.records)
+    assert_no_fragment("aws_access_key", key, *seen)
+    assert any("[AWS_ACCESS_KEY]" in text for text in seen)
+
+
+def test_scrubbing_filter_cleans_messages_and_tracebacks() -> None:
+    import logging
+
+    from tokenwire_server.governance.scrub import ScrubbingFilter
+
+    token = "ghp_aBcDeFgHiJkLmNoPqRsTuVwXyZ0123456789"
+    try:
+        raise ValueError(f"upstream echoed {token}")
+    except ValueError:
+        import sys
+
+        record = logging.LogRecord("x", logging.ERROR, "f", 1, "saw %s", (token,), sys.exc_info())
+    assert ScrubbingFilter().filter(record)
+    text = logging.Formatter().format(record)
+    assert_no_fragment("github", token, text)
+    assert "[API_TOKEN]" in text and "Traceback" in text

@@ -16,6 +16,8 @@ import grpc
 from google.protobuf import any_pb2, duration_pb2
 from google.rpc import code_pb2, error_details_pb2, status_pb2
 
+from tokenwire_server.governance.scrub import scrub
+
 ERROR_DOMAIN = "tokenwire.dev"
 LAST_SEQUENCE_KEY = "tokenwire-last-sequence"
 PROMPT_TOKENS_KEY = "tokenwire-prompt-tokens"
@@ -166,8 +168,19 @@ def clip(text: str, limit: int = MAX_DETAIL_CHARS) -> str:
 
 
 def clip_message(text: str) -> str:
-    """ASCII (non-ASCII escaped) and short: grpc-message is percent-encoded on the wire."""
+    """Scrubbed, ASCII (non-ASCII escaped) and short: grpc-message is
+    percent-encoded on the wire. Scrubbed before clipping, so a value the clip
+    would cut is still recognised whole."""
+    text = scrub(text[: MAX_MESSAGE_CHARS * 2])  # bounded work; a cut value is still caught
     return clip(text.encode("ascii", "backslashreplace").decode("ascii"), MAX_MESSAGE_CHARS)
+
+
+def _detail(key: str, value: str) -> str:
+    """Ids and counts the server made stay exact (clients resume by them);
+    everything else may quote caller or upstream text and is scrubbed."""
+    if key.endswith(("Id", "Sequence", "Tokens", "Seconds")):
+        return clip(value)
+    return clip(scrub(value[: MAX_DETAIL_CHARS * 2]))
 
 
 def to_status_proto(error: TokenwireError) -> status_pb2.Status:
@@ -177,7 +190,7 @@ def to_status_proto(error: TokenwireError) -> status_pb2.Status:
             error_details_pb2.ErrorInfo(
                 reason=error.reason,
                 domain=ERROR_DOMAIN,
-                metadata={clip(k, 32): clip(v) for k, v in list(error.metadata.items())[:8]},
+                metadata={clip(k, 32): _detail(k, v) for k, v in list(error.metadata.items())[:8]},
             )
         )
     ]
@@ -187,7 +200,8 @@ def to_status_proto(error: TokenwireError) -> status_pb2.Status:
                 error_details_pb2.BadRequest(
                     field_violations=[
                         error_details_pb2.BadRequest.FieldViolation(
-                            field=clip(v.field, 64), description=clip(v.description)
+                            field=clip(v.field, 64),
+                            description=clip(scrub(v.description[: MAX_DETAIL_CHARS * 2])),
                         )
                         for v in error.violations[:MAX_VIOLATIONS]
                     ]

@@ -12,6 +12,8 @@ import sys
 
 from pythonjsonlogger.json import JsonFormatter
 
+from tokenwire_server.governance.scrub import ScrubbingFilter
+
 
 def configure_logging(level: str, fmt: str) -> None:
     handler = logging.StreamHandler(sys.stderr)
@@ -24,6 +26,7 @@ def configure_logging(level: str, fmt: str) -> None:
         )
     else:
         handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    handler.addFilter(ScrubbingFilter())  # no value leaves through a log line
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level.upper())

@@ -1,0 +1,48 @@
+"""Redaction for text the server writes outside the governed stream.
+
+Error messages quote upstream bodies and caller input, log lines quote error
+messages, and none of that passes through a response's policy. Every such
+string goes through `scrub`: all built-in detectors, values replaced by their
+type tag, and a value cut off at the end (by clipping or truncation) redacted
+as if the text ended there. It is kept off the per-chunk path: errors and log
+lines only.
+"""
+
+from __future__ import annotations
+
+import logging
+
+from tokenwire_server.domain import Operator
+from tokenwire_server.governance.detectors import BUILTIN_DETECTORS
+from tokenwire_server.governance.redaction import RedactionRule, Redactor
+
+_SCRUBBER = Redactor(
+    tuple(RedactionRule(name, d, Operator.REPLACE) for name, d in BUILTIN_DETECTORS.items()),
+    hash_key=None,
+    max_holdback=1 << 20,
+)
+
+
+def scrub(text: str) -> str:
+    """`text` with every value a built-in detector finds replaced by its tag."""
+    if not text:
+        return text
+    return _SCRUBBER.redact_all(text)[0]
+
+
+class ScrubbingFilter(logging.Filter):
+    """Scrubs each record's message and traceback before any handler formats it.
+
+    Structured fields (`extra`) are the server's own ids and counts and pass
+    as they are; free text (messages, exception text) can quote anything."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        message = record.getMessage()
+        scrubbed = scrub(message)
+        if scrubbed != message:
+            record.msg, record.args = scrubbed, None
+        if record.exc_info:
+            # Formatted here, once: both formatters print exc_text when exc_info is gone.
+            text = record.exc_text or logging.Formatter().formatException(record.exc_info)
+            record.exc_text, record.exc_info = scrub(text), None
+        return True
