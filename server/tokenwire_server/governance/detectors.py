@@ -39,9 +39,9 @@ class Detector:
     begun: regex.Pattern[str] | None = None
     #: Seconds one regex call may run (None: a vetted built-in, no timer).
     budget: float | None = None
-    #: A cheap necessary condition on the unreleased text: False means no match
-    #: and no match in progress can be there, so the pattern need not run.
-    gate: Callable[[str], bool] | None = None
+    #: A cheap necessary condition on the unreleased text: when it finds nothing,
+    #: no match and no match in progress can be there, so the pattern need not run.
+    gate: regex.Pattern[str] | None = None
 
 
 def luhn_valid(text: str) -> bool:
@@ -106,48 +106,24 @@ def _compile(pattern: str) -> regex.Pattern[str]:
     return regex.compile(pattern, regex.VERSION1)
 
 
-def literal_gate(*literals: str, fold: bool = False) -> Callable[[str], bool]:
+def literal_gate(*literals: str, fold: bool = False) -> regex.Pattern[str]:
     """For patterns that start with one of `literals`: a match needs one in the
     text, and one in progress needs the text to end with a start of one."""
-    starts = frozenset(lit[:k] for lit in literals for k in range(1, len(lit)))
-    last_chars = frozenset(start[-1] for start in starts)
-    longest = max(map(len, literals))
-
-    def gate(text: str) -> bool:
-        if fold:
-            text = text.lower()
-        if any(lit in text for lit in literals):
-            return True
-        if not text or text[-1] not in last_chars:
-            return False
-        return any(text[-k:] in starts for k in range(1, min(longest, len(text) + 1)))
-
-    return gate
+    starts = sorted({lit[:k] for lit in literals for k in range(1, len(lit))}, key=len)
+    whole = "|".join(regex.escape(lit) for lit in literals)
+    ends = "|".join(regex.escape(start) for start in reversed(starts))
+    return regex.compile(f"{'(?i)' if fold else ''}{whole}|(?:{ends})\\Z", regex.VERSION1)
 
 
-_DIGIT = regex.compile(r"\d")
-
-
-def _has_digit(text: str) -> bool:
-    return _DIGIT.search(text) is not None
-
-
-def _phone_gate(text: str) -> bool:
-    return _has_digit(text) or text.endswith(("+", "("))
-
-
-def _iban_gate(text: str) -> bool:
-    """Check digits are part of every IBAN; a bare country code can only be
-    one in progress at the very end."""
-    return _has_digit(text) or text[-1:].isupper()
-
-
-def _email_gate(text: str) -> bool:
-    """Every email has an @; one in progress may still be its local part."""
-    if "@" in text:
-        return True
-    last = text[-1:]
-    return last != "" and (last.isalnum() or last in "._+-")
+#: Every card, SSN and address has a digit.
+_DIGIT_GATE = _compile(r"\d")
+#: A phone number in progress may be only its "+" or "(" so far.
+_PHONE_GATE = _compile(r"\d|[+(]\Z")
+#: Check digits are part of every IBAN; a bare country code can only be one in
+#: progress at the very end.
+_IBAN_GATE = _compile(r"\d|[A-Z]\Z")
+#: Every email has an @; one in progress may still be its local part.
+_EMAIL_GATE = _compile(r"@|[\w.+-]\Z")
 
 
 _PEM_LABEL = r"(?:[A-Z0-9]+ )*PRIVATE KEY(?: BLOCK)?"
@@ -160,7 +136,7 @@ BUILTIN_DETECTORS: dict[str, Detector] = {
             "EMAIL",
             _compile(r"(?<![\w.+-])[\w.+-]+@[A-Za-z0-9-]+(?:\.[A-Za-z0-9-]+)*\.[A-Za-z]{2,}"),
             begun=_compile(r"@"),
-            gate=_email_gate,
+            gate=_EMAIL_GATE,
         ),
         Detector(
             "payment_card",
@@ -168,7 +144,7 @@ BUILTIN_DETECTORS: dict[str, Detector] = {
             _compile(r"(?<!\d[ -]?)\d(?:[ -]?\d){12,18}(?!\d)"),
             luhn_valid,
             begun=_compile(r"(?:\d[ -]?){8}"),
-            gate=_has_digit,
+            gate=_DIGIT_GATE,
         ),
         Detector(
             "iban",
@@ -176,14 +152,14 @@ BUILTIN_DETECTORS: dict[str, Detector] = {
             _compile(r"[A-Z]{2}\d{2}(?: ?[A-Z0-9]{4}){2,7}(?: ?[A-Z0-9]{1,4})?"),
             iban_valid,
             begun=_compile(r"^[A-Z]{2}\d{2} ?[A-Z0-9]{4}"),
-            gate=_iban_gate,
+            gate=_IBAN_GATE,
         ),
         Detector(
             "us_ssn",
             "US_SSN",
             _compile(r"(?<!\d-?)\d{3}-\d{2}-\d{4}(?!-?\d)"),
             begun=_compile(r"\d{3}-\d{2}"),
-            gate=_has_digit,
+            gate=_DIGIT_GATE,
         ),
         Detector(
             "phone",
@@ -198,7 +174,7 @@ BUILTIN_DETECTORS: dict[str, Detector] = {
             ),
             phone_digits_valid,
             begun=_compile(r"(?:\d\D{0,2}){7}"),
-            gate=_phone_gate,
+            gate=_PHONE_GATE,
         ),
         Detector(
             "ipv4",
@@ -208,7 +184,7 @@ BUILTIN_DETECTORS: dict[str, Detector] = {
                 r"(?:25[0-5]|2[0-4]\d|1\d\d|[1-9]?\d)(?![\d.]*\d)"
             ),
             begun=_compile(r"(?:\d{1,3}\.){3}"),
-            gate=_has_digit,
+            gate=_DIGIT_GATE,
         ),
         Detector(
             "aws_access_key",

@@ -211,7 +211,7 @@ class RedactionSession:
         found: list[tuple[int, int, int, RedactionRule]] = []
         for index, rule in enumerate(self._redactor.rules):
             gate = rule.detector.gate
-            if gate is not None and not gate(region):
+            if gate is not None and gate.search(region) is None:
                 continue
             try:
                 held = _candidates(rule, index, buffer, start, final, found)
