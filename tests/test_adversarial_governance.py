@@ -533,3 +533,24 @@ def test_scrubbing_filter_cleans_messages_and_tracebacks() -> None:
     text = logging.Formatter().format(record)
     assert_no_fragment("github", token, text)
     assert "[API_TOKEN]" in text and "Traceback" in text
+
+
+@pytest.mark.parametrize("fault", ["fail-after", "raise-after"])
+async def test_an_upstream_failure_inside_a_value_releases_none_of_it(
+    default_policy, fault: str
+) -> None:
+    """The call ends with a status; what governance held for the value is dropped."""
+    key = "ghp_aBcDeFgHiJkLmNoPqRsTuVwXyZ0123456789"
+    text = f"Here: {key} and more"
+    request = echo(
+        text,
+        2,
+        labels={"tokenwire.sim/echo-token-chars": "2", f"tokenwire.sim/{fault}": "12"},
+    )
+    received: list[str] = []
+    with pytest.raises(grpc.aio.AioRpcError) as raised:
+        async for event in default_policy.stub.StreamRespond(request):
+            received.append(event.chunk.text)
+    assert raised.value.code() in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.INTERNAL)
+    assert_no_fragment("github", key, "".join(received), raised.value.details() or "")
+    assert "".join(received) == "Here: "
