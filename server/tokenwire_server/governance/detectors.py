@@ -227,7 +227,9 @@ BUILTIN_DETECTORS: dict[str, Detector] = {
         Detector(
             "jwt",
             "JWT",
-            _compile(r"eyJ[A-Za-z0-9_-]{5,}\.[A-Za-z0-9_-]{4,}\.[A-Za-z0-9_-]*"),
+            # base64url as specified, plus the padding and standard-alphabet
+            # characters some encoders emit anyway.
+            _compile(r"eyJ[A-Za-z0-9_+/-]{5,}=*\.[A-Za-z0-9_+/-]{4,}=*\.[A-Za-z0-9_+/-]*=*"),
             begun=_compile(r"^eyJ[A-Za-z0-9_-]{4}"),
             gate=literal_gate("eyJ"),
         ),
