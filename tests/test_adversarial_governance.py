@@ -115,12 +115,16 @@ VALUES: dict[str, st.SearchStrategy[str]] = {
     "payment_card": st.builds(
         lambda b: _luhn_complete(b), st.from_regex(r"4[0-9]{14}", fullmatch=True)
     ),
+    "us_ssn": st.from_regex(r"[1-8][0-9]{2}-[0-9]{2}-[0-9]{4}", fullmatch=True),
+    "ipv4": st.builds(
+        lambda parts: ".".join(map(str, parts)),
+        st.tuples(*[st.integers(min_value=1, max_value=255)] * 4),
+    ),
     "email": st.builds(
         lambda u, d: f"{u}@{d}.com", _chars(string.ascii_lowercase, 6), _chars("abcdef", 5)
     ),
 }
 SECRET_KINDS = {"aws_access_key", "github", "openai", "slack", "jwt", "private_key"}
-NUMERIC_KINDS = {"phone", "payment_card"}
 SURROUNDINGS = {
     "letters": st.text(alphabet=string.ascii_letters, min_size=1, max_size=6),
     "token=": st.just("token="),
@@ -166,9 +170,10 @@ def stream_through(redactor: Redactor, text: str, size: int) -> tuple[str, list[
 def test_no_raw_fragment_whatever_surrounds_the_value_or_cuts_it(data: st.DataObject) -> None:
     kind = data.draw(st.sampled_from(sorted(VALUES)), label="kind")
     value = data.draw(VALUES[kind], label="value")
-    allowed = [n for n in SURROUNDINGS if not (n == "digits" and kind in NUMERIC_KINDS)]
-    before = data.draw(SURROUNDINGS[data.draw(st.sampled_from(allowed))], label="before")
-    after = data.draw(SURROUNDINGS[data.draw(st.sampled_from(allowed))], label="after")
+    # Digits too: glued to a number they make the end ambiguous, and the
+    # longer span is redacted.
+    before = data.draw(SURROUNDINGS[data.draw(st.sampled_from(sorted(SURROUNDINGS)))])
+    after = data.draw(SURROUNDINGS[data.draw(st.sampled_from(sorted(SURROUNDINGS)))])
     size = data.draw(st.integers(min_value=1, max_value=8), label="token size")
     text = before + value + after
     redactor = default_redactor()

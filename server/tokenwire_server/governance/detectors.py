@@ -44,10 +44,7 @@ class Detector:
     gate: regex.Pattern[str] | None = None
 
 
-def luhn_valid(text: str) -> bool:
-    digits = [int(c) for c in text if c.isdigit()]
-    if not 13 <= len(digits) <= 19:
-        return False
+def _luhn(digits: list[int]) -> bool:
     total = 0
     for index, digit in enumerate(reversed(digits)):
         if index % 2 == 1:
@@ -56,6 +53,30 @@ def luhn_valid(text: str) -> bool:
                 digit -= 9
         total += digit
     return total % 10 == 0
+
+
+#: A digit run this long may be a card with digits glued to it; longer runs are
+#: some other number.
+MAX_GLUED_CARD_DIGITS = 27
+
+
+def luhn_valid(text: str) -> bool:
+    """A card number: 13-19 digits passing Luhn. A run of 17 or more digits
+    that fails as a whole is a card with neighbours glued to it when some run
+    of 13-19 digits inside it passes, and the whole run is redacted (the longer
+    span). A 13-16 digit look-alike is never split, so it stays untouched."""
+    digits = [int(c) for c in text if c.isdigit()]
+    count = len(digits)
+    if 13 <= count <= 19 and _luhn(digits):
+        return True
+    if not 17 <= count <= MAX_GLUED_CARD_DIGITS:
+        return False
+    return any(
+        _luhn(digits[start : start + size])
+        for size in range(13, min(19, count - 1) + 1)
+        for start in range(count - size + 1)
+        if size < count
+    )
 
 
 #: ISO 13616 registry: the one length an IBAN has in each country.
@@ -141,9 +162,9 @@ BUILTIN_DETECTORS: dict[str, Detector] = {
         Detector(
             "payment_card",
             "PAYMENT_CARD",
-            _compile(r"(?<!\d[ -]?)\d(?:[ -]?\d){12,18}(?!\d)"),
+            _compile(r"(?<!\d[ -]?)\d(?:[ -]?\d){12,26}(?!\d)"),
             luhn_valid,
-            begun=_compile(r"(?:\d[ -]?){8}"),
+            begun=_compile(r"(?:\d[ -]?){10}"),
             gate=_DIGIT_GATE,
         ),
         Detector(
@@ -157,7 +178,7 @@ BUILTIN_DETECTORS: dict[str, Detector] = {
         Detector(
             "us_ssn",
             "US_SSN",
-            _compile(r"(?<!\d-?)\d{3}-\d{2}-\d{4}(?!-?\d)"),
+            _compile(r"(?<!\d-?)\d{3,}-\d{2}-\d{4,}(?!-?\d)"),
             begun=_compile(r"\d{3}-\d{2}"),
             gate=_DIGIT_GATE,
         ),
@@ -169,19 +190,23 @@ BUILTIN_DETECTORS: dict[str, Detector] = {
                 # area code set off by a separator or parentheses. A letter may
                 # touch either end; a digit may not (that is another number).
                 r"(?:\+\d{1,3}(?:[ .-]?(?:\(\d{1,4}\)|\d{1,4})){1,5}"
-                r"|(?<!\d)(?<!\d[ .-])(?:\(\d{2,4}\)[ .-]?|\d{2,4}[ .-])\d{3,4}[ .-]?\d{3,4})"
+                r"|(?<!\d)(?<!\d[ .-])(?:\(\d{2,4}\)[ .-]?|\d{2,}[ .-])\d{3,4}[ .-]?\d{3,})"
                 r"(?!\d|[ .-]\d)"
             ),
             phone_digits_valid,
-            begun=_compile(r"(?:\d\D{0,2}){7}"),
+            # Shaped like a phone number (a +, a separated group or an area code in
+            # parentheses) with seven digits: a bare number at the end is not one.
+            begun=_compile(r"^(?=.*(?:\+|\d[ .-]\d|\(\d))(?:\d\D{0,2}){7}"),
             gate=_PHONE_GATE,
         ),
         Detector(
             "ipv4",
             "IPV4",
             _compile(
-                r"(?<!\d\.?)(?:(?:25[0-5]|2[0-4]\d|1\d\d|[1-9]?\d)\.){3}"
-                r"(?:25[0-5]|2[0-4]\d|1\d\d|[1-9]?\d)(?![\d.]*\d)"
+                # Digits glued to either end join the span; a fifth dotted part
+                # (a version string) rules it out.
+                r"(?<!\d\.?)\d*(?:(?:25[0-5]|2[0-4]\d|1\d\d|[1-9]?\d)\.){3}"
+                r"(?:25[0-5]|2[0-4]\d|1\d\d|[1-9]?\d)\d*(?!\.\d)"
             ),
             begun=_compile(r"(?:\d{1,3}\.){3}"),
             gate=_DIGIT_GATE,
