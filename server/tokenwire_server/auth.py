@@ -23,6 +23,8 @@ from pathlib import Path
 
 import yaml
 
+from tokenwire_server.reload import FileLoader, Outcome
+
 log = logging.getLogger(__name__)
 
 
@@ -70,11 +72,15 @@ def load_keys(path: str) -> tuple[KeyEntry, ...]:
 
 
 class Authenticator:
-    """The keys currently in force; `reload` swaps them atomically (SIGHUP)."""
+    """The keys currently in force; `reload` swaps them atomically (SIGHUP).
+
+    A keys file that fails to load, for any reason, keeps the previous keys
+    and says why in one log line; the first load raises a LoadError."""
 
     def __init__(self, path: str) -> None:
         self.path = path
-        self._keys = load_keys(path)
+        self._loader = FileLoader("keys file", path, (path,), lambda: load_keys(path))
+        self._keys = self._loader.first()
 
     @property
     def tenants(self) -> frozenset[str]:
@@ -88,11 +94,10 @@ class Authenticator:
                 found = entry.tenant
         return found
 
-    def reload(self) -> bool:
-        try:
-            self._keys = load_keys(self.path)
-        except KeysFileError as error:
-            log.error("keys reload failed, keeping the previous keys: %s", error)
-            return False
-        log.info("keys reloaded: %d keys", len(self._keys))
-        return True
+    def reload(self) -> Outcome:
+        keys = self._loader.next(f"the previous {len(self._keys)} keys")
+        if keys is None:
+            return self._loader.outcome
+        self._keys = keys
+        log.info("keys reloaded: %d keys", len(keys))
+        return Outcome.OK

@@ -11,11 +11,12 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import math
 import os
 import tomllib
 import typing
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -281,7 +282,12 @@ def _coerce(raw: object, kind: type[Any], where: str) -> Any:
             return str(raw).strip().lower() in {"1", "true", "yes", "on"}
         if kind is int and isinstance(raw, float):
             raise ValueError("not an integer")
-        return kind(raw)
+        if kind is str and not isinstance(raw, str):
+            raise ValueError("not a string")
+        value = kind(raw)
+        if kind is float and not math.isfinite(value):
+            raise ValueError("not a finite number")
+        return value
     except (TypeError, ValueError) as exc:
         raise ConfigError(f"{where}: cannot read {raw!r} as {kind.__name__}") from exc
 
@@ -311,22 +317,10 @@ def load_config(
     """Builds the Config from CLI values, environment and an optional TOML file."""
     cli = cli or {}
     env = os.environ if env is None else env
-    file_values: dict[str, Any] = {}
-    if file is not None:
-        try:
-            file_values = tomllib.loads(file.read_text(encoding="utf-8"))
-        except (OSError, tomllib.TOMLDecodeError) as exc:
-            raise ConfigError(f"config file {file}: {exc}") from exc
+    from_file = read_file_settings(file) if file is not None else FileSettings({}, ())
     sections: dict[str, Any] = {}
-    known_sections = {name for name, _ in _sections()} | {"upstreams"}
-    for unknown in sorted(set(file_values) - known_sections):
-        raise ConfigError(f"config file {file}: unknown section [{unknown}]")
     for section_name, section_type in _sections():
-        from_file = file_values.get(section_name, {})
-        known = {leaf.name for leaf, _ in _leaves(section_type)}
-        for unknown in sorted(set(from_file) - known):
-            raise ConfigError(f"config file {file}: unknown key {section_name}.{unknown}")
-        values: dict[str, Any] = {}
+        values = dict(from_file.sections.get(section_name, {}))
         for leaf, kind in _leaves(section_type):
             env_name = ENV_PREFIX + leaf.name.upper()
             if cli.get(leaf.name) is not None:
@@ -335,14 +329,58 @@ def load_config(
                 )
             elif env_name in env:
                 values[leaf.name] = _coerce(env[env_name], kind, env_name)
-            elif leaf.name in from_file:
-                values[leaf.name] = _coerce(
-                    from_file[leaf.name], kind, f"{file}: {section_name}.{leaf.name}"
-                )
         sections[section_name] = section_type(**values)
-    config = Config(**sections, upstreams=_upstreams(file_values.get("upstreams", []), file))
+    config = Config(**sections, upstreams=from_file.upstreams)
     _check(config)
     return config
+
+
+@dataclass(frozen=True)
+class FileSettings:
+    """What a config file sets, each value checked and converted."""
+
+    #: Section name -> the settings the file gives in it.
+    sections: dict[str, dict[str, Any]]
+    upstreams: tuple[UpstreamConfig, ...]
+
+
+def read_file_settings(file: Path) -> FileSettings:
+    """Reads and checks a config file; a ConfigError names the first bad setting."""
+    raw = read_config_file(file)
+    known_sections = {name for name, _ in _sections()} | {"upstreams"}
+    for unknown in sorted(set(raw) - known_sections):
+        raise ConfigError(f"config file {file}: unknown section [{unknown}]")
+    sections: dict[str, dict[str, Any]] = {}
+    for section_name, section_type in _sections():
+        table = raw.get(section_name, {})
+        if not isinstance(table, dict):
+            raise ConfigError(f"config file {file}: [{section_name}] must be a table")
+        known = {leaf.name for leaf, _ in _leaves(section_type)}
+        for unknown in sorted(set(table) - known):
+            raise ConfigError(f"config file {file}: unknown key {section_name}.{unknown}")
+        sections[section_name] = {
+            leaf.name: _coerce(table[leaf.name], kind, f"{file}: {section_name}.{leaf.name}")
+            for leaf, kind in _leaves(section_type)
+            if leaf.name in table
+        }
+    return FileSettings(sections, _upstreams(raw.get("upstreams", []), file))
+
+
+def read_config_file(file: Path) -> dict[str, Any]:
+    """The TOML file's tables, or a ConfigError of one line naming the file."""
+    try:
+        return tomllib.loads(file.read_text(encoding="utf-8"))
+    except OSError as exc:
+        raise ConfigError(f"config file {file}: {exc.strerror or exc}") from None
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"config file {file}: {exc}") from None
+
+
+def check_routes(config: Config, routes: tuple[UpstreamConfig, ...], file: Path) -> None:
+    """Raises a ConfigError when `routes` cannot replace the config's routes."""
+    problems = route_problems(all_upstreams(replace(config, upstreams=routes)))
+    if problems:
+        raise ConfigError(f"config file {file}: {'; '.join(problems)}")
 
 
 def _upstreams(raw: object, file: Path | None) -> tuple[UpstreamConfig, ...]:
@@ -358,13 +396,30 @@ def _upstreams(raw: object, file: Path | None) -> tuple[UpstreamConfig, ...]:
         if not item.get("name") or not item.get("base_url"):
             raise ConfigError(f"{where}: name and base_url are required")
         values = dict(item)
-        if "fallback" in values:
-            values["fallback"] = tuple(values["fallback"])
+        fallback = values.get("fallback", [])
+        if not isinstance(fallback, list) or not all(isinstance(f, str) for f in fallback):
+            raise ConfigError(f"{where}: fallback must be a list of upstream names")
+        values["fallback"] = tuple(fallback)
+        for key, value in values.items():
+            kind = hints[key]
+            if key != "fallback" and not _is_a(value, kind):
+                name = getattr(kind, "__name__", str(kind))
+                raise ConfigError(f"{where}: {key} must be {name}, not {value!r}")
+            if kind in (int, float) and not 0 <= value < math.inf:
+                raise ConfigError(f"{where}: {key} must be a finite number >= 0, not {value!r}")
         try:
             routes.append(UpstreamConfig(**values))
         except TypeError as error:
             raise ConfigError(f"{where}: {error}") from error
     return tuple(routes)
+
+
+def _is_a(value: object, kind: object) -> bool:
+    if kind is float:
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    if kind is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    return isinstance(value, kind) if isinstance(kind, type) else True
 
 
 def _check(config: Config) -> None:
@@ -404,17 +459,23 @@ def _check(config: Config) -> None:
         problems.append("log_level must be DEBUG, INFO, WARNING or ERROR")
     if config.backends.backend not in ("simulator", "llama"):
         problems.append("backend must be simulator or llama")
-    names = [u.name for u in all_upstreams(config)]
-    if len(names) != len(set(names)):
-        problems.append("upstream names must be unique")
-    for upstream in all_upstreams(config):
-        for name in upstream.fallback:
-            if name not in names or name == upstream.name:
-                problems.append(f"upstream {upstream.name}: unknown fallback {name!r}")
+    problems.extend(route_problems(all_upstreams(config)))
     if config.simulator.sim_echo_token_chars < 1:
         problems.append("sim_echo_token_chars must be at least 1")
     if problems:
         raise ConfigError("; ".join(problems))
+
+
+def route_problems(routes: Sequence[UpstreamConfig]) -> list[str]:
+    problems: list[str] = []
+    names = [u.name for u in routes]
+    if len(names) != len(set(names)):
+        problems.append("upstream names must be unique")
+    for upstream in routes:
+        for name in upstream.fallback:
+            if name not in names or name == upstream.name:
+                problems.append(f"upstream {upstream.name}: unknown fallback {name!r}")
+    return problems
 
 
 def all_upstreams(config: Config) -> tuple[UpstreamConfig, ...]:

@@ -11,7 +11,8 @@ import asyncio
 import gc
 import logging
 import signal
-from collections.abc import Sequence
+import sqlite3
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import grpc
@@ -25,33 +26,25 @@ from tokenwire_server.auth import Authenticator
 from tokenwire_server.backends.base import Backend
 from tokenwire_server.backends.factory import build_backends
 from tokenwire_server.backends.registry import BackendRegistry
-from tokenwire_server.config import Config, NetworkConfig
+from tokenwire_server.config import Config
 from tokenwire_server.governance.holder import PolicyHolder
 from tokenwire_server.governance.policy import Policy
 from tokenwire_server.interceptors import build_chain
 from tokenwire_server.observability.metrics import Metrics
+from tokenwire_server.reload import RELOAD_FILES, LoadError, Outcome, one_line
+from tokenwire_server.routing import RoutingReloader
 from tokenwire_server.servicer import RespondServicer
 from tokenwire_server.store.base import ResponseStore
 from tokenwire_server.store.memory import InMemoryResponseStore
 from tokenwire_server.store.redis_store import RedisResponseStore
 from tokenwire_server.telemetry import Tracing, build_tracing
+from tokenwire_server.tls import TlsCredentials
 from tokenwire_server.wire import add_respond_service
 
 log = logging.getLogger(__name__)
 
 SERVICE_NAME: str = respond_pb2.DESCRIPTOR.services_by_name["RespondService"].full_name
 HEALTH_SERVICE_NAME: str = health_pb2.DESCRIPTOR.services_by_name["Health"].full_name
-
-
-def server_credentials(net: NetworkConfig) -> grpc.ServerCredentials | None:
-    """TLS from PEM files; with a client CA, only clients it signed get in (mTLS)."""
-    if not net.tls_cert:
-        return None
-    key, chain = Path(net.tls_key).read_bytes(), Path(net.tls_cert).read_bytes()
-    client_ca = Path(net.tls_client_ca).read_bytes() if net.tls_client_ca else None
-    return grpc.ssl_server_credentials(
-        [(key, chain)], root_certificates=client_ca, require_client_auth=client_ca is not None
-    )
 
 
 #: Time after the grace period for readers of stopped responses to send their
@@ -69,23 +62,38 @@ class TokenwireServer:
         backends: Sequence[Backend] | None = None,
         policy: Policy | None = None,
         tracer_provider: TracerProvider | None = None,
+        config_file: Path | None = None,
     ) -> None:
+        """Loads everything the server needs before it binds; a file that cannot
+        be used is a LoadError of one line (the CLI prints it and exits 2)."""
         self.config = config
-        if backends is not None:
-            self.backends, default_model = list(backends), config.models.default_model
-        else:
-            self.backends, default_model = build_backends(config)
-        self.registry = BackendRegistry(self.backends, default_model)
+        self.metrics = Metrics()
+        self.authenticator = (
+            Authenticator(config.auth.auth_keys_file) if config.auth.auth_keys_file else None
+        )
+        self.tls = TlsCredentials(config.network) if config.network.tls_cert else None
         self.policies = (
             PolicyHolder(policy)
             if policy is not None
             else PolicyHolder.from_source(config.governance.policy)
         )
-        self.audit_store: AuditStore = SqliteAuditStore(config.audit.audit_path)
-        self.metrics = Metrics()
-        self.authenticator = (
-            Authenticator(config.auth.auth_keys_file) if config.auth.auth_keys_file else None
+        if backends is not None:
+            self.backends, default_model = list(backends), config.models.default_model
+        else:
+            self.backends, default_model = build_backends(config)
+        try:
+            self.registry = BackendRegistry(self.backends, default_model)
+        except ValueError as error:
+            raise LoadError(f"models: {error}") from None
+        self.routing = (
+            RoutingReloader(config, config_file, self.registry) if config_file is not None else None
         )
+        for name, _ in self._reloaders():
+            self.metrics.config_last_good_load.labels(file=name).set_to_current_time()
+        try:
+            self.audit_store: AuditStore = SqliteAuditStore(config.audit.audit_path)
+        except (sqlite3.Error, OSError) as error:
+            raise LoadError(f"audit_path: {config.audit.audit_path}: {error}") from None
         resume = config.resume
         self.store: ResponseStore
         if resume.store == "memory":
@@ -158,11 +166,13 @@ class TokenwireServer:
             (SERVICE_NAME, HEALTH_SERVICE_NAME, reflection.SERVICE_NAME), server
         )
         address = f"{net.host}:{net.port}" if ":" not in net.host else f"[{net.host}]:{net.port}"
-        credentials = server_credentials(net)
-        if credentials is None:
-            self.port = server.add_insecure_port(address)
-        else:
-            self.port = server.add_secure_port(address, credentials)
+        try:
+            if self.tls is None:
+                self.port = server.add_insecure_port(address)
+            else:
+                self.port = server.add_secure_port(address, self.tls.credentials())
+        except RuntimeError as error:  # grpc: "Failed to bind to address ..."
+            raise LoadError(f"port: cannot listen on {address}: {error}") from None
         await server.start()
         if net.health_port >= 0:
             await self._start_health_listener(net.host, net.health_port)
@@ -199,6 +209,12 @@ class TokenwireServer:
         await self._stop_calls(self._server, grace)
         if self._health_server is not None:
             await self._health_server.stop(0)
+        await self.close()
+
+    async def close(self) -> None:
+        """Releases what `__init__` opened; `drain` ends with it, `--check-config` only this."""
+        if self.routing is not None:
+            await self.routing.aclose()
         await self.registry.aclose()
         await self.audit_store.close()
         await self.store.close()
@@ -218,11 +234,36 @@ class TokenwireServer:
                 response.stop_generation()
         await stopping
 
-    def reload(self) -> None:
-        """SIGHUP: re-read the policy and the keys file; a failed reload keeps the old one."""
-        self.policies.reload()
-        if self.authenticator is not None:
-            self.authenticator.reload()
+    def _reloaders(self) -> list[tuple[str, Callable[[], Outcome]]]:
+        """What SIGHUP reloads, keys first: a revocation must never wait on another file."""
+        found: dict[str, Callable[[], Outcome] | None] = {
+            "keys": self.authenticator.reload if self.authenticator is not None else None,
+            "tls": self.tls.reload if self.tls is not None else None,
+            "policy": self.policies.reload if self.policies.source is not None else None,
+            "routing": self.routing.reload if self.routing is not None else None,
+        }
+        return [(name, found[name]) for name in RELOAD_FILES if found[name] is not None]  # type: ignore[misc]
+
+    def reload(self) -> dict[str, Outcome]:
+        """SIGHUP: each file reloads on its own; one that fails keeps its version
+        in force and is counted, and never stops the files after it."""
+        outcomes: dict[str, Outcome] = {}
+        for name, reload in self._reloaders():
+            try:
+                outcome = reload()
+            except Exception as error:  # a bug in one reload must not skip the others
+                log.error(
+                    "%s reload failed, keeping the version in force: %s", name, one_line(error)
+                )
+                outcome = Outcome.FAILED
+            self.metrics.config_reloads.labels(file=name, result=outcome.value).inc()
+            if outcome in (Outcome.OK, Outcome.UNCHANGED):
+                self.metrics.config_last_good_load.labels(file=name).set_to_current_time()
+            outcomes[name] = outcome
+        log.info(
+            "reload finished: %s", ", ".join(f"{name} {o.value}" for name, o in outcomes.items())
+        )
+        return outcomes
 
     async def wait_stopped(self) -> None:
         await self._stopped.wait()
@@ -230,9 +271,9 @@ class TokenwireServer:
             await self._server.wait_for_termination()
 
 
-async def serve(config: Config) -> None:
+async def serve(config: Config, config_file: Path | None = None) -> None:
     """Runs until SIGTERM or SIGINT, then drains and returns (the process exits 0)."""
-    server = TokenwireServer(config)
+    server = TokenwireServer(config, config_file=config_file)
     port = await server.start()
     # Everything loaded so far lives as long as the process: keep it out of the
     # cyclic collector's full passes, which otherwise walk it again and again

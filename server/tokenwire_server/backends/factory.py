@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 import os
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 
 from tokenwire_server.backends.base import Backend
 from tokenwire_server.backends.openai_compat import OpenAICompatibleBackend
 from tokenwire_server.backends.simulator import SIM_MODEL, SimulatorBackend
-from tokenwire_server.config import Config, all_upstreams
+from tokenwire_server.config import Config, UpstreamConfig, all_upstreams
 
 
 def build_backends(
@@ -29,8 +29,21 @@ def build_backends(
         backends.append(llama)
         if default_model == SIM_MODEL:
             default_model = llama.model_name
-    routes = {u.name: OpenAICompatibleBackend(u, env) for u in all_upstreams(config)}
-    for route in routes.values():
-        route.fallbacks = [routes[name] for name in route.config.fallback]
-    backends.extend(routes.values())
+    backends.extend(build_upstreams(all_upstreams(config), env))
     return backends, default_model
+
+
+def build_upstreams(
+    routes: Sequence[UpstreamConfig], env: Mapping[str, str] | None = None
+) -> list[Backend]:
+    """One backend per upstream route, each knowing its fallbacks."""
+    env = os.environ if env is None else env
+    built = {u.name: OpenAICompatibleBackend(u, env) for u in routes}
+    for route in built.values():
+        route.fallbacks = [built[name] for name in route.config.fallback]
+    return list(built.values())
+
+
+def is_upstream(backend: Backend) -> bool:
+    """Whether `backend` came from a route of the config file (reloadable)."""
+    return isinstance(backend, OpenAICompatibleBackend)

@@ -118,6 +118,19 @@ class Metrics:
             ("outcome",),
             registry=r,
         )
+        self.config_reloads = Counter(
+            "tokenwire_config_reloads",
+            "SIGHUP reloads by file (keys, tls, policy, routing) and result (ok, failed, "
+            "unchanged, restart_required).",
+            ("file", "result"),
+            registry=r,
+        )
+        self.config_last_good_load = Gauge(
+            "tokenwire_config_last_good_load_timestamp_seconds",
+            "Unix time the version in force of each file was last loaded or confirmed unchanged.",
+            ("file",),
+            registry=r,
+        )
         self._server: WSGIServer | None = None
         self._thread: threading.Thread | None = None
 
