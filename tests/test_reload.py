@@ -296,3 +296,18 @@ async def test_check_config_passes_a_good_configuration(tmp_path: Path) -> None:
         pki.server_key,
     )
     assert (code, err.strip()) == (0, "tokenwire serve: configuration OK")
+
+
+async def test_a_keys_file_with_a_bad_entry_still_revokes_what_it_no_longer_lists(
+    served: Served,
+) -> None:
+    keys_file(served.keys, ("acme", KEY_A))
+    with served.keys.open("a") as keys:  # a new entry with a truncated hash
+        keys.write("  - tenant: initech\n    sha256: 9f86d0818\n")
+    lines = await served.hup_until("reload finished")
+    messages = [str(line["message"]) for line in lines]
+    assert any(m.startswith("keys file reload failed") and "keys[1]" in m for m in messages)
+    assert any("1 keys in force are no longer listed and are revoked now" in m for m in messages)
+    assert await served.call(KEY_B) == grpc.StatusCode.UNAUTHENTICATED
+    assert await served.call(KEY_A) == grpc.StatusCode.OK
+    assert served.metric("tokenwire_config_reloads_total", file="keys", result="failed") == 1

@@ -43,30 +43,54 @@ def hash_key(key: str) -> str:
     return hashlib.sha256(key.encode()).hexdigest()
 
 
-def load_keys(path: str) -> tuple[KeyEntry, ...]:
+def _entries(path: str) -> list[object]:
     source = Path(path)
     try:
         raw = source.read_text(encoding="utf-8")
         spec = tomllib.loads(raw) if source.suffix == ".toml" else yaml.safe_load(raw)
-    except (OSError, tomllib.TOMLDecodeError, yaml.YAMLError) as error:
-        raise KeysFileError(f"{path}: {error}") from error
+    except OSError as error:
+        raise KeysFileError(f"{path}: {error.strerror or error}") from None
+    except (UnicodeDecodeError, tomllib.TOMLDecodeError, yaml.YAMLError) as error:
+        raise KeysFileError(f"{path}: {error}") from None
     entries = spec.get("keys") if isinstance(spec, dict) else None
     if not isinstance(entries, list):
         raise KeysFileError(f"{path}: expected a `keys` list")
-    keys = []
+    return entries
+
+
+def _digest(entry: dict[str, object]) -> bytes:
+    digest = entry.get("sha256")
+    try:
+        value = bytes.fromhex(digest) if isinstance(digest, str) else b""
+    except ValueError:
+        value = b""
+    return value if len(value) == 32 else b""
+
+
+def listed_digests(path: str) -> frozenset[bytes] | None:
+    """The key hashes a keys file lists, read leniently (entries that are
+    otherwise wrong included); None when the file cannot be read as a list."""
+    try:
+        entries = _entries(path)
+    except KeysFileError:
+        return None
+    return frozenset(_digest(e) for e in entries if isinstance(e, dict)) - {b""}
+
+
+def load_keys(path: str) -> tuple[KeyEntry, ...]:
+    entries = _entries(path)
+    keys: list[KeyEntry] = []
     for index, entry in enumerate(entries):
         where = f"{path}: keys[{index}]"
         if not isinstance(entry, dict):
             raise KeysFileError(f"{where}: expected a table")
-        tenant, digest = entry.get("tenant"), entry.get("sha256")
+        tenant, value = entry.get("tenant"), _digest(entry)
         if not isinstance(tenant, str) or not tenant:
             raise KeysFileError(f"{where}: tenant must be a non-empty string")
-        try:
-            value = bytes.fromhex(str(digest))
-        except ValueError:
-            value = b""
-        if len(value) != 32:
+        if not value:
             raise KeysFileError(f"{where}: sha256 must be 64 hex digits (tokenwire keys hash)")
+        if any(k.digest == value for k in keys):
+            raise KeysFileError(f"{where}: the same key is listed twice")
         keys.append(KeyEntry(tenant, value, str(entry.get("name", ""))))
     return tuple(keys)
 
@@ -75,7 +99,9 @@ class Authenticator:
     """The keys currently in force; `reload` swaps them atomically (SIGHUP).
 
     A keys file that fails to load, for any reason, keeps the previous keys
-    and says why in one log line; the first load raises a LoadError."""
+    and says why in one log line; the first load raises a LoadError. A failed
+    reload never widens access but still narrows it: a key in force that the
+    file no longer lists is revoked even when another entry is wrong."""
 
     def __init__(self, path: str) -> None:
         self.path = path
@@ -97,7 +123,23 @@ class Authenticator:
     def reload(self) -> Outcome:
         keys = self._loader.next(f"the previous {len(self._keys)} keys")
         if keys is None:
+            if self._loader.outcome is Outcome.FAILED:
+                self._revoke_unlisted()
             return self._loader.outcome
         self._keys = keys
         log.info("keys reloaded: %d keys", len(keys))
         return Outcome.OK
+
+    def _revoke_unlisted(self) -> None:
+        listed = listed_digests(self.path)
+        if listed is None:
+            return
+        kept = tuple(k for k in self._keys if k.digest in listed)
+        if len(kept) < len(self._keys):
+            log.warning(
+                "keys file %s: %d keys in force are no longer listed and are revoked now; "
+                "the other entries wait for a file that loads",
+                self.path,
+                len(self._keys) - len(kept),
+            )
+            self._keys = kept
