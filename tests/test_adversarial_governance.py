@@ -559,3 +559,47 @@ async def test_an_upstream_failure_inside_a_value_releases_none_of_it(
     assert raised.value.code() in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.INTERNAL)
     assert_no_fragment("github", key, "".join(received), raised.value.details() or "")
     assert "".join(received) == "Here: "
+
+
+async def test_caller_ids_labels_and_model_names_never_reach_logs_spans_or_metrics_raw(
+    start_server: StartServer, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The request id, the labels and a refused model name are the caller's free
+    text: logs, span attributes, metric labels and error details carry them
+    scrubbed, whatever the response's policy."""
+    import json
+
+    from opentelemetry.sdk.trace import TracerProvider
+    from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+    from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+    from prometheus_client import generate_latest
+
+    exporter = InMemorySpanExporter()
+    provider = TracerProvider()
+    provider.add_span_processor(SimpleSpanProcessor(exporter))
+    server = await start_server(tracer_provider=provider)
+    key = "AKIAIOSFODNN7EXAMPLE"
+    email = "jane.doe@example.com"
+    caplog.set_level("DEBUG")
+    completed_of(
+        await collect(
+            server.stub.StreamRespond(
+                stream_request(request_id=f"req-{email}", labels={f"k{key}": f"v{key}w"})
+            )
+        )
+    )
+    with pytest.raises(grpc.aio.AioRpcError) as refused:
+        await collect(server.stub.StreamRespond(stream_request(model=f"m{key}")))
+    assert refused.value.code() == grpc.StatusCode.NOT_FOUND
+    with pytest.raises(grpc.aio.AioRpcError) as invalid:
+        await collect(server.stub.StreamRespond(stream_request(labels={f"{key}{'x' * 200}": "v"})))
+    assert invalid.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+
+    logged = [json.dumps(record.__dict__, default=str) for record in caplog.records]
+    spans = [json.dumps(dict(span.attributes or {})) for span in exporter.get_finished_spans()]
+    metrics = generate_latest(server.server.metrics.registry).decode()
+    trailers = [str(v) for v in invalid.value.trailing_metadata() or ()]
+    everything = [*logged, *spans, metrics, *trailers, invalid.value.details() or ""]
+    assert_no_fragment("aws_access_key", key, *everything)
+    assert_no_fragment("email", email, *everything)
+    assert any("[EMAIL]" in text for text in logged)

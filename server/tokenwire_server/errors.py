@@ -200,7 +200,7 @@ def to_status_proto(error: TokenwireError) -> status_pb2.Status:
                 error_details_pb2.BadRequest(
                     field_violations=[
                         error_details_pb2.BadRequest.FieldViolation(
-                            field=clip(v.field, 64),
+                            field=clip(scrub(v.field[:128]), 64),  # a label key is caller text
                             description=clip(scrub(v.description[: MAX_DETAIL_CHARS * 2])),
                         )
                         for v in error.violations[:MAX_VIOLATIONS]

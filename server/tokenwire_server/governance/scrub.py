@@ -11,6 +11,7 @@ lines only.
 from __future__ import annotations
 
 import logging
+from collections.abc import Mapping
 
 from tokenwire_server.domain import Operator
 from tokenwire_server.governance.detectors import BUILTIN_DETECTORS
@@ -28,6 +29,12 @@ def scrub(text: str) -> str:
     if not text:
         return text
     return _SCRUBBER.redact_all(text)[0]
+
+
+def scrub_labels(labels: Mapping[str, str]) -> dict[str, str]:
+    """A caller's labels as logs, spans and audit rows may keep them: keys and
+    values are the caller's free text, so either can carry a value."""
+    return {scrub(key): scrub(value) for key, value in labels.items()}
 
 
 class ScrubbingFilter(logging.Filter):

@@ -24,6 +24,7 @@ from tokenwire.v1 import respond_pb2 as pb
 from tokenwire_server.audit.records import CALL_RECORD
 from tokenwire_server.call_context import CALL_IDENTITY, CALL_TENANT
 from tokenwire_server.domain import utf8_length
+from tokenwire_server.governance.scrub import scrub, scrub_labels
 from tokenwire_server.interceptors._wrap import (
     AbortHook,
     Context,
@@ -110,7 +111,7 @@ class ObservabilityInterceptor(RespondServiceInterceptor):
                 "gen_ai.usage.input_tokens": completed.usage.prompt_tokens,
                 "gen_ai.usage.output_tokens": output,
                 "tokenwire.response_id": completed.response_id,
-                "tokenwire.request_id": completed.request_id,
+                "tokenwire.request_id": scrub(completed.request_id),
                 "tokenwire.chunk_count": completed.chunk_count,
                 "tokenwire.last_sequence": completed.last_sequence,
                 "tokenwire.verdict": verdict,
@@ -126,7 +127,7 @@ class ObservabilityInterceptor(RespondServiceInterceptor):
             "event": "response",
             "method": method,
             "status": "OK",
-            "request_id": completed.request_id,
+            "request_id": scrub(completed.request_id),
             "tenant": CALL_TENANT.get(),
             "response_id": completed.response_id,
             "trace_id": completed.trace_id,
@@ -142,7 +143,7 @@ class ObservabilityInterceptor(RespondServiceInterceptor):
             "completion_tokens": output,
             "ttft_ms": round(ttft * 1000, 3),
             "total_ms": round(total * 1000, 3),
-            "labels": dict(request.labels),
+            "labels": scrub_labels(request.labels),
         }
         if self._log_text:
             fields["final_text"] = completed.final_text
@@ -161,7 +162,9 @@ class ObservabilityInterceptor(RespondServiceInterceptor):
         m = self._metrics
         record = CALL_RECORD.get()
         identity = CALL_IDENTITY.get()
-        model = record.model if record is not None else request.model
+        # Only a model the server resolved: a refused request's model name is
+        # the caller's free text (a metric label per typo, or a pasted secret).
+        model = record.model if record is not None else ""
         m.request_duration.labels(OPERATION, model, status).observe(time.monotonic() - started)
         m.responses.labels(method, status, m.tenant_label(CALL_TENANT.get())).inc()
         m.chunks_sent.inc(chunks)
@@ -182,7 +185,7 @@ class ObservabilityInterceptor(RespondServiceInterceptor):
                 "method": method,
                 "status": status,
                 "error_reason": record.error_reason if record is not None else "",
-                "request_id": identity.request_id if identity is not None else "",
+                "request_id": scrub(identity.request_id) if identity is not None else "",
                 "response_id": record.response_id if record is not None else "",
                 "trace_id": identity.trace_id if identity is not None else "",
                 "model": model,
