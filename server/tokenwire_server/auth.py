@@ -23,12 +23,12 @@ from pathlib import Path
 
 import yaml
 
-from tokenwire_server.reload import FileLoader, Outcome
+from tokenwire_server.reload import FileLoader, FileProblem, Outcome
 
 log = logging.getLogger(__name__)
 
 
-class KeysFileError(ValueError):
+class KeysFileError(FileProblem):
     """The keys file cannot be used; the message says where."""
 
 

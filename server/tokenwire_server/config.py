@@ -20,6 +20,8 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
+from tokenwire_server.reload import FileProblem
+
 ENV_PREFIX = "TOKENWIRE_"
 
 
@@ -260,7 +262,7 @@ class Config:
     upstreams: tuple[UpstreamConfig, ...] = ()
 
 
-class ConfigError(ValueError):
+class ConfigError(FileProblem):
     """A setting could not be read; the message names the setting and its source."""
 
 

@@ -31,6 +31,19 @@ class DeliveryMode(enum.IntEnum):
     BUFFERED = 3
 
 
+@dataclass(frozen=True, slots=True)
+class DeliveryOptions:
+    """How one call asked for its chunks (resolved against the server's limits)."""
+
+    mode: DeliveryMode
+    max_tokens: int
+    max_tokens_per_chunk: int
+    max_delay: float
+    auto_short_max_tokens: int
+    auto_buffer_window: float
+    heartbeat_interval: float
+
+
 class FinishReason(enum.IntEnum):
     STOP = 1
     LENGTH = 2

@@ -36,20 +36,22 @@ class Outcome(StrEnum):
     RESTART_REQUIRED = "restart_required"
 
 
-class LoadError(Exception):
+class FileProblem(ValueError):
+    """A file's content is wrong, and the message already says where and how:
+    the base of each loader's own error (PolicyError, KeysFileError, TlsError,
+    ConfigError), so a message is shown as it is, while any other exception
+    a loader raises keeps its type name in front."""
+
+
+class LoadError(FileProblem):
     """A file could not be loaded; the message is one line naming it and the problem."""
 
 
 def one_line(error: BaseException) -> str:
     """The loader's message; for an exception a loader did not mean to raise
     (TypeError, KeyError...), its type too. Never a traceback, never two lines."""
-    from tokenwire_server.auth import KeysFileError
-    from tokenwire_server.config import ConfigError
-    from tokenwire_server.governance.policy_file import PolicyError
-    from tokenwire_server.tls import TlsError
-
     text = str(error)
-    if not isinstance(error, (PolicyError, KeysFileError, TlsError, ConfigError, LoadError)):
+    if not isinstance(error, FileProblem):
         text = f"{type(error).__name__}: {text}" if text else type(error).__name__
     return " ".join(text.split())
 

@@ -37,9 +37,9 @@ from tokenwire_server.call_context import (
 from tokenwire_server.codec import EventCodec
 from tokenwire_server.config import Config
 from tokenwire_server.delivery.generation import run_generation
-from tokenwire_server.delivery.planner import DeliveryOptions, StreamDelivery
+from tokenwire_server.delivery.planner import StreamDelivery
 from tokenwire_server.delivery.response import LiveResponse, State
-from tokenwire_server.domain import DeliveryMode
+from tokenwire_server.domain import DeliveryMode, DeliveryOptions
 from tokenwire_server.errors import (
     COMPLETION_TOKENS_KEY,
     LAST_SEQUENCE_KEY,

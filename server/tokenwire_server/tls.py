@@ -23,12 +23,12 @@ from pathlib import Path
 import grpc
 
 from tokenwire_server.config import NetworkConfig
-from tokenwire_server.reload import FileLoader, Outcome
+from tokenwire_server.reload import FileLoader, FileProblem, Outcome
 
 log = logging.getLogger("tokenwire_server.reload")
 
 
-class TlsError(ValueError):
+class TlsError(FileProblem):
     """A TLS file cannot be used; the message names the setting, the file and the problem."""
 
 

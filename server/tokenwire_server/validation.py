@@ -14,8 +14,14 @@ from tokenwire.v1 import respond_pb2 as pb
 from tokenwire_server.backends.base import Backend
 from tokenwire_server.backends.registry import BackendRegistry
 from tokenwire_server.config import Config
-from tokenwire_server.delivery.planner import DeliveryOptions
-from tokenwire_server.domain import DeliveryMode, GenerationRequest, Message, ModelInfo, Role
+from tokenwire_server.domain import (
+    DeliveryMode,
+    DeliveryOptions,
+    GenerationRequest,
+    Message,
+    ModelInfo,
+    Role,
+)
 from tokenwire_server.errors import FieldViolation, InvalidRequest
 
 MAX_REQUEST_ID_LENGTH = 128

@@ -14,23 +14,11 @@ import asyncio
 import time
 from collections.abc import AsyncGenerator
 from contextlib import aclosing
-from dataclasses import dataclass
 
 from tokenwire.v1 import respond_pb2 as pb
 from tokenwire_server.codec import EventCodec
 from tokenwire_server.delivery.response import LiveResponse, State
-from tokenwire_server.domain import DeliveryMode
-
-
-@dataclass(frozen=True, slots=True)
-class DeliveryOptions:
-    mode: DeliveryMode
-    max_tokens: int
-    max_tokens_per_chunk: int
-    max_delay: float
-    auto_short_max_tokens: int
-    auto_buffer_window: float
-    heartbeat_interval: float
+from tokenwire_server.domain import DeliveryMode, DeliveryOptions
 
 
 class StreamDelivery:

@@ -22,12 +22,13 @@ import time
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, NamedTuple, Protocol
+from typing import NamedTuple, Protocol
 
 from tokenwire.v1 import respond_pb2 as pb
 from tokenwire_server.domain import (
     Action,
     DeliveryMode,
+    DeliveryOptions,
     FinishReason,
     ModelInfo,
     ServingPath,
@@ -35,9 +36,6 @@ from tokenwire_server.domain import (
     utf8_length,
 )
 from tokenwire_server.errors import ResponseCancelled, TokenwireError
-
-if TYPE_CHECKING:
-    from tokenwire_server.delivery.planner import DeliveryOptions
 
 
 class State(enum.Enum):

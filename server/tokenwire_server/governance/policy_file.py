@@ -33,6 +33,7 @@ from tokenwire_server.governance.rules_policy import (
     RulesPolicy,
     TextRule,
 )
+from tokenwire_server.reload import FileProblem
 
 DEFAULT_REFUSAL = "This response was blocked by policy."
 DEFAULT_HASH_KEY_ENV = "TOKENWIRE_POLICY_HASH_KEY"
@@ -40,7 +41,7 @@ BUILTIN_PREFIX = "builtin:"
 _OPERATORS = {"mask": Operator.MASK, "replace": Operator.REPLACE, "hash": Operator.HASH}
 
 
-class PolicyError(ValueError):
+class PolicyError(FileProblem):
     """The policy file is not usable; the message says where and why."""
 
 

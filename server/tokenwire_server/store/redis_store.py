@@ -59,11 +59,11 @@ from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 from redis.exceptions import ReadOnlyError
 
-from tokenwire_server.delivery.planner import DeliveryOptions
 from tokenwire_server.delivery.response import ChunkRecord, LiveResponse, Outcome, State
 from tokenwire_server.domain import (
     Action,
     DeliveryMode,
+    DeliveryOptions,
     FinishReason,
     ModelInfo,
     Operator,
