@@ -106,6 +106,8 @@ class TokenwireServer:
                 retention=resume.retention,
                 lease_seconds=resume.lease_seconds,
                 running_ttl=config.deadlines.max_deadline + resume.retention,
+                max_responses=resume.store_max_responses,
+                max_bytes=resume.store_max_bytes,
             )
         #: Bound port of /metrics, when served.
         self.metrics_port: int | None = None
