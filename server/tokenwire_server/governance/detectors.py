@@ -119,8 +119,12 @@ def iban_valid(text: str) -> bool:
 
 
 def phone_digits_valid(text: str) -> bool:
-    """E.164 allows at most 15 digits; fewer than 7 is not a dialable number."""
-    return 7 <= sum(c.isdigit() for c in text) <= 15
+    """Fewer than 7 digits is not a dialable number. E.164 allows at most 15;
+    a longer national-looking run is some other number (a card that failed
+    its checksum), but after a "+" the extra digits are glued to a phone
+    number, and the whole span goes (fail closed)."""
+    digits = sum(c.isdigit() for c in text)
+    return digits >= 7 and (digits <= 15 or text.startswith("+"))
 
 
 def _compile(pattern: str) -> regex.Pattern[str]:
@@ -186,12 +190,15 @@ BUILTIN_DETECTORS: dict[str, Detector] = {
             "phone",
             "PHONE",
             _compile(
-                # International: + and up to 15 digits in groups; national: an
-                # area code set off by a separator or parentheses. A letter may
-                # touch either end; a digit may not (that is another number).
-                r"(?:\+\d{1,3}(?:[ .-]?(?:\(\d{1,4}\)|\d{1,4})){1,5}"
-                r"|(?<!\d)(?<!\d[ .-])(?:\(\d{2,4}\)[ .-]?|\d{2,}[ .-])\d{3,4}[ .-]?\d{3,})"
-                r"(?!\d|[ .-]\d)"
+                # International: + and digits in groups; national: an area
+                # code set off by a separator or parentheses, after an optional
+                # trunk or country code. Letters may touch either end; digits
+                # and separated digit groups that touch it join the span (the
+                # end of the number is ambiguous: the longer span is redacted),
+                # and the digit count decides (see phone_digits_valid).
+                r"\+\d{1,3}(?:[ .-]?\(\d{1,4}\))?(?:[ .-]?\d+)+"
+                r"|(?<!\d)(?<!\d[ .-])(?:\d{1,4}[ .-]?)?(?:\(\d{2,4}\)[ .-]?|\d{2,}[ .-])"
+                r"\d{3,4}[ .-]?\d{3,}(?:[ .-]\d+)*"
             ),
             phone_digits_valid,
             # Shaped like a phone number (a +, a separated group or an area code in
