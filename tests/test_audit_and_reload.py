@@ -112,9 +112,13 @@ async def test_failed_and_cancelled_calls_are_recorded(audited) -> None:
     call.cancel()
     await asyncio.wait_for(server.simulator.cancelled.wait(), timeout=5)
     await server.server.audit_store.close()  # flushes the writer thread
-    statuses = sorted((r["status"], r["error_reason"]) for r in read_records(audit_path))
+    rows = read_records(audit_path)
+    # Each call has its own rows: the one that opened the stream, the one that ended it.
+    assert sorted(r["event"] for r in rows) == ["accepted", "accepted", "cancelled", "failed"]
+    ends = [r for r in rows if r["event"] != "accepted"]
+    statuses = sorted((r["status"], r["error_reason"]) for r in ends)
     assert statuses == [("CANCELLED", ""), ("UNAVAILABLE", "BACKEND_FAILED")]
-    failed = next(r for r in read_records(audit_path) if r["status"] == "UNAVAILABLE")
+    failed = next(r for r in rows if r["status"] == "UNAVAILABLE")
     # Text the policy still held when the backend failed is never sent.
     assert failed["last_sequence"] == len(chunks_of(received))
     assert failed["completion_tokens"] == 3
@@ -131,7 +135,8 @@ async def test_audit_cli_lists_and_shows_records(audited) -> None:
         "audit", "show", completed.response_id, "--audit-path", str(audit_path), "--json"
     )
     assert code == 0
-    shown = json.loads(out)
+    shown = json.loads(out)["events"][-1]  # the whole history; the last row ended it
+    assert shown["event"] == "completed"
     assert shown["actions"][0]["entity_type"] == "EMPLOYEE_ID"
     assert shown["actions"][0]["operator"] == "HASH"
     code, out, _ = await run_cli(

@@ -181,72 +181,13 @@ def build_parser() -> argparse.ArgumentParser:
         "hash", help="print the SHA-256 to put in the keys file, for a key read from stdin"
     )
     if add_serve_arguments is not None:
-        audit = commands.add_parser("audit", help="read the server's audit trail")
-        audit_commands = audit.add_subparsers(dest="audit_command", required=True)
-        listing = audit_commands.add_parser("list", help="newest responses first")
-        listing.add_argument("--limit", type=int, default=20)
-        show = audit_commands.add_parser("show", help="one response with its token events")
-        show.add_argument("response_id")
-        for sub in (listing, show):
-            sub.add_argument(
-                "--audit-path",
-                default=None,
-                help="SQLite audit file (default: TOKENWIRE_AUDIT_PATH or the server default)",
-            )
-            sub.add_argument("--json", action="store_true", help="print JSON")
-    return parser
+        from tokenwire_server.audit.commands import add_arguments as add_audit_arguments
 
-
-def _audit(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
-    import json
-    import os
-
-    from tokenwire_server.audit.store import read_record, read_records
-    from tokenwire_server.config import AuditConfig
-
-    path = args.audit_path or os.environ.get("TOKENWIRE_AUDIT_PATH") or AuditConfig().audit_path
-    if not os.path.exists(path):
-        err.write(f"tokenwire audit: no audit file at {path}\n")
-        return 1
-    if args.audit_command == "show":
-        record = read_record(path, args.response_id)
-        if record is None:
-            err.write(f"tokenwire audit: no response {args.response_id} in {path}\n")
-            return 1
-        if args.json:
-            out.write(json.dumps(record, indent=2, sort_keys=True) + "\n")
-        else:
-            for key in sorted(record):
-                if key not in ("actions", "token_events", "labels"):
-                    out.write(f"{key:>24}: {record[key]}\n")
-            out.write(f"{'labels':>24}: {json.dumps(record['labels'], sort_keys=True)}\n")
-            for action in record["actions"]:
-                out.write(
-                    f"{'action':>24}: {action['operator']} {action['entity_type']} "
-                    f"[{action['start']}, {action['end']}) rule {action['rule_id']}\n"
-                )
-            for event in record["token_events"]:
-                out.write(
-                    f"{'chunk':>24}: #{event['sequence']} @{event['text_offset']} "
-                    f"+{event['byte_length']}B {event['token_count']} tokens "
-                    f"{event['action_count']} actions\n"
-                )
-        return 0
-    records = read_records(path, args.limit)
-    if args.json:
-        out.write(json.dumps(records, indent=2, sort_keys=True) + "\n")
-        return 0
-    out.write(
-        f"{'response_id':<38} {'status':<10} {'mode':<8} {'chunks':>6} {'verdict':<9} "
-        f"{'verification':<12} {'policy':<24} model\n"
-    )
-    for r in records:
-        out.write(
-            f"{r['response_id']:<38} {r['status']:<10} {r['delivery_mode']:<8} "
-            f"{r['chunk_count']:>6} {r['verdict']:<9} {r['verification']:<12} "
-            f"{r['policy_id'] + ' v' + r['policy_version']:<24} {r['model']}\n"
+        audit = commands.add_parser(
+            "audit", help="read and verify the server's audit trail (list, show, verify)"
         )
-    return 0
+        add_audit_arguments(audit)
+    return parser
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -259,7 +200,9 @@ def main(argv: list[str] | None = None) -> int:
 
         return run_serve(args)
     if args.command == "audit":
-        return _audit(args, sys.stdout, sys.stderr)
+        from tokenwire_server.audit.commands import run as run_audit
+
+        return run_audit(args, sys.stdout, sys.stderr)
     if args.command == "keys":
         key = sys.stdin.readline().strip()
         if not key:

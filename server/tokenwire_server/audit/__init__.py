@@ -1,1 +1,2 @@
-"""The audit trail: one durable record per response, never with prompt or output text."""
+"""The audit trail: an append-only, hash-chained row per event of a response, never
+with prompt or output text."""

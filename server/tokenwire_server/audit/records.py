@@ -20,6 +20,15 @@ class TokenEvent:
 
 @dataclass(frozen=True, slots=True)
 class AuditRecord:
+    """One event of a response, as one row of the append-only trail.
+
+    `event` is what happened: `accepted` / `resumed` (a stream's first event is
+    about to leave), `completed`, `failed`, `cancelled`, or `refused` (the call
+    ended before a response existed). `resumed_after` is the sequence a resume
+    call replayed from (-1 when the call was not a resume).
+    """
+
+    event: str
     response_id: str
     request_id: str
     trace_id: str
@@ -48,6 +57,7 @@ class AuditRecord:
     total_ms: float
     created_at_ns: int
     token_events: tuple[TokenEvent, ...] = ()
+    resumed_after: int = -1
 
 
 @dataclass(slots=True)

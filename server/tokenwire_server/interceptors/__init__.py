@@ -4,8 +4,10 @@
 1. tracing: the OpenTelemetry server span; continues the caller's traceparent.
 2. request context: request id (echoed as x-request-id) and trace id for the call.
 3. observability: metrics, span attributes/events and the log line of each outcome.
+4. audit: an append-only, hash-chained row per event of every call past auth,
+   committed before what it vouches for leaves; outside limits, so a quota
+   refusal gets its row too.
    limits: server-wide and per-tenant concurrency, tokens per minute (RESOURCE_EXHAUSTED).
-4. audit: one durable record per response, committed before `Completed` leaves.
 5. deadlines: default and maximum deadline, the budget handed to the pipeline.
 6. verification gate: checks every chunk and holds `Completed` until verified.
 """
@@ -50,8 +52,8 @@ def build_chain(
         tracing_interceptor(tracer_provider),
         RequestContextInterceptor(),
         ObservabilityInterceptor(metrics, log_text=config.logging.log_text),
+        AuditInterceptor(audit_store, metrics),
         LimitsInterceptor(config.quotas),
-        AuditInterceptor(audit_store),
         DeadlineInterceptor(config.deadlines.default_deadline, config.deadlines.max_deadline),
         VerificationGateInterceptor(),
     ]

@@ -1,30 +1,41 @@
-"""Writes one audit record per response, before the terminal message leaves.
+"""Appends a row to the audit trail for every event of every call that passed auth.
 
-It sits outside the verification gate so the record holds the verified
-`Completed` (verdict, verification, digest, counts, timings), and it awaits
-the store before letting `Completed` go: a caller never sees the end of a
-response whose record is not committed. Failed calls are recorded with their
-status and partial usage; a call cancelled by its caller is recorded without
-waiting (its task is already being cancelled). Per chunk it does nothing
-unless the policy asks for token-level events, then it appends one small
-tuple; the text itself is never recorded.
+Rows (see `AuditRecord.event`): a stream's `accepted` (or `resumed`) row is
+committed before its first event leaves, and every call ends with one of
+`completed`, `failed`, `cancelled` or `refused` (ended before a response
+existed: an unknown model, an invalid argument, a quota). It sits outside the
+limits interceptor so quota refusals get their row, and outside the
+verification gate so a `completed` row holds the verified `Completed`.
+
+Fail closed: when a row cannot be committed, nothing it vouches for leaves.
+The call ends with UNAVAILABLE / AUDIT_UNAVAILABLE instead of its first event
+or its `Completed` (or its unary answer), and
+`tokenwire_audit_write_failures_total` counts it. A call that is already
+failing keeps its own status (it releases no text, and its status says how to
+retry or resume); a cancelled call's row is written without waiting. Per chunk
+it does nothing unless the policy asks for token-level events, then it appends
+one small tuple; the text itself is never recorded.
 """
 
 from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import AsyncGenerator
+from collections.abc import AsyncGenerator, Awaitable, Callable
+from concurrent.futures import Future
 from contextlib import aclosing
 from typing import Any
 
 import grpc
+from google.rpc import error_details_pb2, status_pb2
 
 from tokenwire.v1 import respond_pb2 as pb
 from tokenwire_server.audit.records import CALL_RECORD, AuditRecord, CallRecord, TokenEvent
-from tokenwire_server.audit.store import AuditStore
+from tokenwire_server.audit.store import AuditStore, AuditWriteError
 from tokenwire_server.call_context import CALL_IDENTITY, CALL_TENANT
 from tokenwire_server.domain import utf8_length
+from tokenwire_server.errors import STATUS_DETAILS_KEY, TokenwireError, abort, clip
+from tokenwire_server.governance.scrub import scrub, scrub_labels
 from tokenwire_server.interceptors._wrap import (
     AbortHook,
     Context,
@@ -34,74 +45,131 @@ from tokenwire_server.interceptors._wrap import (
     method_name,
     status_name,
 )
+from tokenwire_server.observability.metrics import Metrics
+
+
+class AuditUnavailable(TokenwireError):
+    """The audit row of this call could not be committed, so the call releases
+    nothing more. The message names no file and no cause (the server logs them)."""
+
+    code = grpc.StatusCode.UNAVAILABLE
+    reason = "AUDIT_UNAVAILABLE"
+    retry_after = 1.0
+
+
+def _unavailable() -> AuditUnavailable:
+    return AuditUnavailable("the audit trail cannot be written; nothing more is released")
 
 
 def _name(enum: Any, value: int, prefix: str) -> str:
     return str(enum.Name(value)).removeprefix(prefix) if value else ""
 
 
-def _seconds(duration: Any) -> float:
+def _ms(duration: Any) -> float:
     return float(duration.ToNanoseconds()) / 1e6
 
 
-class AuditInterceptor(RespondServiceInterceptor):
-    #: Calls that produce a response; `Cancel` only acts on one.
-    methods = frozenset({"Respond", "StreamRespond"})
+def _error_reason(trailing_metadata: Any) -> str:
+    """The ErrorInfo reason in a failing call's status details ("" when none)."""
+    for key, value in trailing_metadata or ():
+        if key == STATUS_DETAILS_KEY and isinstance(value, bytes):
+            for detail in status_pb2.Status.FromString(value).details:
+                if detail.Is(error_details_pb2.ErrorInfo.DESCRIPTOR):
+                    info = error_details_pb2.ErrorInfo()
+                    detail.Unpack(info)
+                    return str(info.reason)
+    return ""
 
-    def __init__(self, store: AuditStore) -> None:
-        self._store = store
 
-    def _build(
-        self,
-        request: Any,
-        record: CallRecord,
-        method: str,
-        completed: pb.Completed | None,
-        status: str,
-    ) -> AuditRecord | None:
+class _StatusHook(AbortHook):
+    """An AbortHook that also keeps the ErrorInfo reason of the status it sends."""
+
+    def __init__(
+        self, context: Context, before: Callable[[grpc.StatusCode], Awaitable[None]]
+    ) -> None:
+        super().__init__(context, before)
+        self._self_reason = ""
+
+    @property
+    def reason(self) -> str:
+        return str(self._self_reason)
+
+    async def abort(
+        self, code: grpc.StatusCode, details: str = "", trailing_metadata: Any = ()
+    ) -> None:
+        if not self.fired:
+            self._self_reason = _error_reason(trailing_metadata)
+        await super().abort(code, details, trailing_metadata)
+
+
+def _event(status: str, record: CallRecord) -> str:
+    if status == "OK":
+        return "completed"
+    if status == "CANCELLED":
+        return "cancelled"
+    return "failed" if record.response_id else "refused"
+
+
+class _Call:
+    """One call's audit state: what every row of it shares."""
+
+    def __init__(self, request: Any, method: str) -> None:
+        self.request = request
+        self.method = method
+        self.record = CallRecord(started_ns=time.time_ns())
+        self.labels = scrub_labels(request.labels)
+        resuming = isinstance(request, pb.StreamRespondRequest) and request.HasField("resume")
+        self.resumed_after = request.resume.after_sequence if resuming else -1
+
+    def row(self, event: str, status: str, reason: str = "") -> AuditRecord:
+        """A row from what the servicer noted (no `Completed`)."""
+        record = self.record
         identity = CALL_IDENTITY.get()
-        if completed is None:
-            if not record.response_id:
-                return None  # rejected before a response existed: nothing to audit
-            return AuditRecord(
-                response_id=record.response_id,
-                request_id=identity.request_id if identity else "",
-                trace_id=identity.trace_id if identity else "",
-                tenant=CALL_TENANT.get(),
-                method=method,
-                status=status,
-                error_reason=record.error_reason,
-                labels=dict(request.labels),
-                model=record.model,
-                model_version=record.model_version,
-                policy_id=record.policy_id,
-                policy_version=record.policy_version,
-                delivery_mode="",
-                chunk_count=record.last_sequence,
-                last_sequence=record.last_sequence,
-                final_sha256="",
-                verdict="",
-                review_required=False,
-                verification="",
-                retract_from_sequence=0,
-                actions=[],
-                finish_reason="",
-                prompt_tokens=record.prompt_tokens,
-                completion_tokens=record.completion_tokens,
-                time_to_first_token_ms=0.0,
-                total_ms=(time.time_ns() - record.started_ns) / 1e6,
-                created_at_ns=record.started_ns,
-                token_events=tuple(record.events),
-            )
         return AuditRecord(
+            event=event,
+            response_id=record.response_id,
+            request_id=identity.request_id if identity else "",
+            trace_id=identity.trace_id if identity else "",
+            tenant=CALL_TENANT.get(),
+            method=self.method,
+            status=status,
+            error_reason=record.error_reason or reason,
+            labels=self.labels,
+            # A refused call's model is what the caller asked for: free text.
+            model=record.model or clip(scrub(self.request.model[:256]), 128),
+            model_version=record.model_version,
+            policy_id=record.policy_id,
+            policy_version=record.policy_version,
+            delivery_mode="",
+            chunk_count=record.last_sequence,
+            last_sequence=record.last_sequence,
+            final_sha256="",
+            verdict="",
+            review_required=False,
+            verification="",
+            retract_from_sequence=0,
+            actions=[],
+            finish_reason="",
+            prompt_tokens=record.prompt_tokens,
+            completion_tokens=record.completion_tokens,
+            time_to_first_token_ms=0.0,
+            total_ms=(time.time_ns() - record.started_ns) / 1e6 if status else 0.0,
+            created_at_ns=record.started_ns,
+            token_events=tuple(record.events) if status else (),
+            resumed_after=self.resumed_after,
+        )
+
+    def completed(self, completed: pb.Completed) -> AuditRecord:
+        return AuditRecord(
+            event="completed",
             response_id=completed.response_id,
             request_id=completed.request_id,
             trace_id=completed.trace_id,
             tenant=CALL_TENANT.get(),
-            method=method,
-            status=status,
+            method=self.method,
+            status="OK",
             error_reason="",
-            labels=dict(request.labels),
+            labels=self.labels,
             model=completed.model,
             model_version=completed.model_version,
             policy_id=completed.policy_id,
@@ -129,19 +197,46 @@ class AuditInterceptor(RespondServiceInterceptor):
             finish_reason=_name(pb.FinishReason, completed.finish_reason, "FINISH_REASON_"),
             prompt_tokens=completed.usage.prompt_tokens,
             completion_tokens=completed.usage.completion_tokens,
-            time_to_first_token_ms=_seconds(completed.timing.time_to_first_token),
-            total_ms=_seconds(completed.timing.total),
-            created_at_ns=record.started_ns,
-            token_events=tuple(record.events),
+            time_to_first_token_ms=_ms(completed.timing.time_to_first_token),
+            total_ms=_ms(completed.timing.total),
+            created_at_ns=self.record.started_ns,
+            token_events=tuple(self.record.events),
+            resumed_after=self.resumed_after,
         )
 
-    async def _write(self, record: AuditRecord | None) -> None:
-        if record is not None:
-            await self._store.record(record)
 
-    def _write_nowait(self, record: AuditRecord | None) -> None:
-        if record is not None:
-            self._store.record_nowait(record)
+class AuditInterceptor(RespondServiceInterceptor):
+    #: Calls that produce a response; `Cancel` only acts on one.
+    methods = frozenset({"Respond", "StreamRespond"})
+
+    def __init__(self, store: AuditStore, metrics: Metrics) -> None:
+        self._store = store
+        self._metrics = metrics
+
+    async def _commit(self, row: AuditRecord) -> bool:
+        """Appends the row; False (and counted) when it was not committed."""
+        try:
+            await self._store.record(row)
+        except AuditWriteError:
+            self._metrics.audit_write_failures.inc()
+            return False
+        return True
+
+    def _commit_nowait(self, row: AuditRecord) -> None:
+        def counted(done: Future[None]) -> None:
+            if done.cancelled() or done.exception() is not None:
+                self._metrics.audit_write_failures.inc()
+
+        self._store.record_nowait(row).add_done_callback(counted)
+
+    def _hook(self, context: Context, call: _Call) -> _StatusHook:
+        """Writes the failing call's row just before its status leaves."""
+
+        async def before_status(code: grpc.StatusCode) -> None:
+            await self._commit(call.row(_event(code.name, call.record), code.name, hook.reason))
+
+        hook = _StatusHook(context, before_status)
+        return hook
 
     def wrap_unary(
         self, behavior: UnaryBehavior, details: grpc.HandlerCallDetails
@@ -149,24 +244,21 @@ class AuditInterceptor(RespondServiceInterceptor):
         method = method_name(details)
 
         async def audited(request: Any, context: Context) -> Any:
-            record = CallRecord(started_ns=time.time_ns())
-            CALL_RECORD.set(record)
-
-            async def before_status(code: grpc.StatusCode) -> None:
-                await self._write(self._build(request, record, method, None, code.name))
-
-            hooked = AbortHook(context, before_status)
+            call = _Call(request, method)
+            CALL_RECORD.set(call.record)
+            hooked = self._hook(context, call)
             try:
                 response = await behavior(request, hooked.context)
             except asyncio.CancelledError:
-                self._write_nowait(self._build(request, record, method, None, "CANCELLED"))
+                self._commit_nowait(call.row("cancelled", "CANCELLED"))
                 raise
             except Exception:
                 if not hooked.fired:
                     status = status_name(context)
-                    await self._write(self._build(request, record, method, None, status))
+                    await self._commit(call.row(_event(status, call.record), status))
                 raise
-            await self._write(self._build(request, record, method, response.completed, "OK"))
+            if not await self._commit(call.completed(response.completed)):
+                await abort(context, _unavailable())
             return response
 
         return audited
@@ -177,23 +269,25 @@ class AuditInterceptor(RespondServiceInterceptor):
         method = method_name(details)
 
         async def audited(request: Any, context: Context) -> AsyncGenerator[Any, None]:
-            record = CallRecord(started_ns=time.time_ns())
+            call = _Call(request, method)
+            record = call.record
             CALL_RECORD.set(record)
             events = record.events
-            written = False
-
-            async def before_status(code: grpc.StatusCode) -> None:
-                await self._write(self._build(request, record, method, None, code.name))
-
-            hooked = AbortHook(context, before_status)
+            started = ended = False
+            hooked = self._hook(context, call)
             try:
                 async with aclosing(behavior(request, hooked.context)) as stream:
                     async for event in stream:
+                        if not started:
+                            started = True
+                            first = "resumed" if call.resumed_after >= 0 else "accepted"
+                            if not await self._commit(call.row(first, "")):
+                                ended = True
+                                await abort(context, _unavailable())
                         if event.HasField("completed"):
-                            await self._write(
-                                self._build(request, record, method, event.completed, "OK")
-                            )
-                            written = True
+                            ended = True
+                            if not await self._commit(call.completed(event.completed)):
+                                await abort(context, _unavailable())
                         elif record.token_events and event.HasField("chunk"):
                             chunk = event.chunk
                             events.append(
@@ -208,13 +302,13 @@ class AuditInterceptor(RespondServiceInterceptor):
                             )
                         yield event
             except (asyncio.CancelledError, GeneratorExit):
-                if not written and not hooked.fired:
-                    self._write_nowait(self._build(request, record, method, None, "CANCELLED"))
+                if not ended and not hooked.fired:
+                    self._commit_nowait(call.row("cancelled", "CANCELLED"))
                 raise
             except Exception:
-                if not hooked.fired:
+                if not ended and not hooked.fired:
                     status = status_name(context)
-                    await self._write(self._build(request, record, method, None, status))
+                    await self._commit(call.row(_event(status, record), status))
                 raise
 
         return audited

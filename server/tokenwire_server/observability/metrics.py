@@ -131,6 +131,12 @@ class Metrics:
             ("file",),
             registry=r,
         )
+        self.audit_write_failures = Counter(
+            "tokenwire_audit_write_failures",
+            "Audit rows that could not be committed; each one failed its call closed "
+            "(UNAVAILABLE, AUDIT_UNAVAILABLE) unless the call was already failing.",
+            registry=r,
+        )
         self._server: WSGIServer | None = None
         self._thread: threading.Thread | None = None
 
