@@ -27,6 +27,7 @@ from typing import Any
 from tokenwire_server.audit.records import AuditRecord, TokenEvent
 from tokenwire_server.audit.schema import COERCE, HASHED_COLUMNS, ROW_COLUMNS, TOKEN_COLUMNS
 
+_RECORD_FIELDS = tuple(f.name for f in dataclasses.fields(AuditRecord) if f.name != "token_events")
 #: `prev_sha256` of the first row.
 GENESIS = hashlib.sha256(b"tokenwire audit chain v1").hexdigest()
 #: Problems listed before `verify` stops reading; the first one is what matters.
@@ -57,7 +58,7 @@ def token_tuple(event: TokenEvent) -> tuple[int, ...]:
 
 def stored_row(record: AuditRecord, recorded_at_ns: int) -> dict[str, Any]:
     """The row as SQLite will hand it back, before its chain columns are known."""
-    values = dataclasses.asdict(record)
+    values = {name: getattr(record, name) for name in _RECORD_FIELDS}
     values["labels"] = json.dumps(record.labels, sort_keys=True)
     values["actions"] = json.dumps(record.actions, sort_keys=True)
     values["recorded_at_ns"] = recorded_at_ns

@@ -82,10 +82,11 @@ class SqliteAuditStore(AuditStore):
             raise
         self._connection = connection
 
-    def _write(self, row: dict[str, object], events: tuple[TokenEvent, ...]) -> None:
+    def _write(self, record: AuditRecord) -> None:
         connection = self._connection
         if connection is None:
             raise AuditWriteError("the audit store is closed")
+        row, events = stored_row(record, time.time_ns()), record.token_events
         connection.execute("BEGIN IMMEDIATE")
         try:
             head = connection.execute(
@@ -108,12 +109,16 @@ class SqliteAuditStore(AuditStore):
             raise
 
     def _submit(self, record: AuditRecord) -> Future[None]:
-        row = stored_row(record, time.time_ns())
-        return self._executor.submit(self._write, row, record.token_events)
+        """Hashing and encoding happen on the writer thread too, off the event loop."""
+        return self._executor.submit(self._write, record)
 
     async def record(self, record: AuditRecord) -> None:
+        """A caller cancelled while it waits does not take the row back: the
+        write is shielded, and committed (or logged as failed) all the same."""
         try:
-            await asyncio.wrap_future(self._submit(record))
+            written = asyncio.wrap_future(self._submit(record))
+            written.add_done_callback(_retrieved)
+            await asyncio.shield(written)
         except Exception as error:  # whatever broke, the row is not there
             log.error("audit write failed (%s event): %s", record.event, error)
             raise AuditWriteError("the audit row was not committed") from error
@@ -126,7 +131,7 @@ class SqliteAuditStore(AuditStore):
             future.set_exception(error)
 
         def logged(done: Future[None]) -> None:
-            if done.exception() is not None:
+            if not done.cancelled() and done.exception() is not None:
                 log.error("audit write failed (%s event): %s", record.event, done.exception())
 
         future.add_done_callback(logged)
@@ -145,6 +150,12 @@ class SqliteAuditStore(AuditStore):
 
         await asyncio.get_running_loop().run_in_executor(self._executor, shut)
         self._executor.shutdown(wait=True)
+
+
+def _retrieved(future: asyncio.Future[None]) -> None:
+    """Marks a shielded write's outcome as seen: its caller may be gone."""
+    if not future.cancelled():
+        future.exception()
 
 
 __all__ = [
