@@ -31,6 +31,7 @@ from tokenwire_server.governance.holder import PolicyHolder
 from tokenwire_server.governance.policy import Policy
 from tokenwire_server.interceptors import build_chain
 from tokenwire_server.observability.metrics import Metrics
+from tokenwire_server.observability.stall_watch import StallWatch
 from tokenwire_server.reload import RELOAD_FILES, LoadError, Outcome, one_line
 from tokenwire_server.routing import RoutingReloader
 from tokenwire_server.servicer import RespondServicer
@@ -109,6 +110,11 @@ class TokenwireServer:
                 max_responses=resume.store_max_responses,
                 max_bytes=resume.store_max_bytes,
             )
+        # Stalls are reported at a third of `stall_timeout` (10 s by default), so an
+        # alert fires while the stream is still open, well before the watchdog fails it.
+        self.stall_watch = StallWatch(
+            self.store.running_here, self.metrics.registry, config.deadlines.stall_timeout / 3
+        )
         #: Bound port of /metrics, when served.
         self.metrics_port: int | None = None
         #: Bound port of the plaintext health-only listener, when served.
@@ -184,6 +190,7 @@ class TokenwireServer:
                 observability.metrics_host, observability.metrics_port
             )
         self._server = server
+        self.stall_watch.start()
         for service in ("", SERVICE_NAME):
             await self.health.set(service, health_pb2.HealthCheckResponse.SERVING)
         return self.port
@@ -217,6 +224,7 @@ class TokenwireServer:
         """Releases what `__init__` opened; `drain` ends with it, `--check-config` only this."""
         if self.routing is not None:
             await self.routing.aclose()
+        await self.stall_watch.stop()
         await self.registry.aclose()
         await self.audit_store.close()
         await self.store.close()
