@@ -9,6 +9,18 @@ cd "$(dirname "$0")/.."
 
 python3 -m pip install --quiet --disable-pip-version-check -e '.[dev]' "$@"
 
+# Debian's prometheus package brings promtool and prometheus: the SLO alert
+# tests check and unit-test deploy/prometheus with them and run a real server.
+if ! command -v promtool >/dev/null 2>&1 || ! command -v prometheus >/dev/null 2>&1; then
+  if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
+    apt-get update -qq
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq prometheus >/dev/null
+  else
+    echo "setup: promtool/prometheus not found; 'sudo apt-get install prometheus'," \
+      "or the SLO alert tests will skip" >&2
+  fi
+fi
+
 # Pinned versions: bump them here and nowhere else.
 GO_TOOLS=(
   google.golang.org/protobuf/cmd/protoc-gen-go@v1.36.11
