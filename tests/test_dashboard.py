@@ -1,30 +1,64 @@
-"""The Grafana dashboard only charts metrics the server really exports."""
+"""The Grafana dashboard only charts metrics the server really exports, and series
+the rules in deploy/prometheus really record."""
 
 from __future__ import annotations
 
 import json
 import re
 from pathlib import Path
+from typing import Any
+
+import yaml
 
 from tokenwire_server.observability.metrics import Metrics
+from tokenwire_server.observability.stall_watch import StallWatch
 
-DASHBOARD = (
-    Path(__file__).resolve().parent.parent / "deploy" / "grafana" / "tokenwire-dashboard.json"
-)
+ROOT = Path(__file__).resolve().parent.parent
+DASHBOARD = ROOT / "deploy" / "grafana" / "tokenwire-dashboard.json"
+RULE_FILES = sorted((ROOT / "deploy" / "prometheus").glob("*.rules.yml"))
+#: A recording rule's name: level:metric:operations.
+RECORDED = re.compile(r"\b[a-z_]+:[a-z_0-9]+:[a-z_0-9]+\b")
+
+
+def _queries() -> list[str]:
+    dashboard = json.loads(DASHBOARD.read_text())
+    exprs = []
+    for panel in dashboard["panels"]:
+        assert panel["title"]
+        if panel["type"] == "row":
+            continue
+        assert panel["targets"]
+        exprs += [target["expr"] for target in panel["targets"]]
+    return exprs
+
+
+def _recorded() -> set[str]:
+    rules: list[dict[str, Any]] = [
+        rule
+        for path in RULE_FILES
+        for group in yaml.safe_load(path.read_text())["groups"]
+        for rule in group["rules"]
+    ]
+    return {rule["record"] for rule in rules if "record" in rule}
 
 
 def test_every_dashboard_query_names_an_exported_series() -> None:
     suffixes = {"counter": ("_total",), "histogram": ("_bucket", "_sum", "_count"), "gauge": ("",)}
     series, labels = set(), set()
-    for family in Metrics().registry.collect():
+    metrics = Metrics()
+    StallWatch(lambda: (), metrics.registry)  # registers the stall metrics
+    for family in metrics.registry.collect():
         series |= {family.name + suffix for suffix in suffixes[family.type]}
     for metric in vars(Metrics()).values():
         labels |= set(getattr(metric, "_labelnames", ()))
-    dashboard = json.loads(DASHBOARD.read_text())
     used = set()
-    for panel in dashboard["panels"]:
-        assert panel["title"] and panel["targets"]
-        for target in panel["targets"]:
-            used |= set(re.findall(r"\b((?:tokenwire|gen_ai)_[a-z_]+)", target["expr"]))
+    for expr in _queries():
+        expr = RECORDED.sub("", expr)  # recorded series: the next test
+        used |= set(re.findall(r"\b((?:tokenwire|gen_ai)_[a-z_]+)", expr))
     missing = {name for name in used - labels if name not in series}
     assert used and not missing, missing
+
+
+def test_every_recorded_series_the_dashboard_charts_is_recorded_by_the_rules() -> None:
+    used = {name for expr in _queries() for name in RECORDED.findall(expr)}
+    assert used and not used - _recorded(), sorted(used - _recorded())

@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import importlib.util
+import json
 import re
 import shutil
 import socket
@@ -42,6 +43,7 @@ RULES_DIR = ROOT / "deploy" / "prometheus"
 RULE_FILES = sorted(RULES_DIR.glob("*.rules.yml"))
 UNIT_TESTS = sorted((RULES_DIR / "tests").glob("*.yml"))
 SERVER_SOURCE = ROOT / "server" / "tokenwire_server"
+DASHBOARD = ROOT / "deploy" / "grafana" / "tokenwire-dashboard.json"
 
 
 def _prometheus_tool(name: str) -> str:
@@ -370,6 +372,23 @@ async def test_prometheus_fires_the_stall_and_divergence_alerts_of_a_live_server
             for a in (await _api(client, url, "alerts"))["alerts"]
             if a["state"] == "firing"
         }
+        # Every dashboard query is PromQL this Prometheus accepts, over these rules.
+        panels = json.loads(DASHBOARD.read_text())["panels"]
+        for target in (t for panel in panels for t in panel.get("targets", ())):
+            await _api(client, url, "query", query=target["expr"])
+        budget = await _api(
+            client,
+            url,
+            "query",
+            query=next(
+                t["expr"]
+                for p in panels
+                if p["title"] == "Error budget left (30 days)"
+                for t in p["targets"]
+            ),
+        )
+        left = {r["metric"]["slo"]: float(r["value"][1]) for r in budget["result"]}
+        assert left["divergence"] < 0, left  # every response diverged: budget overspent
     target = f"127.0.0.1:{server.server.metrics_port}"
     assert ("TokenwireStreamStalled", target) in firing
     assert not any(name == "TokenwireOrderingViolation" for name, _ in firing)

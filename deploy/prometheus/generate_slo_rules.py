@@ -66,6 +66,13 @@ def _sum_rate(selector: str) -> str:
     return f"sum by (job) (rate({selector}[{{w}}]))"
 
 
+def _per(part: str, total: str) -> str:
+    """`part / total`, and no sample at all where `total` is 0: a window without
+    traffic records nothing rather than NaN, which would poison every average
+    over it (the dashboard's 30-day budget) for as long as it is in range."""
+    return f"{part}\n/\n(\n{total}\n> 0\n)"
+
+
 RESPONSES = "tokenwire_responses_total"
 STREAMS = 'tokenwire_responses_total{method="StreamRespond"'
 
@@ -74,9 +81,9 @@ SLOS = (
         name="availability",
         alert="TokenwireAvailabilityBudgetBurn",
         objective=0.999,
-        ratio=(
-            _or_zero(_sum_rate(f'{RESPONSES}{{status=~"{SERVER_ERRORS}"}}'), _sum_rate(RESPONSES))
-            + f"\n/\n{_sum_rate(RESPONSES)}"
+        ratio=_per(
+            _or_zero(_sum_rate(f'{RESPONSES}{{status=~"{SERVER_ERRORS}"}}'), _sum_rate(RESPONSES)),
+            _sum_rate(RESPONSES),
         ),
         summary="calls end in a server-side error (INTERNAL, UNKNOWN, DATA_LOSS, UNAVAILABLE)",
     ),
@@ -86,11 +93,12 @@ SLOS = (
         objective=0.99,
         ratio=(
             "1 - (\n"
-            + _sum_rate(
-                f'gen_ai_server_time_to_first_token_seconds_bucket{{le="{TTFT_THRESHOLD}"}}'
+            + _per(
+                _sum_rate(
+                    f'gen_ai_server_time_to_first_token_seconds_bucket{{le="{TTFT_THRESHOLD}"}}'
+                ),
+                _sum_rate("gen_ai_server_time_to_first_token_seconds_count"),
             )
-            + "\n/\n"
-            + _sum_rate("gen_ai_server_time_to_first_token_seconds_count")
             + "\n)"
         ),
         summary=f"responses take longer than {TTFT_THRESHOLD}s to their first token",
@@ -99,15 +107,15 @@ SLOS = (
         name="stream_stability",
         alert="TokenwireStreamStabilityBudgetBurn",
         objective=0.995,
-        ratio=(
+        ratio=_per(
             "(\n"
             + _or_zero(
                 _sum_rate(f'{STREAMS},status=~"{SERVER_ERRORS}"}}'), _sum_rate(STREAMS + "}")
             )
             + "\n+\n"
             + _or_zero(_sum_rate("tokenwire_stalls_total"), _sum_rate(STREAMS + "}"))
-            + "\n)\n/\n"
-            + _sum_rate(f'{STREAMS},status=~"OK|{SERVER_ERRORS}"}}')
+            + "\n)",
+            _sum_rate(f'{STREAMS},status=~"OK|{SERVER_ERRORS}"}}'),
         ),
         summary="streams are cut by a server-side error or stall instead of ending in Completed",
     ),
@@ -120,16 +128,14 @@ SLOS = (
         # the start, while a `status` series only appears with its first response
         # (its first increase is invisible to `rate`), which would leave the
         # ratio empty just when a fresh server's responses all diverge.
-        ratio=(
+        ratio=_per(
+            _sum_rate("tokenwire_retractions_total"),
             _sum_rate("tokenwire_retractions_total")
-            + "\n/\n(\n"
-            + _sum_rate("tokenwire_retractions_total")
             + "\n+\n"
             + _or_zero(
                 _sum_rate('tokenwire_verifications_total{status!="DIVERGED"}'),
                 _sum_rate("tokenwire_retractions_total"),
-            )
-            + "\n)"
+            ),
         ),
         summary="responses diverge from what was streamed and are retracted",
     ),
