@@ -130,6 +130,25 @@ async def test_every_call_is_rows_of_its_own_events_and_the_chain_holds(
     assert tokenwire(capsys, "audit", "verify", str(path))[0] == 0
 
 
+async def test_a_refusal_row_keeps_little_of_what_the_caller_sent(
+    start_server: StartServer, tmp_path: Path
+) -> None:
+    """Refused labels were never validated: bounded and scrubbed, so a refused call
+    can neither fill the disk nor put a pasted secret in the trail."""
+    path = tmp_path / "audit.sqlite3"
+    server = await start_server(audit_path=str(path))
+    labels = {f"k{n:02}": "v" * 5000 for n in range(40)}
+    labels["k00"] = "mail jane.doe@example.com " + "x" * 5000
+    with pytest.raises(grpc.aio.AioRpcError) as refused:
+        await server.stub.Respond(respond_request(labels=labels, model="x" * 10_000))
+    assert refused.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    (row,) = rows_of(path)
+    assert row["event"] == "refused" and row["error_reason"]
+    assert len(row["labels"]) == 8 and len(row["model"]) <= 128
+    assert all(len(k) <= 64 and len(v) <= 128 for k, v in row["labels"].items())
+    assert "jane.doe@example.com" not in json.dumps(row)
+
+
 def _refusal_like(row: dict[str, Any]) -> Any:
     from tokenwire_server.audit.records import AuditRecord
 

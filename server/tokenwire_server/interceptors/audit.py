@@ -20,6 +20,7 @@ one small tuple; the text itself is never recorded.
 from __future__ import annotations
 
 import asyncio
+import itertools
 import time
 from collections.abc import AsyncGenerator, Awaitable, Callable
 from concurrent.futures import Future
@@ -102,6 +103,28 @@ class _StatusHook(AbortHook):
         await super().abort(code, details, trailing_metadata)
 
 
+#: What a refusal row keeps of the caller's labels: they were not validated (they
+#: may be why the call was refused), so they are bounded before they are scrubbed.
+REFUSED_LABELS = 8
+REFUSED_KEY_CHARS = 64
+REFUSED_VALUE_CHARS = 128
+
+
+def _refused_labels(labels: dict[str, str]) -> dict[str, str]:
+    """A refused call's labels as its row keeps them: at most 8, scrubbed, then
+    clipped (scrubbed first, so a value the clip cuts is still recognised whole).
+    Scrubbing costs ~50 us a string, so only this path pays for it, and a
+    refused call can neither write megabytes nor burn milliseconds."""
+    kept = itertools.islice(labels.items(), REFUSED_LABELS)
+    scrubbed = scrub_labels(
+        {key[: REFUSED_KEY_CHARS * 2]: value[: REFUSED_VALUE_CHARS * 2] for key, value in kept}
+    )
+    return {
+        clip(key, REFUSED_KEY_CHARS): clip(value, REFUSED_VALUE_CHARS)
+        for key, value in scrubbed.items()
+    }
+
+
 def _event(status: str, record: CallRecord) -> str:
     if status == "OK":
         return "completed"
@@ -134,9 +157,7 @@ class _Call:
             method=self.method,
             status=status,
             error_reason=record.error_reason or reason,
-            # A refusal's labels may be what was refused: scrubbed (only on this path,
-            # as scrubbing costs ~100 us a label).
-            labels=scrub_labels(self.labels) if event == "refused" else self.labels,
+            labels=_refused_labels(self.labels) if event == "refused" else self.labels,
             # A refused call's model is what the caller asked for: free text.
             model=record.model or clip(scrub(self.request.model[:256]), 128),
             model_version=record.model_version,
