@@ -12,7 +12,8 @@ import hashlib
 from google.protobuf import duration_pb2, timestamp_pb2
 
 from tokenwire.v1 import respond_pb2 as pb
-from tokenwire_server.delivery.response import ChunkRecord, LiveResponse, Outcome
+from tokenwire_server.delivery.chunks import ChunkRecord
+from tokenwire_server.delivery.response import LiveResponse, Outcome
 from tokenwire_server.domain import Action, DeliveryMode
 
 

@@ -16,15 +16,17 @@ caller wins and later calls are no-ops, so racing endings are safe.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import enum
 import math
 import time
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import NamedTuple, Protocol
+from typing import Protocol
 
 from tokenwire.v1 import respond_pb2 as pb
+from tokenwire_server.delivery.chunks import ChunkRecord, ChunkSequence, CompactChunks
 from tokenwire_server.domain import (
     Action,
     DeliveryMode,
@@ -43,19 +45,6 @@ class State(enum.Enum):
     FINISHED = "finished"
     FAILED = "failed"
     CANCELLED = "cancelled"
-
-
-class ChunkRecord(NamedTuple):
-    """One chunk of the log, as cut. A named tuple, not a frozen dataclass: one is
-    built per chunk on the hot path, and a frozen dataclass's `__init__` costs
-    three times as much (it sets every field through `object.__setattr__`)."""
-
-    sequence: int
-    text: str
-    text_offset: int
-    token_count: int
-    actions: tuple[Action, ...]
-    emitted_at_ns: int
 
 
 @dataclass(frozen=True, slots=True)
@@ -95,7 +84,7 @@ class LiveResponse:
         self._loop = asyncio.get_running_loop()
         self.started_at = self._loop.time()
         self.first_token_at: float | None = None
-        self.chunks: list[ChunkRecord] = []
+        self.chunks: ChunkSequence = []
         self.state = State.RUNNING
         self.outcome: Outcome | None = None
         self.error: TokenwireError | None = None
@@ -137,6 +126,7 @@ class LiveResponse:
         #: A shared log (several replicas): chunks are written there before they are sent.
         self.log: ChunkLog | None = None
         self._log_ended = False
+        self._compact_when_idle = False
         #: Set on a replica that only mirrors another's response: called when its
         #: last reader leaves (the mirror stops following; the owner goes on).
         self.on_orphaned: Callable[[LiveResponse], None] | None = None
@@ -160,6 +150,7 @@ class LiveResponse:
             return
         if self.done:
             self._log_end_when_complete()
+            self._compact_if_idle()
             return
         if not self.resumable:
             self.stop_generation()
@@ -215,6 +206,32 @@ class LiveResponse:
         if self._detach_timer is not None and not self.done:
             self._detach_timer.cancel()
             self._detach_timer = self._loop.call_later(self.detach_window, self.stop_generation)
+
+    def keep_compact(self) -> None:
+        """Called by a store that keeps this ended response (for resume and
+        retries, thousands at once): once nothing can add a chunk (no reader,
+        nothing pending), the chunk log and released text shrink to the compact
+        form, about a tenth of the memory, and what only generation needed goes."""
+        self._compact_when_idle = True
+        self._compact_if_idle()
+
+    def _compact_if_idle(self) -> None:
+        if not self._compact_when_idle or not self.done or self.readers or self._pending:
+            return
+        self._compact_when_idle = False
+        released = self.released_text
+        if self.chunks and isinstance(self.chunks, list):
+            compact = CompactChunks(self.chunks)
+            self.chunks = compact
+            if compact.text == released:
+                released = compact.text  # one string for both
+        self._released = [released]
+        outcome = self.outcome
+        if outcome is not None and outcome.final_text == released:
+            self.outcome = dataclasses.replace(outcome, final_text=released)
+        self.task = None
+        self._on_end = []
+        self._pending_actions = []
 
     def on_end(self, callback: Callable[[LiveResponse], None]) -> None:
         self._on_end.append(callback)

@@ -75,6 +75,7 @@ class InMemoryResponseStore(ResponseStore):
     def finished(self, response: LiveResponse) -> None:
         if response.response_id not in self._responses or response.response_id in self._ended:
             return
+        response.keep_compact()
         size = response.retained_bytes
         self._ended[response.response_id] = (self._clock() + self._retention, size)
         self._ended_bytes += size

@@ -59,7 +59,8 @@ from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 from redis.exceptions import ReadOnlyError
 
-from tokenwire_server.delivery.response import ChunkRecord, LiveResponse, Outcome, State
+from tokenwire_server.delivery.chunks import ChunkRecord
+from tokenwire_server.delivery.response import LiveResponse, Outcome, State
 from tokenwire_server.domain import (
     Action,
     DeliveryMode,

@@ -1,0 +1,112 @@
+"""Chunks as cut, and the compact log an ended response keeps of them.
+
+A running response keeps one `ChunkRecord` per chunk: a tuple, a string and
+up to three boxed integers each, about 220 bytes for a one-token chunk. An
+ended response is kept for `retention` seconds so it can be resumed or
+retried into, and thousands are kept at once; per chunk, all a replay needs
+is its text, offset, token count, emission time and actions. Here the texts
+are one string and the numbers sit in typed arrays (about 24 bytes a chunk),
+and a `ChunkRecord` is rebuilt, identical, when a reader asks for one.
+"""
+
+from __future__ import annotations
+
+from array import array
+from collections.abc import Iterator, Sequence
+from typing import NamedTuple, Protocol, overload
+
+from tokenwire_server.domain import Action
+
+
+class ChunkRecord(NamedTuple):
+    """One chunk of the log, as cut. A named tuple, not a frozen dataclass: one is
+    built per chunk on the hot path, and a frozen dataclass's `__init__` costs
+    three times as much (it sets every field through `object.__setattr__`)."""
+
+    sequence: int
+    text: str
+    text_offset: int
+    token_count: int
+    actions: tuple[Action, ...]
+    emitted_at_ns: int
+
+
+class ChunkSequence(Protocol):
+    """A chunk log: a list while the response runs, `CompactChunks` once ended."""
+
+    def __len__(self) -> int: ...
+
+    @overload
+    def __getitem__(self, index: int) -> ChunkRecord: ...
+
+    @overload
+    def __getitem__(self, index: slice) -> list[ChunkRecord]: ...
+
+    def __iter__(self) -> Iterator[ChunkRecord]: ...
+
+    def append(self, record: ChunkRecord, /) -> None: ...
+
+
+class CompactChunks(Sequence[ChunkRecord]):
+    """A read-only chunk log; sequences are 1..n, as `LiveResponse` cuts them."""
+
+    __slots__ = ("_actions", "_emitted", "_ends", "_offsets", "_text", "_tokens")
+
+    def __init__(self, records: Sequence[ChunkRecord]) -> None:
+        self._text = "".join(r.text for r in records)
+        ends = array("I")
+        position = 0
+        for record in records:
+            position += len(record.text)
+            ends.append(position)
+        self._ends = ends
+        # ASCII text (the common case): a chunk's byte offset is where the
+        # previous chunk's text ended, so no array is needed.
+        self._offsets = (
+            None if self._text.isascii() else array("Q", (r.text_offset for r in records))
+        )
+        self._tokens = array("I", (r.token_count for r in records))
+        self._emitted = array("q", (r.emitted_at_ns for r in records))
+        self._actions: dict[int, tuple[Action, ...]] = {
+            index: r.actions for index, r in enumerate(records) if r.actions
+        }
+
+    def __len__(self) -> int:
+        return len(self._ends)
+
+    @overload
+    def __getitem__(self, index: int) -> ChunkRecord: ...
+
+    @overload
+    def __getitem__(self, index: slice) -> list[ChunkRecord]: ...
+
+    def __getitem__(self, index: int | slice) -> ChunkRecord | list[ChunkRecord]:
+        if isinstance(index, slice):
+            return [self._record(i) for i in range(*index.indices(len(self)))]
+        if index < 0:
+            index += len(self)
+        if not 0 <= index < len(self):
+            raise IndexError("chunk index out of range")
+        return self._record(index)
+
+    def __iter__(self) -> Iterator[ChunkRecord]:
+        return (self._record(i) for i in range(len(self)))
+
+    def append(self, record: ChunkRecord, /) -> None:
+        raise RuntimeError("an ended response's chunk log takes no more chunks")
+
+    def _record(self, index: int) -> ChunkRecord:
+        start = self._ends[index - 1] if index else 0
+        return ChunkRecord(
+            index + 1,
+            self._text[start : self._ends[index]],
+            start if self._offsets is None else self._offsets[index],
+            self._tokens[index],
+            self._actions.get(index, ()),
+            self._emitted[index],
+        )
+
+    @property
+    def text(self) -> str:
+        """All chunks' text, in order."""
+        return self._text
