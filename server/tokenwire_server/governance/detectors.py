@@ -42,6 +42,10 @@ class Detector:
     #: A cheap necessary condition on the unreleased text: when it finds nothing,
     #: no match and no match in progress can be there, so the pattern need not run.
     gate: regex.Pattern[str] | None = None
+    #: What every value this detector redacts in a whole text contains, a
+    #: value under way at its end included (None: not known): `scrub` passes
+    #: text holding none of the built-ins' needs without running them.
+    needs: str | None = None
 
 
 def _luhn(digits: list[int]) -> bool:
@@ -131,13 +135,21 @@ def _compile(pattern: str) -> regex.Pattern[str]:
     return regex.compile(pattern, regex.VERSION1)
 
 
+def _literals(literals: tuple[str, ...], fold: bool) -> str:
+    return f"{'(?i:' if fold else '(?:'}{'|'.join(regex.escape(lit) for lit in literals)})"
+
+
 def literal_gate(*literals: str, fold: bool = False) -> regex.Pattern[str]:
     """For patterns that start with one of `literals`: a match needs one in the
     text, and one in progress needs the text to end with a start of one."""
     starts = sorted({lit[:k] for lit in literals for k in range(1, len(lit))}, key=len)
-    whole = "|".join(regex.escape(lit) for lit in literals)
     ends = "|".join(regex.escape(start) for start in reversed(starts))
-    return regex.compile(f"{'(?i)' if fold else ''}{whole}|(?:{ends})\\Z", regex.VERSION1)
+    return _compile(f"{_literals(literals, fold)}|(?:{ends})\\Z")
+
+
+def literal_needs(*literals: str, fold: bool = False) -> str:
+    """The `needs` of a detector whose values start with one of `literals`."""
+    return _literals(literals, fold)
 
 
 #: Every card, SSN and address has a digit.
@@ -151,6 +163,13 @@ _IBAN_GATE = _compile(r"\d|[A-Z]\Z")
 _EMAIL_GATE = _compile(r"@|[\w.+-]\Z")
 
 
+_API_TOKEN_PREFIXES = (
+    *("sk-", "ghp_", "gho_", "ghu_", "ghs_", "ghr_", "github_pat_", "xapp-", "AIza"),
+    *(f"xox{kind}-" for kind in "abeoprs"),
+    *(f"{kind}k_{mode}_" for kind in "sr" for mode in ("live", "test")),
+    "hf_",
+)
+
 _PEM_LABEL = r"(?:[A-Z0-9]+ )*PRIVATE KEY(?: BLOCK)?"
 
 BUILTIN_DETECTORS: dict[str, Detector] = {
@@ -162,6 +181,7 @@ BUILTIN_DETECTORS: dict[str, Detector] = {
             _compile(r"(?<![\w.+-])[\w.+-]+@[A-Za-z0-9-]+(?:\.[A-Za-z0-9-]+)*\.[A-Za-z]{2,}"),
             begun=_compile(r"@"),
             gate=_EMAIL_GATE,
+            needs="@",
         ),
         Detector(
             "payment_card",
@@ -170,6 +190,7 @@ BUILTIN_DETECTORS: dict[str, Detector] = {
             luhn_valid,
             begun=_compile(r"(?:\d[ -]?){10}"),
             gate=_DIGIT_GATE,
+            needs=r"(?:\d[ -]?){10}",
         ),
         Detector(
             "iban",
@@ -178,6 +199,7 @@ BUILTIN_DETECTORS: dict[str, Detector] = {
             iban_valid,
             begun=_compile(r"^[A-Z]{2}\d{2} ?[A-Z0-9]{4}"),
             gate=_IBAN_GATE,
+            needs=r"[A-Z]{2}\d{2}",
         ),
         Detector(
             "us_ssn",
@@ -185,6 +207,7 @@ BUILTIN_DETECTORS: dict[str, Detector] = {
             _compile(r"(?<!\d-?)\d{3,}-\d{2}-\d{4,}(?!-?\d)"),
             begun=_compile(r"\d{3}-\d{2}"),
             gate=_DIGIT_GATE,
+            needs=r"\d{3}-\d{2}",
         ),
         Detector(
             "phone",
@@ -205,6 +228,7 @@ BUILTIN_DETECTORS: dict[str, Detector] = {
             # parentheses) with seven digits: a bare number at the end is not one.
             begun=_compile(r"^(?=.*(?:\+|\d[ .-]\d|\(\d))(?:\d\D{0,2}){7}"),
             gate=_PHONE_GATE,
+            needs=r"(?:[+(]|\d[ .-])\d",
         ),
         Detector(
             "ipv4",
@@ -217,6 +241,7 @@ BUILTIN_DETECTORS: dict[str, Detector] = {
             ),
             begun=_compile(r"(?:\d{1,3}\.){3}"),
             gate=_DIGIT_GATE,
+            needs=r"\d\.\d",
         ),
         Detector(
             "aws_access_key",
@@ -224,6 +249,7 @@ BUILTIN_DETECTORS: dict[str, Detector] = {
             _compile(r"(?:AKIA|ASIA)[A-Z0-9]{16,}"),
             begun=_compile(r"^(?:AKIA|ASIA)[A-Z0-9]{4}"),
             gate=literal_gate("AKIA", "ASIA"),
+            needs=literal_needs("AKIA", "ASIA"),
         ),
         Detector(
             "api_token",
@@ -242,12 +268,8 @@ BUILTIN_DETECTORS: dict[str, Detector] = {
                 r"^(?:sk-|gh[pousr]_|github_pat_|xox[abeoprs]-|xapp-|AIza|[sr]k_(?:live|test)_|hf_)"
                 r"[A-Za-z0-9_-]{4}"
             ),
-            gate=literal_gate(
-                *("sk-", "ghp_", "gho_", "ghu_", "ghs_", "ghr_", "github_pat_", "xapp-", "AIza"),
-                *(f"xox{kind}-" for kind in "abeoprs"),
-                *(f"{kind}k_{mode}_" for kind in "sr" for mode in ("live", "test")),
-                "hf_",
-            ),
+            gate=literal_gate(*_API_TOKEN_PREFIXES),
+            needs=literal_needs(*_API_TOKEN_PREFIXES),
         ),
         Detector(
             "bearer_token",
@@ -255,6 +277,7 @@ BUILTIN_DETECTORS: dict[str, Detector] = {
             _compile(r"(?i:bearer)[ \t]+[A-Za-z0-9._~+/-]{16,}=*"),
             begun=_compile(r"(?i:bearer)[ \t]+[A-Za-z0-9._~+/-]{4}"),
             gate=literal_gate("bearer", fold=True),
+            needs=literal_needs("bearer", fold=True),
         ),
         Detector(
             "jwt",
@@ -264,6 +287,7 @@ BUILTIN_DETECTORS: dict[str, Detector] = {
             _compile(r"eyJ[A-Za-z0-9_+/-]{5,}=*\.[A-Za-z0-9_+/-]{4,}=*\.[A-Za-z0-9_+/-]*=*"),
             begun=_compile(r"^eyJ[A-Za-z0-9_-]{4}"),
             gate=literal_gate("eyJ"),
+            needs=literal_needs("eyJ"),
         ),
         Detector(
             "private_key",
@@ -272,6 +296,7 @@ BUILTIN_DETECTORS: dict[str, Detector] = {
             end_marker=_compile(rf"-----END {_PEM_LABEL}-----"),
             begun=_compile(r"^-----BEGIN "),
             gate=literal_gate("-----BEGIN "),
+            needs=literal_needs("-----BEGIN "),
         ),
     )
 }
