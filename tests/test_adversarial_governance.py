@@ -573,7 +573,7 @@ async def test_an_upstream_failure_inside_a_value_releases_none_of_it(
 
 
 async def test_caller_ids_labels_and_model_names_never_reach_logs_spans_or_metrics_raw(
-    start_server: StartServer, caplog: pytest.LogCaptureFixture
+    start_server: StartServer, caplog: pytest.LogCaptureFixture, tmp_path: Path
 ) -> None:
     """The request id, the labels and a refused model name are the caller's free
     text: logs, span attributes, metric labels and error details carry them
@@ -588,7 +588,8 @@ async def test_caller_ids_labels_and_model_names_never_reach_logs_spans_or_metri
     exporter = InMemorySpanExporter()
     provider = TracerProvider()
     provider.add_span_processor(SimpleSpanProcessor(exporter))
-    server = await start_server(tracer_provider=provider)
+    audit_path = tmp_path / "audit.sqlite3"
+    server = await start_server(tracer_provider=provider, audit_path=str(audit_path))
     key = "AKIAIOSFODNN7EXAMPLE"
     email = "jane.doe@example.com"
     caplog.set_level("DEBUG")
@@ -610,7 +611,11 @@ async def test_caller_ids_labels_and_model_names_never_reach_logs_spans_or_metri
     spans = [json.dumps(dict(span.attributes or {})) for span in exporter.get_finished_spans()]
     metrics = generate_latest(server.server.metrics.registry).decode()
     trailers = [str(v) for v in invalid.value.trailing_metadata() or ()]
-    everything = [*logged, *spans, metrics, *trailers, invalid.value.details() or ""]
+    from tokenwire_server.audit.reader import read_records
+
+    audited = json.dumps(read_records(audit_path, limit=100), default=str)
+    assert '"refused"' in audited and '"completed"' in audited
+    everything = [*logged, *spans, metrics, *trailers, invalid.value.details() or "", audited]
     assert_no_fragment("aws_access_key", key, *everything)
     assert_no_fragment("email", email, *everything)
     assert any("[EMAIL]" in text for text in logged)

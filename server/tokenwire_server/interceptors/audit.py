@@ -140,9 +140,17 @@ class _Call:
         self.request = request
         self.method = method
         self.record = CallRecord(started_ns=time.time_ns())
-        self.labels = dict(request.labels)
+        self._labels: dict[str, str] | None = None
         resuming = isinstance(request, pb.StreamRespondRequest) and request.HasField("resume")
         self.resumed_after = request.resume.after_sequence if resuming else -1
+
+    @property
+    def labels(self) -> dict[str, str]:
+        """The validated labels, scrubbed once for every row of the call: they
+        are the caller's free text, and the trail keeps no value raw."""
+        if self._labels is None:
+            self._labels = scrub_labels(self.request.labels)
+        return self._labels
 
     def row(self, event: str, status: str, reason: str = "") -> AuditRecord:
         """A row from what the servicer noted (no `Completed`)."""
@@ -151,13 +159,15 @@ class _Call:
         return AuditRecord(
             event=event,
             response_id=record.response_id,
-            request_id=identity.request_id if identity else "",
+            request_id=scrub(identity.request_id) if identity else "",
             trace_id=identity.trace_id if identity else "",
             tenant=CALL_TENANT.get(),
             method=self.method,
             status=status,
             error_reason=record.error_reason or reason,
-            labels=_refused_labels(self.labels) if event == "refused" else self.labels,
+            labels=_refused_labels(dict(self.request.labels))
+            if event == "refused"
+            else self.labels,
             # A refused call's model is what the caller asked for: free text.
             model=record.model or clip(scrub(self.request.model[:256]), 128),
             model_version=record.model_version,
@@ -186,7 +196,7 @@ class _Call:
         return AuditRecord(
             event="completed",
             response_id=completed.response_id,
-            request_id=completed.request_id,
+            request_id=scrub(completed.request_id),
             trace_id=completed.trace_id,
             tenant=CALL_TENANT.get(),
             method=self.method,
