@@ -216,3 +216,52 @@ async def test_client_and_cli_send_the_key(secured) -> None:
     )
     out, _ = await hashed.communicate(KEY_A.encode() + b"\n")
     assert out.decode().strip() == hashlib.sha256(KEY_A.encode()).hexdigest()
+
+
+@pytest.mark.parametrize(
+    ("metadata", "reason"),
+    [
+        ((("authorization", KEY_A),), "MALFORMED_CREDENTIALS"),  # a bare key
+        ((("authorization", f"Basic {KEY_A}"),), "MALFORMED_CREDENTIALS"),
+        ((("authorization", f"Token {KEY_A}"),), "MALFORMED_CREDENTIALS"),
+        ((("authorization", "Bearer"),), "MALFORMED_CREDENTIALS"),
+        ((("authorization", "Bearer "),), "MALFORMED_CREDENTIALS"),
+        ((("authorization", f"Bearer {KEY_A} {KEY_B}"),), "MALFORMED_CREDENTIALS"),
+        ((("authorization", f"Bearer{KEY_A}"),), "MALFORMED_CREDENTIALS"),
+        (
+            (("authorization", f"Bearer {KEY_A}"), ("authorization", f"Bearer {KEY_B}")),
+            "DUPLICATE_CREDENTIALS",
+        ),
+        (
+            (("authorization", "Bearer wrong"), ("authorization", f"Bearer {KEY_A}")),
+            "DUPLICATE_CREDENTIALS",
+        ),
+    ],
+)
+async def test_only_one_bearer_header_is_accepted(
+    secured, metadata: tuple[tuple[str, str], ...], reason: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.DEBUG)
+    for call in (
+        lambda: collect(secured.stub.StreamRespond(stream_request(), metadata=metadata)),
+        lambda: secured.stub.Respond(
+            pb.RespondRequest(messages=[pb.ChatMessage(role=pb.ROLE_USER, content="hi")]),
+            metadata=metadata,
+        ),
+    ):
+        with pytest.raises(grpc.aio.AioRpcError) as raised:
+            await call()
+        details = status_details(raised.value)
+        assert details.code == grpc.StatusCode.UNAUTHENTICATED
+        assert details.error_info.reason == reason
+        assert KEY_A not in (raised.value.details() or "") and KEY_A not in caplog.text
+    assert secured.simulator.stats.started == 0
+
+
+@pytest.mark.parametrize("scheme", ["Bearer", "bearer", "BEARER"])
+async def test_the_bearer_scheme_is_case_insensitive(secured, scheme: str) -> None:
+    metadata = (("authorization", f"{scheme} {KEY_A}"),)
+    completed = completed_of(
+        await collect(secured.stub.StreamRespond(stream_request(), metadata=metadata))
+    )
+    assert completed.verification.status == pb.VERIFICATION_STATUS_VERIFIED

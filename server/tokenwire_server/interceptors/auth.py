@@ -12,6 +12,7 @@ never logged.
 from __future__ import annotations
 
 import inspect
+import re
 from collections.abc import Callable
 from typing import Any
 
@@ -30,6 +31,17 @@ from tokenwire_server.interceptors._wrap import (
 class Unauthenticated(TokenwireError):
     code = grpc.StatusCode.UNAUTHENTICATED
     reason = "UNAUTHENTICATED"
+
+
+#: RFC 6750: the scheme, case-insensitive, then one token (no spaces inside).
+_BEARER = re.compile(r"[Bb][Ee][Aa][Rr][Ee][Rr] +([^\s]+) *")
+
+
+def bearer_key(header: str) -> str | None:
+    """The key of `Bearer <key>`; None for anything else (a bare key, another
+    scheme, no key, a key with spaces), which is refused rather than guessed."""
+    match = _BEARER.fullmatch(header)
+    return match.group(1) if match else None
 
 
 def _certificate_identity(context: Context) -> str | None:
@@ -62,11 +74,19 @@ class AuthInterceptor(RespondServiceInterceptor):
         return _guarded(handler, self.enter)
 
     def _tenant(self, context: Context) -> str:
-        metadata = dict(context.invocation_metadata() or ())
-        header = str(metadata.get("authorization", ""))
-        if header and self._authenticator is not None:
-            scheme, _, key = header.partition(" ")
-            key = key.strip() if scheme.lower() == "bearer" else header.strip()
+        headers = [v for k, v in context.invocation_metadata() or () if k == "authorization"]
+        if len(headers) > 1:
+            # Which one would win depends on the proxy in between: refuse both.
+            raise Unauthenticated(
+                "send one `authorization` header, not several", reason="DUPLICATE_CREDENTIALS"
+            )
+        if headers and self._authenticator is not None:
+            key = bearer_key(str(headers[0]))
+            if key is None:
+                raise Unauthenticated(
+                    "the `authorization` header must be `Bearer <API key>`",
+                    reason="MALFORMED_CREDENTIALS",
+                )
             tenant = self._authenticator.tenant_for(key)
             if tenant is None:
                 raise Unauthenticated("the API key is not valid", reason="INVALID_CREDENTIALS")
