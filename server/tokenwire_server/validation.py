@@ -149,6 +149,13 @@ def parse_call(
         )
 
     backend, model = registry.resolve(request.model)
+    knob_problems = backend.check_labels(request.labels)
+    if knob_problems:
+        raise InvalidRequest(
+            f"invalid request: {knob_problems[0].field}: {knob_problems[0].description}",
+            reason="INVALID_SIMULATOR_KNOB",
+            violations=knob_problems,
+        )
     generation = GenerationRequest(
         model=model.name,
         messages=tuple(messages),

@@ -16,6 +16,7 @@ import abc
 from collections.abc import AsyncIterator, Mapping
 
 from tokenwire_server.domain import Finish, GenerationRequest
+from tokenwire_server.errors import FieldViolation
 
 
 class Backend(abc.ABC):
@@ -39,6 +40,11 @@ class Backend(abc.ABC):
         Raises `tokenwire_server.errors.TokenwireError` subclasses for failures
         a caller should see as a specific status (e.g. `BackendUnavailable`).
         """
+
+    def check_labels(self, labels: Mapping[str, str]) -> list[FieldViolation]:
+        """What is wrong with the labels this backend reads (its knobs), so a
+        bad one is refused before a response exists; none by default."""
+        return []
 
     async def aclose(self) -> None:  # noqa: B027 - optional hook, no-op by default
         """Releases connections at server shutdown."""

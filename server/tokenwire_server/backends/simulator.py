@@ -166,6 +166,54 @@ class _Knobs:
     raise_after: int | None
 
 
+#: Every knob a request can set, as (integer?, lowest, highest): values are
+#: finite and inside these bounds, anything else is INVALID_ARGUMENT naming the
+#: label (docs/request-bounds.md lists them).
+KNOBS: dict[str, tuple[bool, float, float]] = {
+    "answer-tokens": (True, 0, 1_000_000),
+    "ttft-ms": (False, 0, 600_000),
+    "inter-token-ms": (False, 0, 60_000),
+    "echo-token-chars": (True, 1, 4096),
+    "fail-after": (True, 0, 1_000_000),
+    "stall-after": (True, 0, 1_000_000),
+    "raise-after": (True, 0, 1_000_000),
+}
+
+
+def _present(labels: Mapping[str, str]) -> list[str]:
+    return [k[len(KNOB_PREFIX) :] for k in labels if k.startswith(KNOB_PREFIX)]
+
+
+def _parse_knob(knob: str, raw: str) -> float | FieldViolation:
+    field = f"labels[{KNOB_PREFIX}{knob}]"
+    spec = KNOBS.get(knob)
+    if spec is None:
+        return FieldViolation(field, f"unknown simulator knob; known: {', '.join(sorted(KNOBS))}")
+    integer, low, high = spec
+    kind = "an integer" if integer else "a number"
+    try:
+        value: float = int(raw) if integer else float(raw)
+    except ValueError:
+        return FieldViolation(field, f"must be {kind} from {low:g} to {high:g}")
+    if not (math.isfinite(value) and low <= value <= high):
+        return FieldViolation(field, f"must be {kind} from {low:g} to {high:g}")
+    return value
+
+
+def knob_violations(labels: Mapping[str, str]) -> list[FieldViolation]:
+    """What is wrong with the simulator knobs among `labels`, before generation."""
+    found = [_parse_knob(knob, labels[KNOB_PREFIX + knob]) for knob in _present(labels)]
+    return [f for f in found if isinstance(f, FieldViolation)]
+
+
+def _knob_error(problems: list[FieldViolation]) -> InvalidRequest:
+    return InvalidRequest(
+        f"invalid simulator knob: {problems[0].field}: {problems[0].description}",
+        reason="INVALID_SIMULATOR_KNOB",
+        violations=problems,
+    )
+
+
 @dataclass(slots=True)
 class SimulatorStats:
     """Counters tests read to prove what happened inside the backend."""
@@ -263,40 +311,33 @@ class SimulatorBackend(Backend):
     def models(self) -> Mapping[str, str]:
         return {SIM_MODEL: MODEL_VERSION, ECHO_MODEL: MODEL_VERSION}
 
+    def check_labels(self, labels: Mapping[str, str]) -> list[FieldViolation]:
+        return knob_violations(labels)
+
     def _knobs(self, labels: Mapping[str, str]) -> _Knobs:
         c = self._config
+        values = {knob: _parse_knob(knob, labels[KNOB_PREFIX + knob]) for knob in _present(labels)}
+        problems = [v for v in values.values() if isinstance(v, FieldViolation)]
+        if problems:
+            raise _knob_error(problems)
 
-        def number(knob: str, default: float | None, integer: bool) -> float | None:
-            raw = labels.get(KNOB_PREFIX + knob)
-            if raw is None:
-                return default
-            try:
-                value = int(raw) if integer else float(raw)
-            except ValueError:
-                value = -1
-            if value < 0:
-                raise InvalidRequest(
-                    f"label {KNOB_PREFIX}{knob} must be a non-negative "
-                    f"{'integer' if integer else 'number'}",
-                    reason="INVALID_SIMULATOR_KNOB",
-                    violations=[FieldViolation(f"labels[{KNOB_PREFIX}{knob}]", f"got {raw!r}")],
-                )
-            return value
+        def number(knob: str) -> float | None:
+            value = values.get(knob)
+            return value if isinstance(value, (int, float)) else None
 
         def ms(knob: str, default: float) -> float:
-            value = number(knob, None, integer=False)
+            value = number(knob)
             return default if value is None else value / 1000.0
 
         def count(knob: str, default: int | None) -> int | None:
-            value = number(knob, default, integer=True)
-            return None if value is None else int(value)
+            value = number(knob)
+            return default if value is None else int(value)
 
-        echo_chars = count("echo-token-chars", c.sim_echo_token_chars) or 1
         return _Knobs(
             answer_tokens=count("answer-tokens", c.sim_answer_tokens) or 0,
             time_to_first_token=ms("ttft-ms", c.sim_time_to_first_token),
             inter_token_delay=ms("inter-token-ms", c.sim_inter_token_delay),
-            echo_token_chars=max(1, echo_chars),
+            echo_token_chars=count("echo-token-chars", c.sim_echo_token_chars) or 1,
             fail_after=count("fail-after", None),
             stall_after=count("stall-after", None),
             raise_after=count("raise-after", None),
