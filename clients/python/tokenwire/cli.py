@@ -190,12 +190,26 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _restart_with_quiet_grpc_core() -> None:
+    """grpc's C core writes its own lines (a failed TLS handshake, one per bad
+    client) to stderr as plain text, into a JSON log; it reads GRPC_VERBOSITY
+    once, when grpc is first imported, which this command has already done.
+    So `serve` starts again in place (exec: the same process id, so the same
+    signals from systemd or the kubelet) with the core silenced; an operator
+    who wants its lines sets GRPC_VERBOSITY themselves."""
+    os.environ["GRPC_VERBOSITY"] = "NONE"
+    serve_args = sys.argv[sys.argv.index("serve") + 1 :]
+    os.execv(sys.executable, [sys.executable, "-m", "tokenwire_server", *serve_args])
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     if args.command == "ask" and bool(args.prompt) == bool(args.resume):
         parser.error("ask takes a prompt, or --resume RESPONSE_ID (not both)")
     if args.command == "serve":
+        if argv is None and "GRPC_VERBOSITY" not in os.environ:
+            _restart_with_quiet_grpc_core()
         from tokenwire_server.cli import run_serve
 
         return run_serve(args)

@@ -123,12 +123,21 @@ def iban_valid(text: str) -> bool:
 
 
 def phone_digits_valid(text: str) -> bool:
-    """Fewer than 7 digits is not a dialable number. E.164 allows at most 15;
-    a longer national-looking run is some other number (a card that failed
-    its checksum), but after a "+" the extra digits are glued to a phone
-    number, and the whole span goes (fail closed)."""
-    digits = sum(c.isdigit() for c in text)
-    return digits >= 7 and (digits <= 15 or text.startswith("+"))
+    """Fewer than 7 digits is not a dialable number; up to 15 (E.164) is one.
+    Longer: after a "+", digits glued to a phone number; without one, digits
+    glued to either end (an end group longer than any phone group) make its
+    end ambiguous, and the whole span goes (fail closed), while evenly grouped
+    long numbers (a card that failed its checksum) are something else."""
+    groups = _DIGIT_RUNS.findall(text)
+    digits = sum(len(group) for group in groups)
+    if digits < 7:
+        return False
+    if digits <= 15 or text.startswith("+"):
+        return True
+    return len(groups[0]) > 4 or len(groups[-1]) > 4
+
+
+_DIGIT_RUNS = regex.compile(r"\d+")
 
 
 def _compile(pattern: str) -> regex.Pattern[str]:

@@ -19,33 +19,46 @@ from tokenwire_server.domain import Operator
 from tokenwire_server.governance.detectors import BUILTIN_DETECTORS
 from tokenwire_server.governance.redaction import RedactionRule, Redactor
 
-_SCRUBBER = Redactor(
-    tuple(RedactionRule(name, d, Operator.REPLACE) for name, d in BUILTIN_DETECTORS.items()),
-    hash_key=None,
-    max_holdback=1 << 20,
-)
+
+class Scrubber:
+    """Redaction of free text by a set of built-in detectors."""
+
+    def __init__(self, names: list[str]) -> None:
+        detectors = [BUILTIN_DETECTORS[name] for name in names]
+        self.redactor = Redactor(
+            tuple(RedactionRule(d.name, d, Operator.REPLACE) for d in detectors),
+            hash_key=None,
+            max_holdback=1 << 20,
+        )
+        # What every value one of them redacts contains (a digit, an @, a
+        # secret's prefix): text without any is returned at once, and most ids
+        # and labels are such text, so one C call replaces a redaction session
+        # (~40 us).
+        needs = [d.needs for d in detectors]
+        self._needs = (
+            None
+            if any(need is None for need in needs)
+            else regex.compile("|".join(f"(?:{need})" for need in needs), regex.VERSION1)
+        )
+
+    def scrub(self, text: str) -> str:
+        """`text` with every value found replaced by its tag."""
+        if not text or (self._needs is not None and self._needs.search(text) is None):
+            return text
+        return self.redactor.redact_all(text)[0]
 
 
-def _could_hold_a_value() -> regex.Pattern[str] | None:
-    """What every value a built-in detector redacts contains (a digit, an @, a
-    secret's prefix): text without any leaves unchanged, and most ids and
-    labels are such text, so one C call replaces a redaction session (~40 us)."""
-    needs = [detector.needs for detector in BUILTIN_DETECTORS.values()]
-    if any(need is None for need in needs):
-        return None
-    return regex.compile("|".join(f"(?:{need})" for need in needs), regex.VERSION1)
-
-
-_COULD_HOLD_A_VALUE = _could_hold_a_value()
+#: For what callers see and what is stored: every built-in detector.
+EVERYTHING = Scrubber(list(BUILTIN_DETECTORS))
+#: For the server's own log lines: all but IPv4 addresses, which are what an
+#: operator debugs with (peers, upstreams, bind addresses); secrets and personal
+#: values still go.
+FOR_LOGS = Scrubber([name for name in BUILTIN_DETECTORS if name != "ipv4"])
 
 
 def scrub(text: str) -> str:
     """`text` with every value a built-in detector finds replaced by its tag."""
-    if not text:
-        return text
-    if _COULD_HOLD_A_VALUE is not None and _COULD_HOLD_A_VALUE.search(text) is None:
-        return text
-    return _SCRUBBER.redact_all(text)[0]
+    return EVERYTHING.scrub(text)
 
 
 def scrub_labels(labels: Mapping[str, str]) -> dict[str, str]:
@@ -62,11 +75,11 @@ class ScrubbingFilter(logging.Filter):
 
     def filter(self, record: logging.LogRecord) -> bool:
         message = record.getMessage()
-        scrubbed = scrub(message)
+        scrubbed = FOR_LOGS.scrub(message)
         if scrubbed != message:
             record.msg, record.args = scrubbed, None
         if record.exc_info:
             # Formatted here, once: both formatters print exc_text when exc_info is gone.
             text = record.exc_text or logging.Formatter().formatException(record.exc_info)
-            record.exc_text, record.exc_info = scrub(text), None
+            record.exc_text, record.exc_info = FOR_LOGS.scrub(text), None
         return True

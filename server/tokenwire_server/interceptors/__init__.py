@@ -1,5 +1,8 @@
 """The interceptor chain, in one visible list (first = outermost).
 
+*. malformed requests: a body that does not parse, for health and reflection
+   too, is INVALID_ARGUMENT and one rate-limited log line.
+
 0. auth (when configured): API key or mTLS identity → tenant; UNAUTHENTICATED otherwise.
 1. tracing: the OpenTelemetry server span; continues the caller's traceparent.
 2. request context: request id (echoed as x-request-id) and trace id for the call.
@@ -24,6 +27,7 @@ from tokenwire_server.interceptors.audit import AuditInterceptor
 from tokenwire_server.interceptors.auth import AuthInterceptor
 from tokenwire_server.interceptors.deadlines import DeadlineInterceptor
 from tokenwire_server.interceptors.limits import LimitsInterceptor
+from tokenwire_server.interceptors.malformed import MalformedRequestInterceptor
 from tokenwire_server.interceptors.observability import ObservabilityInterceptor
 from tokenwire_server.interceptors.request_context import RequestContextInterceptor
 from tokenwire_server.interceptors.tracing import tracing_interceptor
@@ -48,6 +52,7 @@ def build_chain(
             )
         )
     return [
+        MalformedRequestInterceptor(),
         *auth,
         tracing_interceptor(tracer_provider),
         RequestContextInterceptor(),

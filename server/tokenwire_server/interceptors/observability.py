@@ -43,6 +43,22 @@ def _name(enum: Any, value: int, prefix: str) -> str:
     return str(enum.Name(value)).removeprefix(prefix) if value else ""
 
 
+#: Statuses that say the call, not the server, was at fault.
+_CALLER_SIDE = frozenset(
+    {
+        "CANCELLED",
+        "INVALID_ARGUMENT",
+        "NOT_FOUND",
+        "ALREADY_EXISTS",
+        "UNAUTHENTICATED",
+        "PERMISSION_DENIED",
+        "OUT_OF_RANGE",
+        "FAILED_PRECONDITION",
+        "RESOURCE_EXHAUSTED",
+    }
+)
+
+
 class ObservabilityInterceptor(RespondServiceInterceptor):
     #: Calls that produce a response; `Cancel` only acts on one.
     methods = frozenset({"Respond", "StreamRespond"})
@@ -175,10 +191,11 @@ class ObservabilityInterceptor(RespondServiceInterceptor):
             m.deadline_expiries.inc()
         elif status == "CANCELLED":
             m.cancellations.inc()
-        # A caller that hangs up is routine (a user pressed stop), not a server
-        # fault: INFO, so a busy server's warnings stay worth reading.
+        # A caller that hangs up (a user pressed stop) or sent a request the
+        # server refuses is routine, not a server fault: INFO, so a busy
+        # server's warnings stay worth reading (and a caller cannot flood them).
         log.log(
-            logging.INFO if status == "CANCELLED" else logging.WARNING,
+            logging.INFO if status in _CALLER_SIDE else logging.WARNING,
             "response failed",
             extra={
                 "event": "response",
