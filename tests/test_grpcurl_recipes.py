@@ -32,7 +32,7 @@ from tests.test_tls import Pki
 from tokenwire.v1 import respond_pb2 as pb
 
 ROOT = Path(__file__).resolve().parent.parent
-README = ROOT / "README.md"
+README = ROOT / "docs" / "clients.md"
 SECTION = "### grpcurl recipes"
 #: The address every recipe is printed with; replaced by the live server's.
 DOCUMENTED_ADDRESS = "127.0.0.1:50051"
