@@ -217,14 +217,17 @@ async def upstream() -> AsyncIterator[Callable[[Handler], Awaitable[Upstream]]]:
         await runner.cleanup()
 
 
-async def start_serve_process(
-    *flags: str, stderr: int = asyncio.subprocess.PIPE
-) -> tuple[asyncio.subprocess.Process, str]:
-    """A real `tokenwire serve` process on a free port (no audit file, no TOKENWIRE_*
-    settings from the environment); `flags` add to or override those. Returns the
-    process once it listens, and its address."""
-    env = {k: v for k, v in os.environ.items() if not k.startswith("TOKENWIRE_")}
-    process = await asyncio.create_subprocess_exec(
+def serve_env(drop: tuple[str, ...] = ("TOKENWIRE_",)) -> dict[str, str]:
+    """This process's environment without the variables whose names start with `drop`."""
+    return {k: v for k, v in os.environ.items() if not k.startswith(drop)}
+
+
+async def spawn_serve(
+    *flags: str, stderr: int = asyncio.subprocess.PIPE, env: dict[str, str] | None = None
+) -> asyncio.subprocess.Process:
+    """`tokenwire serve` on a free port with no audit file and no TOKENWIRE_*
+    settings from the environment; `flags` add to or override those."""
+    return await asyncio.create_subprocess_exec(
         sys.executable,
         "-m",
         "tokenwire.cli",
@@ -236,8 +239,24 @@ async def start_serve_process(
         *flags,
         stdout=asyncio.subprocess.PIPE,
         stderr=stderr,
-        env=env,
+        env=serve_env() if env is None else env,
     )
+
+
+async def run_serve(*flags: str, env: dict[str, str] | None = None) -> tuple[int, str]:
+    """Runs `tokenwire serve` until it exits (a refused start); its status and stderr."""
+    process = await spawn_serve(*flags, env=env)
+    _, err = await asyncio.wait_for(process.communicate(), 60)
+    assert process.returncode is not None
+    return process.returncode, err.decode()
+
+
+async def start_serve_process(
+    *flags: str, stderr: int = asyncio.subprocess.PIPE, env: dict[str, str] | None = None
+) -> tuple[asyncio.subprocess.Process, str]:
+    """A real `tokenwire serve` process (see `spawn_serve`), returned once it
+    listens, with its address."""
+    process = await spawn_serve(*flags, stderr=stderr, env=env)
     assert process.stdout is not None
     line = (await asyncio.wait_for(process.stdout.readline(), timeout=30)).decode()
     match = re.search(r"serving on \S+:(\d+)", line)

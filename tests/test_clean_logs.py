@@ -6,17 +6,14 @@ from __future__ import annotations
 
 import asyncio
 import json
-import os
-import re
 import signal
-import sys
 from pathlib import Path
 
 import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from tests.conftest import status_details, stream_request
+from tests.conftest import run_serve, serve_env, start_serve_process, status_details, stream_request
 from tests.test_tls import Pki
 from tokenwire import tls_credentials
 from tokenwire.v1 import respond_pb2_grpc
@@ -26,30 +23,9 @@ FLOOD = 200
 
 async def start(*flags: str) -> tuple[asyncio.subprocess.Process, str]:
     """`tokenwire serve` as an operator starts it: no GRPC_VERBOSITY set."""
-    env = {
-        k: v for k, v in os.environ.items() if not k.startswith(("TOKENWIRE_", "GRPC_VERBOSITY"))
-    }
-    process = await asyncio.create_subprocess_exec(
-        sys.executable,
-        "-m",
-        "tokenwire.cli",
-        "serve",
-        "--port",
-        "0",
-        "--audit-path",
-        ":memory:",
-        "--log-format",
-        "json",
-        *flags,
-        stdout=asyncio.subprocess.PIPE,
-        stderr=asyncio.subprocess.PIPE,
-        env=env,
+    return await start_serve_process(
+        "--log-format", "json", *flags, env=serve_env(drop=("TOKENWIRE_", "GRPC_VERBOSITY"))
     )
-    assert process.stdout is not None
-    line = (await asyncio.wait_for(process.stdout.readline(), 30)).decode()
-    match = re.search(r"serving on \S+:(\d+)", line)
-    assert match, line
-    return process, f"localhost:{match.group(1)}"
 
 
 async def test_every_line_is_json_and_caller_noise_stays_bounded(tmp_path: Path) -> None:
@@ -141,23 +117,11 @@ async def test_a_port_in_use_is_one_line_without_grpc_core_output(tmp_path: Path
     holder, address = await start()
     try:
         port = address.rsplit(":", 1)[1]
-        env = {k: v for k, v in os.environ.items() if not k.startswith(("TOKENWIRE_", "GRPC_"))}
-        second = await asyncio.create_subprocess_exec(
-            sys.executable,
-            "-m",
-            "tokenwire.cli",
-            "serve",
-            "--port",
-            port,
-            "--audit-path",
-            ":memory:",
-            stdout=asyncio.subprocess.PIPE,
-            stderr=asyncio.subprocess.PIPE,
-            env=env,
+        code, err = await run_serve(
+            "--port", port, env=serve_env(drop=("TOKENWIRE_", "GRPC_VERBOSITY"))
         )
-        _, err = await asyncio.wait_for(second.communicate(), 60)
-        lines = err.decode().strip().splitlines()
-        assert second.returncode == 2, lines
+        lines = err.strip().splitlines()
+        assert code == 2, lines
         assert len(lines) == 1 and lines[0].startswith("tokenwire serve: port:"), lines
     finally:
         holder.send_signal(signal.SIGTERM)

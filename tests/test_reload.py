@@ -7,7 +7,6 @@ from __future__ import annotations
 import asyncio
 import json
 import signal
-import sys
 import urllib.request
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -16,7 +15,7 @@ import grpc
 import pytest
 import trustme
 
-from tests.conftest import collect, completed_of, start_serve_process, stream_request
+from tests.conftest import collect, completed_of, run_serve, start_serve_process, stream_request
 from tests.test_auth import KEY_A, KEY_B, keys_file
 from tests.test_tls import Pki
 from tokenwire import tls_credentials
@@ -208,26 +207,6 @@ async def test_routes_reload_and_other_settings_wait_for_a_restart(served: Serve
         served.metric("tokenwire_config_reloads_total", file="routing", result="restart_required")
         == 1
     )
-
-
-async def run_serve(*flags: str) -> tuple[int, str]:
-    process = await asyncio.create_subprocess_exec(
-        sys.executable,
-        "-m",
-        "tokenwire.cli",
-        "serve",
-        "--port",
-        "0",
-        "--audit-path",
-        ":memory:",
-        *flags,
-        stdout=asyncio.subprocess.PIPE,
-        stderr=asyncio.subprocess.PIPE,
-        env={"PATH": "/usr/bin:/bin"},
-    )
-    _, err = await asyncio.wait_for(process.communicate(), 60)
-    assert process.returncode is not None
-    return process.returncode, err.decode()
 
 
 def bad_starts(tmp: Path, pki: Pki) -> dict[str, tuple[list[str], str]]:
