@@ -2,7 +2,9 @@
 
 Collecting all violations (instead of stopping at the first) lets a caller fix
 a request in one round trip; the ErrorInfo reason names the most specific
-problem so clients can branch on it.
+problem so clients can branch on it. Every number a request can set has its
+range in `request_bounds` (docs/request-bounds.md), and a violation states
+that range, so the caller learns the fix from the error alone.
 """
 
 from __future__ import annotations
@@ -22,7 +24,7 @@ from tokenwire_server.domain import (
     ModelInfo,
     Role,
 )
-from tokenwire_server.errors import FieldViolation, InvalidRequest
+from tokenwire_server.errors import FieldViolation, InvalidRequest, TokenwireError
 
 MAX_REQUEST_ID_LENGTH = 128
 MAX_STOP_SEQUENCES = 4
@@ -36,6 +38,49 @@ _MODES = {
     pb.DELIVERY_MODE_STREAM: DeliveryMode.STREAM,
     pb.DELIVERY_MODE_BUFFERED: DeliveryMode.BUFFERED,
 }
+
+
+@dataclass(frozen=True, slots=True)
+class Range:
+    """The numbers a field accepts: finite, from `low` (or above it, when
+    `low_open`) up to `high`. Comparisons alone would let NaN through (every
+    comparison with NaN is false), hence the explicit finiteness check."""
+
+    low: float
+    high: float
+    low_open: bool = False
+    unit: str = ""
+
+    def admits(self, value: float) -> bool:
+        if not math.isfinite(value) or value > self.high:
+            return False
+        return value > self.low if self.low_open else value >= self.low
+
+    def describe(self) -> str:
+        low, high = f"{self.low:g}{self.unit}", f"{self.high:g}{self.unit}"
+        if self.low_open:
+            return f"must be greater than {low} and at most {high}"
+        return f"must be from {low} to {high}"
+
+
+#: Fixed by the model APIs tokenwire fronts, not by the operator.
+TEMPERATURE = Range(0.0, 2.0)
+TOP_P = Range(0.0, 1.0, low_open=True)
+
+
+def request_bounds(config: Config) -> dict[str, Range]:
+    """Every number a request can set, with its range on a server with `config`:
+    the one table the checks below use (simulator knobs have theirs in
+    backends/simulator.py, beside the code that reads them). 0 for
+    `max_tokens` and `max_tokens_per_chunk` means the server default."""
+    limits, delivery = config.limits, config.delivery
+    return {
+        "params.max_tokens": Range(0, limits.max_tokens_cap),
+        "params.temperature": TEMPERATURE,
+        "params.top_p": TOP_P,
+        "chunking.max_tokens_per_chunk": Range(0, delivery.max_tokens_per_chunk_limit),
+        "chunking.max_delay": Range(0, delivery.max_chunk_delay_limit, unit="s"),
+    }
 
 
 def is_valid_request_id(value: str) -> bool:
@@ -60,6 +105,14 @@ class _Violations:
         if reason is not None and self.reason == "INVALID_REQUEST":
             self.reason = reason
 
+    def error(self) -> InvalidRequest:
+        return InvalidRequest(
+            f"invalid request: {self.items[0].field}: {self.items[0].description}"
+            + (f" (and {len(self.items) - 1} more)" if len(self.items) > 1 else ""),
+            reason=self.reason,
+            violations=self.items,
+        )
+
 
 def parse_call(
     request: pb.RespondRequest | pb.StreamRespondRequest,
@@ -70,6 +123,7 @@ def parse_call(
     """Validates `request` and maps it to domain objects, or raises a TokenwireError."""
     v = _Violations()
     limits = config.limits
+    bounds = request_bounds(config)
 
     if request.request_id and not is_valid_request_id(request.request_id):
         v.add(
@@ -106,20 +160,18 @@ def parse_call(
 
     params = request.params
     max_tokens = params.max_tokens or limits.default_max_tokens
-    if params.max_tokens < 0:
-        v.add("params.max_tokens", "must not be negative", "INVALID_MAX_TOKENS")
-    elif params.max_tokens > limits.max_tokens_cap:
+    if not bounds["params.max_tokens"].admits(params.max_tokens):
         v.add(
             "params.max_tokens",
-            f"at most {limits.max_tokens_cap} on this server",
-            "MAX_TOKENS_TOO_LARGE",
+            f"{bounds['params.max_tokens'].describe()} on this server (0: the server default)",
+            "INVALID_MAX_TOKENS" if params.max_tokens < 0 else "MAX_TOKENS_TOO_LARGE",
         )
     temperature = params.temperature if params.HasField("temperature") else None
-    if temperature is not None and not (0.0 <= temperature <= 2.0):
-        v.add("params.temperature", "must be between 0 and 2", "INVALID_TEMPERATURE")
+    if temperature is not None and not bounds["params.temperature"].admits(temperature):
+        v.add("params.temperature", bounds["params.temperature"].describe(), "INVALID_TEMPERATURE")
     top_p = params.top_p if params.HasField("top_p") else None
-    if top_p is not None and not (0.0 < top_p <= 1.0):
-        v.add("params.top_p", "must be greater than 0 and at most 1", "INVALID_TOP_P")
+    if top_p is not None and not bounds["params.top_p"].admits(top_p):
+        v.add("params.top_p", bounds["params.top_p"].describe(), "INVALID_TOP_P")
     if len(params.stop) > MAX_STOP_SEQUENCES:
         v.add("params.stop", f"at most {MAX_STOP_SEQUENCES} stop sequences", "TOO_MANY_STOPS")
     for index, stop in enumerate(params.stop):
@@ -138,24 +190,20 @@ def parse_call(
 
     delivery: DeliveryOptions | None = None
     if isinstance(request, pb.StreamRespondRequest):
-        delivery = _delivery_options(request, config, max_tokens, v)
+        delivery = _delivery_options(request, config, bounds, max_tokens, v)
 
+    try:
+        backend, model = registry.resolve(request.model)
+    except TokenwireError:
+        if v.items:  # the request's own problems first, as before the model is known
+            raise v.error() from None
+        raise
+    # Labels a backend reads (simulator knobs) join the same BadRequest, so
+    # one round trip names every offending field.
+    for problem in backend.check_labels(request.labels):
+        v.add(problem.field, problem.description, "INVALID_SIMULATOR_KNOB")
     if v.items:
-        raise InvalidRequest(
-            f"invalid request: {v.items[0].field}: {v.items[0].description}"
-            + (f" (and {len(v.items) - 1} more)" if len(v.items) > 1 else ""),
-            reason=v.reason,
-            violations=v.items,
-        )
-
-    backend, model = registry.resolve(request.model)
-    knob_problems = backend.check_labels(request.labels)
-    if knob_problems:
-        raise InvalidRequest(
-            f"invalid request: {knob_problems[0].field}: {knob_problems[0].description}",
-            reason="INVALID_SIMULATOR_KNOB",
-            violations=knob_problems,
-        )
+        raise v.error()
     generation = GenerationRequest(
         model=model.name,
         messages=tuple(messages),
@@ -171,7 +219,11 @@ def parse_call(
 
 
 def _delivery_options(
-    request: pb.StreamRespondRequest, config: Config, max_tokens: int, v: _Violations
+    request: pb.StreamRespondRequest,
+    config: Config,
+    bounds: dict[str, Range],
+    max_tokens: int,
+    v: _Violations,
 ) -> DeliveryOptions:
     d = config.delivery
     mode = _MODES.get(request.delivery_mode)
@@ -179,26 +231,27 @@ def _delivery_options(
         v.add("delivery_mode", "must be AUTO, STREAM or BUFFERED", "INVALID_DELIVERY_MODE")
         mode = DeliveryMode.AUTO
     per_chunk = request.chunking.max_tokens_per_chunk or d.default_max_tokens_per_chunk
-    if request.chunking.max_tokens_per_chunk < 0:
-        v.add("chunking.max_tokens_per_chunk", "must not be negative", "INVALID_CHUNKING")
-    elif request.chunking.max_tokens_per_chunk > d.max_tokens_per_chunk_limit:
+    if not bounds["chunking.max_tokens_per_chunk"].admits(request.chunking.max_tokens_per_chunk):
         v.add(
             "chunking.max_tokens_per_chunk",
-            f"at most {d.max_tokens_per_chunk_limit} on this server",
+            f"{bounds['chunking.max_tokens_per_chunk'].describe()} on this server"
+            " (0: the server default)",
             "INVALID_CHUNKING",
         )
     max_delay = 0.0
     if request.chunking.HasField("max_delay"):
         delay = request.chunking.max_delay
         max_delay = delay.seconds + delay.nanos / 1e9
-        if delay.seconds < 0 or delay.nanos < 0 or not math.isfinite(max_delay):
-            v.add("chunking.max_delay", "must not be negative", "INVALID_CHUNKING")
-        elif max_delay > d.max_chunk_delay_limit:
+        # A Duration's nanos lie within one second (google/protobuf/duration.proto);
+        # a larger value is not a normalised Duration, whatever the sum comes to.
+        if not (0 <= delay.nanos <= 999_999_999 and bounds["chunking.max_delay"].admits(max_delay)):
             v.add(
                 "chunking.max_delay",
-                f"at most {d.max_chunk_delay_limit:g}s on this server",
+                f"{bounds['chunking.max_delay'].describe()} on this server"
+                " (a Duration with nanos 0..999999999)",
                 "INVALID_CHUNKING",
             )
+            max_delay = 0.0
     return DeliveryOptions(
         mode=mode,
         max_tokens=max_tokens,

@@ -21,6 +21,7 @@ import functools
 import hashlib
 import math
 import random
+import re
 from collections.abc import AsyncIterator, Mapping
 from dataclasses import dataclass
 
@@ -179,6 +180,13 @@ KNOBS: dict[str, tuple[bool, float, float]] = {
     "raise-after": (True, 0, 1_000_000),
 }
 
+#: The spellings every caller's language writes and reads alike. Python's own
+#: int() and float() also accept "1_000", " 5 ", Unicode digits ("٣") and
+#: "infinity"; a label a Go or TypeScript test sets must mean the same here,
+#: so only plain ASCII decimal notation is a number.
+_INTEGER = re.compile(r"[+-]?[0-9]+")
+_NUMBER = re.compile(r"[+-]?(?:[0-9]+(?:\.[0-9]*)?|\.[0-9]+)(?:[eE][+-]?[0-9]+)?")
+
 
 def _present(labels: Mapping[str, str]) -> list[str]:
     return [k[len(KNOB_PREFIX) :] for k in labels if k.startswith(KNOB_PREFIX)]
@@ -190,13 +198,15 @@ def _parse_knob(knob: str, raw: str) -> float | FieldViolation:
     if spec is None:
         return FieldViolation(field, f"unknown simulator knob; known: {', '.join(sorted(KNOBS))}")
     integer, low, high = spec
-    kind = "an integer" if integer else "a number"
-    try:
-        value: float = int(raw) if integer else float(raw)
-    except ValueError:
-        return FieldViolation(field, f"must be {kind} from {low:g} to {high:g}")
+    refusal = FieldViolation(
+        field, f"must be {'an integer' if integer else 'a number'} from {low:g} to {high:g}"
+    )
+    # No value in range needs more characters; int() need not read a 1,000-digit one.
+    if len(raw) > 32 or not (_INTEGER if integer else _NUMBER).fullmatch(raw):
+        return refusal
+    value: float = int(raw) if integer else float(raw)  # float("1e400") is inf
     if not (math.isfinite(value) and low <= value <= high):
-        return FieldViolation(field, f"must be {kind} from {low:g} to {high:g}")
+        return refusal
     return value
 
 
