@@ -2,48 +2,31 @@
 
 Response lines (logger `tokenwire.responses`) carry request id, response id,
 trace id, model, verdict, chunk count and timings as fields; model text only
-when `log_text` is on.
+when `log_text` is on. Everything Python writes goes through the one handler:
+grpc's own loggers (through GrpcNoiseFilter) and Python warnings, so with the
+JSON format every line on stderr is JSON. grpc's C core writes past Python
+altogether; `python -m tokenwire_server` and `tokenwire serve` silence it
+(GRPC_VERBOSITY=NONE unless the operator set it).
 """
 
 from __future__ import annotations
 
 import logging
 import sys
+from typing import TextIO
 
 from pythonjsonlogger.json import JsonFormatter
 
 from tokenwire_server.governance.scrub import ScrubbingFilter
-from tokenwire_server.observability.rate_limited_log import RateLimitedLog
+from tokenwire_server.observability.grpc_log_filter import GrpcNoiseFilter
+
+__all__ = ["GrpcNoiseFilter", "configure_logging", "make_handler"]
 
 
-class GrpcNoiseFilter(logging.Filter):
-    """grpc's Python layer logs what callers cause as ERROR with a traceback:
-    a request that does not parse for a streaming method (reflection), a
-    servicer error. Each kind of such line is let through once per interval,
-    with its exception as one line, and says how many were left out."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self._limit = RateLimitedLog(logging.getLogger("grpc"))
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        if not record.name.startswith("grpc"):
-            return True
-        if record.exc_info and record.exc_info[1] is not None:
-            error = record.exc_info[1]
-            record.msg = f"{record.getMessage()}: {type(error).__name__}: {error}"
-            record.args = None
-            record.exc_info = record.exc_text = None
-        # The kind: the message without the parts that vary per call.
-        kind = record.getMessage()[:80]
-        left_out = self._limit.admit(kind)
-        if left_out:
-            record.msg, record.args = f"{record.getMessage()} ({left_out} more since)", None
-        return left_out is not None
-
-
-def configure_logging(level: str, fmt: str) -> None:
-    handler = logging.StreamHandler(sys.stderr)
+def make_handler(fmt: str, stream: TextIO | None = None) -> logging.Handler:
+    """The process's one log handler: `fmt` "json" or text, caller noise
+    rate-limited, values scrubbed. Tests build it onto their own stream."""
+    handler = logging.StreamHandler(sys.stderr if stream is None else stream)
     if fmt == "json":
         handler.setFormatter(
             JsonFormatter(
@@ -55,6 +38,13 @@ def configure_logging(level: str, fmt: str) -> None:
         handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
     handler.addFilter(GrpcNoiseFilter())  # before scrubbing: fewer lines to scrub
     handler.addFilter(ScrubbingFilter())  # no value leaves through a log line
+    return handler
+
+
+def configure_logging(level: str, fmt: str) -> None:
     root = logging.getLogger()
-    root.handlers[:] = [handler]
+    root.handlers[:] = [make_handler(fmt)]
     root.setLevel(level.upper())
+    # A warning (a deprecation in a dependency, a coroutine never awaited)
+    # would otherwise be printed as plain text between the JSON lines.
+    logging.captureWarnings(True)
