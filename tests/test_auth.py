@@ -228,6 +228,15 @@ async def test_client_and_cli_send_the_key(secured) -> None:
         ((("authorization", "Bearer "),), "MALFORMED_CREDENTIALS"),
         ((("authorization", f"Bearer {KEY_A} {KEY_B}"),), "MALFORMED_CREDENTIALS"),
         ((("authorization", f"Bearer{KEY_A}"),), "MALFORMED_CREDENTIALS"),
+        ((("authorization", ""),), "MALFORMED_CREDENTIALS"),  # an empty header
+        ((("authorization", f"Bearer: {KEY_A}"),), "MALFORMED_CREDENTIALS"),
+        ((("authorization", f"Bearer Bearer {KEY_A}"),), "MALFORMED_CREDENTIALS"),
+        # Two credentials folded into one header, as a proxy may join them.
+        ((("authorization", f"Bearer {KEY_A}, Bearer {KEY_B}"),), "MALFORMED_CREDENTIALS"),
+        (
+            (("authorization", f"Bearer {KEY_A}"), ("authorization", "")),
+            "DUPLICATE_CREDENTIALS",
+        ),
         (
             (("authorization", f"Bearer {KEY_A}"), ("authorization", f"Bearer {KEY_B}")),
             "DUPLICATE_CREDENTIALS",
@@ -258,10 +267,68 @@ async def test_only_one_bearer_header_is_accepted(
     assert secured.simulator.stats.started == 0
 
 
-@pytest.mark.parametrize("scheme", ["Bearer", "bearer", "BEARER"])
-async def test_the_bearer_scheme_is_case_insensitive(secured, scheme: str) -> None:
-    metadata = (("authorization", f"{scheme} {KEY_A}"),)
+@pytest.mark.parametrize(
+    "header",
+    [
+        f"Bearer {KEY_A}",
+        f"bearer {KEY_A}",
+        f"BEARER {KEY_A}",
+        f"bEaReR {KEY_A}",
+        f"Bearer  {KEY_A}",
+    ],
+)
+async def test_the_bearer_scheme_is_case_insensitive(secured, header: str) -> None:
+    """RFC 7235: the scheme is case-insensitive, then one or more spaces."""
+    metadata = (("authorization", header),)
     completed = completed_of(
         await collect(secured.stub.StreamRespond(stream_request(), metadata=metadata))
     )
     assert completed.verification.status == pb.VERIFICATION_STATUS_VERIFIED
+
+
+async def test_two_keys_are_refused_on_health_and_reflection_too(
+    start_server: StartServer, tmp_path: Path
+) -> None:
+    path = keys_file(tmp_path / "keys.yaml", ("acme", KEY_A))
+    server = await start_server(auth_keys_file=path, auth_health_and_reflection=True)
+    health = health_pb2_grpc.HealthStub(server.channel)
+    for metadata, reason in (
+        ((*bearer(KEY_A), *bearer(KEY_A)), "DUPLICATE_CREDENTIALS"),
+        ((("authorization", KEY_A),), "MALFORMED_CREDENTIALS"),
+    ):
+        with pytest.raises(grpc.aio.AioRpcError) as raised:
+            await health.Check(health_pb2.HealthCheckRequest(), metadata=metadata)
+        details = status_details(raised.value)
+        assert (details.code, details.error_info.reason) == (
+            grpc.StatusCode.UNAUTHENTICATED,
+            reason,
+        )
+        assert KEY_A not in (raised.value.details() or "")
+    answer = await health.Check(health_pb2.HealthCheckRequest(), metadata=bearer(KEY_A))
+    assert answer.status == health_pb2.HealthCheckResponse.SERVING
+
+
+def test_a_key_is_compared_with_every_key_in_force(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """No early exit: a valid key, the first key and an unknown one all cost one
+    constant-time comparison per key in force, so timing says nothing about
+    which key (or whether any) matched."""
+    import hmac
+
+    from tokenwire_server import auth
+
+    keys = [(f"tenant{i}", f"tw-key-{i:04d}-abcdefghij") for i in range(5)]
+    authenticator = auth.Authenticator(keys_file(tmp_path / "keys.yaml", *keys))
+    compared: list[int] = []
+    compare = hmac.compare_digest
+
+    def counting(a: bytes, b: bytes) -> bool:
+        compared.append(1)
+        return compare(a, b)
+
+    monkeypatch.setattr(auth.hmac, "compare_digest", counting)
+    for presented, tenant in ((keys[0][1], "tenant0"), (keys[4][1], "tenant4"), ("nope", None)):
+        compared.clear()
+        assert authenticator.tenant_for(presented) == tenant
+        assert len(compared) == len(keys), presented
