@@ -21,10 +21,9 @@ def test_committed_stubs_match_the_protos(tmp_path: Path) -> None:
     fresh = tmp_path / "tokenwire" / "v1"
     names = sorted(p.name for p in fresh.iterdir())
     assert names == [
-        "respond_pb2.py",
-        "respond_pb2.pyi",
-        "respond_pb2_grpc.py",
-        "respond_pb2_grpc.pyi",
+        f"{proto}_pb2{kind}"
+        for proto in ("respond", "review", "validator")
+        for kind in (".py", ".pyi", "_grpc.py", "_grpc.pyi")
     ]
     drifted = [n for n in names if not filecmp.cmp(fresh / n, GENERATED / n, shallow=False)]
     assert not drifted, f"stale stubs {drifted}: run scripts/generate_stubs.sh and commit"
@@ -48,3 +47,14 @@ def test_proto_imports_only_well_known_types() -> None:
     proto = (ROOT / "protos" / "tokenwire" / "v1" / "respond.proto").read_text()
     imports = [line for line in proto.splitlines() if line.startswith("import ")]
     assert imports and all('"google/protobuf/' in line for line in imports)
+
+
+def test_validator_and_review_protos_import_only_respond_and_well_known_types() -> None:
+    for name in ("validator.proto", "review.proto"):
+        proto = (ROOT / "protos" / "tokenwire" / "v1" / name).read_text()
+        imports = [line for line in proto.splitlines() if line.startswith("import ")]
+        assert 'import "tokenwire/v1/respond.proto";' in imports, name
+        assert all(
+            '"google/protobuf/' in line or '"tokenwire/v1/respond.proto"' in line
+            for line in imports
+        ), (name, imports)

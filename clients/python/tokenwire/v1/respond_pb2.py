@@ -26,7 +26,7 @@ from google.protobuf import duration_pb2 as google_dot_protobuf_dot_duration__pb
 from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1atokenwire/v1/respond.proto\x12\x0ctokenwire.v1\x1a\x1egoogle/protobuf/duration.proto\x1a\x1fgoogle/protobuf/timestamp.proto\"@\n\x0b\x43hatMessage\x12 \n\x04role\x18\x01 \x01(\x0e\x32\x12.tokenwire.v1.Role\x12\x0f\n\x07\x63ontent\x18\x02 \x01(\t\"\x98\x01\n\x10GenerationParams\x12\x12\n\nmax_tokens\x18\x01 \x01(\x05\x12\x18\n\x0btemperature\x18\x02 \x01(\x01H\x00\x88\x01\x01\x12\x12\n\x05top_p\x18\x03 \x01(\x01H\x01\x88\x01\x01\x12\x0c\n\x04stop\x18\x04 \x03(\t\x12\x11\n\x04seed\x18\x05 \x01(\x03H\x02\x88\x01\x01\x42\x0e\n\x0c_temperatureB\x08\n\x06_top_pB\x07\n\x05_seed\"V\n\x08\x43hunking\x12\x1c\n\x14max_tokens_per_chunk\x18\x01 \x01(\x05\x12,\n\tmax_delay\x18\x02 \x01(\x0b\x32\x19.google.protobuf.Duration\"9\n\nResumeFrom\x12\x13\n\x0bresponse_id\x18\x01 \x01(\t\x12\x16\n\x0e\x61\x66ter_sequence\x18\x02 \x01(\r\"\x88\x01\n\x10GovernanceAction\x12\x0f\n\x07rule_id\x18\x01 \x01(\t\x12\x13\n\x0b\x65ntity_type\x18\x02 \x01(\t\x12\x32\n\x08operator\x18\x03 \x01(\x0e\x32 .tokenwire.v1.GovernanceOperator\x12\r\n\x05start\x18\x04 \x01(\r\x12\x0b\n\x03\x65nd\x18\x05 \x01(\r\"\x8e\x01\n\nGovernance\x12\x11\n\tpolicy_id\x18\x01 \x01(\t\x12\x16\n\x0epolicy_version\x18\x02 \x01(\t\x12/\n\x07\x61\x63tions\x18\x03 \x03(\x0b\x32\x1e.tokenwire.v1.GovernanceAction\x12\r\n\x05model\x18\x04 \x01(\t\x12\x15\n\rmodel_version\x18\x05 \x01(\t\"\xc9\x01\n\nTokenChunk\x12\x13\n\x0bresponse_id\x18\x01 \x01(\t\x12\x10\n\x08sequence\x18\x02 \x01(\r\x12\x0c\n\x04text\x18\x03 \x01(\t\x12\x13\n\x0btext_offset\x18\x04 \x01(\r\x12\x13\n\x0btoken_count\x18\x05 \x01(\r\x12,\n\ngovernance\x18\x06 \x01(\x0b\x32\x18.tokenwire.v1.Governance\x12.\n\nemitted_at\x18\x07 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"P\n\tHeartbeat\x12\x13\n\x0bresponse_id\x18\x01 \x01(\t\x12.\n\nemitted_at\x18\x02 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"O\n\x05Usage\x12\x15\n\rprompt_tokens\x18\x01 \x01(\r\x12\x19\n\x11\x63ompletion_tokens\x18\x02 \x01(\r\x12\x14\n\x0ctotal_tokens\x18\x03 \x01(\r\"x\n\x0cVerification\x12\x30\n\x06status\x18\x01 \x01(\x0e\x32 .tokenwire.v1.VerificationStatus\x12\x17\n\x0fstreamed_sha256\x18\x02 \x01(\t\x12\x1d\n\x15retract_from_sequence\x18\x03 \x01(\r\"j\n\x06Timing\x12\x36\n\x13time_to_first_token\x18\x01 \x01(\x0b\x32\x19.google.protobuf.Duration\x12(\n\x05total\x18\x02 \x01(\x0b\x32\x19.google.protobuf.Duration\"U\n\x07Serving\x12\x0f\n\x07\x62\x61\x63kend\x18\x01 \x01(\t\x12\'\n\x04path\x18\x02 \x01(\x0e\x32\x19.tokenwire.v1.ServingPath\x12\x10\n\x08\x61ttempts\x18\x03 \x01(\r\"\xe9\x04\n\tCompleted\x12\x13\n\x0bresponse_id\x18\x01 \x01(\t\x12\x12\n\nfinal_text\x18\x02 \x01(\t\x12\x14\n\x0c\x66inal_sha256\x18\x03 \x01(\t\x12\x13\n\x0b\x63hunk_count\x18\x04 \x01(\r\x12\x15\n\rlast_sequence\x18\x05 \x01(\r\x12\x31\n\rfinish_reason\x18\x06 \x01(\x0e\x32\x1a.tokenwire.v1.FinishReason\x12\"\n\x05usage\x18\x07 \x01(\x0b\x32\x13.tokenwire.v1.Usage\x12&\n\x07verdict\x18\x08 \x01(\x0e\x32\x15.tokenwire.v1.Verdict\x12\x17\n\x0freview_required\x18\t \x01(\x08\x12\x30\n\x0cverification\x18\n \x01(\x0b\x32\x1a.tokenwire.v1.Verification\x12$\n\x06timing\x18\x0b \x01(\x0b\x32\x14.tokenwire.v1.Timing\x12\r\n\x05model\x18\x0c \x01(\t\x12\x15\n\rmodel_version\x18\r \x01(\t\x12\x11\n\tpolicy_id\x18\x0e \x01(\t\x12\x16\n\x0epolicy_version\x18\x0f \x01(\t\x12\x10\n\x08trace_id\x18\x10 \x01(\t\x12\x31\n\rdelivery_mode\x18\x11 \x01(\x0e\x32\x1a.tokenwire.v1.DeliveryMode\x12&\n\x07serving\x18\x12 \x01(\x0b\x32\x15.tokenwire.v1.Serving\x12\x12\n\nrequest_id\x18\x13 \x01(\t\x12/\n\x07\x61\x63tions\x18\x14 \x03(\x0b\x32\x1e.tokenwire.v1.GovernanceAction\"\xf9\x01\n\x0eRespondRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\r\n\x05model\x18\x02 \x01(\t\x12+\n\x08messages\x18\x03 \x03(\x0b\x32\x19.tokenwire.v1.ChatMessage\x12.\n\x06params\x18\x04 \x01(\x0b\x32\x1e.tokenwire.v1.GenerationParams\x12\x38\n\x06labels\x18\x05 \x03(\x0b\x32(.tokenwire.v1.RespondRequest.LabelsEntry\x1a-\n\x0bLabelsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"=\n\x0fRespondResponse\x12*\n\tcompleted\x18\x01 \x01(\x0b\x32\x17.tokenwire.v1.Completed\"\xb8\x03\n\x14StreamRespondRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\r\n\x05model\x18\x02 \x01(\t\x12+\n\x08messages\x18\x03 \x03(\x0b\x32\x19.tokenwire.v1.ChatMessage\x12.\n\x06params\x18\x04 \x01(\x0b\x32\x1e.tokenwire.v1.GenerationParams\x12>\n\x06labels\x18\x05 \x03(\x0b\x32..tokenwire.v1.StreamRespondRequest.LabelsEntry\x12\x31\n\rdelivery_mode\x18\x06 \x01(\x0e\x32\x1a.tokenwire.v1.DeliveryMode\x12(\n\x08\x63hunking\x18\x07 \x01(\x0b\x32\x16.tokenwire.v1.Chunking\x12(\n\x06resume\x18\x08 \x01(\x0b\x32\x18.tokenwire.v1.ResumeFrom\x12\x17\n\x0fomit_final_text\x18\t \x01(\x08\x12\x11\n\tresumable\x18\n \x01(\x08\x1a-\n\x0bLabelsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"$\n\rCancelRequest\x12\x13\n\x0bresponse_id\x18\x01 \x01(\t\"Q\n\x0e\x43\x61ncelResponse\x12\x13\n\x0bresponse_id\x18\x01 \x01(\t\x12\x15\n\rlast_sequence\x18\x02 \x01(\r\x12\x13\n\x0bwas_running\x18\x03 \x01(\x08\"\xa7\x01\n\x15StreamRespondResponse\x12)\n\x05\x63hunk\x18\x01 \x01(\x0b\x32\x18.tokenwire.v1.TokenChunkH\x00\x12,\n\tcompleted\x18\x02 \x01(\x0b\x32\x17.tokenwire.v1.CompletedH\x00\x12,\n\theartbeat\x18\x03 \x01(\x0b\x32\x17.tokenwire.v1.HeartbeatH\x00\x42\x07\n\x05\x65vent*P\n\x04Role\x12\x14\n\x10ROLE_UNSPECIFIED\x10\x00\x12\x0f\n\x0bROLE_SYSTEM\x10\x01\x12\r\n\tROLE_USER\x10\x02\x12\x12\n\x0eROLE_ASSISTANT\x10\x03*{\n\x0c\x44\x65liveryMode\x12\x1d\n\x19\x44\x45LIVERY_MODE_UNSPECIFIED\x10\x00\x12\x16\n\x12\x44\x45LIVERY_MODE_AUTO\x10\x01\x12\x18\n\x14\x44\x45LIVERY_MODE_STREAM\x10\x02\x12\x1a\n\x16\x44\x45LIVERY_MODE_BUFFERED\x10\x03*\xa2\x01\n\x0c\x46inishReason\x12\x1d\n\x19\x46INISH_REASON_UNSPECIFIED\x10\x00\x12\x16\n\x12\x46INISH_REASON_STOP\x10\x01\x12\x18\n\x14\x46INISH_REASON_LENGTH\x10\x02\x12\x1f\n\x1b\x46INISH_REASON_STOP_SEQUENCE\x10\x03\x12 \n\x1c\x46INISH_REASON_POLICY_BLOCKED\x10\x04*b\n\x07Verdict\x12\x17\n\x13VERDICT_UNSPECIFIED\x10\x00\x12\x13\n\x0fVERDICT_ALLOWED\x10\x01\x12\x14\n\x10VERDICT_REDACTED\x10\x02\x12\x13\n\x0fVERDICT_BLOCKED\x10\x03*}\n\x12VerificationStatus\x12#\n\x1fVERIFICATION_STATUS_UNSPECIFIED\x10\x00\x12 \n\x1cVERIFICATION_STATUS_VERIFIED\x10\x01\x12 \n\x1cVERIFICATION_STATUS_DIVERGED\x10\x02*g\n\x0bServingPath\x12\x1c\n\x18SERVING_PATH_UNSPECIFIED\x10\x00\x12\x1a\n\x16SERVING_PATH_STREAMING\x10\x01\x12\x1e\n\x1aSERVING_PATH_NON_STREAMING\x10\x02*\xd3\x01\n\x12GovernanceOperator\x12#\n\x1fGOVERNANCE_OPERATOR_UNSPECIFIED\x10\x00\x12\x1c\n\x18GOVERNANCE_OPERATOR_MASK\x10\x01\x12\x1f\n\x1bGOVERNANCE_OPERATOR_REPLACE\x10\x02\x12\x1c\n\x18GOVERNANCE_OPERATOR_HASH\x10\x03\x12\x1d\n\x19GOVERNANCE_OPERATOR_BLOCK\x10\x04\x12\x1c\n\x18GOVERNANCE_OPERATOR_FLAG\x10\x05\x32\xf9\x01\n\x0eRespondService\x12\x46\n\x07Respond\x12\x1c.tokenwire.v1.RespondRequest\x1a\x1d.tokenwire.v1.RespondResponse\x12Z\n\rStreamRespond\x12\".tokenwire.v1.StreamRespondRequest\x1a#.tokenwire.v1.StreamRespondResponse0\x01\x12\x43\n\x06\x43\x61ncel\x12\x1b.tokenwire.v1.CancelRequest\x1a\x1c.tokenwire.v1.CancelResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1atokenwire/v1/respond.proto\x12\x0ctokenwire.v1\x1a\x1egoogle/protobuf/duration.proto\x1a\x1fgoogle/protobuf/timestamp.proto\"@\n\x0b\x43hatMessage\x12 \n\x04role\x18\x01 \x01(\x0e\x32\x12.tokenwire.v1.Role\x12\x0f\n\x07\x63ontent\x18\x02 \x01(\t\"\x98\x01\n\x10GenerationParams\x12\x12\n\nmax_tokens\x18\x01 \x01(\x05\x12\x18\n\x0btemperature\x18\x02 \x01(\x01H\x00\x88\x01\x01\x12\x12\n\x05top_p\x18\x03 \x01(\x01H\x01\x88\x01\x01\x12\x0c\n\x04stop\x18\x04 \x03(\t\x12\x11\n\x04seed\x18\x05 \x01(\x03H\x02\x88\x01\x01\x42\x0e\n\x0c_temperatureB\x08\n\x06_top_pB\x07\n\x05_seed\"V\n\x08\x43hunking\x12\x1c\n\x14max_tokens_per_chunk\x18\x01 \x01(\x05\x12,\n\tmax_delay\x18\x02 \x01(\x0b\x32\x19.google.protobuf.Duration\"9\n\nResumeFrom\x12\x13\n\x0bresponse_id\x18\x01 \x01(\t\x12\x16\n\x0e\x61\x66ter_sequence\x18\x02 \x01(\r\"\x88\x01\n\x10GovernanceAction\x12\x0f\n\x07rule_id\x18\x01 \x01(\t\x12\x13\n\x0b\x65ntity_type\x18\x02 \x01(\t\x12\x32\n\x08operator\x18\x03 \x01(\x0e\x32 .tokenwire.v1.GovernanceOperator\x12\r\n\x05start\x18\x04 \x01(\r\x12\x0b\n\x03\x65nd\x18\x05 \x01(\r\"\x8e\x01\n\nGovernance\x12\x11\n\tpolicy_id\x18\x01 \x01(\t\x12\x16\n\x0epolicy_version\x18\x02 \x01(\t\x12/\n\x07\x61\x63tions\x18\x03 \x03(\x0b\x32\x1e.tokenwire.v1.GovernanceAction\x12\r\n\x05model\x18\x04 \x01(\t\x12\x15\n\rmodel_version\x18\x05 \x01(\t\"\xc9\x01\n\nTokenChunk\x12\x13\n\x0bresponse_id\x18\x01 \x01(\t\x12\x10\n\x08sequence\x18\x02 \x01(\r\x12\x0c\n\x04text\x18\x03 \x01(\t\x12\x13\n\x0btext_offset\x18\x04 \x01(\r\x12\x13\n\x0btoken_count\x18\x05 \x01(\r\x12,\n\ngovernance\x18\x06 \x01(\x0b\x32\x18.tokenwire.v1.Governance\x12.\n\nemitted_at\x18\x07 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"P\n\tHeartbeat\x12\x13\n\x0bresponse_id\x18\x01 \x01(\t\x12.\n\nemitted_at\x18\x02 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"a\n\x0e\x43heckViolation\x12\x0c\n\x04\x63ode\x18\x01 \x01(\t\x12\x0f\n\x07message\x18\x02 \x01(\t\x12\x14\n\x0cjson_pointer\x18\x03 \x01(\t\x12\r\n\x05start\x18\x04 \x01(\r\x12\x0b\n\x03\x65nd\x18\x05 \x01(\r\"\xac\x01\n\x11VerificationCheck\x12\x0c\n\x04name\x18\x01 \x01(\t\x12+\n\x07outcome\x18\x02 \x01(\x0e\x32\x1a.tokenwire.v1.CheckOutcome\x12\x30\n\nviolations\x18\x03 \x03(\x0b\x32\x1c.tokenwire.v1.CheckViolation\x12*\n\x07latency\x18\x04 \x01(\x0b\x32\x19.google.protobuf.Duration\"7\n\x08ToolCall\x12\n\n\x02id\x18\x01 \x01(\t\x12\x0c\n\x04name\x18\x02 \x01(\t\x12\x11\n\targuments\x18\x03 \x01(\t\"V\n\tReviewRef\x12\x11\n\treview_id\x18\x01 \x01(\t\x12(\n\x05state\x18\x02 \x01(\x0e\x32\x19.tokenwire.v1.ReviewState\x12\x0c\n\x04held\x18\x03 \x01(\x08\"O\n\x05Usage\x12\x15\n\rprompt_tokens\x18\x01 \x01(\r\x12\x19\n\x11\x63ompletion_tokens\x18\x02 \x01(\r\x12\x14\n\x0ctotal_tokens\x18\x03 \x01(\r\"\xc0\x01\n\x0cVerification\x12\x30\n\x06status\x18\x01 \x01(\x0e\x32 .tokenwire.v1.VerificationStatus\x12\x17\n\x0fstreamed_sha256\x18\x02 \x01(\t\x12\x1d\n\x15retract_from_sequence\x18\x03 \x01(\r\x12/\n\x06\x63hecks\x18\x04 \x03(\x0b\x32\x1f.tokenwire.v1.VerificationCheck\x12\x15\n\rchecks_passed\x18\x05 \x01(\x08\"j\n\x06Timing\x12\x36\n\x13time_to_first_token\x18\x01 \x01(\x0b\x32\x19.google.protobuf.Duration\x12(\n\x05total\x18\x02 \x01(\x0b\x32\x19.google.protobuf.Duration\"U\n\x07Serving\x12\x0f\n\x07\x62\x61\x63kend\x18\x01 \x01(\t\x12\'\n\x04path\x18\x02 \x01(\x0e\x32\x19.tokenwire.v1.ServingPath\x12\x10\n\x08\x61ttempts\x18\x03 \x01(\r\"\x92\x05\n\tCompleted\x12\x13\n\x0bresponse_id\x18\x01 \x01(\t\x12\x12\n\nfinal_text\x18\x02 \x01(\t\x12\x14\n\x0c\x66inal_sha256\x18\x03 \x01(\t\x12\x13\n\x0b\x63hunk_count\x18\x04 \x01(\r\x12\x15\n\rlast_sequence\x18\x05 \x01(\r\x12\x31\n\rfinish_reason\x18\x06 \x01(\x0e\x32\x1a.tokenwire.v1.FinishReason\x12\"\n\x05usage\x18\x07 \x01(\x0b\x32\x13.tokenwire.v1.Usage\x12&\n\x07verdict\x18\x08 \x01(\x0e\x32\x15.tokenwire.v1.Verdict\x12\x17\n\x0freview_required\x18\t \x01(\x08\x12\x30\n\x0cverification\x18\n \x01(\x0b\x32\x1a.tokenwire.v1.Verification\x12$\n\x06timing\x18\x0b \x01(\x0b\x32\x14.tokenwire.v1.Timing\x12\r\n\x05model\x18\x0c \x01(\t\x12\x15\n\rmodel_version\x18\r \x01(\t\x12\x11\n\tpolicy_id\x18\x0e \x01(\t\x12\x16\n\x0epolicy_version\x18\x0f \x01(\t\x12\x10\n\x08trace_id\x18\x10 \x01(\t\x12\x31\n\rdelivery_mode\x18\x11 \x01(\x0e\x32\x1a.tokenwire.v1.DeliveryMode\x12&\n\x07serving\x18\x12 \x01(\x0b\x32\x15.tokenwire.v1.Serving\x12\x12\n\nrequest_id\x18\x13 \x01(\t\x12/\n\x07\x61\x63tions\x18\x14 \x03(\x0b\x32\x1e.tokenwire.v1.GovernanceAction\x12\'\n\x06review\x18\x15 \x01(\x0b\x32\x17.tokenwire.v1.ReviewRef\"\xf9\x01\n\x0eRespondRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\r\n\x05model\x18\x02 \x01(\t\x12+\n\x08messages\x18\x03 \x03(\x0b\x32\x19.tokenwire.v1.ChatMessage\x12.\n\x06params\x18\x04 \x01(\x0b\x32\x1e.tokenwire.v1.GenerationParams\x12\x38\n\x06labels\x18\x05 \x03(\x0b\x32(.tokenwire.v1.RespondRequest.LabelsEntry\x1a-\n\x0bLabelsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"=\n\x0fRespondResponse\x12*\n\tcompleted\x18\x01 \x01(\x0b\x32\x17.tokenwire.v1.Completed\"\xb8\x03\n\x14StreamRespondRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\r\n\x05model\x18\x02 \x01(\t\x12+\n\x08messages\x18\x03 \x03(\x0b\x32\x19.tokenwire.v1.ChatMessage\x12.\n\x06params\x18\x04 \x01(\x0b\x32\x1e.tokenwire.v1.GenerationParams\x12>\n\x06labels\x18\x05 \x03(\x0b\x32..tokenwire.v1.StreamRespondRequest.LabelsEntry\x12\x31\n\rdelivery_mode\x18\x06 \x01(\x0e\x32\x1a.tokenwire.v1.DeliveryMode\x12(\n\x08\x63hunking\x18\x07 \x01(\x0b\x32\x16.tokenwire.v1.Chunking\x12(\n\x06resume\x18\x08 \x01(\x0b\x32\x18.tokenwire.v1.ResumeFrom\x12\x17\n\x0fomit_final_text\x18\t \x01(\x08\x12\x11\n\tresumable\x18\n \x01(\x08\x1a-\n\x0bLabelsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"$\n\rCancelRequest\x12\x13\n\x0bresponse_id\x18\x01 \x01(\t\"Q\n\x0e\x43\x61ncelResponse\x12\x13\n\x0bresponse_id\x18\x01 \x01(\t\x12\x15\n\rlast_sequence\x18\x02 \x01(\r\x12\x13\n\x0bwas_running\x18\x03 \x01(\x08\"\xa7\x01\n\x15StreamRespondResponse\x12)\n\x05\x63hunk\x18\x01 \x01(\x0b\x32\x18.tokenwire.v1.TokenChunkH\x00\x12,\n\tcompleted\x18\x02 \x01(\x0b\x32\x17.tokenwire.v1.CompletedH\x00\x12,\n\theartbeat\x18\x03 \x01(\x0b\x32\x17.tokenwire.v1.HeartbeatH\x00\x42\x07\n\x05\x65vent*P\n\x04Role\x12\x14\n\x10ROLE_UNSPECIFIED\x10\x00\x12\x0f\n\x0bROLE_SYSTEM\x10\x01\x12\r\n\tROLE_USER\x10\x02\x12\x12\n\x0eROLE_ASSISTANT\x10\x03*{\n\x0c\x44\x65liveryMode\x12\x1d\n\x19\x44\x45LIVERY_MODE_UNSPECIFIED\x10\x00\x12\x16\n\x12\x44\x45LIVERY_MODE_AUTO\x10\x01\x12\x18\n\x14\x44\x45LIVERY_MODE_STREAM\x10\x02\x12\x1a\n\x16\x44\x45LIVERY_MODE_BUFFERED\x10\x03*\xa2\x01\n\x0c\x46inishReason\x12\x1d\n\x19\x46INISH_REASON_UNSPECIFIED\x10\x00\x12\x16\n\x12\x46INISH_REASON_STOP\x10\x01\x12\x18\n\x14\x46INISH_REASON_LENGTH\x10\x02\x12\x1f\n\x1b\x46INISH_REASON_STOP_SEQUENCE\x10\x03\x12 \n\x1c\x46INISH_REASON_POLICY_BLOCKED\x10\x04*b\n\x07Verdict\x12\x17\n\x13VERDICT_UNSPECIFIED\x10\x00\x12\x13\n\x0fVERDICT_ALLOWED\x10\x01\x12\x14\n\x10VERDICT_REDACTED\x10\x02\x12\x13\n\x0fVERDICT_BLOCKED\x10\x03*}\n\x12VerificationStatus\x12#\n\x1fVERIFICATION_STATUS_UNSPECIFIED\x10\x00\x12 \n\x1cVERIFICATION_STATUS_VERIFIED\x10\x01\x12 \n\x1cVERIFICATION_STATUS_DIVERGED\x10\x02*g\n\x0bServingPath\x12\x1c\n\x18SERVING_PATH_UNSPECIFIED\x10\x00\x12\x1a\n\x16SERVING_PATH_STREAMING\x10\x01\x12\x1e\n\x1aSERVING_PATH_NON_STREAMING\x10\x02*\xd3\x01\n\x12GovernanceOperator\x12#\n\x1fGOVERNANCE_OPERATOR_UNSPECIFIED\x10\x00\x12\x1c\n\x18GOVERNANCE_OPERATOR_MASK\x10\x01\x12\x1f\n\x1bGOVERNANCE_OPERATOR_REPLACE\x10\x02\x12\x1c\n\x18GOVERNANCE_OPERATOR_HASH\x10\x03\x12\x1d\n\x19GOVERNANCE_OPERATOR_BLOCK\x10\x04\x12\x1c\n\x18GOVERNANCE_OPERATOR_FLAG\x10\x05*\xb4\x01\n\x0c\x43heckOutcome\x12\x1d\n\x19\x43HECK_OUTCOME_UNSPECIFIED\x10\x00\x12\x18\n\x14\x43HECK_OUTCOME_PASSED\x10\x01\x12\x18\n\x14\x43HECK_OUTCOME_FAILED\x10\x02\x12\x1b\n\x17\x43HECK_OUTCOME_ESCALATED\x10\x03\x12\x17\n\x13\x43HECK_OUTCOME_ERROR\x10\x04\x12\x1b\n\x17\x43HECK_OUTCOME_TIMED_OUT\x10\x05*\xae\x01\n\x0bReviewState\x12\x1c\n\x18REVIEW_STATE_UNSPECIFIED\x10\x00\x12\x18\n\x14REVIEW_STATE_PENDING\x10\x01\x12\x19\n\x15REVIEW_STATE_APPROVED\x10\x02\x12\x19\n\x15REVIEW_STATE_REJECTED\x10\x03\x12\x17\n\x13REVIEW_STATE_EDITED\x10\x04\x12\x18\n\x14REVIEW_STATE_EXPIRED\x10\x05\x32\xf9\x01\n\x0eRespondService\x12\x46\n\x07Respond\x12\x1c.tokenwire.v1.RespondRequest\x1a\x1d.tokenwire.v1.RespondResponse\x12Z\n\rStreamRespond\x12\".tokenwire.v1.StreamRespondRequest\x1a#.tokenwire.v1.StreamRespondResponse0\x01\x12\x43\n\x06\x43\x61ncel\x12\x1b.tokenwire.v1.CancelRequest\x1a\x1c.tokenwire.v1.CancelResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -37,20 +37,24 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_RESPONDREQUEST_LABELSENTRY']._serialized_options = b'8\001'
   _globals['_STREAMRESPONDREQUEST_LABELSENTRY']._loaded_options = None
   _globals['_STREAMRESPONDREQUEST_LABELSENTRY']._serialized_options = b'8\001'
-  _globals['_ROLE']._serialized_start=3114
-  _globals['_ROLE']._serialized_end=3194
-  _globals['_DELIVERYMODE']._serialized_start=3196
-  _globals['_DELIVERYMODE']._serialized_end=3319
-  _globals['_FINISHREASON']._serialized_start=3322
-  _globals['_FINISHREASON']._serialized_end=3484
-  _globals['_VERDICT']._serialized_start=3486
-  _globals['_VERDICT']._serialized_end=3584
-  _globals['_VERIFICATIONSTATUS']._serialized_start=3586
-  _globals['_VERIFICATIONSTATUS']._serialized_end=3711
-  _globals['_SERVINGPATH']._serialized_start=3713
-  _globals['_SERVINGPATH']._serialized_end=3816
-  _globals['_GOVERNANCEOPERATOR']._serialized_start=3819
-  _globals['_GOVERNANCEOPERATOR']._serialized_end=4030
+  _globals['_ROLE']._serialized_start=3647
+  _globals['_ROLE']._serialized_end=3727
+  _globals['_DELIVERYMODE']._serialized_start=3729
+  _globals['_DELIVERYMODE']._serialized_end=3852
+  _globals['_FINISHREASON']._serialized_start=3855
+  _globals['_FINISHREASON']._serialized_end=4017
+  _globals['_VERDICT']._serialized_start=4019
+  _globals['_VERDICT']._serialized_end=4117
+  _globals['_VERIFICATIONSTATUS']._serialized_start=4119
+  _globals['_VERIFICATIONSTATUS']._serialized_end=4244
+  _globals['_SERVINGPATH']._serialized_start=4246
+  _globals['_SERVINGPATH']._serialized_end=4349
+  _globals['_GOVERNANCEOPERATOR']._serialized_start=4352
+  _globals['_GOVERNANCEOPERATOR']._serialized_end=4563
+  _globals['_CHECKOUTCOME']._serialized_start=4566
+  _globals['_CHECKOUTCOME']._serialized_end=4746
+  _globals['_REVIEWSTATE']._serialized_start=4749
+  _globals['_REVIEWSTATE']._serialized_end=4923
   _globals['_CHATMESSAGE']._serialized_start=109
   _globals['_CHATMESSAGE']._serialized_end=173
   _globals['_GENERATIONPARAMS']._serialized_start=176
@@ -67,32 +71,40 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_TOKENCHUNK']._serialized_end=963
   _globals['_HEARTBEAT']._serialized_start=965
   _globals['_HEARTBEAT']._serialized_end=1045
-  _globals['_USAGE']._serialized_start=1047
-  _globals['_USAGE']._serialized_end=1126
-  _globals['_VERIFICATION']._serialized_start=1128
-  _globals['_VERIFICATION']._serialized_end=1248
-  _globals['_TIMING']._serialized_start=1250
-  _globals['_TIMING']._serialized_end=1356
-  _globals['_SERVING']._serialized_start=1358
-  _globals['_SERVING']._serialized_end=1443
-  _globals['_COMPLETED']._serialized_start=1446
-  _globals['_COMPLETED']._serialized_end=2063
-  _globals['_RESPONDREQUEST']._serialized_start=2066
-  _globals['_RESPONDREQUEST']._serialized_end=2315
-  _globals['_RESPONDREQUEST_LABELSENTRY']._serialized_start=2270
-  _globals['_RESPONDREQUEST_LABELSENTRY']._serialized_end=2315
-  _globals['_RESPONDRESPONSE']._serialized_start=2317
-  _globals['_RESPONDRESPONSE']._serialized_end=2378
-  _globals['_STREAMRESPONDREQUEST']._serialized_start=2381
-  _globals['_STREAMRESPONDREQUEST']._serialized_end=2821
-  _globals['_STREAMRESPONDREQUEST_LABELSENTRY']._serialized_start=2270
-  _globals['_STREAMRESPONDREQUEST_LABELSENTRY']._serialized_end=2315
-  _globals['_CANCELREQUEST']._serialized_start=2823
-  _globals['_CANCELREQUEST']._serialized_end=2859
-  _globals['_CANCELRESPONSE']._serialized_start=2861
-  _globals['_CANCELRESPONSE']._serialized_end=2942
-  _globals['_STREAMRESPONDRESPONSE']._serialized_start=2945
-  _globals['_STREAMRESPONDRESPONSE']._serialized_end=3112
-  _globals['_RESPONDSERVICE']._serialized_start=4033
-  _globals['_RESPONDSERVICE']._serialized_end=4282
+  _globals['_CHECKVIOLATION']._serialized_start=1047
+  _globals['_CHECKVIOLATION']._serialized_end=1144
+  _globals['_VERIFICATIONCHECK']._serialized_start=1147
+  _globals['_VERIFICATIONCHECK']._serialized_end=1319
+  _globals['_TOOLCALL']._serialized_start=1321
+  _globals['_TOOLCALL']._serialized_end=1376
+  _globals['_REVIEWREF']._serialized_start=1378
+  _globals['_REVIEWREF']._serialized_end=1464
+  _globals['_USAGE']._serialized_start=1466
+  _globals['_USAGE']._serialized_end=1545
+  _globals['_VERIFICATION']._serialized_start=1548
+  _globals['_VERIFICATION']._serialized_end=1740
+  _globals['_TIMING']._serialized_start=1742
+  _globals['_TIMING']._serialized_end=1848
+  _globals['_SERVING']._serialized_start=1850
+  _globals['_SERVING']._serialized_end=1935
+  _globals['_COMPLETED']._serialized_start=1938
+  _globals['_COMPLETED']._serialized_end=2596
+  _globals['_RESPONDREQUEST']._serialized_start=2599
+  _globals['_RESPONDREQUEST']._serialized_end=2848
+  _globals['_RESPONDREQUEST_LABELSENTRY']._serialized_start=2803
+  _globals['_RESPONDREQUEST_LABELSENTRY']._serialized_end=2848
+  _globals['_RESPONDRESPONSE']._serialized_start=2850
+  _globals['_RESPONDRESPONSE']._serialized_end=2911
+  _globals['_STREAMRESPONDREQUEST']._serialized_start=2914
+  _globals['_STREAMRESPONDREQUEST']._serialized_end=3354
+  _globals['_STREAMRESPONDREQUEST_LABELSENTRY']._serialized_start=2803
+  _globals['_STREAMRESPONDREQUEST_LABELSENTRY']._serialized_end=2848
+  _globals['_CANCELREQUEST']._serialized_start=3356
+  _globals['_CANCELREQUEST']._serialized_end=3392
+  _globals['_CANCELRESPONSE']._serialized_start=3394
+  _globals['_CANCELRESPONSE']._serialized_end=3475
+  _globals['_STREAMRESPONDRESPONSE']._serialized_start=3478
+  _globals['_STREAMRESPONDRESPONSE']._serialized_end=3645
+  _globals['_RESPONDSERVICE']._serialized_start=4926
+  _globals['_RESPONDSERVICE']._serialized_end=5175
 # @@protoc_insertion_point(module_scope)

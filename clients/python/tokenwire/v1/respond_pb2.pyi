@@ -60,6 +60,24 @@ class GovernanceOperator(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     GOVERNANCE_OPERATOR_HASH: _ClassVar[GovernanceOperator]
     GOVERNANCE_OPERATOR_BLOCK: _ClassVar[GovernanceOperator]
     GOVERNANCE_OPERATOR_FLAG: _ClassVar[GovernanceOperator]
+
+class CheckOutcome(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    CHECK_OUTCOME_UNSPECIFIED: _ClassVar[CheckOutcome]
+    CHECK_OUTCOME_PASSED: _ClassVar[CheckOutcome]
+    CHECK_OUTCOME_FAILED: _ClassVar[CheckOutcome]
+    CHECK_OUTCOME_ESCALATED: _ClassVar[CheckOutcome]
+    CHECK_OUTCOME_ERROR: _ClassVar[CheckOutcome]
+    CHECK_OUTCOME_TIMED_OUT: _ClassVar[CheckOutcome]
+
+class ReviewState(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    REVIEW_STATE_UNSPECIFIED: _ClassVar[ReviewState]
+    REVIEW_STATE_PENDING: _ClassVar[ReviewState]
+    REVIEW_STATE_APPROVED: _ClassVar[ReviewState]
+    REVIEW_STATE_REJECTED: _ClassVar[ReviewState]
+    REVIEW_STATE_EDITED: _ClassVar[ReviewState]
+    REVIEW_STATE_EXPIRED: _ClassVar[ReviewState]
 ROLE_UNSPECIFIED: Role
 ROLE_SYSTEM: Role
 ROLE_USER: Role
@@ -89,6 +107,18 @@ GOVERNANCE_OPERATOR_REPLACE: GovernanceOperator
 GOVERNANCE_OPERATOR_HASH: GovernanceOperator
 GOVERNANCE_OPERATOR_BLOCK: GovernanceOperator
 GOVERNANCE_OPERATOR_FLAG: GovernanceOperator
+CHECK_OUTCOME_UNSPECIFIED: CheckOutcome
+CHECK_OUTCOME_PASSED: CheckOutcome
+CHECK_OUTCOME_FAILED: CheckOutcome
+CHECK_OUTCOME_ESCALATED: CheckOutcome
+CHECK_OUTCOME_ERROR: CheckOutcome
+CHECK_OUTCOME_TIMED_OUT: CheckOutcome
+REVIEW_STATE_UNSPECIFIED: ReviewState
+REVIEW_STATE_PENDING: ReviewState
+REVIEW_STATE_APPROVED: ReviewState
+REVIEW_STATE_REJECTED: ReviewState
+REVIEW_STATE_EDITED: ReviewState
+REVIEW_STATE_EXPIRED: ReviewState
 
 class ChatMessage(_message.Message):
     __slots__ = ("role", "content")
@@ -182,6 +212,52 @@ class Heartbeat(_message.Message):
     emitted_at: _timestamp_pb2.Timestamp
     def __init__(self, response_id: _Optional[str] = ..., emitted_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ...) -> None: ...
 
+class CheckViolation(_message.Message):
+    __slots__ = ("code", "message", "json_pointer", "start", "end")
+    CODE_FIELD_NUMBER: _ClassVar[int]
+    MESSAGE_FIELD_NUMBER: _ClassVar[int]
+    JSON_POINTER_FIELD_NUMBER: _ClassVar[int]
+    START_FIELD_NUMBER: _ClassVar[int]
+    END_FIELD_NUMBER: _ClassVar[int]
+    code: str
+    message: str
+    json_pointer: str
+    start: int
+    end: int
+    def __init__(self, code: _Optional[str] = ..., message: _Optional[str] = ..., json_pointer: _Optional[str] = ..., start: _Optional[int] = ..., end: _Optional[int] = ...) -> None: ...
+
+class VerificationCheck(_message.Message):
+    __slots__ = ("name", "outcome", "violations", "latency")
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    OUTCOME_FIELD_NUMBER: _ClassVar[int]
+    VIOLATIONS_FIELD_NUMBER: _ClassVar[int]
+    LATENCY_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    outcome: CheckOutcome
+    violations: _containers.RepeatedCompositeFieldContainer[CheckViolation]
+    latency: _duration_pb2.Duration
+    def __init__(self, name: _Optional[str] = ..., outcome: _Optional[_Union[CheckOutcome, str]] = ..., violations: _Optional[_Iterable[_Union[CheckViolation, _Mapping]]] = ..., latency: _Optional[_Union[datetime.timedelta, _duration_pb2.Duration, _Mapping]] = ...) -> None: ...
+
+class ToolCall(_message.Message):
+    __slots__ = ("id", "name", "arguments")
+    ID_FIELD_NUMBER: _ClassVar[int]
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    ARGUMENTS_FIELD_NUMBER: _ClassVar[int]
+    id: str
+    name: str
+    arguments: str
+    def __init__(self, id: _Optional[str] = ..., name: _Optional[str] = ..., arguments: _Optional[str] = ...) -> None: ...
+
+class ReviewRef(_message.Message):
+    __slots__ = ("review_id", "state", "held")
+    REVIEW_ID_FIELD_NUMBER: _ClassVar[int]
+    STATE_FIELD_NUMBER: _ClassVar[int]
+    HELD_FIELD_NUMBER: _ClassVar[int]
+    review_id: str
+    state: ReviewState
+    held: bool
+    def __init__(self, review_id: _Optional[str] = ..., state: _Optional[_Union[ReviewState, str]] = ..., held: _Optional[bool] = ...) -> None: ...
+
 class Usage(_message.Message):
     __slots__ = ("prompt_tokens", "completion_tokens", "total_tokens")
     PROMPT_TOKENS_FIELD_NUMBER: _ClassVar[int]
@@ -193,14 +269,18 @@ class Usage(_message.Message):
     def __init__(self, prompt_tokens: _Optional[int] = ..., completion_tokens: _Optional[int] = ..., total_tokens: _Optional[int] = ...) -> None: ...
 
 class Verification(_message.Message):
-    __slots__ = ("status", "streamed_sha256", "retract_from_sequence")
+    __slots__ = ("status", "streamed_sha256", "retract_from_sequence", "checks", "checks_passed")
     STATUS_FIELD_NUMBER: _ClassVar[int]
     STREAMED_SHA256_FIELD_NUMBER: _ClassVar[int]
     RETRACT_FROM_SEQUENCE_FIELD_NUMBER: _ClassVar[int]
+    CHECKS_FIELD_NUMBER: _ClassVar[int]
+    CHECKS_PASSED_FIELD_NUMBER: _ClassVar[int]
     status: VerificationStatus
     streamed_sha256: str
     retract_from_sequence: int
-    def __init__(self, status: _Optional[_Union[VerificationStatus, str]] = ..., streamed_sha256: _Optional[str] = ..., retract_from_sequence: _Optional[int] = ...) -> None: ...
+    checks: _containers.RepeatedCompositeFieldContainer[VerificationCheck]
+    checks_passed: bool
+    def __init__(self, status: _Optional[_Union[VerificationStatus, str]] = ..., streamed_sha256: _Optional[str] = ..., retract_from_sequence: _Optional[int] = ..., checks: _Optional[_Iterable[_Union[VerificationCheck, _Mapping]]] = ..., checks_passed: _Optional[bool] = ...) -> None: ...
 
 class Timing(_message.Message):
     __slots__ = ("time_to_first_token", "total")
@@ -221,7 +301,7 @@ class Serving(_message.Message):
     def __init__(self, backend: _Optional[str] = ..., path: _Optional[_Union[ServingPath, str]] = ..., attempts: _Optional[int] = ...) -> None: ...
 
 class Completed(_message.Message):
-    __slots__ = ("response_id", "final_text", "final_sha256", "chunk_count", "last_sequence", "finish_reason", "usage", "verdict", "review_required", "verification", "timing", "model", "model_version", "policy_id", "policy_version", "trace_id", "delivery_mode", "serving", "request_id", "actions")
+    __slots__ = ("response_id", "final_text", "final_sha256", "chunk_count", "last_sequence", "finish_reason", "usage", "verdict", "review_required", "verification", "timing", "model", "model_version", "policy_id", "policy_version", "trace_id", "delivery_mode", "serving", "request_id", "actions", "review")
     RESPONSE_ID_FIELD_NUMBER: _ClassVar[int]
     FINAL_TEXT_FIELD_NUMBER: _ClassVar[int]
     FINAL_SHA256_FIELD_NUMBER: _ClassVar[int]
@@ -242,6 +322,7 @@ class Completed(_message.Message):
     SERVING_FIELD_NUMBER: _ClassVar[int]
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     ACTIONS_FIELD_NUMBER: _ClassVar[int]
+    REVIEW_FIELD_NUMBER: _ClassVar[int]
     response_id: str
     final_text: str
     final_sha256: str
@@ -262,7 +343,8 @@ class Completed(_message.Message):
     serving: Serving
     request_id: str
     actions: _containers.RepeatedCompositeFieldContainer[GovernanceAction]
-    def __init__(self, response_id: _Optional[str] = ..., final_text: _Optional[str] = ..., final_sha256: _Optional[str] = ..., chunk_count: _Optional[int] = ..., last_sequence: _Optional[int] = ..., finish_reason: _Optional[_Union[FinishReason, str]] = ..., usage: _Optional[_Union[Usage, _Mapping]] = ..., verdict: _Optional[_Union[Verdict, str]] = ..., review_required: _Optional[bool] = ..., verification: _Optional[_Union[Verification, _Mapping]] = ..., timing: _Optional[_Union[Timing, _Mapping]] = ..., model: _Optional[str] = ..., model_version: _Optional[str] = ..., policy_id: _Optional[str] = ..., policy_version: _Optional[str] = ..., trace_id: _Optional[str] = ..., delivery_mode: _Optional[_Union[DeliveryMode, str]] = ..., serving: _Optional[_Union[Serving, _Mapping]] = ..., request_id: _Optional[str] = ..., actions: _Optional[_Iterable[_Union[GovernanceAction, _Mapping]]] = ...) -> None: ...
+    review: ReviewRef
+    def __init__(self, response_id: _Optional[str] = ..., final_text: _Optional[str] = ..., final_sha256: _Optional[str] = ..., chunk_count: _Optional[int] = ..., last_sequence: _Optional[int] = ..., finish_reason: _Optional[_Union[FinishReason, str]] = ..., usage: _Optional[_Union[Usage, _Mapping]] = ..., verdict: _Optional[_Union[Verdict, str]] = ..., review_required: _Optional[bool] = ..., verification: _Optional[_Union[Verification, _Mapping]] = ..., timing: _Optional[_Union[Timing, _Mapping]] = ..., model: _Optional[str] = ..., model_version: _Optional[str] = ..., policy_id: _Optional[str] = ..., policy_version: _Optional[str] = ..., trace_id: _Optional[str] = ..., delivery_mode: _Optional[_Union[DeliveryMode, str]] = ..., serving: _Optional[_Union[Serving, _Mapping]] = ..., request_id: _Optional[str] = ..., actions: _Optional[_Iterable[_Union[GovernanceAction, _Mapping]]] = ..., review: _Optional[_Union[ReviewRef, _Mapping]] = ...) -> None: ...
 
 class RespondRequest(_message.Message):
     __slots__ = ("request_id", "model", "messages", "params", "labels")

@@ -471,6 +471,141 @@ func (GovernanceOperator) EnumDescriptor() ([]byte, []int) {
 	return file_tokenwire_v1_respond_proto_rawDescGZIP(), []int{6}
 }
 
+// The result of one check of the verification stage (`VerificationCheck`).
+type CheckOutcome int32
+
+const (
+	// Never sent.
+	CheckOutcome_CHECK_OUTCOME_UNSPECIFIED CheckOutcome = 0
+	// The check found nothing wrong.
+	CheckOutcome_CHECK_OUTCOME_PASSED CheckOutcome = 1
+	// The check failed; `violations` say why. A failed validator stops
+	// releasing text and the response ends with a retraction or is blocked.
+	CheckOutcome_CHECK_OUTCOME_FAILED CheckOutcome = 2
+	// The check asked for a person to look at the response (see `ReviewRef`).
+	CheckOutcome_CHECK_OUTCOME_ESCALATED CheckOutcome = 3
+	// The check could not run: its validator was unreachable, crashed or
+	// answered something that is not a verdict. The validator's configured
+	// rule decided what that means (fail closed, pass or escalate).
+	CheckOutcome_CHECK_OUTCOME_ERROR CheckOutcome = 4
+	// The check gave no verdict within its timeout; handled like ERROR.
+	CheckOutcome_CHECK_OUTCOME_TIMED_OUT CheckOutcome = 5
+)
+
+// Enum value maps for CheckOutcome.
+var (
+	CheckOutcome_name = map[int32]string{
+		0: "CHECK_OUTCOME_UNSPECIFIED",
+		1: "CHECK_OUTCOME_PASSED",
+		2: "CHECK_OUTCOME_FAILED",
+		3: "CHECK_OUTCOME_ESCALATED",
+		4: "CHECK_OUTCOME_ERROR",
+		5: "CHECK_OUTCOME_TIMED_OUT",
+	}
+	CheckOutcome_value = map[string]int32{
+		"CHECK_OUTCOME_UNSPECIFIED": 0,
+		"CHECK_OUTCOME_PASSED":      1,
+		"CHECK_OUTCOME_FAILED":      2,
+		"CHECK_OUTCOME_ESCALATED":   3,
+		"CHECK_OUTCOME_ERROR":       4,
+		"CHECK_OUTCOME_TIMED_OUT":   5,
+	}
+)
+
+func (x CheckOutcome) Enum() *CheckOutcome {
+	p := new(CheckOutcome)
+	*p = x
+	return p
+}
+
+func (x CheckOutcome) String() string {
+	return protoimpl.X.EnumStringOf(x.Descriptor(), protoreflect.EnumNumber(x))
+}
+
+func (CheckOutcome) Descriptor() protoreflect.EnumDescriptor {
+	return file_tokenwire_v1_respond_proto_enumTypes[7].Descriptor()
+}
+
+func (CheckOutcome) Type() protoreflect.EnumType {
+	return &file_tokenwire_v1_respond_proto_enumTypes[7]
+}
+
+func (x CheckOutcome) Number() protoreflect.EnumNumber {
+	return protoreflect.EnumNumber(x)
+}
+
+// Deprecated: Use CheckOutcome.Descriptor instead.
+func (CheckOutcome) EnumDescriptor() ([]byte, []int) {
+	return file_tokenwire_v1_respond_proto_rawDescGZIP(), []int{7}
+}
+
+// Where a response stands in human review. Terminal states: APPROVED,
+// REJECTED, EDITED, EXPIRED.
+type ReviewState int32
+
+const (
+	// Never sent.
+	ReviewState_REVIEW_STATE_UNSPECIFIED ReviewState = 0
+	// Waiting for a reviewer. A held response has released no text yet.
+	ReviewState_REVIEW_STATE_PENDING ReviewState = 1
+	// A reviewer approved the governed text as it is.
+	ReviewState_REVIEW_STATE_APPROVED ReviewState = 2
+	// A reviewer rejected the response: a held response releases nothing.
+	ReviewState_REVIEW_STATE_REJECTED ReviewState = 3
+	// A reviewer replaced the text; the replacement is the decided payload.
+	ReviewState_REVIEW_STATE_EDITED ReviewState = 4
+	// Nobody decided in time. An expired hold is a rejection: nothing is
+	// released.
+	ReviewState_REVIEW_STATE_EXPIRED ReviewState = 5
+)
+
+// Enum value maps for ReviewState.
+var (
+	ReviewState_name = map[int32]string{
+		0: "REVIEW_STATE_UNSPECIFIED",
+		1: "REVIEW_STATE_PENDING",
+		2: "REVIEW_STATE_APPROVED",
+		3: "REVIEW_STATE_REJECTED",
+		4: "REVIEW_STATE_EDITED",
+		5: "REVIEW_STATE_EXPIRED",
+	}
+	ReviewState_value = map[string]int32{
+		"REVIEW_STATE_UNSPECIFIED": 0,
+		"REVIEW_STATE_PENDING":     1,
+		"REVIEW_STATE_APPROVED":    2,
+		"REVIEW_STATE_REJECTED":    3,
+		"REVIEW_STATE_EDITED":      4,
+		"REVIEW_STATE_EXPIRED":     5,
+	}
+)
+
+func (x ReviewState) Enum() *ReviewState {
+	p := new(ReviewState)
+	*p = x
+	return p
+}
+
+func (x ReviewState) String() string {
+	return protoimpl.X.EnumStringOf(x.Descriptor(), protoreflect.EnumNumber(x))
+}
+
+func (ReviewState) Descriptor() protoreflect.EnumDescriptor {
+	return file_tokenwire_v1_respond_proto_enumTypes[8].Descriptor()
+}
+
+func (ReviewState) Type() protoreflect.EnumType {
+	return &file_tokenwire_v1_respond_proto_enumTypes[8]
+}
+
+func (x ReviewState) Number() protoreflect.EnumNumber {
+	return protoreflect.EnumNumber(x)
+}
+
+// Deprecated: Use ReviewState.Descriptor instead.
+func (ReviewState) EnumDescriptor() ([]byte, []int) {
+	return file_tokenwire_v1_respond_proto_rawDescGZIP(), []int{8}
+}
+
 // One message of the conversation.
 type ChatMessage struct {
 	state protoimpl.MessageState `protogen:"open.v1"`
@@ -1041,6 +1176,298 @@ func (x *Heartbeat) GetEmittedAt() *timestamppb.Timestamp {
 	return nil
 }
 
+// What a check found wrong. `start` and `end` are UTF-8 byte positions in the
+// text the check looked at (for a validator: the final payload, or the
+// released text in stream mode); both 0 when the finding has no span.
+type CheckViolation struct {
+	state protoimpl.MessageState `protogen:"open.v1"`
+	// Stable, machine-readable code chosen by the check, e.g. `FORBIDDEN_CLAIM`.
+	Code string `protobuf:"bytes,1,opt,name=code,proto3" json:"code,omitempty"`
+	// Human-readable explanation.
+	Message string `protobuf:"bytes,2,opt,name=message,proto3" json:"message,omitempty"`
+	// RFC 6901 pointer into a JSON payload or tool-call arguments; empty for text.
+	JsonPointer string `protobuf:"bytes,3,opt,name=json_pointer,json=jsonPointer,proto3" json:"json_pointer,omitempty"`
+	// First byte of the offending span.
+	Start uint32 `protobuf:"varint,4,opt,name=start,proto3" json:"start,omitempty"`
+	// One past the last byte of the offending span.
+	End           uint32 `protobuf:"varint,5,opt,name=end,proto3" json:"end,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *CheckViolation) Reset() {
+	*x = CheckViolation{}
+	mi := &file_tokenwire_v1_respond_proto_msgTypes[8]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *CheckViolation) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*CheckViolation) ProtoMessage() {}
+
+func (x *CheckViolation) ProtoReflect() protoreflect.Message {
+	mi := &file_tokenwire_v1_respond_proto_msgTypes[8]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use CheckViolation.ProtoReflect.Descriptor instead.
+func (*CheckViolation) Descriptor() ([]byte, []int) {
+	return file_tokenwire_v1_respond_proto_rawDescGZIP(), []int{8}
+}
+
+func (x *CheckViolation) GetCode() string {
+	if x != nil {
+		return x.Code
+	}
+	return ""
+}
+
+func (x *CheckViolation) GetMessage() string {
+	if x != nil {
+		return x.Message
+	}
+	return ""
+}
+
+func (x *CheckViolation) GetJsonPointer() string {
+	if x != nil {
+		return x.JsonPointer
+	}
+	return ""
+}
+
+func (x *CheckViolation) GetStart() uint32 {
+	if x != nil {
+		return x.Start
+	}
+	return 0
+}
+
+func (x *CheckViolation) GetEnd() uint32 {
+	if x != nil {
+		return x.End
+	}
+	return 0
+}
+
+// One check of the verification stage and its result.
+type VerificationCheck struct {
+	state protoimpl.MessageState `protogen:"open.v1"`
+	// `integrity`, `json_schema`, `tool_arguments`, or `validator:<name>` for
+	// a validator configured on the server.
+	Name string `protobuf:"bytes,1,opt,name=name,proto3" json:"name,omitempty"`
+	// What the check concluded.
+	Outcome CheckOutcome `protobuf:"varint,2,opt,name=outcome,proto3,enum=tokenwire.v1.CheckOutcome" json:"outcome,omitempty"`
+	// Why it failed or escalated.
+	Violations []*CheckViolation `protobuf:"bytes,3,rep,name=violations,proto3" json:"violations,omitempty"`
+	// How long the check held `Completed` up: for a validator, from sending it
+	// the final payload (or, in stream mode, the end of the text) to its
+	// verdict; zero when the verdict came earlier.
+	Latency       *durationpb.Duration `protobuf:"bytes,4,opt,name=latency,proto3" json:"latency,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *VerificationCheck) Reset() {
+	*x = VerificationCheck{}
+	mi := &file_tokenwire_v1_respond_proto_msgTypes[9]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *VerificationCheck) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*VerificationCheck) ProtoMessage() {}
+
+func (x *VerificationCheck) ProtoReflect() protoreflect.Message {
+	mi := &file_tokenwire_v1_respond_proto_msgTypes[9]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use VerificationCheck.ProtoReflect.Descriptor instead.
+func (*VerificationCheck) Descriptor() ([]byte, []int) {
+	return file_tokenwire_v1_respond_proto_rawDescGZIP(), []int{9}
+}
+
+func (x *VerificationCheck) GetName() string {
+	if x != nil {
+		return x.Name
+	}
+	return ""
+}
+
+func (x *VerificationCheck) GetOutcome() CheckOutcome {
+	if x != nil {
+		return x.Outcome
+	}
+	return CheckOutcome_CHECK_OUTCOME_UNSPECIFIED
+}
+
+func (x *VerificationCheck) GetViolations() []*CheckViolation {
+	if x != nil {
+		return x.Violations
+	}
+	return nil
+}
+
+func (x *VerificationCheck) GetLatency() *durationpb.Duration {
+	if x != nil {
+		return x.Latency
+	}
+	return nil
+}
+
+// A function call the model made. `arguments` is the JSON text as governed.
+type ToolCall struct {
+	state protoimpl.MessageState `protogen:"open.v1"`
+	// Identifier the caller echoes in the tool's answer (`tool_call_id`).
+	Id string `protobuf:"bytes,1,opt,name=id,proto3" json:"id,omitempty"`
+	// The function's name.
+	Name string `protobuf:"bytes,2,opt,name=name,proto3" json:"name,omitempty"`
+	// The arguments, as JSON text.
+	Arguments     string `protobuf:"bytes,3,opt,name=arguments,proto3" json:"arguments,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *ToolCall) Reset() {
+	*x = ToolCall{}
+	mi := &file_tokenwire_v1_respond_proto_msgTypes[10]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *ToolCall) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*ToolCall) ProtoMessage() {}
+
+func (x *ToolCall) ProtoReflect() protoreflect.Message {
+	mi := &file_tokenwire_v1_respond_proto_msgTypes[10]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use ToolCall.ProtoReflect.Descriptor instead.
+func (*ToolCall) Descriptor() ([]byte, []int) {
+	return file_tokenwire_v1_respond_proto_rawDescGZIP(), []int{10}
+}
+
+func (x *ToolCall) GetId() string {
+	if x != nil {
+		return x.Id
+	}
+	return ""
+}
+
+func (x *ToolCall) GetName() string {
+	if x != nil {
+		return x.Name
+	}
+	return ""
+}
+
+func (x *ToolCall) GetArguments() string {
+	if x != nil {
+		return x.Arguments
+	}
+	return ""
+}
+
+// The human review a response was queued for by an escalation rule.
+type ReviewRef struct {
+	state protoimpl.MessageState `protogen:"open.v1"`
+	// Read and wait for the review with `ReviewService.GetReview` /
+	// `WatchReview`.
+	ReviewId string `protobuf:"bytes,1,opt,name=review_id,json=reviewId,proto3" json:"review_id,omitempty"`
+	// The review's state when `Completed` was sent: PENDING for a new review.
+	State ReviewState `protobuf:"varint,2,opt,name=state,proto3,enum=tokenwire.v1.ReviewState" json:"state,omitempty"`
+	// True when the response is held: no text was released and `final_text`
+	// is empty; the decided payload comes through `ReviewService` once a
+	// reviewer approves or edits it. False for review after release: the
+	// text was delivered as usual and is reviewed afterwards.
+	Held          bool `protobuf:"varint,3,opt,name=held,proto3" json:"held,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *ReviewRef) Reset() {
+	*x = ReviewRef{}
+	mi := &file_tokenwire_v1_respond_proto_msgTypes[11]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *ReviewRef) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*ReviewRef) ProtoMessage() {}
+
+func (x *ReviewRef) ProtoReflect() protoreflect.Message {
+	mi := &file_tokenwire_v1_respond_proto_msgTypes[11]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use ReviewRef.ProtoReflect.Descriptor instead.
+func (*ReviewRef) Descriptor() ([]byte, []int) {
+	return file_tokenwire_v1_respond_proto_rawDescGZIP(), []int{11}
+}
+
+func (x *ReviewRef) GetReviewId() string {
+	if x != nil {
+		return x.ReviewId
+	}
+	return ""
+}
+
+func (x *ReviewRef) GetState() ReviewState {
+	if x != nil {
+		return x.State
+	}
+	return ReviewState_REVIEW_STATE_UNSPECIFIED
+}
+
+func (x *ReviewRef) GetHeld() bool {
+	if x != nil {
+		return x.Held
+	}
+	return false
+}
+
 // Token accounting; always filled.
 type Usage struct {
 	state protoimpl.MessageState `protogen:"open.v1"`
@@ -1056,7 +1483,7 @@ type Usage struct {
 
 func (x *Usage) Reset() {
 	*x = Usage{}
-	mi := &file_tokenwire_v1_respond_proto_msgTypes[8]
+	mi := &file_tokenwire_v1_respond_proto_msgTypes[12]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1068,7 +1495,7 @@ func (x *Usage) String() string {
 func (*Usage) ProtoMessage() {}
 
 func (x *Usage) ProtoReflect() protoreflect.Message {
-	mi := &file_tokenwire_v1_respond_proto_msgTypes[8]
+	mi := &file_tokenwire_v1_respond_proto_msgTypes[12]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1081,7 +1508,7 @@ func (x *Usage) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use Usage.ProtoReflect.Descriptor instead.
 func (*Usage) Descriptor() ([]byte, []int) {
-	return file_tokenwire_v1_respond_proto_rawDescGZIP(), []int{8}
+	return file_tokenwire_v1_respond_proto_rawDescGZIP(), []int{12}
 }
 
 func (x *Usage) GetPromptTokens() uint32 {
@@ -1115,13 +1542,19 @@ type Verification struct {
 	StreamedSha256 string `protobuf:"bytes,2,opt,name=streamed_sha256,json=streamedSha256,proto3" json:"streamed_sha256,omitempty"`
 	// With DIVERGED: the first chunk to drop. 0 with VERIFIED.
 	RetractFromSequence uint32 `protobuf:"varint,3,opt,name=retract_from_sequence,json=retractFromSequence,proto3" json:"retract_from_sequence,omitempty"`
-	unknownFields       protoimpl.UnknownFields
-	sizeCache           protoimpl.SizeCache
+	// Every check that ran, in order: `integrity` first, then each validator
+	// as `validator:<name>`.
+	Checks []*VerificationCheck `protobuf:"bytes,4,rep,name=checks,proto3" json:"checks,omitempty"`
+	// True when no check failed. A validator that errored or timed out counts
+	// as failed when it is configured to fail closed.
+	ChecksPassed  bool `protobuf:"varint,5,opt,name=checks_passed,json=checksPassed,proto3" json:"checks_passed,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
 }
 
 func (x *Verification) Reset() {
 	*x = Verification{}
-	mi := &file_tokenwire_v1_respond_proto_msgTypes[9]
+	mi := &file_tokenwire_v1_respond_proto_msgTypes[13]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1133,7 +1566,7 @@ func (x *Verification) String() string {
 func (*Verification) ProtoMessage() {}
 
 func (x *Verification) ProtoReflect() protoreflect.Message {
-	mi := &file_tokenwire_v1_respond_proto_msgTypes[9]
+	mi := &file_tokenwire_v1_respond_proto_msgTypes[13]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1146,7 +1579,7 @@ func (x *Verification) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use Verification.ProtoReflect.Descriptor instead.
 func (*Verification) Descriptor() ([]byte, []int) {
-	return file_tokenwire_v1_respond_proto_rawDescGZIP(), []int{9}
+	return file_tokenwire_v1_respond_proto_rawDescGZIP(), []int{13}
 }
 
 func (x *Verification) GetStatus() VerificationStatus {
@@ -1170,6 +1603,20 @@ func (x *Verification) GetRetractFromSequence() uint32 {
 	return 0
 }
 
+func (x *Verification) GetChecks() []*VerificationCheck {
+	if x != nil {
+		return x.Checks
+	}
+	return nil
+}
+
+func (x *Verification) GetChecksPassed() bool {
+	if x != nil {
+		return x.ChecksPassed
+	}
+	return false
+}
+
 // Where the time went.
 type Timing struct {
 	state protoimpl.MessageState `protogen:"open.v1"`
@@ -1184,7 +1631,7 @@ type Timing struct {
 
 func (x *Timing) Reset() {
 	*x = Timing{}
-	mi := &file_tokenwire_v1_respond_proto_msgTypes[10]
+	mi := &file_tokenwire_v1_respond_proto_msgTypes[14]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1196,7 +1643,7 @@ func (x *Timing) String() string {
 func (*Timing) ProtoMessage() {}
 
 func (x *Timing) ProtoReflect() protoreflect.Message {
-	mi := &file_tokenwire_v1_respond_proto_msgTypes[10]
+	mi := &file_tokenwire_v1_respond_proto_msgTypes[14]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1209,7 +1656,7 @@ func (x *Timing) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use Timing.ProtoReflect.Descriptor instead.
 func (*Timing) Descriptor() ([]byte, []int) {
-	return file_tokenwire_v1_respond_proto_rawDescGZIP(), []int{10}
+	return file_tokenwire_v1_respond_proto_rawDescGZIP(), []int{14}
 }
 
 func (x *Timing) GetTimeToFirstToken() *durationpb.Duration {
@@ -1241,7 +1688,7 @@ type Serving struct {
 
 func (x *Serving) Reset() {
 	*x = Serving{}
-	mi := &file_tokenwire_v1_respond_proto_msgTypes[11]
+	mi := &file_tokenwire_v1_respond_proto_msgTypes[15]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1253,7 +1700,7 @@ func (x *Serving) String() string {
 func (*Serving) ProtoMessage() {}
 
 func (x *Serving) ProtoReflect() protoreflect.Message {
-	mi := &file_tokenwire_v1_respond_proto_msgTypes[11]
+	mi := &file_tokenwire_v1_respond_proto_msgTypes[15]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1266,7 +1713,7 @@ func (x *Serving) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use Serving.ProtoReflect.Descriptor instead.
 func (*Serving) Descriptor() ([]byte, []int) {
-	return file_tokenwire_v1_respond_proto_rawDescGZIP(), []int{11}
+	return file_tokenwire_v1_respond_proto_rawDescGZIP(), []int{15}
 }
 
 func (x *Serving) GetBackend() string {
@@ -1333,14 +1780,20 @@ type Completed struct {
 	// The request's `request_id`, or the one the server assigned.
 	RequestId string `protobuf:"bytes,19,opt,name=request_id,json=requestId,proto3" json:"request_id,omitempty"`
 	// Every governance action, with spans in the final payload.
-	Actions       []*GovernanceAction `protobuf:"bytes,20,rep,name=actions,proto3" json:"actions,omitempty"`
+	Actions []*GovernanceAction `protobuf:"bytes,20,rep,name=actions,proto3" json:"actions,omitempty"`
+	// Set when an escalation rule queued the response for human review. A held
+	// response (`review.held`) ends with state PENDING, no chunks of its text,
+	// an empty `final_text` and `final_sha256` of the empty text (what the
+	// caller received, so verification still holds); its decided payload is
+	// read later through `ReviewService.GetReview` or `WatchReview`.
+	Review        *ReviewRef `protobuf:"bytes,21,opt,name=review,proto3" json:"review,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
 
 func (x *Completed) Reset() {
 	*x = Completed{}
-	mi := &file_tokenwire_v1_respond_proto_msgTypes[12]
+	mi := &file_tokenwire_v1_respond_proto_msgTypes[16]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1352,7 +1805,7 @@ func (x *Completed) String() string {
 func (*Completed) ProtoMessage() {}
 
 func (x *Completed) ProtoReflect() protoreflect.Message {
-	mi := &file_tokenwire_v1_respond_proto_msgTypes[12]
+	mi := &file_tokenwire_v1_respond_proto_msgTypes[16]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1365,7 +1818,7 @@ func (x *Completed) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use Completed.ProtoReflect.Descriptor instead.
 func (*Completed) Descriptor() ([]byte, []int) {
-	return file_tokenwire_v1_respond_proto_rawDescGZIP(), []int{12}
+	return file_tokenwire_v1_respond_proto_rawDescGZIP(), []int{16}
 }
 
 func (x *Completed) GetResponseId() string {
@@ -1508,6 +1961,13 @@ func (x *Completed) GetActions() []*GovernanceAction {
 	return nil
 }
 
+func (x *Completed) GetReview() *ReviewRef {
+	if x != nil {
+		return x.Review
+	}
+	return nil
+}
+
 // A request for one verified payload.
 type RespondRequest struct {
 	state protoimpl.MessageState `protogen:"open.v1"`
@@ -1528,7 +1988,7 @@ type RespondRequest struct {
 
 func (x *RespondRequest) Reset() {
 	*x = RespondRequest{}
-	mi := &file_tokenwire_v1_respond_proto_msgTypes[13]
+	mi := &file_tokenwire_v1_respond_proto_msgTypes[17]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1540,7 +2000,7 @@ func (x *RespondRequest) String() string {
 func (*RespondRequest) ProtoMessage() {}
 
 func (x *RespondRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_tokenwire_v1_respond_proto_msgTypes[13]
+	mi := &file_tokenwire_v1_respond_proto_msgTypes[17]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1553,7 +2013,7 @@ func (x *RespondRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use RespondRequest.ProtoReflect.Descriptor instead.
 func (*RespondRequest) Descriptor() ([]byte, []int) {
-	return file_tokenwire_v1_respond_proto_rawDescGZIP(), []int{13}
+	return file_tokenwire_v1_respond_proto_rawDescGZIP(), []int{17}
 }
 
 func (x *RespondRequest) GetRequestId() string {
@@ -1602,7 +2062,7 @@ type RespondResponse struct {
 
 func (x *RespondResponse) Reset() {
 	*x = RespondResponse{}
-	mi := &file_tokenwire_v1_respond_proto_msgTypes[14]
+	mi := &file_tokenwire_v1_respond_proto_msgTypes[18]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1614,7 +2074,7 @@ func (x *RespondResponse) String() string {
 func (*RespondResponse) ProtoMessage() {}
 
 func (x *RespondResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_tokenwire_v1_respond_proto_msgTypes[14]
+	mi := &file_tokenwire_v1_respond_proto_msgTypes[18]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1627,7 +2087,7 @@ func (x *RespondResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use RespondResponse.ProtoReflect.Descriptor instead.
 func (*RespondResponse) Descriptor() ([]byte, []int) {
-	return file_tokenwire_v1_respond_proto_rawDescGZIP(), []int{14}
+	return file_tokenwire_v1_respond_proto_rawDescGZIP(), []int{18}
 }
 
 func (x *RespondResponse) GetCompleted() *Completed {
@@ -1672,7 +2132,7 @@ type StreamRespondRequest struct {
 
 func (x *StreamRespondRequest) Reset() {
 	*x = StreamRespondRequest{}
-	mi := &file_tokenwire_v1_respond_proto_msgTypes[15]
+	mi := &file_tokenwire_v1_respond_proto_msgTypes[19]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1684,7 +2144,7 @@ func (x *StreamRespondRequest) String() string {
 func (*StreamRespondRequest) ProtoMessage() {}
 
 func (x *StreamRespondRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_tokenwire_v1_respond_proto_msgTypes[15]
+	mi := &file_tokenwire_v1_respond_proto_msgTypes[19]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1697,7 +2157,7 @@ func (x *StreamRespondRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use StreamRespondRequest.ProtoReflect.Descriptor instead.
 func (*StreamRespondRequest) Descriptor() ([]byte, []int) {
-	return file_tokenwire_v1_respond_proto_rawDescGZIP(), []int{15}
+	return file_tokenwire_v1_respond_proto_rawDescGZIP(), []int{19}
 }
 
 func (x *StreamRespondRequest) GetRequestId() string {
@@ -1781,7 +2241,7 @@ type CancelRequest struct {
 
 func (x *CancelRequest) Reset() {
 	*x = CancelRequest{}
-	mi := &file_tokenwire_v1_respond_proto_msgTypes[16]
+	mi := &file_tokenwire_v1_respond_proto_msgTypes[20]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1793,7 +2253,7 @@ func (x *CancelRequest) String() string {
 func (*CancelRequest) ProtoMessage() {}
 
 func (x *CancelRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_tokenwire_v1_respond_proto_msgTypes[16]
+	mi := &file_tokenwire_v1_respond_proto_msgTypes[20]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1806,7 +2266,7 @@ func (x *CancelRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use CancelRequest.ProtoReflect.Descriptor instead.
 func (*CancelRequest) Descriptor() ([]byte, []int) {
-	return file_tokenwire_v1_respond_proto_rawDescGZIP(), []int{16}
+	return file_tokenwire_v1_respond_proto_rawDescGZIP(), []int{20}
 }
 
 func (x *CancelRequest) GetResponseId() string {
@@ -1832,7 +2292,7 @@ type CancelResponse struct {
 
 func (x *CancelResponse) Reset() {
 	*x = CancelResponse{}
-	mi := &file_tokenwire_v1_respond_proto_msgTypes[17]
+	mi := &file_tokenwire_v1_respond_proto_msgTypes[21]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1844,7 +2304,7 @@ func (x *CancelResponse) String() string {
 func (*CancelResponse) ProtoMessage() {}
 
 func (x *CancelResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_tokenwire_v1_respond_proto_msgTypes[17]
+	mi := &file_tokenwire_v1_respond_proto_msgTypes[21]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1857,7 +2317,7 @@ func (x *CancelResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use CancelResponse.ProtoReflect.Descriptor instead.
 func (*CancelResponse) Descriptor() ([]byte, []int) {
-	return file_tokenwire_v1_respond_proto_rawDescGZIP(), []int{17}
+	return file_tokenwire_v1_respond_proto_rawDescGZIP(), []int{21}
 }
 
 func (x *CancelResponse) GetResponseId() string {
@@ -1898,7 +2358,7 @@ type StreamRespondResponse struct {
 
 func (x *StreamRespondResponse) Reset() {
 	*x = StreamRespondResponse{}
-	mi := &file_tokenwire_v1_respond_proto_msgTypes[18]
+	mi := &file_tokenwire_v1_respond_proto_msgTypes[22]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1910,7 +2370,7 @@ func (x *StreamRespondResponse) String() string {
 func (*StreamRespondResponse) ProtoMessage() {}
 
 func (x *StreamRespondResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_tokenwire_v1_respond_proto_msgTypes[18]
+	mi := &file_tokenwire_v1_respond_proto_msgTypes[22]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1923,7 +2383,7 @@ func (x *StreamRespondResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use StreamRespondResponse.ProtoReflect.Descriptor instead.
 func (*StreamRespondResponse) Descriptor() ([]byte, []int) {
-	return file_tokenwire_v1_respond_proto_rawDescGZIP(), []int{18}
+	return file_tokenwire_v1_respond_proto_rawDescGZIP(), []int{22}
 }
 
 func (x *StreamRespondResponse) GetEvent() isStreamRespondResponse_Event {
@@ -2044,22 +2504,45 @@ const file_tokenwire_v1_respond_proto_rawDesc = "" +
 	"\vresponse_id\x18\x01 \x01(\tR\n" +
 	"responseId\x129\n" +
 	"\n" +
-	"emitted_at\x18\x02 \x01(\v2\x1a.google.protobuf.TimestampR\temittedAt\"|\n" +
+	"emitted_at\x18\x02 \x01(\v2\x1a.google.protobuf.TimestampR\temittedAt\"\x89\x01\n" +
+	"\x0eCheckViolation\x12\x12\n" +
+	"\x04code\x18\x01 \x01(\tR\x04code\x12\x18\n" +
+	"\amessage\x18\x02 \x01(\tR\amessage\x12!\n" +
+	"\fjson_pointer\x18\x03 \x01(\tR\vjsonPointer\x12\x14\n" +
+	"\x05start\x18\x04 \x01(\rR\x05start\x12\x10\n" +
+	"\x03end\x18\x05 \x01(\rR\x03end\"\xd0\x01\n" +
+	"\x11VerificationCheck\x12\x12\n" +
+	"\x04name\x18\x01 \x01(\tR\x04name\x124\n" +
+	"\aoutcome\x18\x02 \x01(\x0e2\x1a.tokenwire.v1.CheckOutcomeR\aoutcome\x12<\n" +
+	"\n" +
+	"violations\x18\x03 \x03(\v2\x1c.tokenwire.v1.CheckViolationR\n" +
+	"violations\x123\n" +
+	"\alatency\x18\x04 \x01(\v2\x19.google.protobuf.DurationR\alatency\"L\n" +
+	"\bToolCall\x12\x0e\n" +
+	"\x02id\x18\x01 \x01(\tR\x02id\x12\x12\n" +
+	"\x04name\x18\x02 \x01(\tR\x04name\x12\x1c\n" +
+	"\targuments\x18\x03 \x01(\tR\targuments\"m\n" +
+	"\tReviewRef\x12\x1b\n" +
+	"\treview_id\x18\x01 \x01(\tR\breviewId\x12/\n" +
+	"\x05state\x18\x02 \x01(\x0e2\x19.tokenwire.v1.ReviewStateR\x05state\x12\x12\n" +
+	"\x04held\x18\x03 \x01(\bR\x04held\"|\n" +
 	"\x05Usage\x12#\n" +
 	"\rprompt_tokens\x18\x01 \x01(\rR\fpromptTokens\x12+\n" +
 	"\x11completion_tokens\x18\x02 \x01(\rR\x10completionTokens\x12!\n" +
-	"\ftotal_tokens\x18\x03 \x01(\rR\vtotalTokens\"\xa5\x01\n" +
+	"\ftotal_tokens\x18\x03 \x01(\rR\vtotalTokens\"\x83\x02\n" +
 	"\fVerification\x128\n" +
 	"\x06status\x18\x01 \x01(\x0e2 .tokenwire.v1.VerificationStatusR\x06status\x12'\n" +
 	"\x0fstreamed_sha256\x18\x02 \x01(\tR\x0estreamedSha256\x122\n" +
-	"\x15retract_from_sequence\x18\x03 \x01(\rR\x13retractFromSequence\"\x83\x01\n" +
+	"\x15retract_from_sequence\x18\x03 \x01(\rR\x13retractFromSequence\x127\n" +
+	"\x06checks\x18\x04 \x03(\v2\x1f.tokenwire.v1.VerificationCheckR\x06checks\x12#\n" +
+	"\rchecks_passed\x18\x05 \x01(\bR\fchecksPassed\"\x83\x01\n" +
 	"\x06Timing\x12H\n" +
 	"\x13time_to_first_token\x18\x01 \x01(\v2\x19.google.protobuf.DurationR\x10timeToFirstToken\x12/\n" +
 	"\x05total\x18\x02 \x01(\v2\x19.google.protobuf.DurationR\x05total\"n\n" +
 	"\aServing\x12\x18\n" +
 	"\abackend\x18\x01 \x01(\tR\abackend\x12-\n" +
 	"\x04path\x18\x02 \x01(\x0e2\x19.tokenwire.v1.ServingPathR\x04path\x12\x1a\n" +
-	"\battempts\x18\x03 \x01(\rR\battempts\"\xcd\x06\n" +
+	"\battempts\x18\x03 \x01(\rR\battempts\"\xfe\x06\n" +
 	"\tCompleted\x12\x1f\n" +
 	"\vresponse_id\x18\x01 \x01(\tR\n" +
 	"responseId\x12\x1d\n" +
@@ -2085,7 +2568,8 @@ const file_tokenwire_v1_respond_proto_rawDesc = "" +
 	"\aserving\x18\x12 \x01(\v2\x15.tokenwire.v1.ServingR\aserving\x12\x1d\n" +
 	"\n" +
 	"request_id\x18\x13 \x01(\tR\trequestId\x128\n" +
-	"\aactions\x18\x14 \x03(\v2\x1e.tokenwire.v1.GovernanceActionR\aactions\"\xb1\x02\n" +
+	"\aactions\x18\x14 \x03(\v2\x1e.tokenwire.v1.GovernanceActionR\aactions\x12/\n" +
+	"\x06review\x18\x15 \x01(\v2\x17.tokenwire.v1.ReviewRefR\x06review\"\xb1\x02\n" +
 	"\x0eRespondRequest\x12\x1d\n" +
 	"\n" +
 	"request_id\x18\x01 \x01(\tR\trequestId\x12\x14\n" +
@@ -2163,7 +2647,21 @@ const file_tokenwire_v1_respond_proto_rawDesc = "" +
 	"\x1bGOVERNANCE_OPERATOR_REPLACE\x10\x02\x12\x1c\n" +
 	"\x18GOVERNANCE_OPERATOR_HASH\x10\x03\x12\x1d\n" +
 	"\x19GOVERNANCE_OPERATOR_BLOCK\x10\x04\x12\x1c\n" +
-	"\x18GOVERNANCE_OPERATOR_FLAG\x10\x052\xf9\x01\n" +
+	"\x18GOVERNANCE_OPERATOR_FLAG\x10\x05*\xb4\x01\n" +
+	"\fCheckOutcome\x12\x1d\n" +
+	"\x19CHECK_OUTCOME_UNSPECIFIED\x10\x00\x12\x18\n" +
+	"\x14CHECK_OUTCOME_PASSED\x10\x01\x12\x18\n" +
+	"\x14CHECK_OUTCOME_FAILED\x10\x02\x12\x1b\n" +
+	"\x17CHECK_OUTCOME_ESCALATED\x10\x03\x12\x17\n" +
+	"\x13CHECK_OUTCOME_ERROR\x10\x04\x12\x1b\n" +
+	"\x17CHECK_OUTCOME_TIMED_OUT\x10\x05*\xae\x01\n" +
+	"\vReviewState\x12\x1c\n" +
+	"\x18REVIEW_STATE_UNSPECIFIED\x10\x00\x12\x18\n" +
+	"\x14REVIEW_STATE_PENDING\x10\x01\x12\x19\n" +
+	"\x15REVIEW_STATE_APPROVED\x10\x02\x12\x19\n" +
+	"\x15REVIEW_STATE_REJECTED\x10\x03\x12\x17\n" +
+	"\x13REVIEW_STATE_EDITED\x10\x04\x12\x18\n" +
+	"\x14REVIEW_STATE_EXPIRED\x10\x052\xf9\x01\n" +
 	"\x0eRespondService\x12F\n" +
 	"\aRespond\x12\x1c.tokenwire.v1.RespondRequest\x1a\x1d.tokenwire.v1.RespondResponse\x12Z\n" +
 	"\rStreamRespond\x12\".tokenwire.v1.StreamRespondRequest\x1a#.tokenwire.v1.StreamRespondResponse0\x01\x12C\n" +
@@ -2182,8 +2680,8 @@ func file_tokenwire_v1_respond_proto_rawDescGZIP() []byte {
 	return file_tokenwire_v1_respond_proto_rawDescData
 }
 
-var file_tokenwire_v1_respond_proto_enumTypes = make([]protoimpl.EnumInfo, 7)
-var file_tokenwire_v1_respond_proto_msgTypes = make([]protoimpl.MessageInfo, 21)
+var file_tokenwire_v1_respond_proto_enumTypes = make([]protoimpl.EnumInfo, 9)
+var file_tokenwire_v1_respond_proto_msgTypes = make([]protoimpl.MessageInfo, 25)
 var file_tokenwire_v1_respond_proto_goTypes = []any{
 	(Role)(0),                     // 0: tokenwire.v1.Role
 	(DeliveryMode)(0),             // 1: tokenwire.v1.DeliveryMode
@@ -2192,74 +2690,86 @@ var file_tokenwire_v1_respond_proto_goTypes = []any{
 	(VerificationStatus)(0),       // 4: tokenwire.v1.VerificationStatus
 	(ServingPath)(0),              // 5: tokenwire.v1.ServingPath
 	(GovernanceOperator)(0),       // 6: tokenwire.v1.GovernanceOperator
-	(*ChatMessage)(nil),           // 7: tokenwire.v1.ChatMessage
-	(*GenerationParams)(nil),      // 8: tokenwire.v1.GenerationParams
-	(*Chunking)(nil),              // 9: tokenwire.v1.Chunking
-	(*ResumeFrom)(nil),            // 10: tokenwire.v1.ResumeFrom
-	(*GovernanceAction)(nil),      // 11: tokenwire.v1.GovernanceAction
-	(*Governance)(nil),            // 12: tokenwire.v1.Governance
-	(*TokenChunk)(nil),            // 13: tokenwire.v1.TokenChunk
-	(*Heartbeat)(nil),             // 14: tokenwire.v1.Heartbeat
-	(*Usage)(nil),                 // 15: tokenwire.v1.Usage
-	(*Verification)(nil),          // 16: tokenwire.v1.Verification
-	(*Timing)(nil),                // 17: tokenwire.v1.Timing
-	(*Serving)(nil),               // 18: tokenwire.v1.Serving
-	(*Completed)(nil),             // 19: tokenwire.v1.Completed
-	(*RespondRequest)(nil),        // 20: tokenwire.v1.RespondRequest
-	(*RespondResponse)(nil),       // 21: tokenwire.v1.RespondResponse
-	(*StreamRespondRequest)(nil),  // 22: tokenwire.v1.StreamRespondRequest
-	(*CancelRequest)(nil),         // 23: tokenwire.v1.CancelRequest
-	(*CancelResponse)(nil),        // 24: tokenwire.v1.CancelResponse
-	(*StreamRespondResponse)(nil), // 25: tokenwire.v1.StreamRespondResponse
-	nil,                           // 26: tokenwire.v1.RespondRequest.LabelsEntry
-	nil,                           // 27: tokenwire.v1.StreamRespondRequest.LabelsEntry
-	(*durationpb.Duration)(nil),   // 28: google.protobuf.Duration
-	(*timestamppb.Timestamp)(nil), // 29: google.protobuf.Timestamp
+	(CheckOutcome)(0),             // 7: tokenwire.v1.CheckOutcome
+	(ReviewState)(0),              // 8: tokenwire.v1.ReviewState
+	(*ChatMessage)(nil),           // 9: tokenwire.v1.ChatMessage
+	(*GenerationParams)(nil),      // 10: tokenwire.v1.GenerationParams
+	(*Chunking)(nil),              // 11: tokenwire.v1.Chunking
+	(*ResumeFrom)(nil),            // 12: tokenwire.v1.ResumeFrom
+	(*GovernanceAction)(nil),      // 13: tokenwire.v1.GovernanceAction
+	(*Governance)(nil),            // 14: tokenwire.v1.Governance
+	(*TokenChunk)(nil),            // 15: tokenwire.v1.TokenChunk
+	(*Heartbeat)(nil),             // 16: tokenwire.v1.Heartbeat
+	(*CheckViolation)(nil),        // 17: tokenwire.v1.CheckViolation
+	(*VerificationCheck)(nil),     // 18: tokenwire.v1.VerificationCheck
+	(*ToolCall)(nil),              // 19: tokenwire.v1.ToolCall
+	(*ReviewRef)(nil),             // 20: tokenwire.v1.ReviewRef
+	(*Usage)(nil),                 // 21: tokenwire.v1.Usage
+	(*Verification)(nil),          // 22: tokenwire.v1.Verification
+	(*Timing)(nil),                // 23: tokenwire.v1.Timing
+	(*Serving)(nil),               // 24: tokenwire.v1.Serving
+	(*Completed)(nil),             // 25: tokenwire.v1.Completed
+	(*RespondRequest)(nil),        // 26: tokenwire.v1.RespondRequest
+	(*RespondResponse)(nil),       // 27: tokenwire.v1.RespondResponse
+	(*StreamRespondRequest)(nil),  // 28: tokenwire.v1.StreamRespondRequest
+	(*CancelRequest)(nil),         // 29: tokenwire.v1.CancelRequest
+	(*CancelResponse)(nil),        // 30: tokenwire.v1.CancelResponse
+	(*StreamRespondResponse)(nil), // 31: tokenwire.v1.StreamRespondResponse
+	nil,                           // 32: tokenwire.v1.RespondRequest.LabelsEntry
+	nil,                           // 33: tokenwire.v1.StreamRespondRequest.LabelsEntry
+	(*durationpb.Duration)(nil),   // 34: google.protobuf.Duration
+	(*timestamppb.Timestamp)(nil), // 35: google.protobuf.Timestamp
 }
 var file_tokenwire_v1_respond_proto_depIdxs = []int32{
 	0,  // 0: tokenwire.v1.ChatMessage.role:type_name -> tokenwire.v1.Role
-	28, // 1: tokenwire.v1.Chunking.max_delay:type_name -> google.protobuf.Duration
+	34, // 1: tokenwire.v1.Chunking.max_delay:type_name -> google.protobuf.Duration
 	6,  // 2: tokenwire.v1.GovernanceAction.operator:type_name -> tokenwire.v1.GovernanceOperator
-	11, // 3: tokenwire.v1.Governance.actions:type_name -> tokenwire.v1.GovernanceAction
-	12, // 4: tokenwire.v1.TokenChunk.governance:type_name -> tokenwire.v1.Governance
-	29, // 5: tokenwire.v1.TokenChunk.emitted_at:type_name -> google.protobuf.Timestamp
-	29, // 6: tokenwire.v1.Heartbeat.emitted_at:type_name -> google.protobuf.Timestamp
-	4,  // 7: tokenwire.v1.Verification.status:type_name -> tokenwire.v1.VerificationStatus
-	28, // 8: tokenwire.v1.Timing.time_to_first_token:type_name -> google.protobuf.Duration
-	28, // 9: tokenwire.v1.Timing.total:type_name -> google.protobuf.Duration
-	5,  // 10: tokenwire.v1.Serving.path:type_name -> tokenwire.v1.ServingPath
-	2,  // 11: tokenwire.v1.Completed.finish_reason:type_name -> tokenwire.v1.FinishReason
-	15, // 12: tokenwire.v1.Completed.usage:type_name -> tokenwire.v1.Usage
-	3,  // 13: tokenwire.v1.Completed.verdict:type_name -> tokenwire.v1.Verdict
-	16, // 14: tokenwire.v1.Completed.verification:type_name -> tokenwire.v1.Verification
-	17, // 15: tokenwire.v1.Completed.timing:type_name -> tokenwire.v1.Timing
-	1,  // 16: tokenwire.v1.Completed.delivery_mode:type_name -> tokenwire.v1.DeliveryMode
-	18, // 17: tokenwire.v1.Completed.serving:type_name -> tokenwire.v1.Serving
-	11, // 18: tokenwire.v1.Completed.actions:type_name -> tokenwire.v1.GovernanceAction
-	7,  // 19: tokenwire.v1.RespondRequest.messages:type_name -> tokenwire.v1.ChatMessage
-	8,  // 20: tokenwire.v1.RespondRequest.params:type_name -> tokenwire.v1.GenerationParams
-	26, // 21: tokenwire.v1.RespondRequest.labels:type_name -> tokenwire.v1.RespondRequest.LabelsEntry
-	19, // 22: tokenwire.v1.RespondResponse.completed:type_name -> tokenwire.v1.Completed
-	7,  // 23: tokenwire.v1.StreamRespondRequest.messages:type_name -> tokenwire.v1.ChatMessage
-	8,  // 24: tokenwire.v1.StreamRespondRequest.params:type_name -> tokenwire.v1.GenerationParams
-	27, // 25: tokenwire.v1.StreamRespondRequest.labels:type_name -> tokenwire.v1.StreamRespondRequest.LabelsEntry
-	1,  // 26: tokenwire.v1.StreamRespondRequest.delivery_mode:type_name -> tokenwire.v1.DeliveryMode
-	9,  // 27: tokenwire.v1.StreamRespondRequest.chunking:type_name -> tokenwire.v1.Chunking
-	10, // 28: tokenwire.v1.StreamRespondRequest.resume:type_name -> tokenwire.v1.ResumeFrom
-	13, // 29: tokenwire.v1.StreamRespondResponse.chunk:type_name -> tokenwire.v1.TokenChunk
-	19, // 30: tokenwire.v1.StreamRespondResponse.completed:type_name -> tokenwire.v1.Completed
-	14, // 31: tokenwire.v1.StreamRespondResponse.heartbeat:type_name -> tokenwire.v1.Heartbeat
-	20, // 32: tokenwire.v1.RespondService.Respond:input_type -> tokenwire.v1.RespondRequest
-	22, // 33: tokenwire.v1.RespondService.StreamRespond:input_type -> tokenwire.v1.StreamRespondRequest
-	23, // 34: tokenwire.v1.RespondService.Cancel:input_type -> tokenwire.v1.CancelRequest
-	21, // 35: tokenwire.v1.RespondService.Respond:output_type -> tokenwire.v1.RespondResponse
-	25, // 36: tokenwire.v1.RespondService.StreamRespond:output_type -> tokenwire.v1.StreamRespondResponse
-	24, // 37: tokenwire.v1.RespondService.Cancel:output_type -> tokenwire.v1.CancelResponse
-	35, // [35:38] is the sub-list for method output_type
-	32, // [32:35] is the sub-list for method input_type
-	32, // [32:32] is the sub-list for extension type_name
-	32, // [32:32] is the sub-list for extension extendee
-	0,  // [0:32] is the sub-list for field type_name
+	13, // 3: tokenwire.v1.Governance.actions:type_name -> tokenwire.v1.GovernanceAction
+	14, // 4: tokenwire.v1.TokenChunk.governance:type_name -> tokenwire.v1.Governance
+	35, // 5: tokenwire.v1.TokenChunk.emitted_at:type_name -> google.protobuf.Timestamp
+	35, // 6: tokenwire.v1.Heartbeat.emitted_at:type_name -> google.protobuf.Timestamp
+	7,  // 7: tokenwire.v1.VerificationCheck.outcome:type_name -> tokenwire.v1.CheckOutcome
+	17, // 8: tokenwire.v1.VerificationCheck.violations:type_name -> tokenwire.v1.CheckViolation
+	34, // 9: tokenwire.v1.VerificationCheck.latency:type_name -> google.protobuf.Duration
+	8,  // 10: tokenwire.v1.ReviewRef.state:type_name -> tokenwire.v1.ReviewState
+	4,  // 11: tokenwire.v1.Verification.status:type_name -> tokenwire.v1.VerificationStatus
+	18, // 12: tokenwire.v1.Verification.checks:type_name -> tokenwire.v1.VerificationCheck
+	34, // 13: tokenwire.v1.Timing.time_to_first_token:type_name -> google.protobuf.Duration
+	34, // 14: tokenwire.v1.Timing.total:type_name -> google.protobuf.Duration
+	5,  // 15: tokenwire.v1.Serving.path:type_name -> tokenwire.v1.ServingPath
+	2,  // 16: tokenwire.v1.Completed.finish_reason:type_name -> tokenwire.v1.FinishReason
+	21, // 17: tokenwire.v1.Completed.usage:type_name -> tokenwire.v1.Usage
+	3,  // 18: tokenwire.v1.Completed.verdict:type_name -> tokenwire.v1.Verdict
+	22, // 19: tokenwire.v1.Completed.verification:type_name -> tokenwire.v1.Verification
+	23, // 20: tokenwire.v1.Completed.timing:type_name -> tokenwire.v1.Timing
+	1,  // 21: tokenwire.v1.Completed.delivery_mode:type_name -> tokenwire.v1.DeliveryMode
+	24, // 22: tokenwire.v1.Completed.serving:type_name -> tokenwire.v1.Serving
+	13, // 23: tokenwire.v1.Completed.actions:type_name -> tokenwire.v1.GovernanceAction
+	20, // 24: tokenwire.v1.Completed.review:type_name -> tokenwire.v1.ReviewRef
+	9,  // 25: tokenwire.v1.RespondRequest.messages:type_name -> tokenwire.v1.ChatMessage
+	10, // 26: tokenwire.v1.RespondRequest.params:type_name -> tokenwire.v1.GenerationParams
+	32, // 27: tokenwire.v1.RespondRequest.labels:type_name -> tokenwire.v1.RespondRequest.LabelsEntry
+	25, // 28: tokenwire.v1.RespondResponse.completed:type_name -> tokenwire.v1.Completed
+	9,  // 29: tokenwire.v1.StreamRespondRequest.messages:type_name -> tokenwire.v1.ChatMessage
+	10, // 30: tokenwire.v1.StreamRespondRequest.params:type_name -> tokenwire.v1.GenerationParams
+	33, // 31: tokenwire.v1.StreamRespondRequest.labels:type_name -> tokenwire.v1.StreamRespondRequest.LabelsEntry
+	1,  // 32: tokenwire.v1.StreamRespondRequest.delivery_mode:type_name -> tokenwire.v1.DeliveryMode
+	11, // 33: tokenwire.v1.StreamRespondRequest.chunking:type_name -> tokenwire.v1.Chunking
+	12, // 34: tokenwire.v1.StreamRespondRequest.resume:type_name -> tokenwire.v1.ResumeFrom
+	15, // 35: tokenwire.v1.StreamRespondResponse.chunk:type_name -> tokenwire.v1.TokenChunk
+	25, // 36: tokenwire.v1.StreamRespondResponse.completed:type_name -> tokenwire.v1.Completed
+	16, // 37: tokenwire.v1.StreamRespondResponse.heartbeat:type_name -> tokenwire.v1.Heartbeat
+	26, // 38: tokenwire.v1.RespondService.Respond:input_type -> tokenwire.v1.RespondRequest
+	28, // 39: tokenwire.v1.RespondService.StreamRespond:input_type -> tokenwire.v1.StreamRespondRequest
+	29, // 40: tokenwire.v1.RespondService.Cancel:input_type -> tokenwire.v1.CancelRequest
+	27, // 41: tokenwire.v1.RespondService.Respond:output_type -> tokenwire.v1.RespondResponse
+	31, // 42: tokenwire.v1.RespondService.StreamRespond:output_type -> tokenwire.v1.StreamRespondResponse
+	30, // 43: tokenwire.v1.RespondService.Cancel:output_type -> tokenwire.v1.CancelResponse
+	41, // [41:44] is the sub-list for method output_type
+	38, // [38:41] is the sub-list for method input_type
+	38, // [38:38] is the sub-list for extension type_name
+	38, // [38:38] is the sub-list for extension extendee
+	0,  // [0:38] is the sub-list for field type_name
 }
 
 func init() { file_tokenwire_v1_respond_proto_init() }
@@ -2268,7 +2778,7 @@ func file_tokenwire_v1_respond_proto_init() {
 		return
 	}
 	file_tokenwire_v1_respond_proto_msgTypes[1].OneofWrappers = []any{}
-	file_tokenwire_v1_respond_proto_msgTypes[18].OneofWrappers = []any{
+	file_tokenwire_v1_respond_proto_msgTypes[22].OneofWrappers = []any{
 		(*StreamRespondResponse_Chunk)(nil),
 		(*StreamRespondResponse_Completed)(nil),
 		(*StreamRespondResponse_Heartbeat)(nil),
@@ -2278,8 +2788,8 @@ func file_tokenwire_v1_respond_proto_init() {
 		File: protoimpl.DescBuilder{
 			GoPackagePath: reflect.TypeOf(x{}).PkgPath(),
 			RawDescriptor: unsafe.Slice(unsafe.StringData(file_tokenwire_v1_respond_proto_rawDesc), len(file_tokenwire_v1_respond_proto_rawDesc)),
-			NumEnums:      7,
-			NumMessages:   21,
+			NumEnums:      9,
+			NumMessages:   25,
 			NumExtensions: 0,
 			NumServices:   1,
 		},

@@ -52,7 +52,7 @@ import type { Message } from "@bufbuild/protobuf";
  * Describes the file tokenwire/v1/respond.proto.
  */
 export const file_tokenwire_v1_respond: GenFile = /*@__PURE__*/
-  fileDesc("Chp0b2tlbndpcmUvdjEvcmVzcG9uZC5wcm90bxIMdG9rZW53aXJlLnYxIkAKC0NoYXRNZXNzYWdlEiAKBHJvbGUYASABKA4yEi50b2tlbndpcmUudjEuUm9sZRIPCgdjb250ZW50GAIgASgJIpgBChBHZW5lcmF0aW9uUGFyYW1zEhIKCm1heF90b2tlbnMYASABKAUSGAoLdGVtcGVyYXR1cmUYAiABKAFIAIgBARISCgV0b3BfcBgDIAEoAUgBiAEBEgwKBHN0b3AYBCADKAkSEQoEc2VlZBgFIAEoA0gCiAEBQg4KDF90ZW1wZXJhdHVyZUIICgZfdG9wX3BCBwoFX3NlZWQiVgoIQ2h1bmtpbmcSHAoUbWF4X3Rva2Vuc19wZXJfY2h1bmsYASABKAUSLAoJbWF4X2RlbGF5GAIgASgLMhkuZ29vZ2xlLnByb3RvYnVmLkR1cmF0aW9uIjkKClJlc3VtZUZyb20SEwoLcmVzcG9uc2VfaWQYASABKAkSFgoOYWZ0ZXJfc2VxdWVuY2UYAiABKA0iiAEKEEdvdmVybmFuY2VBY3Rpb24SDwoHcnVsZV9pZBgBIAEoCRITCgtlbnRpdHlfdHlwZRgCIAEoCRIyCghvcGVyYXRvchgDIAEoDjIgLnRva2Vud2lyZS52MS5Hb3Zlcm5hbmNlT3BlcmF0b3ISDQoFc3RhcnQYBCABKA0SCwoDZW5kGAUgASgNIo4BCgpHb3Zlcm5hbmNlEhEKCXBvbGljeV9pZBgBIAEoCRIWCg5wb2xpY3lfdmVyc2lvbhgCIAEoCRIvCgdhY3Rpb25zGAMgAygLMh4udG9rZW53aXJlLnYxLkdvdmVybmFuY2VBY3Rpb24SDQoFbW9kZWwYBCABKAkSFQoNbW9kZWxfdmVyc2lvbhgFIAEoCSLJAQoKVG9rZW5DaHVuaxITCgtyZXNwb25zZV9pZBgBIAEoCRIQCghzZXF1ZW5jZRgCIAEoDRIMCgR0ZXh0GAMgASgJEhMKC3RleHRfb2Zmc2V0GAQgASgNEhMKC3Rva2VuX2NvdW50GAUgASgNEiwKCmdvdmVybmFuY2UYBiABKAsyGC50b2tlbndpcmUudjEuR292ZXJuYW5jZRIuCgplbWl0dGVkX2F0GAcgASgLMhouZ29vZ2xlLnByb3RvYnVmLlRpbWVzdGFtcCJQCglIZWFydGJlYXQSEwoLcmVzcG9uc2VfaWQYASABKAkSLgoKZW1pdHRlZF9hdBgCIAEoCzIaLmdvb2dsZS5wcm90b2J1Zi5UaW1lc3RhbXAiTwoFVXNhZ2USFQoNcHJvbXB0X3Rva2VucxgBIAEoDRIZChFjb21wbGV0aW9uX3Rva2VucxgCIAEoDRIUCgx0b3RhbF90b2tlbnMYAyABKA0ieAoMVmVyaWZpY2F0aW9uEjAKBnN0YXR1cxgBIAEoDjIgLnRva2Vud2lyZS52MS5WZXJpZmljYXRpb25TdGF0dXMSFwoPc3RyZWFtZWRfc2hhMjU2GAIgASgJEh0KFXJldHJhY3RfZnJvbV9zZXF1ZW5jZRgDIAEoDSJqCgZUaW1pbmcSNgoTdGltZV90b19maXJzdF90b2tlbhgBIAEoCzIZLmdvb2dsZS5wcm90b2J1Zi5EdXJhdGlvbhIoCgV0b3RhbBgCIAEoCzIZLmdvb2dsZS5wcm90b2J1Zi5EdXJhdGlvbiJVCgdTZXJ2aW5nEg8KB2JhY2tlbmQYASABKAkSJwoEcGF0aBgCIAEoDjIZLnRva2Vud2lyZS52MS5TZXJ2aW5nUGF0aBIQCghhdHRlbXB0cxgDIAEoDSLpBAoJQ29tcGxldGVkEhMKC3Jlc3BvbnNlX2lkGAEgASgJEhIKCmZpbmFsX3RleHQYAiABKAkSFAoMZmluYWxfc2hhMjU2GAMgASgJEhMKC2NodW5rX2NvdW50GAQgASgNEhUKDWxhc3Rfc2VxdWVuY2UYBSABKA0SMQoNZmluaXNoX3JlYXNvbhgGIAEoDjIaLnRva2Vud2lyZS52MS5GaW5pc2hSZWFzb24SIgoFdXNhZ2UYByABKAsyEy50b2tlbndpcmUudjEuVXNhZ2USJgoHdmVyZGljdBgIIAEoDjIVLnRva2Vud2lyZS52MS5WZXJkaWN0EhcKD3Jldmlld19yZXF1aXJlZBgJIAEoCBIwCgx2ZXJpZmljYXRpb24YCiABKAsyGi50b2tlbndpcmUudjEuVmVyaWZpY2F0aW9uEiQKBnRpbWluZxgLIAEoCzIULnRva2Vud2lyZS52MS5UaW1pbmcSDQoFbW9kZWwYDCABKAkSFQoNbW9kZWxfdmVyc2lvbhgNIAEoCRIRCglwb2xpY3lfaWQYDiABKAkSFgoOcG9saWN5X3ZlcnNpb24YDyABKAkSEAoIdHJhY2VfaWQYECABKAkSMQoNZGVsaXZlcnlfbW9kZRgRIAEoDjIaLnRva2Vud2lyZS52MS5EZWxpdmVyeU1vZGUSJgoHc2VydmluZxgSIAEoCzIVLnRva2Vud2lyZS52MS5TZXJ2aW5nEhIKCnJlcXVlc3RfaWQYEyABKAkSLwoHYWN0aW9ucxgUIAMoCzIeLnRva2Vud2lyZS52MS5Hb3Zlcm5hbmNlQWN0aW9uIvkBCg5SZXNwb25kUmVxdWVzdBISCgpyZXF1ZXN0X2lkGAEgASgJEg0KBW1vZGVsGAIgASgJEisKCG1lc3NhZ2VzGAMgAygLMhkudG9rZW53aXJlLnYxLkNoYXRNZXNzYWdlEi4KBnBhcmFtcxgEIAEoCzIeLnRva2Vud2lyZS52MS5HZW5lcmF0aW9uUGFyYW1zEjgKBmxhYmVscxgFIAMoCzIoLnRva2Vud2lyZS52MS5SZXNwb25kUmVxdWVzdC5MYWJlbHNFbnRyeRotCgtMYWJlbHNFbnRyeRILCgNrZXkYASABKAkSDQoFdmFsdWUYAiABKAk6AjgBIj0KD1Jlc3BvbmRSZXNwb25zZRIqCgljb21wbGV0ZWQYASABKAsyFy50b2tlbndpcmUudjEuQ29tcGxldGVkIrgDChRTdHJlYW1SZXNwb25kUmVxdWVzdBISCgpyZXF1ZXN0X2lkGAEgASgJEg0KBW1vZGVsGAIgASgJEisKCG1lc3NhZ2VzGAMgAygLMhkudG9rZW53aXJlLnYxLkNoYXRNZXNzYWdlEi4KBnBhcmFtcxgEIAEoCzIeLnRva2Vud2lyZS52MS5HZW5lcmF0aW9uUGFyYW1zEj4KBmxhYmVscxgFIAMoCzIuLnRva2Vud2lyZS52MS5TdHJlYW1SZXNwb25kUmVxdWVzdC5MYWJlbHNFbnRyeRIxCg1kZWxpdmVyeV9tb2RlGAYgASgOMhoudG9rZW53aXJlLnYxLkRlbGl2ZXJ5TW9kZRIoCghjaHVua2luZxgHIAEoCzIWLnRva2Vud2lyZS52MS5DaHVua2luZxIoCgZyZXN1bWUYCCABKAsyGC50b2tlbndpcmUudjEuUmVzdW1lRnJvbRIXCg9vbWl0X2ZpbmFsX3RleHQYCSABKAgSEQoJcmVzdW1hYmxlGAogASgIGi0KC0xhYmVsc0VudHJ5EgsKA2tleRgBIAEoCRINCgV2YWx1ZRgCIAEoCToCOAEiJAoNQ2FuY2VsUmVxdWVzdBITCgtyZXNwb25zZV9pZBgBIAEoCSJRCg5DYW5jZWxSZXNwb25zZRITCgtyZXNwb25zZV9pZBgBIAEoCRIVCg1sYXN0X3NlcXVlbmNlGAIgASgNEhMKC3dhc19ydW5uaW5nGAMgASgIIqcBChVTdHJlYW1SZXNwb25kUmVzcG9uc2USKQoFY2h1bmsYASABKAsyGC50b2tlbndpcmUudjEuVG9rZW5DaHVua0gAEiwKCWNvbXBsZXRlZBgCIAEoCzIXLnRva2Vud2lyZS52MS5Db21wbGV0ZWRIABIsCgloZWFydGJlYXQYAyABKAsyFy50b2tlbndpcmUudjEuSGVhcnRiZWF0SABCBwoFZXZlbnQqUAoEUm9sZRIUChBST0xFX1VOU1BFQ0lGSUVEEAASDwoLUk9MRV9TWVNURU0QARINCglST0xFX1VTRVIQAhISCg5ST0xFX0FTU0lTVEFOVBADKnsKDERlbGl2ZXJ5TW9kZRIdChlERUxJVkVSWV9NT0RFX1VOU1BFQ0lGSUVEEAASFgoSREVMSVZFUllfTU9ERV9BVVRPEAESGAoUREVMSVZFUllfTU9ERV9TVFJFQU0QAhIaChZERUxJVkVSWV9NT0RFX0JVRkZFUkVEEAMqogEKDEZpbmlzaFJlYXNvbhIdChlGSU5JU0hfUkVBU09OX1VOU1BFQ0lGSUVEEAASFgoSRklOSVNIX1JFQVNPTl9TVE9QEAESGAoURklOSVNIX1JFQVNPTl9MRU5HVEgQAhIfChtGSU5JU0hfUkVBU09OX1NUT1BfU0VRVUVOQ0UQAxIgChxGSU5JU0hfUkVBU09OX1BPTElDWV9CTE9DS0VEEAQqYgoHVmVyZGljdBIXChNWRVJESUNUX1VOU1BFQ0lGSUVEEAASEwoPVkVSRElDVF9BTExPV0VEEAESFAoQVkVSRElDVF9SRURBQ1RFRBACEhMKD1ZFUkRJQ1RfQkxPQ0tFRBADKn0KElZlcmlmaWNhdGlvblN0YXR1cxIjCh9WRVJJRklDQVRJT05fU1RBVFVTX1VOU1BFQ0lGSUVEEAASIAocVkVSSUZJQ0FUSU9OX1NUQVRVU19WRVJJRklFRBABEiAKHFZFUklGSUNBVElPTl9TVEFUVVNfRElWRVJHRUQQAipnCgtTZXJ2aW5nUGF0aBIcChhTRVJWSU5HX1BBVEhfVU5TUEVDSUZJRUQQABIaChZTRVJWSU5HX1BBVEhfU1RSRUFNSU5HEAESHgoaU0VSVklOR19QQVRIX05PTl9TVFJFQU1JTkcQAirTAQoSR292ZXJuYW5jZU9wZXJhdG9yEiMKH0dPVkVSTkFOQ0VfT1BFUkFUT1JfVU5TUEVDSUZJRUQQABIcChhHT1ZFUk5BTkNFX09QRVJBVE9SX01BU0sQARIfChtHT1ZFUk5BTkNFX09QRVJBVE9SX1JFUExBQ0UQAhIcChhHT1ZFUk5BTkNFX09QRVJBVE9SX0hBU0gQAxIdChlHT1ZFUk5BTkNFX09QRVJBVE9SX0JMT0NLEAQSHAoYR09WRVJOQU5DRV9PUEVSQVRPUl9GTEFHEAUy+QEKDlJlc3BvbmRTZXJ2aWNlEkYKB1Jlc3BvbmQSHC50b2tlbndpcmUudjEuUmVzcG9uZFJlcXVlc3QaHS50b2tlbndpcmUudjEuUmVzcG9uZFJlc3BvbnNlEloKDVN0cmVhbVJlc3BvbmQSIi50b2tlbndpcmUudjEuU3RyZWFtUmVzcG9uZFJlcXVlc3QaIy50b2tlbndpcmUudjEuU3RyZWFtUmVzcG9uZFJlc3BvbnNlMAESQwoGQ2FuY2VsEhsudG9rZW53aXJlLnYxLkNhbmNlbFJlcXVlc3QaHC50b2tlbndpcmUudjEuQ2FuY2VsUmVzcG9uc2ViBnByb3RvMw", [file_google_protobuf_duration, file_google_protobuf_timestamp]);
+  fileDesc("Chp0b2tlbndpcmUvdjEvcmVzcG9uZC5wcm90bxIMdG9rZW53aXJlLnYxIkAKC0NoYXRNZXNzYWdlEiAKBHJvbGUYASABKA4yEi50b2tlbndpcmUudjEuUm9sZRIPCgdjb250ZW50GAIgASgJIpgBChBHZW5lcmF0aW9uUGFyYW1zEhIKCm1heF90b2tlbnMYASABKAUSGAoLdGVtcGVyYXR1cmUYAiABKAFIAIgBARISCgV0b3BfcBgDIAEoAUgBiAEBEgwKBHN0b3AYBCADKAkSEQoEc2VlZBgFIAEoA0gCiAEBQg4KDF90ZW1wZXJhdHVyZUIICgZfdG9wX3BCBwoFX3NlZWQiVgoIQ2h1bmtpbmcSHAoUbWF4X3Rva2Vuc19wZXJfY2h1bmsYASABKAUSLAoJbWF4X2RlbGF5GAIgASgLMhkuZ29vZ2xlLnByb3RvYnVmLkR1cmF0aW9uIjkKClJlc3VtZUZyb20SEwoLcmVzcG9uc2VfaWQYASABKAkSFgoOYWZ0ZXJfc2VxdWVuY2UYAiABKA0iiAEKEEdvdmVybmFuY2VBY3Rpb24SDwoHcnVsZV9pZBgBIAEoCRITCgtlbnRpdHlfdHlwZRgCIAEoCRIyCghvcGVyYXRvchgDIAEoDjIgLnRva2Vud2lyZS52MS5Hb3Zlcm5hbmNlT3BlcmF0b3ISDQoFc3RhcnQYBCABKA0SCwoDZW5kGAUgASgNIo4BCgpHb3Zlcm5hbmNlEhEKCXBvbGljeV9pZBgBIAEoCRIWCg5wb2xpY3lfdmVyc2lvbhgCIAEoCRIvCgdhY3Rpb25zGAMgAygLMh4udG9rZW53aXJlLnYxLkdvdmVybmFuY2VBY3Rpb24SDQoFbW9kZWwYBCABKAkSFQoNbW9kZWxfdmVyc2lvbhgFIAEoCSLJAQoKVG9rZW5DaHVuaxITCgtyZXNwb25zZV9pZBgBIAEoCRIQCghzZXF1ZW5jZRgCIAEoDRIMCgR0ZXh0GAMgASgJEhMKC3RleHRfb2Zmc2V0GAQgASgNEhMKC3Rva2VuX2NvdW50GAUgASgNEiwKCmdvdmVybmFuY2UYBiABKAsyGC50b2tlbndpcmUudjEuR292ZXJuYW5jZRIuCgplbWl0dGVkX2F0GAcgASgLMhouZ29vZ2xlLnByb3RvYnVmLlRpbWVzdGFtcCJQCglIZWFydGJlYXQSEwoLcmVzcG9uc2VfaWQYASABKAkSLgoKZW1pdHRlZF9hdBgCIAEoCzIaLmdvb2dsZS5wcm90b2J1Zi5UaW1lc3RhbXAiYQoOQ2hlY2tWaW9sYXRpb24SDAoEY29kZRgBIAEoCRIPCgdtZXNzYWdlGAIgASgJEhQKDGpzb25fcG9pbnRlchgDIAEoCRINCgVzdGFydBgEIAEoDRILCgNlbmQYBSABKA0irAEKEVZlcmlmaWNhdGlvbkNoZWNrEgwKBG5hbWUYASABKAkSKwoHb3V0Y29tZRgCIAEoDjIaLnRva2Vud2lyZS52MS5DaGVja091dGNvbWUSMAoKdmlvbGF0aW9ucxgDIAMoCzIcLnRva2Vud2lyZS52MS5DaGVja1Zpb2xhdGlvbhIqCgdsYXRlbmN5GAQgASgLMhkuZ29vZ2xlLnByb3RvYnVmLkR1cmF0aW9uIjcKCFRvb2xDYWxsEgoKAmlkGAEgASgJEgwKBG5hbWUYAiABKAkSEQoJYXJndW1lbnRzGAMgASgJIlYKCVJldmlld1JlZhIRCglyZXZpZXdfaWQYASABKAkSKAoFc3RhdGUYAiABKA4yGS50b2tlbndpcmUudjEuUmV2aWV3U3RhdGUSDAoEaGVsZBgDIAEoCCJPCgVVc2FnZRIVCg1wcm9tcHRfdG9rZW5zGAEgASgNEhkKEWNvbXBsZXRpb25fdG9rZW5zGAIgASgNEhQKDHRvdGFsX3Rva2VucxgDIAEoDSLAAQoMVmVyaWZpY2F0aW9uEjAKBnN0YXR1cxgBIAEoDjIgLnRva2Vud2lyZS52MS5WZXJpZmljYXRpb25TdGF0dXMSFwoPc3RyZWFtZWRfc2hhMjU2GAIgASgJEh0KFXJldHJhY3RfZnJvbV9zZXF1ZW5jZRgDIAEoDRIvCgZjaGVja3MYBCADKAsyHy50b2tlbndpcmUudjEuVmVyaWZpY2F0aW9uQ2hlY2sSFQoNY2hlY2tzX3Bhc3NlZBgFIAEoCCJqCgZUaW1pbmcSNgoTdGltZV90b19maXJzdF90b2tlbhgBIAEoCzIZLmdvb2dsZS5wcm90b2J1Zi5EdXJhdGlvbhIoCgV0b3RhbBgCIAEoCzIZLmdvb2dsZS5wcm90b2J1Zi5EdXJhdGlvbiJVCgdTZXJ2aW5nEg8KB2JhY2tlbmQYASABKAkSJwoEcGF0aBgCIAEoDjIZLnRva2Vud2lyZS52MS5TZXJ2aW5nUGF0aBIQCghhdHRlbXB0cxgDIAEoDSKSBQoJQ29tcGxldGVkEhMKC3Jlc3BvbnNlX2lkGAEgASgJEhIKCmZpbmFsX3RleHQYAiABKAkSFAoMZmluYWxfc2hhMjU2GAMgASgJEhMKC2NodW5rX2NvdW50GAQgASgNEhUKDWxhc3Rfc2VxdWVuY2UYBSABKA0SMQoNZmluaXNoX3JlYXNvbhgGIAEoDjIaLnRva2Vud2lyZS52MS5GaW5pc2hSZWFzb24SIgoFdXNhZ2UYByABKAsyEy50b2tlbndpcmUudjEuVXNhZ2USJgoHdmVyZGljdBgIIAEoDjIVLnRva2Vud2lyZS52MS5WZXJkaWN0EhcKD3Jldmlld19yZXF1aXJlZBgJIAEoCBIwCgx2ZXJpZmljYXRpb24YCiABKAsyGi50b2tlbndpcmUudjEuVmVyaWZpY2F0aW9uEiQKBnRpbWluZxgLIAEoCzIULnRva2Vud2lyZS52MS5UaW1pbmcSDQoFbW9kZWwYDCABKAkSFQoNbW9kZWxfdmVyc2lvbhgNIAEoCRIRCglwb2xpY3lfaWQYDiABKAkSFgoOcG9saWN5X3ZlcnNpb24YDyABKAkSEAoIdHJhY2VfaWQYECABKAkSMQoNZGVsaXZlcnlfbW9kZRgRIAEoDjIaLnRva2Vud2lyZS52MS5EZWxpdmVyeU1vZGUSJgoHc2VydmluZxgSIAEoCzIVLnRva2Vud2lyZS52MS5TZXJ2aW5nEhIKCnJlcXVlc3RfaWQYEyABKAkSLwoHYWN0aW9ucxgUIAMoCzIeLnRva2Vud2lyZS52MS5Hb3Zlcm5hbmNlQWN0aW9uEicKBnJldmlldxgVIAEoCzIXLnRva2Vud2lyZS52MS5SZXZpZXdSZWYi+QEKDlJlc3BvbmRSZXF1ZXN0EhIKCnJlcXVlc3RfaWQYASABKAkSDQoFbW9kZWwYAiABKAkSKwoIbWVzc2FnZXMYAyADKAsyGS50b2tlbndpcmUudjEuQ2hhdE1lc3NhZ2USLgoGcGFyYW1zGAQgASgLMh4udG9rZW53aXJlLnYxLkdlbmVyYXRpb25QYXJhbXMSOAoGbGFiZWxzGAUgAygLMigudG9rZW53aXJlLnYxLlJlc3BvbmRSZXF1ZXN0LkxhYmVsc0VudHJ5Gi0KC0xhYmVsc0VudHJ5EgsKA2tleRgBIAEoCRINCgV2YWx1ZRgCIAEoCToCOAEiPQoPUmVzcG9uZFJlc3BvbnNlEioKCWNvbXBsZXRlZBgBIAEoCzIXLnRva2Vud2lyZS52MS5Db21wbGV0ZWQiuAMKFFN0cmVhbVJlc3BvbmRSZXF1ZXN0EhIKCnJlcXVlc3RfaWQYASABKAkSDQoFbW9kZWwYAiABKAkSKwoIbWVzc2FnZXMYAyADKAsyGS50b2tlbndpcmUudjEuQ2hhdE1lc3NhZ2USLgoGcGFyYW1zGAQgASgLMh4udG9rZW53aXJlLnYxLkdlbmVyYXRpb25QYXJhbXMSPgoGbGFiZWxzGAUgAygLMi4udG9rZW53aXJlLnYxLlN0cmVhbVJlc3BvbmRSZXF1ZXN0LkxhYmVsc0VudHJ5EjEKDWRlbGl2ZXJ5X21vZGUYBiABKA4yGi50b2tlbndpcmUudjEuRGVsaXZlcnlNb2RlEigKCGNodW5raW5nGAcgASgLMhYudG9rZW53aXJlLnYxLkNodW5raW5nEigKBnJlc3VtZRgIIAEoCzIYLnRva2Vud2lyZS52MS5SZXN1bWVGcm9tEhcKD29taXRfZmluYWxfdGV4dBgJIAEoCBIRCglyZXN1bWFibGUYCiABKAgaLQoLTGFiZWxzRW50cnkSCwoDa2V5GAEgASgJEg0KBXZhbHVlGAIgASgJOgI4ASIkCg1DYW5jZWxSZXF1ZXN0EhMKC3Jlc3BvbnNlX2lkGAEgASgJIlEKDkNhbmNlbFJlc3BvbnNlEhMKC3Jlc3BvbnNlX2lkGAEgASgJEhUKDWxhc3Rfc2VxdWVuY2UYAiABKA0SEwoLd2FzX3J1bm5pbmcYAyABKAgipwEKFVN0cmVhbVJlc3BvbmRSZXNwb25zZRIpCgVjaHVuaxgBIAEoCzIYLnRva2Vud2lyZS52MS5Ub2tlbkNodW5rSAASLAoJY29tcGxldGVkGAIgASgLMhcudG9rZW53aXJlLnYxLkNvbXBsZXRlZEgAEiwKCWhlYXJ0YmVhdBgDIAEoCzIXLnRva2Vud2lyZS52MS5IZWFydGJlYXRIAEIHCgVldmVudCpQCgRSb2xlEhQKEFJPTEVfVU5TUEVDSUZJRUQQABIPCgtST0xFX1NZU1RFTRABEg0KCVJPTEVfVVNFUhACEhIKDlJPTEVfQVNTSVNUQU5UEAMqewoMRGVsaXZlcnlNb2RlEh0KGURFTElWRVJZX01PREVfVU5TUEVDSUZJRUQQABIWChJERUxJVkVSWV9NT0RFX0FVVE8QARIYChRERUxJVkVSWV9NT0RFX1NUUkVBTRACEhoKFkRFTElWRVJZX01PREVfQlVGRkVSRUQQAyqiAQoMRmluaXNoUmVhc29uEh0KGUZJTklTSF9SRUFTT05fVU5TUEVDSUZJRUQQABIWChJGSU5JU0hfUkVBU09OX1NUT1AQARIYChRGSU5JU0hfUkVBU09OX0xFTkdUSBACEh8KG0ZJTklTSF9SRUFTT05fU1RPUF9TRVFVRU5DRRADEiAKHEZJTklTSF9SRUFTT05fUE9MSUNZX0JMT0NLRUQQBCpiCgdWZXJkaWN0EhcKE1ZFUkRJQ1RfVU5TUEVDSUZJRUQQABITCg9WRVJESUNUX0FMTE9XRUQQARIUChBWRVJESUNUX1JFREFDVEVEEAISEwoPVkVSRElDVF9CTE9DS0VEEAMqfQoSVmVyaWZpY2F0aW9uU3RhdHVzEiMKH1ZFUklGSUNBVElPTl9TVEFUVVNfVU5TUEVDSUZJRUQQABIgChxWRVJJRklDQVRJT05fU1RBVFVTX1ZFUklGSUVEEAESIAocVkVSSUZJQ0FUSU9OX1NUQVRVU19ESVZFUkdFRBACKmcKC1NlcnZpbmdQYXRoEhwKGFNFUlZJTkdfUEFUSF9VTlNQRUNJRklFRBAAEhoKFlNFUlZJTkdfUEFUSF9TVFJFQU1JTkcQARIeChpTRVJWSU5HX1BBVEhfTk9OX1NUUkVBTUlORxACKtMBChJHb3Zlcm5hbmNlT3BlcmF0b3ISIwofR09WRVJOQU5DRV9PUEVSQVRPUl9VTlNQRUNJRklFRBAAEhwKGEdPVkVSTkFOQ0VfT1BFUkFUT1JfTUFTSxABEh8KG0dPVkVSTkFOQ0VfT1BFUkFUT1JfUkVQTEFDRRACEhwKGEdPVkVSTkFOQ0VfT1BFUkFUT1JfSEFTSBADEh0KGUdPVkVSTkFOQ0VfT1BFUkFUT1JfQkxPQ0sQBBIcChhHT1ZFUk5BTkNFX09QRVJBVE9SX0ZMQUcQBSq0AQoMQ2hlY2tPdXRjb21lEh0KGUNIRUNLX09VVENPTUVfVU5TUEVDSUZJRUQQABIYChRDSEVDS19PVVRDT01FX1BBU1NFRBABEhgKFENIRUNLX09VVENPTUVfRkFJTEVEEAISGwoXQ0hFQ0tfT1VUQ09NRV9FU0NBTEFURUQQAxIXChNDSEVDS19PVVRDT01FX0VSUk9SEAQSGwoXQ0hFQ0tfT1VUQ09NRV9USU1FRF9PVVQQBSquAQoLUmV2aWV3U3RhdGUSHAoYUkVWSUVXX1NUQVRFX1VOU1BFQ0lGSUVEEAASGAoUUkVWSUVXX1NUQVRFX1BFTkRJTkcQARIZChVSRVZJRVdfU1RBVEVfQVBQUk9WRUQQAhIZChVSRVZJRVdfU1RBVEVfUkVKRUNURUQQAxIXChNSRVZJRVdfU1RBVEVfRURJVEVEEAQSGAoUUkVWSUVXX1NUQVRFX0VYUElSRUQQBTL5AQoOUmVzcG9uZFNlcnZpY2USRgoHUmVzcG9uZBIcLnRva2Vud2lyZS52MS5SZXNwb25kUmVxdWVzdBodLnRva2Vud2lyZS52MS5SZXNwb25kUmVzcG9uc2USWgoNU3RyZWFtUmVzcG9uZBIiLnRva2Vud2lyZS52MS5TdHJlYW1SZXNwb25kUmVxdWVzdBojLnRva2Vud2lyZS52MS5TdHJlYW1SZXNwb25kUmVzcG9uc2UwARJDCgZDYW5jZWwSGy50b2tlbndpcmUudjEuQ2FuY2VsUmVxdWVzdBocLnRva2Vud2lyZS52MS5DYW5jZWxSZXNwb25zZWIGcHJvdG8z", [file_google_protobuf_duration, file_google_protobuf_timestamp]);
 
 /**
  * One message of the conversation.
@@ -381,6 +381,176 @@ export const HeartbeatSchema: GenMessage<Heartbeat> = /*@__PURE__*/
   messageDesc(file_tokenwire_v1_respond, 7);
 
 /**
+ * What a check found wrong. `start` and `end` are UTF-8 byte positions in the
+ * text the check looked at (for a validator: the final payload, or the
+ * released text in stream mode); both 0 when the finding has no span.
+ *
+ * @generated from message tokenwire.v1.CheckViolation
+ */
+export type CheckViolation = Message<"tokenwire.v1.CheckViolation"> & {
+  /**
+   * Stable, machine-readable code chosen by the check, e.g. `FORBIDDEN_CLAIM`.
+   *
+   * @generated from field: string code = 1;
+   */
+  code: string;
+
+  /**
+   * Human-readable explanation.
+   *
+   * @generated from field: string message = 2;
+   */
+  message: string;
+
+  /**
+   * RFC 6901 pointer into a JSON payload or tool-call arguments; empty for text.
+   *
+   * @generated from field: string json_pointer = 3;
+   */
+  jsonPointer: string;
+
+  /**
+   * First byte of the offending span.
+   *
+   * @generated from field: uint32 start = 4;
+   */
+  start: number;
+
+  /**
+   * One past the last byte of the offending span.
+   *
+   * @generated from field: uint32 end = 5;
+   */
+  end: number;
+};
+
+/**
+ * Describes the message tokenwire.v1.CheckViolation.
+ * Use `create(CheckViolationSchema)` to create a new message.
+ */
+export const CheckViolationSchema: GenMessage<CheckViolation> = /*@__PURE__*/
+  messageDesc(file_tokenwire_v1_respond, 8);
+
+/**
+ * One check of the verification stage and its result.
+ *
+ * @generated from message tokenwire.v1.VerificationCheck
+ */
+export type VerificationCheck = Message<"tokenwire.v1.VerificationCheck"> & {
+  /**
+   * `integrity`, `json_schema`, `tool_arguments`, or `validator:<name>` for
+   * a validator configured on the server.
+   *
+   * @generated from field: string name = 1;
+   */
+  name: string;
+
+  /**
+   * What the check concluded.
+   *
+   * @generated from field: tokenwire.v1.CheckOutcome outcome = 2;
+   */
+  outcome: CheckOutcome;
+
+  /**
+   * Why it failed or escalated.
+   *
+   * @generated from field: repeated tokenwire.v1.CheckViolation violations = 3;
+   */
+  violations: CheckViolation[];
+
+  /**
+   * How long the check held `Completed` up: for a validator, from sending it
+   * the final payload (or, in stream mode, the end of the text) to its
+   * verdict; zero when the verdict came earlier.
+   *
+   * @generated from field: google.protobuf.Duration latency = 4;
+   */
+  latency?: Duration | undefined;
+};
+
+/**
+ * Describes the message tokenwire.v1.VerificationCheck.
+ * Use `create(VerificationCheckSchema)` to create a new message.
+ */
+export const VerificationCheckSchema: GenMessage<VerificationCheck> = /*@__PURE__*/
+  messageDesc(file_tokenwire_v1_respond, 9);
+
+/**
+ * A function call the model made. `arguments` is the JSON text as governed.
+ *
+ * @generated from message tokenwire.v1.ToolCall
+ */
+export type ToolCall = Message<"tokenwire.v1.ToolCall"> & {
+  /**
+   * Identifier the caller echoes in the tool's answer (`tool_call_id`).
+   *
+   * @generated from field: string id = 1;
+   */
+  id: string;
+
+  /**
+   * The function's name.
+   *
+   * @generated from field: string name = 2;
+   */
+  name: string;
+
+  /**
+   * The arguments, as JSON text.
+   *
+   * @generated from field: string arguments = 3;
+   */
+  arguments: string;
+};
+
+/**
+ * Describes the message tokenwire.v1.ToolCall.
+ * Use `create(ToolCallSchema)` to create a new message.
+ */
+export const ToolCallSchema: GenMessage<ToolCall> = /*@__PURE__*/
+  messageDesc(file_tokenwire_v1_respond, 10);
+
+/**
+ * The human review a response was queued for by an escalation rule.
+ *
+ * @generated from message tokenwire.v1.ReviewRef
+ */
+export type ReviewRef = Message<"tokenwire.v1.ReviewRef"> & {
+  /**
+   * Read and wait for the review with `ReviewService.GetReview` /
+   * `WatchReview`.
+   *
+   * @generated from field: string review_id = 1;
+   */
+  reviewId: string;
+
+  /**
+   * The review's state when `Completed` was sent: PENDING for a new review.
+   *
+   * @generated from field: tokenwire.v1.ReviewState state = 2;
+   */
+  state: ReviewState;
+
+  /**
+   * True when the response is held: no text was released and `final_text`
+   * is empty; the decided payload comes through `ReviewService` once a
+   * reviewer approves or edits it. False for review after release: the
+   * text was delivered as usual and is reviewed afterwards.
+   *
+   * @generated from field: bool held = 3;
+   */
+  held: boolean;
+};
+
+/**
+ * Describes the message tokenwire.v1.ReviewRef.
+ * Use `create(ReviewRefSchema)` to create a new message.
+ */
+export const ReviewRefSchema: GenMessage<ReviewRef> = /*@__PURE__*/
+  messageDesc(file_tokenwire_v1_respond, 11);
+
+/**
  * Token accounting; always filled.
  *
  * @generated from message tokenwire.v1.Usage
@@ -413,7 +583,7 @@ export type Usage = Message<"tokenwire.v1.Usage"> & {
  * Use `create(UsageSchema)` to create a new message.
  */
 export const UsageSchema: GenMessage<Usage> = /*@__PURE__*/
-  messageDesc(file_tokenwire_v1_respond, 8);
+  messageDesc(file_tokenwire_v1_respond, 12);
 
 /**
  * The verification gate's finding.
@@ -442,6 +612,22 @@ export type Verification = Message<"tokenwire.v1.Verification"> & {
    * @generated from field: uint32 retract_from_sequence = 3;
    */
   retractFromSequence: number;
+
+  /**
+   * Every check that ran, in order: `integrity` first, then each validator
+   * as `validator:<name>`.
+   *
+   * @generated from field: repeated tokenwire.v1.VerificationCheck checks = 4;
+   */
+  checks: VerificationCheck[];
+
+  /**
+   * True when no check failed. A validator that errored or timed out counts
+   * as failed when it is configured to fail closed.
+   *
+   * @generated from field: bool checks_passed = 5;
+   */
+  checksPassed: boolean;
 };
 
 /**
@@ -449,7 +635,7 @@ export type Verification = Message<"tokenwire.v1.Verification"> & {
  * Use `create(VerificationSchema)` to create a new message.
  */
 export const VerificationSchema: GenMessage<Verification> = /*@__PURE__*/
-  messageDesc(file_tokenwire_v1_respond, 9);
+  messageDesc(file_tokenwire_v1_respond, 13);
 
 /**
  * Where the time went.
@@ -478,7 +664,7 @@ export type Timing = Message<"tokenwire.v1.Timing"> & {
  * Use `create(TimingSchema)` to create a new message.
  */
 export const TimingSchema: GenMessage<Timing> = /*@__PURE__*/
-  messageDesc(file_tokenwire_v1_respond, 10);
+  messageDesc(file_tokenwire_v1_respond, 14);
 
 /**
  * How the response was produced, so a fallback is never invisible.
@@ -513,7 +699,7 @@ export type Serving = Message<"tokenwire.v1.Serving"> & {
  * Use `create(ServingSchema)` to create a new message.
  */
 export const ServingSchema: GenMessage<Serving> = /*@__PURE__*/
-  messageDesc(file_tokenwire_v1_respond, 11);
+  messageDesc(file_tokenwire_v1_respond, 15);
 
 /**
  * The final, governance-checked, verified payload and its metadata.
@@ -661,6 +847,17 @@ export type Completed = Message<"tokenwire.v1.Completed"> & {
    * @generated from field: repeated tokenwire.v1.GovernanceAction actions = 20;
    */
   actions: GovernanceAction[];
+
+  /**
+   * Set when an escalation rule queued the response for human review. A held
+   * response (`review.held`) ends with state PENDING, no chunks of its text,
+   * an empty `final_text` and `final_sha256` of the empty text (what the
+   * caller received, so verification still holds); its decided payload is
+   * read later through `ReviewService.GetReview` or `WatchReview`.
+   *
+   * @generated from field: tokenwire.v1.ReviewRef review = 21;
+   */
+  review?: ReviewRef | undefined;
 };
 
 /**
@@ -668,7 +865,7 @@ export type Completed = Message<"tokenwire.v1.Completed"> & {
  * Use `create(CompletedSchema)` to create a new message.
  */
 export const CompletedSchema: GenMessage<Completed> = /*@__PURE__*/
-  messageDesc(file_tokenwire_v1_respond, 12);
+  messageDesc(file_tokenwire_v1_respond, 16);
 
 /**
  * A request for one verified payload.
@@ -718,7 +915,7 @@ export type RespondRequest = Message<"tokenwire.v1.RespondRequest"> & {
  * Use `create(RespondRequestSchema)` to create a new message.
  */
 export const RespondRequestSchema: GenMessage<RespondRequest> = /*@__PURE__*/
-  messageDesc(file_tokenwire_v1_respond, 13);
+  messageDesc(file_tokenwire_v1_respond, 17);
 
 /**
  * The unary answer: what `Completed` carries, in one message.
@@ -739,7 +936,7 @@ export type RespondResponse = Message<"tokenwire.v1.RespondResponse"> & {
  * Use `create(RespondResponseSchema)` to create a new message.
  */
 export const RespondResponseSchema: GenMessage<RespondResponse> = /*@__PURE__*/
-  messageDesc(file_tokenwire_v1_respond, 14);
+  messageDesc(file_tokenwire_v1_respond, 18);
 
 /**
  * A request for a streamed response.
@@ -829,7 +1026,7 @@ export type StreamRespondRequest = Message<"tokenwire.v1.StreamRespondRequest"> 
  * Use `create(StreamRespondRequestSchema)` to create a new message.
  */
 export const StreamRespondRequestSchema: GenMessage<StreamRespondRequest> = /*@__PURE__*/
-  messageDesc(file_tokenwire_v1_respond, 15);
+  messageDesc(file_tokenwire_v1_respond, 19);
 
 /**
  * Which response to stop.
@@ -850,7 +1047,7 @@ export type CancelRequest = Message<"tokenwire.v1.CancelRequest"> & {
  * Use `create(CancelRequestSchema)` to create a new message.
  */
 export const CancelRequestSchema: GenMessage<CancelRequest> = /*@__PURE__*/
-  messageDesc(file_tokenwire_v1_respond, 16);
+  messageDesc(file_tokenwire_v1_respond, 20);
 
 /**
  * What the cancel found.
@@ -886,7 +1083,7 @@ export type CancelResponse = Message<"tokenwire.v1.CancelResponse"> & {
  * Use `create(CancelResponseSchema)` to create a new message.
  */
 export const CancelResponseSchema: GenMessage<CancelResponse> = /*@__PURE__*/
-  messageDesc(file_tokenwire_v1_respond, 17);
+  messageDesc(file_tokenwire_v1_respond, 21);
 
 /**
  * One event of a streamed response.
@@ -931,7 +1128,7 @@ export type StreamRespondResponse = Message<"tokenwire.v1.StreamRespondResponse"
  * Use `create(StreamRespondResponseSchema)` to create a new message.
  */
 export const StreamRespondResponseSchema: GenMessage<StreamRespondResponse> = /*@__PURE__*/
-  messageDesc(file_tokenwire_v1_respond, 18);
+  messageDesc(file_tokenwire_v1_respond, 22);
 
 /**
  * Who wrote a chat message.
@@ -1231,6 +1428,121 @@ export enum GovernanceOperator {
  */
 export const GovernanceOperatorSchema: GenEnum<GovernanceOperator> = /*@__PURE__*/
   enumDesc(file_tokenwire_v1_respond, 6);
+
+/**
+ * The result of one check of the verification stage (`VerificationCheck`).
+ *
+ * @generated from enum tokenwire.v1.CheckOutcome
+ */
+export enum CheckOutcome {
+  /**
+   * Never sent.
+   *
+   * @generated from enum value: CHECK_OUTCOME_UNSPECIFIED = 0;
+   */
+  UNSPECIFIED = 0,
+
+  /**
+   * The check found nothing wrong.
+   *
+   * @generated from enum value: CHECK_OUTCOME_PASSED = 1;
+   */
+  PASSED = 1,
+
+  /**
+   * The check failed; `violations` say why. A failed validator stops
+   * releasing text and the response ends with a retraction or is blocked.
+   *
+   * @generated from enum value: CHECK_OUTCOME_FAILED = 2;
+   */
+  FAILED = 2,
+
+  /**
+   * The check asked for a person to look at the response (see `ReviewRef`).
+   *
+   * @generated from enum value: CHECK_OUTCOME_ESCALATED = 3;
+   */
+  ESCALATED = 3,
+
+  /**
+   * The check could not run: its validator was unreachable, crashed or
+   * answered something that is not a verdict. The validator's configured
+   * rule decided what that means (fail closed, pass or escalate).
+   *
+   * @generated from enum value: CHECK_OUTCOME_ERROR = 4;
+   */
+  ERROR = 4,
+
+  /**
+   * The check gave no verdict within its timeout; handled like ERROR.
+   *
+   * @generated from enum value: CHECK_OUTCOME_TIMED_OUT = 5;
+   */
+  TIMED_OUT = 5,
+}
+
+/**
+ * Describes the enum tokenwire.v1.CheckOutcome.
+ */
+export const CheckOutcomeSchema: GenEnum<CheckOutcome> = /*@__PURE__*/
+  enumDesc(file_tokenwire_v1_respond, 7);
+
+/**
+ * Where a response stands in human review. Terminal states: APPROVED,
+ * REJECTED, EDITED, EXPIRED.
+ *
+ * @generated from enum tokenwire.v1.ReviewState
+ */
+export enum ReviewState {
+  /**
+   * Never sent.
+   *
+   * @generated from enum value: REVIEW_STATE_UNSPECIFIED = 0;
+   */
+  UNSPECIFIED = 0,
+
+  /**
+   * Waiting for a reviewer. A held response has released no text yet.
+   *
+   * @generated from enum value: REVIEW_STATE_PENDING = 1;
+   */
+  PENDING = 1,
+
+  /**
+   * A reviewer approved the governed text as it is.
+   *
+   * @generated from enum value: REVIEW_STATE_APPROVED = 2;
+   */
+  APPROVED = 2,
+
+  /**
+   * A reviewer rejected the response: a held response releases nothing.
+   *
+   * @generated from enum value: REVIEW_STATE_REJECTED = 3;
+   */
+  REJECTED = 3,
+
+  /**
+   * A reviewer replaced the text; the replacement is the decided payload.
+   *
+   * @generated from enum value: REVIEW_STATE_EDITED = 4;
+   */
+  EDITED = 4,
+
+  /**
+   * Nobody decided in time. An expired hold is a rejection: nothing is
+   * released.
+   *
+   * @generated from enum value: REVIEW_STATE_EXPIRED = 5;
+   */
+  EXPIRED = 5,
+}
+
+/**
+ * Describes the enum tokenwire.v1.ReviewState.
+ */
+export const ReviewStateSchema: GenEnum<ReviewState> = /*@__PURE__*/
+  enumDesc(file_tokenwire_v1_respond, 8);
 
 /**
  * Turns model output into governed, verified responses.
