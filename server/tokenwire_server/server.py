@@ -17,7 +17,6 @@ from pathlib import Path
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
-from grpc_reflection.v1alpha import reflection
 from opentelemetry.sdk.trace import TracerProvider
 
 from tokenwire.v1 import respond_pb2
@@ -32,6 +31,7 @@ from tokenwire_server.governance.policy import Policy
 from tokenwire_server.interceptors import build_chain
 from tokenwire_server.observability.metrics import Metrics
 from tokenwire_server.observability.stall_watch import StallWatch
+from tokenwire_server.reflection import enable_reflection
 from tokenwire_server.reload import RELOAD_FILES, LoadError, Outcome, one_line
 from tokenwire_server.routing import RoutingReloader
 from tokenwire_server.servicer import RespondServicer
@@ -170,9 +170,7 @@ class TokenwireServer:
             server,
         )
         health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
-        reflection.enable_server_reflection(
-            (SERVICE_NAME, HEALTH_SERVICE_NAME, reflection.SERVICE_NAME), server
-        )
+        enable_reflection((SERVICE_NAME, HEALTH_SERVICE_NAME), server)  # v1 and v1alpha
         address = f"{net.host}:{net.port}" if ":" not in net.host else f"[{net.host}]:{net.port}"
         try:
             if self.tls is None:
