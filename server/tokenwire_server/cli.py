@@ -28,6 +28,11 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
         "audit file as `serve` would, then exit: 0 when the server would start, 2 (with "
         "the problem) when it would not",
     )
+    parser.add_argument(
+        "--print-config",
+        action="store_true",
+        help="print an example config file (every setting with its default and meaning), exit",
+    )
     add_arguments(parser)
 
 
@@ -36,6 +41,11 @@ def run_serve(args: argparse.Namespace) -> int:
     configuration cannot be used: at start and with --check-config alike."""
     import os
 
+    if args.print_config:
+        from tokenwire_server.config_example import render
+
+        sys.stdout.write(render())
+        return 0
     config_file = args.config or (
         Path(os.environ["TOKENWIRE_CONFIG"]) if os.environ.get("TOKENWIRE_CONFIG") else None
     )
