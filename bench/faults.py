@@ -91,13 +91,7 @@ class Server:
         return self.process.process.pid
 
     def rss_bytes(self) -> int:
-        """VmRSS of the server process (0 once it has exited)."""
-        try:
-            status = Path(f"/proc/{self.pid}/status").read_text()
-        except OSError:
-            return 0
-        match = re.search(r"^VmRSS:\s+(\d+) kB", status, re.MULTILINE)
-        return int(match.group(1)) * 1024 if match else 0
+        return self.process.rss_bytes()
 
     def cpu_seconds(self) -> float:
         return self.process.cpu_seconds()

@@ -27,6 +27,7 @@ import asyncio
 import os
 import re
 import statistics
+import subprocess
 import sys
 import time
 from collections.abc import Callable
@@ -50,6 +51,15 @@ class Process:
     def cpu_seconds(self) -> float:
         fields = Path(f"/proc/{self.process.pid}/stat").read_text().rsplit(")", 1)[1].split()
         return (int(fields[11]) + int(fields[12])) / CLOCK_TICKS
+
+    def rss_bytes(self) -> int:
+        """VmRSS of the server process (0 once it has exited)."""
+        try:
+            status = Path(f"/proc/{self.process.pid}/status").read_text()
+        except OSError:
+            return 0
+        match = re.search(r"^VmRSS:\s+(\d+) kB", status, re.MULTILINE)
+        return int(match.group(1)) * 1024 if match else 0
 
 
 def percentile(values: list[float], q: float) -> float:
@@ -82,9 +92,41 @@ async def start(*command: str, env: dict[str, str] | None = None) -> Process:
     return Process(process, f"127.0.0.1:{match.group(2)}")
 
 
-async def start_tokenwire(*flags: str, env: dict[str, str] | None = None) -> Process:
+def source_env(source: Path | None) -> dict[str, str]:
+    """The environment that makes `python -m tokenwire_server` run the server and
+    client packages of the checkout `source` (a `git worktree` of another commit,
+    say) instead of the installed ones; None keeps the installed ones."""
+    if source is None:
+        return {}
+    paths = [str(source / "server"), str(source / "clients" / "python")]
+    if os.environ.get("PYTHONPATH"):
+        paths.append(os.environ["PYTHONPATH"])
+    return {"PYTHONPATH": os.pathsep.join(paths)}
+
+
+def source_label(source: Path | None) -> str:
+    """The checkout's short commit, `+changes` when its work tree differs from it."""
+    where = source or ROOT
+    try:
+        commit = subprocess.run(
+            ["git", "-C", str(where), "rev-parse", "--short", "HEAD"],
+            capture_output=True, text=True, check=True,
+        ).stdout.strip()  # fmt: skip
+        changed = subprocess.run(
+            ["git", "-C", str(where), "status", "--porcelain", "--", "server", "clients"],
+            capture_output=True, text=True, check=True,
+        ).stdout.strip()  # fmt: skip
+    except (OSError, subprocess.CalledProcessError):
+        return where.name
+    return commit + ("+changes" if changed else "")
+
+
+async def start_tokenwire(
+    *flags: str, env: dict[str, str] | None = None, source: Path | None = None
+) -> Process:
     """A `tokenwire serve` process as the benchmarks run it: the simulator at zero
-    delay, no audit file, quiet logs; `flags` add to or override these."""
+    delay, no audit file, quiet logs; `flags` add to or override these; `source`
+    runs another checkout's server (`source_env`)."""
     return await start(
         sys.executable,
         "-m",
@@ -102,8 +144,27 @@ async def start_tokenwire(*flags: str, env: dict[str, str] | None = None) -> Pro
         "--log-level",
         "WARNING",
         *flags,
-        env=env,
+        env={**source_env(source), **(env or {})},
     )
+
+
+def add_source_argument(parser: argparse.ArgumentParser) -> None:
+    """`--tokenwire-src DIR`, repeatable: the checkouts whose servers a benchmark runs."""
+    parser.add_argument(
+        "--tokenwire-src", action="append", default=[], metavar="DIR",
+        type=lambda value: Path(value).resolve(),
+        help="a checkout (a git worktree of another commit) whose server to run; repeat to "
+        "compare commits in one run; default: the installed one",
+    )  # fmt: skip
+
+
+def print_table(columns: list[str], rows: list[list[str]]) -> None:
+    """Left-aligned columns separated by `|`, a rule under the header."""
+    widths = [max(len(c), *(len(r[i]) for r in rows)) for i, c in enumerate(columns)]
+    print(" | ".join(c.ljust(w) for c, w in zip(columns, widths, strict=True)))
+    print("-+-".join("-" * w for w in widths))
+    for row in rows:
+        print(" | ".join(v.ljust(w) for v, w in zip(row, widths, strict=True)))
 
 
 def tokenwire_request(messages: int) -> pb.StreamRespondRequest:

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import signal
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
 import grpc
@@ -17,6 +17,7 @@ from aiohttp import web
 from tokenwire.v1 import respond_pb2 as pb
 
 StreamHandler = Callable[[pb.StreamRespondRequest, Any], AsyncIterator[Any]]
+UnaryHandler = Callable[[pb.RespondRequest, Any], Awaitable[pb.RespondResponse]]
 
 
 async def until_signalled() -> None:
@@ -27,18 +28,25 @@ async def until_signalled() -> None:
     await stop.wait()
 
 
-async def serve_stream_respond(stream: StreamHandler, port: int, label: str) -> None:
-    """A bare grpc.aio server answering only `RespondService/StreamRespond`."""
-    handler = grpc.method_handlers_generic_handler(
-        "tokenwire.v1.RespondService",
-        {
-            "StreamRespond": grpc.unary_stream_rpc_method_handler(
-                stream,
-                request_deserializer=pb.StreamRespondRequest.FromString,
-                response_serializer=pb.StreamRespondResponse.SerializeToString,
-            )
-        },
-    )
+async def serve_stream_respond(
+    stream: StreamHandler, port: int, label: str, respond: UnaryHandler | None = None
+) -> None:
+    """A bare grpc.aio server answering only `RespondService/StreamRespond`
+    (and `Respond`, when `respond` is given)."""
+    methods = {
+        "StreamRespond": grpc.unary_stream_rpc_method_handler(
+            stream,
+            request_deserializer=pb.StreamRespondRequest.FromString,
+            response_serializer=pb.StreamRespondResponse.SerializeToString,
+        )
+    }
+    if respond is not None:
+        methods["Respond"] = grpc.unary_unary_rpc_method_handler(
+            respond,
+            request_deserializer=pb.RespondRequest.FromString,
+            response_serializer=pb.RespondResponse.SerializeToString,
+        )
+    handler = grpc.method_handlers_generic_handler("tokenwire.v1.RespondService", methods)
     server = grpc.aio.server()
     server.add_generic_rpc_handlers((handler,))
     bound = server.add_insecure_port(f"127.0.0.1:{port}")

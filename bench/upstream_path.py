@@ -24,7 +24,11 @@ redaction: the answer carries an email address split across three tokens
 equal the same policy applied to the whole text at once. A failed check
 aborts the run.
 
+`--tokenwire-src DIR` (repeatable) runs the two servers of each named checkout
+(a `git worktree` of another commit) in the same run, alternating with the rest.
+
     python bench/upstream_path.py [--repeats 3] [--tokens 256] [--ttft-requests 200]
+                                  [--streams 1 16] [--tokenwire-src DIR ...]
 """
 
 from __future__ import annotations
@@ -47,7 +51,16 @@ import grpc
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from fake_openai import answer
-from per_message import ROOT, Process, percentile, start, start_tokenwire
+from per_message import (
+    ROOT,
+    Process,
+    add_source_argument,
+    percentile,
+    print_table,
+    source_label,
+    start,
+    start_tokenwire,
+)
 
 from tokenwire.v1 import respond_pb2 as pb
 from tokenwire.v1 import respond_pb2_grpc
@@ -167,12 +180,13 @@ class TokenwirePath:
 Path_ = DirectPath | TokenwirePath
 
 
-async def time_to_first_token(path: Path_, requests: int) -> list[float]:
+async def time_to_first_token(path: Path_, requests: int, tokens: int = 16) -> list[float]:
+    """Milliseconds to the first token of each of `requests` sequential answers."""
     samples: list[float] = []
     for _ in range(requests):
         started = time.perf_counter()
         first: list[float] = []
-        await path.stream(16, lambda first=first: first.append(time.perf_counter()))
+        await path.stream(tokens, lambda first=first: first.append(time.perf_counter()))
         samples.append((first[0] - started) * 1000)
     return samples
 
@@ -232,13 +246,20 @@ async def main(args: argparse.Namespace) -> None:
         "--upstream-url", base_url, "--upstream-model", MODEL,
         "--metrics-port", "0", "--log-level", "INFO", "--max-tokens-cap", "100000",
     )  # fmt: skip
-    passthrough = await start_tokenwire(*common, env=deployment)
-    governed_server = await start_tokenwire(*common, "--policy", "builtin:default", env=deployment)
-    paths: list[Path_] = [
-        DirectPath(base_url),
-        TokenwirePath("tokenwire pass-through", passthrough),
-        TokenwirePath("tokenwire default policy", governed_server, "builtin:default"),
-    ]
+    sources: list[Path | None] = list(args.tokenwire_src) or [None]
+    servers: list[Process] = []
+    paths: list[Path_] = [DirectPath(base_url)]
+    for source in sources:
+        label = f" [{source_label(source)}]" if args.tokenwire_src else ""
+        passthrough = await start_tokenwire(*common, env=deployment, source=source)
+        governed_server = await start_tokenwire(
+            *common, "--policy", "builtin:default", env=deployment, source=source
+        )
+        servers += [passthrough, governed_server]
+        paths += [
+            TokenwirePath(f"tokenwire pass-through{label}", passthrough),
+            TokenwirePath(f"tokenwire default policy{label}", governed_server, "builtin:default"),
+        ]
     figures = {path.name: Figures() for path in paths}
     try:
         for path in paths:  # warm up connections, caches and imports
@@ -250,7 +271,7 @@ async def main(args: argparse.Namespace) -> None:
     finally:
         for path in paths:
             await path.aclose()
-        for server in (passthrough, governed_server, upstream, collector):
+        for server in (*servers, upstream, collector):
             server.process.terminate()
             await server.process.wait()
     report(figures, args)
@@ -280,11 +301,7 @@ def report(figures: dict[str, Figures], args: argparse.Namespace) -> None:
                 "—" if is_direct else spread(f.cpu_per_1k, ".1f"),
             ]
         )
-    widths = [max(len(c), *(len(r[i]) for r in rows)) for i, c in enumerate(columns)]
-    print(" | ".join(c.ljust(w) for c, w in zip(columns, widths, strict=True)))
-    print("-+-".join("-" * w for w in widths))
-    for row in rows:
-        print(" | ".join(v.ljust(w) for v, w in zip(row, widths, strict=True)))
+    print_table(columns, rows)
     print(
         "\nall tokenwire streams: sequences 1..n, offsets contiguous, sha256 = final_sha256,"
         " text = what the upstream sent (default policy: = the policy over the whole text)"
@@ -298,4 +315,5 @@ if __name__ == "__main__":
     parser.add_argument("--ttft-requests", type=int, default=200)
     parser.add_argument("--streams", type=int, nargs="+", default=[1, 16])
     parser.add_argument("--seconds", type=float, default=3.0, help="per throughput run")
+    add_source_argument(parser)
     asyncio.run(main(parser.parse_args()))

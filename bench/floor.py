@@ -1,0 +1,485 @@
+"""The per-call floor (issue 24): what tokenwire adds to a call against the least the stack can do.
+
+Starts, each as its own process on loopback: a zero-delay OpenAI-compatible
+upstream (bench/fake_openai.py), a second fake process as the OTLP collector
+sink, the bare relay (bench/bare_relay.py: grpc.aio with the contract's shape
+and nothing else, plus a bare unary `Respond` answering a prebuilt message),
+and per tokenwire source two `tokenwire serve` processes routed to the
+upstream:
+
+* deployed: spans exported over OTLP/HTTP to the sink, the audit trail in a
+  SQLite file, INFO JSON logs (to /dev/null), `/metrics` on;
+* minimal: no span export, audit in memory, WARNING logs, no `/metrics`.
+
+Then `--rounds` alternating rounds (the order of the paths rotates each round):
+
+1. Time to first token, `--calls` sequential calls on one channel per answer
+   size (`--sizes`, 16 and 256 tokens): the upstream read directly over SSE
+   (aiohttp), the bare relay, each tokenwire (STREAM mode, default chunking).
+   Added = a path's p50/p99 minus the direct read's in the same round.
+2. The same while `--load-streams` other streams of 256-token answers run
+   back to back against the same path (a separate load process).
+3. Unary `Respond` (echo model, a two-token answer) at each of `--inflight`
+   calls in flight for `--unary-seconds`, driven by ghz (Go, so the client is
+   not a Python bottleneck; a grpc.aio client in its own process without it),
+   req/s and the server's CPU per call (utime+stime from /proc/PID/stat):
+   the bare unary server against each tokenwire.
+
+Every streamed answer is checked (sequences, offsets, SHA-256, text equal to
+what the upstream sent). The table gives medians over the rounds with min-max,
+each tokenwire figure's ratio to the bare relay / bare unary (median of the
+per-round ratios, with their range) and issue 24's targets for the deployed
+server: added TTFT <= 1.25x the bare relay at p50, <= 1.5x at p99, <= 1.5x at
+p50 under load; unary req/s >= 0.5x, CPU per call <= 2x.
+
+`--tokenwire-src DIR` (repeatable) runs the server of another checkout (a
+`git worktree add /tmp/tw-base COMMIT`) in the same run, to A/B two commits.
+Figures and their history: docs/performance.md#the-per-call-floor-issue-24.
+
+    python bench/floor.py [--rounds 5] [--calls 200] [--sizes 16 256] [--load-streams 16]
+                          [--inflight 1 32] [--unary-seconds 3] [--tokenwire-src DIR ...]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import aiohttp
+import grpc
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import per_message
+from per_message import ROOT, Process, percentile, start
+from serving import until_signalled
+from upstream_path import MODEL, DirectPath, TokenwirePath, time_to_first_token
+
+from tokenwire.v1 import respond_pb2 as pb
+from tokenwire.v1 import respond_pb2_grpc
+
+ECHO_PROMPT = "short ok"  # the echo model at 4 characters a token: a two-token answer
+UNARY_JSON = json.dumps(
+    {
+        "model": "echo",
+        "messages": [{"role": "ROLE_USER", "content": ECHO_PROMPT}],
+        "params": {"maxTokens": 16},
+    }
+)
+PROTO = ROOT / "protos" / "tokenwire" / "v1" / "respond.proto"
+
+#: (metric, target ratio, True when the ratio must be at most the target)
+TARGETS = {
+    "ttft p50": (1.25, True),
+    "ttft p99": (1.5, True),
+    "loaded ttft p50": (1.5, True),
+    "req/s": (0.5, False),
+    "CPU ms/call": (2.0, True),
+}
+
+
+@dataclass
+class Target:
+    """One path under test: the direct read, the bare relay or a tokenwire server."""
+
+    name: str
+    path: DirectPath | TokenwirePath
+    server: Process | None  # None: the direct read
+    baseline: bool = False  # the bare relay / bare unary server
+
+
+def unary_request() -> pb.RespondRequest:
+    return pb.RespondRequest(
+        model="echo",
+        messages=[pb.ChatMessage(role=pb.ROLE_USER, content=ECHO_PROMPT)],
+        params=pb.GenerationParams(max_tokens=16),
+    )
+
+
+# ---- helper processes: load and unary clients ------------------------------------------
+
+
+async def load_worker(kind: str, address: str, streams: int, tokens: int) -> None:
+    """`streams` back-to-back 256-token answers from `address` until SIGTERM, read
+    without checks so the load costs its own process little; prints `loading`."""
+    if kind == "direct":
+        session = aiohttp.ClientSession()
+        body: dict[str, object] = {
+            "model": MODEL,
+            "messages": [{"role": "user", "content": "load"}],
+            "max_tokens": tokens,
+            "stream": True,
+        }
+
+        async def one() -> None:
+            async with session.post(f"{address}/chat/completions", json=body) as response:
+                async for _ in response.content.iter_any():
+                    pass
+
+    else:
+        channel = grpc.aio.insecure_channel(address)
+        stub = respond_pb2_grpc.RespondServiceStub(channel)
+        request = pb.StreamRespondRequest(
+            model=MODEL,
+            messages=[pb.ChatMessage(role=pb.ROLE_USER, content="load")],
+            params=pb.GenerationParams(max_tokens=tokens),
+            delivery_mode=pb.DELIVERY_MODE_STREAM,
+        )
+
+        async def one() -> None:
+            async for _ in stub.StreamRespond(request, timeout=120):
+                pass
+
+    async def loop() -> None:
+        while True:
+            await one()
+
+    await one()
+    tasks = [asyncio.create_task(loop()) for _ in range(streams)]
+    print("loading", flush=True)
+    await until_signalled()
+    for task in tasks:
+        task.cancel()
+
+
+async def unary_worker(address: str, inflight: int, seconds: float) -> None:
+    """The grpc.aio stand-in for ghz: prints {"ok": calls, "seconds": elapsed}."""
+    async with grpc.aio.insecure_channel(address) as channel:
+        stub = respond_pb2_grpc.RespondServiceStub(channel)
+        request = unary_request()
+        await stub.Respond(request, timeout=30)
+        deadline = time.perf_counter() + seconds
+
+        async def loop() -> int:
+            done = 0
+            while time.perf_counter() < deadline:
+                await stub.Respond(request, timeout=30)
+                done += 1
+            return done
+
+        started = time.perf_counter()
+        counts = await asyncio.gather(*(loop() for _ in range(inflight)))
+        print(json.dumps({"ok": sum(counts), "seconds": time.perf_counter() - started}))
+
+
+def ghz_binary() -> str | None:
+    found = shutil.which("ghz")
+    if found:
+        return found
+    try:
+        gopath = subprocess.run(
+            ["go", "env", "GOPATH"], capture_output=True, text=True, check=True
+        ).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return None
+    candidate = Path(gopath) / "bin" / "ghz"
+    return str(candidate) if candidate.exists() else None
+
+
+async def run_unary(
+    address: str, inflight: int, seconds: float, ghz: str | None
+) -> tuple[int, float]:
+    """(successful calls, seconds) of one unary load run."""
+    if ghz:
+        command = [
+            ghz, "--insecure", "--proto", str(PROTO), "--import-paths", str(ROOT / "protos"),
+            "--call", "tokenwire.v1.RespondService/Respond", "-d", UNARY_JSON,
+            "-c", str(inflight), "--connections", "1", "-z", f"{seconds}s",
+            "--duration-stop", "wait", "-O", "json",
+            address,
+        ]  # fmt: skip
+    else:
+        command = [sys.executable, __file__, "--unary-worker", address, str(inflight)]
+        command += [str(seconds)]
+    process = await asyncio.create_subprocess_exec(
+        *command, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE
+    )
+    out, err = await process.communicate()
+    if process.returncode != 0:
+        raise RuntimeError(f"unary client failed: {err.decode()[-500:]}")
+    report = json.loads(out)
+    if not ghz:
+        return report["ok"], report["seconds"]
+    ok = report.get("statusCodeDistribution", {}).get("OK", 0)
+    if ok != report["count"]:
+        raise RuntimeError(f"ghz: not every call was OK: {report.get('statusCodeDistribution')}")
+    return ok, report["total"] / 1e9
+
+
+# ---- measurement ------------------------------------------------------------------------
+
+
+Figures = dict[tuple[str, str], list[float]]  # (target name, metric) -> one value a round
+
+
+async def ttft_round(
+    target: Target, figures: Figures, args: argparse.Namespace, prefix: str
+) -> None:
+    for size in args.sizes:
+        samples = await time_to_first_token(target.path, args.calls, size)
+        figures.setdefault((target.name, f"{prefix}ttft p50 @{size}"), []).append(
+            percentile(samples, 0.50)
+        )
+        figures.setdefault((target.name, f"{prefix}ttft p99 @{size}"), []).append(
+            percentile(samples, 0.99)
+        )
+
+
+async def loaded_round(
+    target: Target, figures: Figures, args: argparse.Namespace, upstream_url: str
+) -> None:
+    if target.server is None:
+        kind, address = "direct", upstream_url
+    else:
+        kind, address = "grpc", target.server.address
+    loader = await asyncio.create_subprocess_exec(
+        sys.executable, __file__, "--load-worker", kind, address, str(args.load_streams), "256",
+        stdout=asyncio.subprocess.PIPE, cwd=ROOT,
+    )  # fmt: skip
+    try:
+        assert loader.stdout is not None
+        line = await asyncio.wait_for(loader.stdout.readline(), 60)
+        if line.strip() != b"loading":
+            raise RuntimeError(f"load process did not start: {line!r}")
+        await asyncio.sleep(0.3)  # every load stream under way
+        await ttft_round(target, figures, args, "loaded ")
+    finally:
+        loader.terminate()
+        await loader.wait()
+
+
+async def unary_round(
+    target: Target, figures: Figures, args: argparse.Namespace, ghz: str | None
+) -> None:
+    assert target.server is not None
+    for inflight in args.inflight:
+        cpu_before = target.server.cpu_seconds()
+        ok, seconds = await run_unary(target.server.address, inflight, args.unary_seconds, ghz)
+        cpu = target.server.cpu_seconds() - cpu_before
+        figures.setdefault((target.name, f"req/s @{inflight}"), []).append(ok / seconds)
+        figures.setdefault((target.name, f"CPU ms/call @{inflight}"), []).append(cpu / ok * 1000)
+
+
+def rotated(items: list[Target], by: int) -> list[Target]:
+    by %= len(items)
+    return items[by:] + items[:by]
+
+
+@dataclass
+class Upstream:
+    """The zero-delay fake OpenAI upstream and the fake OTLP collector sink."""
+
+    upstream: Process
+    collector: Process
+
+    @property
+    def base_url(self) -> str:
+        return f"http://{self.upstream.address}/v1"
+
+    @classmethod
+    async def start(cls) -> Upstream:
+        for name in [n for n in os.environ if n.startswith("OTEL_")]:
+            del os.environ[name]  # minimal must export nothing; deployed sets its own
+        fake = str(ROOT / "bench" / "fake_openai.py")
+        upstream, collector = await asyncio.gather(
+            start(sys.executable, fake), start(sys.executable, fake)
+        )
+        return cls(upstream, collector)
+
+
+async def start_server(
+    kind: str, upstream: Upstream, source: Path | None, audit_path: Path
+) -> Process:
+    """`tokenwire serve` routed to the fake upstream (model `fake`; the simulator's
+    `echo` at zero delay beside it), `deployed` or `minimal` as the docstring says."""
+    flags = ["--upstream-url", upstream.base_url, "--upstream-model", MODEL]
+    flags += ["--max-tokens-cap", "100000"]
+    if kind == "minimal":
+        return await per_message.start_tokenwire(*flags, source=source)
+    deployment = {
+        "OTEL_EXPORTER_OTLP_TRACES_ENDPOINT": f"http://{upstream.collector.address}/v1/traces",
+        "OTEL_EXPORTER_OTLP_TRACES_PROTOCOL": "http/protobuf",
+    }
+    flags += ["--metrics-port", "0", "--log-level", "INFO", "--audit-path", str(audit_path)]
+    return await per_message.start_tokenwire(*flags, env=deployment, source=source)
+
+
+async def main(args: argparse.Namespace) -> None:
+    ghz = None if args.unary_client == "python" else ghz_binary()
+    if args.unary_client == "ghz" and ghz is None:
+        raise SystemExit("ghz not found: go install github.com/bojand/ghz/cmd/ghz@v0.120.0")
+    workdir = Path(tempfile.mkdtemp(prefix="tokenwire-floor-"))
+    fakes = await Upstream.start()
+    base_url = fakes.base_url
+    sources: list[Path | None] = list(args.tokenwire_src) or [None]
+    labels = [per_message.source_label(source) for source in sources]
+    relay, *servers = await asyncio.gather(
+        start(sys.executable, str(ROOT / "bench" / "bare_relay.py"), "--upstream-url", base_url),
+        *(
+            start_server(kind, fakes, source, workdir / f"audit-{index}.sqlite3")
+            for index, source in enumerate(sources)
+            for kind in ("deployed", "minimal")
+        ),
+    )
+    processes = [fakes.upstream, fakes.collector, relay, *servers]
+    targets = [
+        Target("direct", DirectPath(base_url), None),
+        Target("bare relay", TokenwirePath("bare relay", relay), relay, baseline=True),
+    ]
+    for index, label in enumerate(labels):
+        for kind, server in zip(
+            ("deployed", "minimal"), servers[2 * index : 2 * index + 2], strict=True
+        ):
+            name = f"tokenwire {kind} [{label}]"
+            targets.append(Target(name, TokenwirePath(name, server), server))
+    try:
+        for target in targets:  # connections, caches, imports; the audit file's first rows
+            for _ in range(args.warmup):
+                await target.path.stream(256, lambda: None)
+        unary_targets = [t for t in targets if t.server is not None]
+        if args.inflight and args.warmup:
+            for target in unary_targets:
+                await run_unary(target.server.address, 4, 0.5, ghz)  # type: ignore[union-attr]
+        figures: Figures = {}
+        for round_ in range(args.rounds):
+            order = rotated(targets, round_)
+            for target in order:
+                await ttft_round(target, figures, args, "")
+            if args.load_streams:
+                for target in order:
+                    await loaded_round(target, figures, args, base_url)
+            if args.inflight:
+                for target in rotated(unary_targets, round_):
+                    await unary_round(target, figures, args, ghz)
+            print(f"  round {round_ + 1}/{args.rounds} done", file=sys.stderr)
+    finally:
+        for target in targets:
+            await target.path.aclose()
+        for process in processes:
+            process.process.terminate()
+            await process.process.wait()
+        shutil.rmtree(workdir, ignore_errors=True)
+    where = [f"{label} = {source or ROOT}" for label, source in zip(labels, sources, strict=True)]
+    report(figures, targets, args, where, "ghz" if ghz else "grpc.aio client process")
+
+
+# ---- report ------------------------------------------------------------------------------
+
+
+def spread(values: list[float], fmt: str) -> str:
+    return f"{statistics.median(values):{fmt}} ({min(values):{fmt}}-{max(values):{fmt}})"
+
+
+def metrics(args: argparse.Namespace) -> list[str]:
+    names = []
+    for prefix in ("", "loaded ") if args.load_streams else ("",):
+        for size in args.sizes:
+            names += [f"{prefix}ttft p50 @{size}", f"{prefix}ttft p99 @{size}"]
+    for inflight in args.inflight:
+        names += [f"req/s @{inflight}", f"CPU ms/call @{inflight}"]
+    return names
+
+
+def target_of(metric: str) -> tuple[float, bool] | None:
+    return TARGETS.get(metric.rsplit(" @", 1)[0])
+
+
+def report(
+    figures: Figures,
+    targets: list[Target],
+    args: argparse.Namespace,
+    labels: list[str],
+    unary_client: str,
+) -> None:
+    direct, bare = targets[0], targets[1]
+    print(
+        f"\nthe per-call floor: {args.rounds} alternating rounds, {args.calls} sequential calls "
+        f"per TTFT figure, {args.load_streams} load streams, unary {args.unary_seconds:g} s per "
+        f"run ({unary_client}); {os.cpu_count()} cores, loopback; sources: {'; '.join(labels)}"
+    )
+    print(
+        "TTFT rows: direct = the upstream's own TTFT (ms); every other path = added ms over "
+        "direct in the same round. x: ratio to the bare relay / bare unary server, median of "
+        "the per-round ratios (min-max). median (min-max) over rounds.\n"
+    )
+    columns = ["metric", "direct", "bare"]
+    tokenwire = [t for t in targets if t.server is not None and not t.baseline]
+    columns += [c for t in tokenwire for c in (t.name, "x")] + ["target"]
+    rows: list[list[str]] = []
+    verdicts: list[str] = []
+    for metric in metrics(args):
+        is_ttft = "ttft" in metric
+
+        def values(target: Target, metric: str = metric, is_ttft: bool = is_ttft) -> list[float]:
+            own = figures[(target.name, metric)]
+            if not is_ttft:
+                return own
+            base = figures[(direct.name, metric)]
+            return [a - b for a, b in zip(own, base, strict=True)]
+
+        row = [metric, spread(figures[(direct.name, metric)], ".2f") if is_ttft else "—"]
+        fmt = ".2f" if is_ttft or "CPU" in metric else ",.0f"
+        bare_values = values(bare)
+        row.append(spread(bare_values, fmt))
+        goal = target_of(metric)
+        for target in tokenwire:
+            own = values(target)
+            ratios = [a / b if b else float("inf") for a, b in zip(own, bare_values, strict=True)]
+            ratio = statistics.median(ratios)
+            row += [spread(own, fmt), spread(ratios, ".2f")]
+            if goal and "deployed" in target.name:
+                limit, at_most = goal
+                held = ratio <= limit if at_most else ratio >= limit
+                word = "held" if held else f"MISSED by {abs(ratio / limit - 1):.0%}"
+                verdicts.append(
+                    f"{target.name}: {metric}: {ratio:.2f}x (target {'<=' if at_most else '>='}"
+                    f" {limit}x): {word}"
+                )
+        row.append(("≤ " if goal[1] else "≥ ") + f"{goal[0]}x" if goal else "—")
+        rows.append(row)
+    per_message.print_table(columns, rows)
+    print("\nissue 24 targets (deployed server; median of the per-round ratios):")
+    for verdict in verdicts:
+        print("  " + verdict)
+    print(
+        "\nevery streamed answer checked: sequences 1..n, offsets contiguous, "
+        "sha256 = final_sha256, text = what the upstream sent"
+    )
+
+
+if __name__ == "__main__":
+    if len(sys.argv) > 1 and sys.argv[1] == "--load-worker":
+        kind, address, streams, tokens = sys.argv[2:6]
+        asyncio.run(load_worker(kind, address, int(streams), int(tokens)))
+    elif len(sys.argv) > 1 and sys.argv[1] == "--unary-worker":
+        address, inflight, seconds = sys.argv[2:5]
+        asyncio.run(unary_worker(address, int(inflight), float(seconds)))
+    else:
+        parser = argparse.ArgumentParser(
+            description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+        )
+        parser.add_argument("--rounds", type=int, default=5)
+        parser.add_argument("--calls", type=int, default=200, help="sequential calls per figure")
+        parser.add_argument("--sizes", type=int, nargs="+", default=[16, 256])
+        parser.add_argument("--load-streams", type=int, default=16, help="0: no loaded runs")
+        parser.add_argument(
+            "--inflight", type=int, nargs="*", default=[1, 32], help="none: no unary runs"
+        )
+        parser.add_argument("--unary-seconds", type=float, default=3.0)
+        parser.add_argument("--warmup", type=int, default=20, help="256-token calls per path")
+        parser.add_argument(
+            "--unary-client", choices=("auto", "ghz", "python"), default="auto",
+            help="auto: ghz when installed (PATH or $(go env GOPATH)/bin), else grpc.aio",
+        )  # fmt: skip
+        per_message.add_source_argument(parser)
+        asyncio.run(main(parser.parse_args()))
