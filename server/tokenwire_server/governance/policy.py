@@ -13,6 +13,7 @@ import abc
 from dataclasses import dataclass
 
 from tokenwire_server.domain import Action, Verdict
+from tokenwire_server.governance.escalation import NO_ESCALATION, EscalationRules
 
 NO_ACTIONS: tuple[Action, ...] = ()
 
@@ -44,6 +45,8 @@ class GovernanceSession(abc.ABC):
 class Policy(abc.ABC):
     policy_id: str
     policy_version: str
+    #: Which responses a person reviews (the policy file's `escalation:` section).
+    escalation: EscalationRules = NO_ESCALATION
 
     @abc.abstractmethod
     def open_session(self) -> GovernanceSession:

@@ -24,6 +24,13 @@ from tokenwire_server.governance.detectors import (
     MATCH_BUDGET_SECONDS,
     Detector,
 )
+from tokenwire_server.governance.escalation import (
+    MAX_EXPIRE_AFTER,
+    VALIDATOR_OUTCOMES,
+    EscalationAction,
+    EscalationRule,
+    EscalationRules,
+)
 from tokenwire_server.governance.pattern_safety import nested_unbounded_quantifier
 from tokenwire_server.governance.policy import PassThroughPolicy, Policy
 from tokenwire_server.governance.redaction import RedactionRule, Redactor
@@ -156,6 +163,7 @@ def build_policy(spec: object, source: str, env: Mapping[str, str]) -> RulesPoli
         "redact",
         "block",
         "flag",
+        "escalation",
     }
     for key in sorted(str(k) for k in set(spec) - known):
         raise PolicyError(f"{source}: unknown key {key!r}")
@@ -243,7 +251,10 @@ def build_policy(spec: object, source: str, env: Mapping[str, str]) -> RulesPoli
             )
         hash_key = key.encode()
 
-    return RulesPolicy(
+    escalation = parse_escalation(
+        spec.get("escalation", []), source, frozenset(f.rule_id for f in flags)
+    )
+    policy = RulesPolicy(
         policy_id=policy_id,
         policy_version=str(version),
         redactor=Redactor(tuple(rules), hash_key, holdback),
@@ -252,3 +263,113 @@ def build_policy(spec: object, source: str, env: Mapping[str, str]) -> RulesPoli
         refusal_text=refusal,
         token_events=bool(audit.get("token_events", False)),
     )
+    policy.escalation = escalation
+    return policy
+
+
+_ESCALATION_KEYS = {"id", "when", "action", "expire_after"}
+_CONDITIONS = {
+    "validator_outcome",
+    "validators",
+    "entity_types",
+    "flags",
+    "labels",
+    "models",
+    "tenants",
+    "check_errored",
+    "diverged",
+}
+
+
+def _names(when: Mapping[str, Any], key: str, where: str) -> frozenset[str]:
+    value = when.get(key, [])
+    if not isinstance(value, list) or not all(isinstance(v, str) and v for v in value):
+        raise PolicyError(f"{where}: when.{key} must be a list of non-empty strings")
+    return frozenset(value)
+
+
+def _truth(when: Mapping[str, Any], key: str, where: str) -> bool | None:
+    value = when.get(key)
+    if value is not None and not isinstance(value, bool):
+        raise PolicyError(f"{where}: when.{key} must be true or false")
+    return value
+
+
+def parse_escalation(raw: object, source: str, flag_ids: frozenset[str]) -> EscalationRules:
+    """The `escalation:` section: a list of rules, each `id`, `when` (conditions,
+    all of which must hold), `action` (hold | review_after) and `expire_after`
+    (seconds, default 24 h). Refused with the file and the rule's place, like
+    every other policy mistake: unknown keys or conditions, no condition at all,
+    an unknown validator outcome, a flag rule the policy does not have."""
+    if not isinstance(raw, list) or not all(isinstance(item, dict) for item in raw):
+        raise PolicyError(f"{source}: escalation must be a list of tables")
+    rules: list[EscalationRule] = []
+    for index, item in enumerate(raw):
+        where = f"{source}: escalation[{index}]"
+        for key in sorted(str(k) for k in set(item) - _ESCALATION_KEYS):
+            raise PolicyError(
+                f"{where}: unknown key {key!r} (known: action, expire_after, id, when)"
+            )
+        rule_id = _rule_id(item, where)
+        where = f"{where} ({rule_id})"
+        action_name = item.get("action")
+        try:
+            action = EscalationAction(action_name)
+        except ValueError:
+            raise PolicyError(f"{where}: action must be hold or review_after") from None
+        expire = item.get("expire_after", 86_400)
+        if (
+            not isinstance(expire, int | float)
+            or isinstance(expire, bool)
+            or not 0 < expire <= MAX_EXPIRE_AFTER
+        ):
+            raise PolicyError(
+                f"{where}: expire_after must be seconds > 0 and <= {MAX_EXPIRE_AFTER:.0f} (30 days)"
+            )
+        when = item.get("when")
+        if not isinstance(when, dict) or not when:
+            raise PolicyError(f"{where}: when must be a table with at least one condition")
+        for key in sorted(str(k) for k in set(when) - _CONDITIONS):
+            raise PolicyError(
+                f"{where}: unknown condition {key!r} (known: {', '.join(sorted(_CONDITIONS))})"
+            )
+        outcomes = _names(when, "validator_outcome", where)
+        for word in sorted(outcomes - VALIDATOR_OUTCOMES):
+            raise PolicyError(
+                f"{where}: when.validator_outcome: unknown outcome {word!r} "
+                f"(known: {', '.join(sorted(VALIDATOR_OUTCOMES))})"
+            )
+        validators = _names(when, "validators", where)
+        if validators and not outcomes:
+            raise PolicyError(f"{where}: when.validators needs when.validator_outcome")
+        flags = _names(when, "flags", where)
+        for flag in sorted(flags - flag_ids):
+            raise PolicyError(f"{where}: when.flags: the policy has no flag rule {flag!r}")
+        labels = when.get("labels", {})
+        if not isinstance(labels, dict) or not all(
+            isinstance(k, str) and isinstance(v, str) for k, v in labels.items()
+        ):
+            raise PolicyError(f"{where}: when.labels must map label names to string values")
+        rules.append(
+            EscalationRule(
+                rule_id=rule_id,
+                action=action,
+                expire_after=float(expire),
+                validator_outcomes=outcomes,
+                validators=validators,
+                entity_types=_names(when, "entity_types", where),
+                flags=flags,
+                labels=tuple(sorted(labels.items())),
+                models=_names(when, "models", where),
+                tenants=_names(when, "tenants", where),
+                check_errored=_truth(when, "check_errored", where),
+                diverged=_truth(when, "diverged", where),
+            )
+        )
+    ids = [rule.rule_id for rule in rules]
+    duplicates = sorted({i for i in ids if ids.count(i) > 1})
+    if duplicates:
+        raise PolicyError(
+            f"{source}: escalation rule ids must be unique; repeated: {', '.join(duplicates)}"
+        )
+    return EscalationRules(tuple(rules))
