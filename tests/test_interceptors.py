@@ -30,6 +30,7 @@ from tokenwire_server.audit.store import SqliteAuditStore
 from tokenwire_server.domain import Action, Verdict
 from tokenwire_server.governance.policy import FinalDecision, GovernanceSession, Policy
 from tokenwire_server.interceptors import build_chain
+from tokenwire_server.interceptors.call import Call
 from tokenwire_server.observability.metrics import Metrics
 from tokenwire_server.telemetry import build_tracing
 
@@ -98,11 +99,11 @@ async def test_gate_buffered_delivery_never_diverges(start_server: StartServer) 
     assert completed.verdict == pb.VERDICT_BLOCKED
 
 
-class _BrokenServicer(respond_pb2_grpc.RespondServiceServicer):
+class _BrokenServicer:
     """Skips sequence 2: exactly what the gate exists to stop."""
 
-    async def StreamRespond(
-        self, request: pb.StreamRespondRequest, context: Any
+    async def stream_respond(
+        self, request: pb.StreamRespondRequest, context: Any, call: Call
     ) -> AsyncIterator[pb.StreamRespondResponse]:
         offset = 0
         for sequence in (1, 3):
@@ -112,19 +113,21 @@ class _BrokenServicer(respond_pb2_grpc.RespondServiceServicer):
             )
             offset += len(text)
 
-    async def Respond(self, request: pb.RespondRequest, context: Any) -> pb.RespondResponse:
+    async def respond(
+        self, request: pb.RespondRequest, context: Any, call: Call
+    ) -> pb.RespondResponse:
         return pb.RespondResponse(completed=pb.Completed(final_text="abc", final_sha256="0" * 64))
+
+    async def cancel(self, request: pb.CancelRequest, context: Any, call: Call) -> None:
+        raise AssertionError("not called")
 
 
 @pytest.fixture
 async def broken_server() -> AsyncIterator[respond_pb2_grpc.RespondServiceStub]:
     config = make_config()
-    server = grpc.aio.server(
-        interceptors=build_chain(
-            config, build_tracing().provider, SqliteAuditStore(":memory:"), Metrics()
-        )
-    )
-    respond_pb2_grpc.add_RespondServiceServicer_to_server(_BrokenServicer(), server)
+    server = grpc.aio.server()
+    chain = build_chain(config, build_tracing().provider, SqliteAuditStore(":memory:"), Metrics())
+    chain.register(_BrokenServicer(), server)
     port = server.add_insecure_port("127.0.0.1:0")
     await server.start()
     async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:

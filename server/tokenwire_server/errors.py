@@ -43,6 +43,8 @@ class TokenwireError(Exception):
     code: grpc.StatusCode = grpc.StatusCode.INTERNAL
     reason: str = "INTERNAL"
     retry_after: float | None = None
+    #: Trailing metadata sent with the status besides its details (last sequence...).
+    trailers: tuple[tuple[str, str], ...] = ()
 
     def __init__(
         self,

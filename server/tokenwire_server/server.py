@@ -8,6 +8,7 @@ calls, gives in-flight ones `grace_period` seconds, then cancels the rest.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import gc
 import logging
 import signal
@@ -19,7 +20,6 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from opentelemetry.sdk.trace import TracerProvider
 
-from tokenwire.v1 import respond_pb2
 from tokenwire_server.audit.store import AuditStore, SqliteAuditStore
 from tokenwire_server.auth import Authenticator
 from tokenwire_server.backends.base import Backend
@@ -28,7 +28,7 @@ from tokenwire_server.backends.registry import BackendRegistry
 from tokenwire_server.config import Config
 from tokenwire_server.governance.holder import PolicyHolder
 from tokenwire_server.governance.policy import Policy
-from tokenwire_server.interceptors import build_chain
+from tokenwire_server.interceptors import build_chain, server_interceptors
 from tokenwire_server.observability.metrics import Metrics
 from tokenwire_server.observability.stall_watch import StallWatch
 from tokenwire_server.reflection import enable_reflection
@@ -40,11 +40,10 @@ from tokenwire_server.store.memory import InMemoryResponseStore
 from tokenwire_server.store.redis_store import RedisResponseStore
 from tokenwire_server.telemetry import Tracing, build_tracing
 from tokenwire_server.tls import TlsCredentials
-from tokenwire_server.wire import add_respond_service
+from tokenwire_server.wire import SERVICE_NAME
 
 log = logging.getLogger(__name__)
 
-SERVICE_NAME: str = respond_pb2.DESCRIPTOR.services_by_name["RespondService"].full_name
 HEALTH_SERVICE_NAME: str = health_pb2.DESCRIPTOR.services_by_name["Health"].full_name
 
 
@@ -128,18 +127,14 @@ class TokenwireServer:
         self.port = 0
         self._server: grpc.aio.Server | None = None
         self._stopped = asyncio.Event()
+        #: Continues responses of replicas that died (a shared store hands them over).
+        self._adopting: asyncio.Task[None] | None = None
 
     async def start(self) -> int:
         """Binds and starts serving; returns the bound port."""
         net = self.config.network
         server = grpc.aio.server(
-            interceptors=build_chain(
-                self.config,
-                self.tracer_provider,
-                self.audit_store,
-                self.metrics,
-                self.authenticator,
-            ),
+            interceptors=server_interceptors(self.config, self.authenticator),
             options=[
                 ("grpc.max_receive_message_length", net.max_message_bytes),
                 ("grpc.so_reuseport", 0),
@@ -159,16 +154,18 @@ class TokenwireServer:
                 ),
             ],
         )
-        add_respond_service(
-            RespondServicer(
-                self.config,
-                self.registry,
-                self.policies,
-                self.store,
-                self.tracer_provider.get_tracer("tokenwire.generation"),
-            ),
-            server,
+        servicer = RespondServicer(
+            self.config,
+            self.registry,
+            self.policies,
+            self.store,
+            self.tracer_provider.get_tracer("tokenwire.generation"),
         )
+        chain = build_chain(
+            self.config, self.tracer_provider, self.audit_store, self.metrics, self.authenticator
+        )
+        chain.register(servicer, server)
+        self._adopting = asyncio.create_task(servicer.adopt_orphans(), name="adopt orphans")
         health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
         enable_reflection((SERVICE_NAME, HEALTH_SERVICE_NAME), server)  # v1 and v1alpha
         address = f"{net.host}:{net.port}" if ":" not in net.host else f"[{net.host}]:{net.port}"
@@ -222,6 +219,10 @@ class TokenwireServer:
         """Releases what `__init__` opened; `drain` ends with it, `--check-config` only this."""
         if self.routing is not None:
             await self.routing.aclose()
+        if self._adopting is not None:
+            self._adopting.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._adopting
         await self.stall_watch.stop()
         await self.registry.aclose()
         await self.audit_store.close()
@@ -291,6 +292,13 @@ async def serve(config: Config, config_file: Path | None = None) -> None:
     # of 700 took per-message cost at 64 streams from 40.7 to 38.7 µs.
     gc.freeze()
     gc.set_threshold(20_000, 20, 50)
+    # Signals are handled before the server says it serves: whoever reads that
+    # line may send SIGHUP at once, and its default action ends the process.
+    loop = asyncio.get_running_loop()
+    stop = asyncio.Event()
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(signum, stop.set)
+    loop.add_signal_handler(signal.SIGHUP, server.reload)
     host = config.network.host
     print(f"tokenwire serving on {host}:{port}", flush=True)
     if server.metrics_port is not None:
@@ -310,11 +318,6 @@ async def serve(config: Config, config_file: Path | None = None) -> None:
         policy.policy_version,
         config.audit.audit_path,
     )
-    loop = asyncio.get_running_loop()
-    stop = asyncio.Event()
-    for signum in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(signum, stop.set)
-    loop.add_signal_handler(signal.SIGHUP, server.reload)
     await stop.wait()
     log.info("draining: grace period %.1fs", config.network.grace_period)
     await server.drain()

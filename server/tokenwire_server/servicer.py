@@ -24,16 +24,7 @@ import grpc
 from opentelemetry import trace
 
 from tokenwire.v1 import respond_pb2 as pb
-from tokenwire.v1 import respond_pb2_grpc
-from tokenwire_server.audit.records import CALL_RECORD, CallRecord
 from tokenwire_server.backends.registry import BackendRegistry
-from tokenwire_server.call_context import (
-    CALL_DEADLINE,
-    CALL_IDENTITY,
-    CALL_REPLAY_PREFIX,
-    CALL_TENANT,
-    CallIdentity,
-)
 from tokenwire_server.codec import EventCodec
 from tokenwire_server.config import Config
 from tokenwire_server.delivery.generation import run_generation
@@ -51,15 +42,13 @@ from tokenwire_server.errors import (
     ResponseNotFound,
     SequenceOutOfRange,
     TokenwireError,
-    abort,
 )
 from tokenwire_server.governance.holder import PolicyHolder
 from tokenwire_server.governance.replay import ReplayingSession
-from tokenwire_server.interceptors.request_context import caller_request_id, current_trace_id
+from tokenwire_server.interceptors.call import Call, Progress, ResponseFacts
 from tokenwire_server.store.base import ResponseStore
 from tokenwire_server.tokens import estimate_prompt_tokens
 from tokenwire_server.validation import parse_call
-from tokenwire_server.wire import Undecodable
 
 log = logging.getLogger(__name__)
 Context = grpc.aio.ServicerContext[Any, Any]
@@ -88,7 +77,9 @@ def idempotency_key(tenant: str, request_id: str) -> str:
     return f"{len(tenant)}:{tenant}:{request_id}"
 
 
-class RespondServicer(respond_pb2_grpc.RespondServiceServicer):
+class RespondServicer:
+    """`respond`, `stream_respond` and `cancel` take the chain's `Call` (wire.py)."""
+
     def __init__(
         self,
         config: Config,
@@ -102,8 +93,17 @@ class RespondServicer(respond_pb2_grpc.RespondServiceServicer):
         self._policies = policies
         self._store = store
         self._tracer = tracer or trace.get_tracer(__name__)
-        if hasattr(store, "takeover"):
-            store.takeover = self._take_over
+
+    async def adopt_orphans(self) -> None:
+        """Runs for the server's life: asks the store for responses whose replica
+        died and that this replica now owns, and continues each one it can."""
+        while True:
+            orphan = await self._store.next_orphan()
+            continued = False
+            try:
+                continued = await self._take_over(orphan.response, orphan.request)
+            finally:
+                await self._store.settle_orphan(orphan, continued)
 
     async def _take_over(self, response: LiveResponse, request_bytes: bytes) -> bool:
         """Continues a response whose replica died: only exactly, or not at all."""
@@ -136,49 +136,43 @@ class RespondServicer(respond_pb2_grpc.RespondServiceServicer):
         )
         return True
 
-    async def _start(self, request: Request, context: Context) -> LiveResponse:
+    async def _start(self, request: Request, call: Call) -> LiveResponse:
         """The response this request reads: a new one, or the one its request id started."""
-        _reject_undecodable(request)
-        loop = asyncio.get_running_loop()
-        identity = CALL_IDENTITY.get() or CallIdentity(
-            request_id=request.request_id or f"req_{uuid.uuid4().hex}",
-            trace_id=current_trace_id(),
-        )
-        deadline = CALL_DEADLINE.get()
+        deadline = call.deadline
         if deadline is None:
-            deadline = loop.time() + self._config.deadlines.default_deadline
-        call = parse_call(request, self._config, self._registry, deadline)
+            deadline = asyncio.get_running_loop().time() + self._config.deadlines.default_deadline
+        parsed = parse_call(request, self._config, self._registry, deadline)
         policy = self._policies.current  # kept for the whole response, whatever reloads
         response = LiveResponse(
             response_id=new_response_id(),
-            request_id=identity.request_id,
-            model=call.model,
+            request_id=call.request_id or request.request_id or f"req_{uuid.uuid4().hex}",
+            model=parsed.model,
             policy_id=policy.policy_id,
             policy_version=policy.policy_version,
             max_pending_chars=self._config.delivery.max_pending_chars,
         )
-        response.delivery = call.delivery
+        response.delivery = parsed.delivery
         if isinstance(request, pb.StreamRespondRequest):
             response.resumable = request.resumable or self._config.resume.resumable_by_default
             response.detach_window = self._config.resume.detach_window
-        if call.delivery is None:
+        if parsed.delivery is None:
             response.unbounded()  # unary: nothing streams, so nothing may wait for a reader
         else:
-            response.detached_chunk_tokens = call.delivery.max_tokens_per_chunk
-            if call.delivery.mode is DeliveryMode.BUFFERED:
+            response.detached_chunk_tokens = parsed.delivery.max_tokens_per_chunk
+            if parsed.delivery.mode is DeliveryMode.BUFFERED:
                 response.mode_used = DeliveryMode.BUFFERED
-        response.tenant = CALL_TENANT.get()
+        response.tenant = call.tenant
         # Only a caller's own request id (the field, else the x-request-id header) makes
         # a retry attach; generated ids never repeat. Keys are per tenant: one tenant's
         # ids never reach another's responses.
-        caller_id = caller_request_id(request.request_id, context.invocation_metadata())
+        caller_id = call.caller_request_id
         key = idempotency_key(response.tenant, caller_id) if caller_id else None
         try:
             attached = await self._store.register(
                 response,
                 key,
                 fingerprint(request) if key is not None else "",  # only a key is ever compared
-                request.SerializeToString(),
+                request.SerializeToString,
             )
         except RequestIdReused as reused:
             raise RequestIdReused(
@@ -186,20 +180,25 @@ class RespondServicer(respond_pb2_grpc.RespondServiceServicer):
                 metadata={"requestId": caller_id, **reused.metadata},
             ) from None
         response = attached.response
-        record = CALL_RECORD.get() or CallRecord()
-        record.response_id = response.response_id
-        record.model, record.model_version = call.model.name, call.model.version
-        record.backend = call.model.backend
-        record.policy_id, record.policy_version = response.policy_id, response.policy_version
-        record.token_events = bool(getattr(policy, "token_events", False))
-        record.prompt_tokens = estimate_prompt_tokens(call.generation.messages)
+        call.report(
+            ResponseFacts(
+                response_id=response.response_id,
+                model=parsed.model.name,
+                model_version=parsed.model.version,
+                backend=parsed.model.backend,
+                policy_id=response.policy_id,
+                policy_version=response.policy_version,
+                prompt_tokens=estimate_prompt_tokens(parsed.generation.messages),
+                token_events=bool(getattr(policy, "token_events", False)),
+            )
+        )
         if attached.existing:
             return response
         response.on_end(self._store.finished)
         response.task = asyncio.create_task(
             run_generation(
-                call.backend,
-                call.generation,
+                parsed.backend,
+                parsed.generation,
                 policy.open_session(),
                 response,
                 self._config.deadlines.stall_timeout,
@@ -209,7 +208,7 @@ class RespondServicer(respond_pb2_grpc.RespondServiceServicer):
         )
         return response
 
-    async def _resume(self, request: pb.StreamRespondRequest) -> LiveResponse:
+    async def _resume(self, request: pb.StreamRespondRequest, call: Call) -> LiveResponse:
         resume = request.resume
         if not resume.response_id:
             raise InvalidRequest(
@@ -218,7 +217,7 @@ class RespondServicer(respond_pb2_grpc.RespondServiceServicer):
                 violations=[FieldViolation("resume.response_id", "must not be empty")],
             )
         response = await self._store.get(resume.response_id)
-        if response is not None and response.tenant != CALL_TENANT.get():
+        if response is not None and response.tenant != call.tenant:
             response = None  # someone else's: indistinguishable from unknown
         if response is None:
             raise ResponseNotFound(
@@ -234,27 +233,26 @@ class RespondServicer(respond_pb2_grpc.RespondServiceServicer):
                     "lastSequence": str(len(response.chunks)),
                 },
             )
-        record = CALL_RECORD.get()
-        if record is not None:
-            record.response_id = response.response_id
-            record.model, record.model_version = response.model.name, response.model.version
-            record.backend = response.model.backend
-            record.policy_id = response.policy_id
-            record.policy_version = response.policy_version
-        CALL_REPLAY_PREFIX.set(
-            tuple(
-                (c.sequence, c.text_offset, c.text.encode())
-                for c in response.chunks[: resume.after_sequence]
+        call.report(
+            ResponseFacts(
+                response_id=response.response_id,
+                model=response.model.name,
+                model_version=response.model.version,
+                backend=response.model.backend,
+                policy_id=response.policy_id,
+                policy_version=response.policy_version,
+                replay_prefix=tuple(
+                    (c.sequence, c.text_offset, c.text.encode())
+                    for c in response.chunks[: resume.after_sequence]
+                ),
             )
         )
         return response
 
-    async def Respond(self, request: pb.RespondRequest, context: Context) -> pb.RespondResponse:
-        try:
-            response = await self._start(request, context)
-        except TokenwireError as error:
-            await abort(context, error)
-            raise  # unreachable: abort raises
+    async def respond(
+        self, request: pb.RespondRequest, context: Context, call: Call
+    ) -> pb.RespondResponse:
+        response = await self._start(request, call)
         reader = response.attach()
         context.add_done_callback(lambda _: reader.release())  # type: ignore[arg-type]
         try:
@@ -262,90 +260,62 @@ class RespondServicer(respond_pb2_grpc.RespondServiceServicer):
         finally:
             reader.release()
         if response.state is not State.FINISHED:
-            await self._fail(context, response, 0)
+            raise self._failure(call, response, 0)
         now = asyncio.get_running_loop().time()
         first = response.first_token_at if response.first_token_at is not None else now
-        identity = CALL_IDENTITY.get()
         completed = EventCodec(response).completed(
             mode=DeliveryMode.BUFFERED,
             unary=True,
             time_to_first_token=first - response.started_at,
             total=now - response.started_at,
-            trace_id=identity.trace_id if identity is not None else current_trace_id(),
+            trace_id=call.trace_id,
         )
         return pb.RespondResponse(completed=completed)
 
-    async def StreamRespond(
-        self, request: pb.StreamRespondRequest, context: Context
+    async def stream_respond(
+        self, request: pb.StreamRespondRequest, context: Context, call: Call
     ) -> AsyncGenerator[pb.StreamRespondResponse, None]:
-        try:
-            _reject_undecodable(request)
-            if request.HasField("resume"):
-                response = await self._resume(request)
-                start_after = request.resume.after_sequence
-            else:
-                response = await self._start(request, context)
-                start_after = 0
-        except TokenwireError as error:
-            await abort(context, error)
-            return
+        if request.HasField("resume"):
+            response = await self._resume(request, call)
+            start_after = request.resume.after_sequence
+        else:
+            response = await self._start(request, call)
+            start_after = 0
         options: DeliveryOptions | None = response.delivery
         if options is None:  # a unary response cannot be streamed
-            await abort(
-                context,
-                ResponseNotFound(
-                    f"response {response.response_id} is not a stream",
-                    metadata={"responseId": response.response_id},
-                ),
+            raise ResponseNotFound(
+                f"response {response.response_id} is not a stream",
+                metadata={"responseId": response.response_id},
             )
-            return
         reader = response.attach()
         context.add_done_callback(lambda _: reader.release())  # type: ignore[arg-type]
-        identity = CALL_IDENTITY.get()
-        delivery = StreamDelivery(
-            response,
-            options,
-            EventCodec(response),
-            identity.trace_id if identity is not None else current_trace_id(),
-            start_after,
-        )
+        codec = EventCodec(response)
+        delivery = StreamDelivery(response, options, codec, call.trace_id, start_after)
         try:
             async with aclosing(delivery.events()) as stream:
                 async for event in stream:
                     yield event
         except TokenwireError:
-            await self._fail(context, response, delivery.last_sequence)
+            raise self._failure(call, response, delivery.last_sequence) from None
         finally:
             reader.release()
-            _note_progress(response, delivery.last_sequence)
+            if call.progress.last_sequence < delivery.last_sequence:
+                call.report(Progress(delivery.last_sequence, response.tokens_generated))
 
-    async def Cancel(self, request: pb.CancelRequest, context: Context) -> pb.CancelResponse:
-        try:
-            _reject_undecodable(request)
-        except InvalidRequest as error:
-            await abort(context, error)
-        try:
-            response = await self._store.get(request.response_id) if request.response_id else None
-        except TokenwireError as error:  # the shared store is unavailable
-            await abort(context, error)
-            raise AssertionError("unreachable: abort raises") from error
-        if response is not None and response.tenant != CALL_TENANT.get():
+    async def cancel(
+        self, request: pb.CancelRequest, context: Context, call: Call
+    ) -> pb.CancelResponse:
+        response = await self._store.get(request.response_id) if request.response_id else None
+        if response is not None and response.tenant != call.tenant:
             response = None  # someone else's: indistinguishable from unknown
         if response is None:
-            await abort(
-                context,
-                ResponseNotFound(
-                    f"response {request.response_id!r} is unknown or expired",
-                    metadata={"responseId": request.response_id},
-                ),
+            raise ResponseNotFound(
+                f"response {request.response_id!r} is unknown or expired",
+                metadata={"responseId": request.response_id},
             )
-            raise AssertionError("unreachable: abort raises")
         was_running = not response.done
         if was_running:
-            try:
-                await self._store.request_cancel(response)
-            except TokenwireError as error:
-                await abort(context, error)
+            await self._store.request_cancel(response)
             await response.wait_ended()
         return pb.CancelResponse(
             response_id=response.response_id,
@@ -353,8 +323,9 @@ class RespondServicer(respond_pb2_grpc.RespondServiceServicer):
             was_running=was_running and response.state is State.CANCELLED,
         )
 
-    async def _fail(self, context: Context, response: LiveResponse, last_sequence: int) -> None:
-        """Ends a call whose response failed: status, details and partial usage."""
+    def _failure(self, call: Call, response: LiveResponse, last_sequence: int) -> TokenwireError:
+        """The error a call whose response failed ends with: its status, details,
+        the last sequence the caller holds and the partial usage."""
         error = response.error or InternalError("the response ended without a result")
         metadata = {
             **error.metadata,
@@ -371,7 +342,7 @@ class RespondServicer(respond_pb2_grpc.RespondServiceServicer):
             quota=original.quota,
         )
         error.code = original.code  # an error replayed from a shared log keeps its status
-        _note_progress(response, last_sequence, error.reason)
+        call.report(Progress(last_sequence, response.tokens_generated, error.reason))
         log.info(
             "response %s ended after sequence %d: %s %s",
             response.response_id,
@@ -379,33 +350,10 @@ class RespondServicer(respond_pb2_grpc.RespondServiceServicer):
             error.reason,
             error.message,
         )
-        record = CALL_RECORD.get()
-        prompt_tokens = record.prompt_tokens if record is not None else 0
-        await abort(
-            context,
-            error,
-            (
-                (LAST_SEQUENCE_KEY, str(last_sequence)),
-                (PROMPT_TOKENS_KEY, str(prompt_tokens)),
-                (COMPLETION_TOKENS_KEY, str(response.tokens_generated)),
-            ),
+        facts = call.facts
+        error.trailers = (
+            (LAST_SEQUENCE_KEY, str(last_sequence)),
+            (PROMPT_TOKENS_KEY, str(facts.prompt_tokens if facts is not None else 0)),
+            (COMPLETION_TOKENS_KEY, str(response.tokens_generated)),
         )
-
-
-def _reject_undecodable(request: object) -> None:
-    if isinstance(request, Undecodable):
-        raise InvalidRequest(
-            f"the request body is not a valid {request.message_type}: {request.reason}",
-            reason="MALFORMED_REQUEST",
-        )
-
-
-def _note_progress(response: LiveResponse, last_sequence: int, error_reason: str = "") -> None:
-    """Tells the audit record how far a call got, for calls that end without Completed."""
-    record = CALL_RECORD.get()
-    if record is None:
-        return
-    record.last_sequence = last_sequence
-    record.completion_tokens = response.tokens_generated
-    if error_reason:
-        record.error_reason = error_reason
+        return error

@@ -1,9 +1,10 @@
-"""Registers RespondService with request parsing that cannot crash a call.
+"""RespondService on the wire: its name, and request parsing that cannot crash a call.
 
 The generated registration parses requests with `FromString`; a malformed
 body (truncated protobuf, invalid UTF-8 in a string) then fails inside gRPC
-as INTERNAL. Here such a body becomes an `Undecodable` request, which the
-servicer answers with INVALID_ARGUMENT like any other bad input.
+as INTERNAL. Here such a body becomes an `Undecodable` stand-in that never
+gets past the chain's edge (INVALID_ARGUMENT, interceptors/chain.py), so
+the servicer's methods only ever see typed messages.
 """
 
 from __future__ import annotations
@@ -16,7 +17,14 @@ import grpc
 from google.protobuf.message import DecodeError, Message
 
 from tokenwire.v1 import respond_pb2 as pb
-from tokenwire_server.interceptors._wrap import SERVICE_NAME
+
+SERVICE_NAME: str = pb.DESCRIPTOR.services_by_name["RespondService"].full_name
+SERVICE_PREFIX = f"/{SERVICE_NAME}/"
+
+
+def is_respond_service(details: grpc.HandlerCallDetails) -> bool:
+    method: str = details.method
+    return method.startswith(SERVICE_PREFIX)
 
 
 class Undecodable:
@@ -40,24 +48,3 @@ def tolerant(message_type: type[Message]) -> Callable[[bytes], Any]:
             return Undecodable(message_type.DESCRIPTOR.full_name, str(error))
 
     return parse
-
-
-def add_respond_service(servicer: Any, server: grpc.aio.Server) -> None:
-    handlers = {
-        "Respond": grpc.unary_unary_rpc_method_handler(
-            servicer.Respond,
-            request_deserializer=tolerant(pb.RespondRequest),
-            response_serializer=pb.RespondResponse.SerializeToString,
-        ),
-        "StreamRespond": grpc.unary_stream_rpc_method_handler(
-            servicer.StreamRespond,
-            request_deserializer=tolerant(pb.StreamRespondRequest),
-            response_serializer=pb.StreamRespondResponse.SerializeToString,
-        ),
-        "Cancel": grpc.unary_unary_rpc_method_handler(
-            servicer.Cancel,
-            request_deserializer=tolerant(pb.CancelRequest),
-            response_serializer=pb.CancelResponse.SerializeToString,
-        ),
-    }
-    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(SERVICE_NAME, handlers),))

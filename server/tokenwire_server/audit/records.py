@@ -2,8 +2,7 @@
 
 from __future__ import annotations
 
-import contextvars
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 
 @dataclass(frozen=True, slots=True)
@@ -58,33 +57,3 @@ class AuditRecord:
     created_at_ns: int
     token_events: tuple[TokenEvent, ...] = ()
     resumed_after: int = -1
-
-
-@dataclass(slots=True)
-class CallRecord:
-    """Filled by the servicer while a call runs; the audit interceptor writes it.
-
-    It carries what the terminal `Completed` cannot: a failed call's response
-    id, model, policy and partial usage.
-    """
-
-    response_id: str = ""
-    model: str = ""
-    model_version: str = ""
-    #: The route that was asked; `Completed.serving.backend` differs after a fallback.
-    backend: str = ""
-    policy_id: str = ""
-    policy_version: str = ""
-    token_events: bool = False
-    error_reason: str = ""
-    last_sequence: int = 0
-    prompt_tokens: int = 0
-    completion_tokens: int = 0
-    started_ns: int = 0
-    events: list[TokenEvent] = field(default_factory=list)
-
-
-#: Set by the audit interceptor for RespondService calls.
-CALL_RECORD: contextvars.ContextVar[CallRecord | None] = contextvars.ContextVar(
-    "tokenwire_call_record", default=None
-)

@@ -1,18 +1,21 @@
-"""The interceptor chain, in one visible list (first = outermost).
-
-*. malformed requests: a body that does not parse, for health and reflection
-   too, is INVALID_ARGUMENT and one rate-limited log line.
+"""The chain every RespondService call runs through, in one visible list (first = outermost).
 
 0. auth (when configured): API key or mTLS identity → tenant; UNAUTHENTICATED otherwise.
-1. tracing: the OpenTelemetry server span; continues the caller's traceparent.
-2. request context: request id (echoed as x-request-id) and trace id for the call.
+   Then the edge: a request body that does not parse is INVALID_ARGUMENT.
+1. tracing: the server span; continues the caller's traceparent.
+2. request context: request id (echoed as x-request-id).
 3. observability: metrics, span attributes/events and the log line of each outcome.
 4. audit: an append-only, hash-chained row per event of every call past auth,
    committed before what it vouches for leaves; outside limits, so a quota
    refusal gets its row too.
-   limits: server-wide and per-tenant concurrency, tokens per minute (RESOURCE_EXHAUSTED).
-5. deadlines: default and maximum deadline, the budget handed to the pipeline.
-6. verification gate: checks every chunk and holds `Completed` until verified.
+5. limits: server-wide and per-tenant concurrency, tokens per minute (RESOURCE_EXHAUSTED).
+6. deadlines: default and maximum deadline, the budget handed to the pipeline.
+7. verification gate: checks every chunk and holds `Completed` until verified.
+
+Each is a `Stage` (chain.py) in its own file; the chain wraps the servicer's
+methods once. Health and reflection are not RespondService: their malformed
+bodies and (with `auth_health_and_reflection`) their credentials are checked
+by two plain grpc interceptors, `server_interceptors` below.
 """
 
 from __future__ import annotations
@@ -23,16 +26,27 @@ from opentelemetry.trace import TracerProvider
 from tokenwire_server.audit.store import AuditStore
 from tokenwire_server.auth import Authenticator
 from tokenwire_server.config import Config
-from tokenwire_server.interceptors.audit import AuditInterceptor
-from tokenwire_server.interceptors.auth import AuthInterceptor
-from tokenwire_server.interceptors.deadlines import DeadlineInterceptor
-from tokenwire_server.interceptors.limits import LimitsInterceptor
+from tokenwire_server.interceptors.audit import AuditStage
+from tokenwire_server.interceptors.auth import (
+    AuthStage,
+    Credentials,
+    OtherServicesAuthInterceptor,
+)
+from tokenwire_server.interceptors.chain import Chain, Stage
+from tokenwire_server.interceptors.deadlines import DeadlineStage
+from tokenwire_server.interceptors.limits import LimitsStage
 from tokenwire_server.interceptors.malformed import MalformedRequestInterceptor
-from tokenwire_server.interceptors.observability import ObservabilityInterceptor
-from tokenwire_server.interceptors.request_context import RequestContextInterceptor
-from tokenwire_server.interceptors.tracing import tracing_interceptor
-from tokenwire_server.interceptors.verification_gate import VerificationGateInterceptor
+from tokenwire_server.interceptors.observability import ObservabilityStage
+from tokenwire_server.interceptors.request_context import RequestContextStage
+from tokenwire_server.interceptors.tracing import TracingStage
+from tokenwire_server.interceptors.verification_gate import VerificationGateStage
 from tokenwire_server.observability.metrics import Metrics
+
+
+def _credentials(config: Config, authenticator: Authenticator | None) -> Credentials | None:
+    if authenticator is None and not config.auth.auth_mtls:
+        return None
+    return Credentials(authenticator, accept_certificates=config.auth.auth_mtls)
 
 
 def build_chain(
@@ -41,24 +55,29 @@ def build_chain(
     audit_store: AuditStore,
     metrics: Metrics,
     authenticator: Authenticator | None = None,
+) -> Chain:
+    credentials = _credentials(config, authenticator)
+    auth: list[Stage] = [AuthStage(credentials)] if credentials is not None else []
+    return Chain(
+        [
+            *auth,
+            TracingStage(tracer_provider),
+            RequestContextStage(),
+            ObservabilityStage(metrics, log_text=config.logging.log_text),
+            AuditStage(audit_store, metrics),
+            LimitsStage(config.quotas),
+            DeadlineStage(config.deadlines.default_deadline, config.deadlines.max_deadline),
+            VerificationGateStage(),
+        ]
+    )
+
+
+def server_interceptors(
+    config: Config, authenticator: Authenticator | None = None
 ) -> list[grpc.aio.ServerInterceptor]:
-    auth: list[grpc.aio.ServerInterceptor] = []
-    if authenticator is not None or config.auth.auth_mtls:
-        auth.append(
-            AuthInterceptor(
-                authenticator,
-                accept_certificates=config.auth.auth_mtls,
-                every_service=config.auth.auth_health_and_reflection,
-            )
-        )
-    return [
-        MalformedRequestInterceptor(),
-        *auth,
-        tracing_interceptor(tracer_provider),
-        RequestContextInterceptor(),
-        ObservabilityInterceptor(metrics, log_text=config.logging.log_text),
-        AuditInterceptor(audit_store, metrics),
-        LimitsInterceptor(config.quotas),
-        DeadlineInterceptor(config.deadlines.default_deadline, config.deadlines.max_deadline),
-        VerificationGateInterceptor(),
-    ]
+    """The plain grpc interceptors, for the services beside RespondService."""
+    interceptors: list[grpc.aio.ServerInterceptor] = [MalformedRequestInterceptor()]
+    credentials = _credentials(config, authenticator)
+    if credentials is not None and config.auth.auth_health_and_reflection:
+        interceptors.append(OtherServicesAuthInterceptor(credentials))
+    return interceptors

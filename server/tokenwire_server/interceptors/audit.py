@@ -19,33 +19,21 @@ one small tuple; the text itself is never recorded.
 
 from __future__ import annotations
 
-import asyncio
 import itertools
 import time
-from collections.abc import AsyncGenerator, Awaitable, Callable
 from concurrent.futures import Future
-from contextlib import aclosing
 from typing import Any
 
 import grpc
-from google.rpc import error_details_pb2, status_pb2
 
 from tokenwire.v1 import respond_pb2 as pb
-from tokenwire_server.audit.records import CALL_RECORD, AuditRecord, CallRecord, TokenEvent
+from tokenwire_server.audit.records import AuditRecord, TokenEvent
 from tokenwire_server.audit.store import AuditStore, AuditWriteError
-from tokenwire_server.call_context import CALL_IDENTITY, CALL_TENANT
 from tokenwire_server.domain import utf8_length
-from tokenwire_server.errors import STATUS_DETAILS_KEY, TokenwireError, abort, clip
+from tokenwire_server.errors import TokenwireError, clip
 from tokenwire_server.governance.scrub import scrub, scrub_labels
-from tokenwire_server.interceptors._wrap import (
-    AbortHook,
-    Context,
-    RespondServiceInterceptor,
-    StreamBehavior,
-    UnaryBehavior,
-    method_name,
-    status_name,
-)
+from tokenwire_server.interceptors.call import Call
+from tokenwire_server.interceptors.chain import RESPONDING, Stage
 from tokenwire_server.observability.metrics import Metrics
 
 
@@ -70,39 +58,6 @@ def _ms(duration: Any) -> float:
     return float(duration.ToNanoseconds()) / 1e6
 
 
-def _error_reason(trailing_metadata: Any) -> str:
-    """The ErrorInfo reason in a failing call's status details ("" when none)."""
-    for key, value in trailing_metadata or ():
-        if key == STATUS_DETAILS_KEY and isinstance(value, bytes):
-            for detail in status_pb2.Status.FromString(value).details:
-                if detail.Is(error_details_pb2.ErrorInfo.DESCRIPTOR):
-                    info = error_details_pb2.ErrorInfo()
-                    detail.Unpack(info)
-                    return str(info.reason)
-    return ""
-
-
-class _StatusHook(AbortHook):
-    """An AbortHook that also keeps the ErrorInfo reason of the status it sends."""
-
-    def __init__(
-        self, context: Context, before: Callable[[grpc.StatusCode], Awaitable[None]]
-    ) -> None:
-        super().__init__(context, before)
-        self._self_reason = ""
-
-    @property
-    def reason(self) -> str:
-        return str(self._self_reason)
-
-    async def abort(
-        self, code: grpc.StatusCode, details: str = "", trailing_metadata: Any = ()
-    ) -> None:
-        if not self.fired:
-            self._self_reason = _error_reason(trailing_metadata)
-        await super().abort(code, details, trailing_metadata)
-
-
 #: What a refusal row keeps of the caller's labels: they were not validated (they
 #: may be why the call was refused), so they are bounded before they are scrubbed.
 REFUSED_LABELS = 8
@@ -125,122 +80,114 @@ def _refused_labels(labels: dict[str, str]) -> dict[str, str]:
     }
 
 
-def _event(status: str, record: CallRecord) -> str:
-    if status == "OK":
-        return "completed"
-    if status == "CANCELLED":
+def _event(call: Call) -> str:
+    if call.status == "CANCELLED":
         return "cancelled"
-    return "failed" if record.response_id else "refused"
+    return "failed" if call.facts is not None else "refused"
 
 
-class _Call:
-    """One call's audit state: what every row of it shares."""
-
-    def __init__(self, request: Any, method: str) -> None:
-        self.request = request
-        self.method = method
-        self.record = CallRecord(started_ns=time.time_ns())
-        self._labels: dict[str, str] | None = None
-        resuming = isinstance(request, pb.StreamRespondRequest) and request.HasField("resume")
-        self.resumed_after = request.resume.after_sequence if resuming else -1
-
-    @property
-    def labels(self) -> dict[str, str]:
-        """The validated labels, scrubbed once for every row of the call: they
-        are the caller's free text, and the trail keeps no value raw."""
-        if self._labels is None:
-            self._labels = scrub_labels(self.request.labels)
-        return self._labels
-
-    def row(self, event: str, status: str, reason: str = "") -> AuditRecord:
-        """A row from what the servicer noted (no `Completed`)."""
-        record = self.record
-        identity = CALL_IDENTITY.get()
-        return AuditRecord(
-            event=event,
-            response_id=record.response_id,
-            request_id=scrub(identity.request_id) if identity else "",
-            trace_id=identity.trace_id if identity else "",
-            tenant=CALL_TENANT.get(),
-            method=self.method,
-            status=status,
-            error_reason=record.error_reason or reason,
-            labels=_refused_labels(dict(self.request.labels))
-            if event == "refused"
-            else self.labels,
-            # A refused call's model is what the caller asked for: free text.
-            model=record.model or clip(scrub(self.request.model[:256]), 128),
-            model_version=record.model_version,
-            policy_id=record.policy_id,
-            policy_version=record.policy_version,
-            delivery_mode="",
-            chunk_count=record.last_sequence,
-            last_sequence=record.last_sequence,
-            final_sha256="",
-            verdict="",
-            review_required=False,
-            verification="",
-            retract_from_sequence=0,
-            actions=[],
-            finish_reason="",
-            prompt_tokens=record.prompt_tokens,
-            completion_tokens=record.completion_tokens,
-            time_to_first_token_ms=0.0,
-            total_ms=(time.time_ns() - record.started_ns) / 1e6 if status else 0.0,
-            created_at_ns=record.started_ns,
-            token_events=tuple(record.events) if status else (),
-            resumed_after=self.resumed_after,
-        )
-
-    def completed(self, completed: pb.Completed) -> AuditRecord:
-        return AuditRecord(
-            event="completed",
-            response_id=completed.response_id,
-            request_id=scrub(completed.request_id),
-            trace_id=completed.trace_id,
-            tenant=CALL_TENANT.get(),
-            method=self.method,
-            status="OK",
-            error_reason="",
-            labels=self.labels,
-            model=completed.model,
-            model_version=completed.model_version,
-            policy_id=completed.policy_id,
-            policy_version=completed.policy_version,
-            delivery_mode=_name(pb.DeliveryMode, completed.delivery_mode, "DELIVERY_MODE_"),
-            chunk_count=completed.chunk_count,
-            last_sequence=completed.last_sequence,
-            final_sha256=completed.final_sha256,
-            verdict=_name(pb.Verdict, completed.verdict, "VERDICT_"),
-            review_required=completed.review_required,
-            verification=_name(
-                pb.VerificationStatus, completed.verification.status, "VERIFICATION_STATUS_"
-            ),
-            retract_from_sequence=completed.verification.retract_from_sequence,
-            actions=[
-                {
-                    "rule_id": a.rule_id,
-                    "entity_type": a.entity_type,
-                    "operator": _name(pb.GovernanceOperator, a.operator, "GOVERNANCE_OPERATOR_"),
-                    "start": a.start,
-                    "end": a.end,
-                }
-                for a in completed.actions
-            ],
-            finish_reason=_name(pb.FinishReason, completed.finish_reason, "FINISH_REASON_"),
-            prompt_tokens=completed.usage.prompt_tokens,
-            completion_tokens=completed.usage.completion_tokens,
-            time_to_first_token_ms=_ms(completed.timing.time_to_first_token),
-            total_ms=_ms(completed.timing.total),
-            created_at_ns=self.record.started_ns,
-            token_events=tuple(self.record.events),
-            resumed_after=self.resumed_after,
-        )
+def _labels(call: Call) -> dict[str, str]:
+    """The validated labels, scrubbed: they are the caller's free text, and
+    the trail keeps no value raw."""
+    return scrub_labels(call.request.labels)
 
 
-class AuditInterceptor(RespondServiceInterceptor):
-    #: Calls that produce a response; `Cancel` only acts on one.
-    methods = frozenset({"Respond", "StreamRespond"})
+def _row(call: Call, event: str, reason: str = "") -> AuditRecord:
+    """A row from what the servicer reported (no `Completed`)."""
+    facts = call.facts
+    progress = call.progress
+    status = call.status
+    request = call.request
+    return AuditRecord(
+        event=event,
+        response_id=facts.response_id if facts is not None else "",
+        request_id=scrub(call.request_id),
+        trace_id=call.trace_id,
+        tenant=call.tenant,
+        method=call.method,
+        status=status,
+        error_reason=progress.error_reason or reason,
+        labels=_refused_labels(dict(request.labels)) if event == "refused" else _labels(call),
+        # A refused call's model is what the caller asked for: free text.
+        model=facts.model if facts is not None else clip(scrub(request.model[:256]), 128),
+        model_version=facts.model_version if facts is not None else "",
+        policy_id=facts.policy_id if facts is not None else "",
+        policy_version=facts.policy_version if facts is not None else "",
+        delivery_mode="",
+        chunk_count=progress.last_sequence,
+        last_sequence=progress.last_sequence,
+        final_sha256="",
+        verdict="",
+        review_required=False,
+        verification="",
+        retract_from_sequence=0,
+        actions=[],
+        finish_reason="",
+        prompt_tokens=facts.prompt_tokens if facts is not None else 0,
+        completion_tokens=progress.completion_tokens,
+        time_to_first_token_ms=0.0,
+        total_ms=(time.time_ns() - call.started_ns) / 1e6 if status else 0.0,
+        created_at_ns=call.started_ns,
+        token_events=tuple(call.token_events) if status else (),
+        resumed_after=_resumed_after(call),
+    )
+
+
+def _resumed_after(call: Call) -> int:
+    request = call.request
+    if isinstance(request, pb.StreamRespondRequest) and request.HasField("resume"):
+        return int(request.resume.after_sequence)
+    return -1
+
+
+def _completed_row(call: Call, completed: pb.Completed) -> AuditRecord:
+    return AuditRecord(
+        event="completed",
+        response_id=completed.response_id,
+        request_id=scrub(completed.request_id),
+        trace_id=completed.trace_id,
+        tenant=call.tenant,
+        method=call.method,
+        status="OK",
+        error_reason="",
+        labels=_labels(call),
+        model=completed.model,
+        model_version=completed.model_version,
+        policy_id=completed.policy_id,
+        policy_version=completed.policy_version,
+        delivery_mode=_name(pb.DeliveryMode, completed.delivery_mode, "DELIVERY_MODE_"),
+        chunk_count=completed.chunk_count,
+        last_sequence=completed.last_sequence,
+        final_sha256=completed.final_sha256,
+        verdict=_name(pb.Verdict, completed.verdict, "VERDICT_"),
+        review_required=completed.review_required,
+        verification=_name(
+            pb.VerificationStatus, completed.verification.status, "VERIFICATION_STATUS_"
+        ),
+        retract_from_sequence=completed.verification.retract_from_sequence,
+        actions=[
+            {
+                "rule_id": a.rule_id,
+                "entity_type": a.entity_type,
+                "operator": _name(pb.GovernanceOperator, a.operator, "GOVERNANCE_OPERATOR_"),
+                "start": a.start,
+                "end": a.end,
+            }
+            for a in completed.actions
+        ],
+        finish_reason=_name(pb.FinishReason, completed.finish_reason, "FINISH_REASON_"),
+        prompt_tokens=completed.usage.prompt_tokens,
+        completion_tokens=completed.usage.completion_tokens,
+        time_to_first_token_ms=_ms(completed.timing.time_to_first_token),
+        total_ms=_ms(completed.timing.total),
+        created_at_ns=call.started_ns,
+        token_events=tuple(call.token_events),
+        resumed_after=_resumed_after(call),
+    )
+
+
+class AuditStage(Stage):
+    methods = RESPONDING
 
     def __init__(self, store: AuditStore, metrics: Metrics) -> None:
         self._store = store
@@ -262,87 +209,39 @@ class AuditInterceptor(RespondServiceInterceptor):
 
         self._store.record_nowait(row).add_done_callback(counted)
 
-    def _hook(self, context: Context, call: _Call) -> _StatusHook:
-        """Writes the failing call's row just before its status leaves."""
+    async def on_first_event(self, call: Call) -> None:
+        first = "resumed" if _resumed_after(call) >= 0 else "accepted"
+        if not await self._commit(_row(call, first)):
+            call.audit_ended = True
+            raise _unavailable()
 
-        async def before_status(code: grpc.StatusCode) -> None:
-            await self._commit(call.row(_event(code.name, call.record), code.name, hook.reason))
+    def on_chunk(self, call: Call, chunk: pb.TokenChunk) -> None:
+        facts = call.facts
+        if facts is not None and facts.token_events:
+            call.token_events.append(
+                TokenEvent(
+                    chunk.sequence,
+                    chunk.text_offset,
+                    utf8_length(chunk.text),
+                    chunk.token_count,
+                    len(chunk.governance.actions),
+                    chunk.emitted_at.ToNanoseconds(),
+                )
+            )
 
-        hook = _StatusHook(context, before_status)
-        return hook
+    async def on_completed(self, call: Call, completed: pb.Completed, unary: bool) -> None:
+        committed = await self._commit(_completed_row(call, completed))
+        call.audit_ended = True  # a cancellation while committing still gets its row
+        if not committed:
+            raise _unavailable()
 
-    def wrap_unary(
-        self, behavior: UnaryBehavior, details: grpc.HandlerCallDetails
-    ) -> UnaryBehavior:
-        method = method_name(details)
+    async def on_failed(self, call: Call, error: TokenwireError | None) -> None:
+        """The failing call's row, committed before its status leaves."""
+        if not call.audit_ended:
+            call.audit_ended = True
+            await self._commit(_row(call, _event(call), error.reason if error else ""))
 
-        async def audited(request: Any, context: Context) -> Any:
-            call = _Call(request, method)
-            CALL_RECORD.set(call.record)
-            hooked = self._hook(context, call)
-            try:
-                response = await behavior(request, hooked.context)
-            except asyncio.CancelledError:
-                self._commit_nowait(call.row("cancelled", "CANCELLED"))
-                raise
-            except Exception:
-                if not hooked.fired:
-                    status = status_name(context)
-                    await self._commit(call.row(_event(status, call.record), status))
-                raise
-            if not await self._commit(call.completed(response.completed)):
-                await abort(context, _unavailable())
-            return response
-
-        return audited
-
-    def wrap_stream(
-        self, behavior: StreamBehavior, details: grpc.HandlerCallDetails
-    ) -> StreamBehavior:
-        method = method_name(details)
-
-        async def audited(request: Any, context: Context) -> AsyncGenerator[Any, None]:
-            call = _Call(request, method)
-            record = call.record
-            CALL_RECORD.set(record)
-            events = record.events
-            started = ended = False
-            hooked = self._hook(context, call)
-            try:
-                async with aclosing(behavior(request, hooked.context)) as stream:
-                    async for event in stream:
-                        if not started:
-                            started = True
-                            first = "resumed" if call.resumed_after >= 0 else "accepted"
-                            if not await self._commit(call.row(first, "")):
-                                ended = True
-                                await abort(context, _unavailable())
-                        if event.HasField("completed"):
-                            committed = await self._commit(call.completed(event.completed))
-                            ended = True  # a cancellation while committing still gets its row
-                            if not committed:
-                                await abort(context, _unavailable())
-                        elif record.token_events and event.HasField("chunk"):
-                            chunk = event.chunk
-                            events.append(
-                                TokenEvent(
-                                    chunk.sequence,
-                                    chunk.text_offset,
-                                    utf8_length(chunk.text),
-                                    chunk.token_count,
-                                    len(chunk.governance.actions),
-                                    chunk.emitted_at.ToNanoseconds(),
-                                )
-                            )
-                        yield event
-            except (asyncio.CancelledError, GeneratorExit):
-                if not ended and not hooked.fired:
-                    self._commit_nowait(call.row("cancelled", "CANCELLED"))
-                raise
-            except Exception:
-                if not ended and not hooked.fired:
-                    status = status_name(context)
-                    await self._commit(call.row(_event(status, record), status))
-                raise
-
-        return audited
+    def on_cancelled(self, call: Call) -> None:
+        if not call.audit_ended:
+            call.audit_ended = True
+            self._commit_nowait(_row(call, "cancelled"))

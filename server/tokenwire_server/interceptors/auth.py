@@ -19,13 +19,10 @@ from typing import Any
 import grpc
 
 from tokenwire_server.auth import Authenticator
-from tokenwire_server.call_context import CALL_TENANT
 from tokenwire_server.errors import TokenwireError, abort
-from tokenwire_server.interceptors._wrap import (
-    Context,
-    RespondServiceInterceptor,
-    is_respond_service,
-)
+from tokenwire_server.interceptors.call import Call
+from tokenwire_server.interceptors.chain import Context, Stage
+from tokenwire_server.wire import is_respond_service
 
 
 class Unauthenticated(TokenwireError):
@@ -52,28 +49,14 @@ def _certificate_identity(context: Context) -> str | None:
     return None
 
 
-class AuthInterceptor(RespondServiceInterceptor):
-    def __init__(
-        self,
-        authenticator: Authenticator | None,
-        accept_certificates: bool,
-        every_service: bool = False,
-    ) -> None:
+class Credentials:
+    """Who is calling: a key from the keys file, or a verified client certificate."""
+
+    def __init__(self, authenticator: Authenticator | None, accept_certificates: bool) -> None:
         self._authenticator = authenticator
         self._accept_certificates = accept_certificates
-        self._every_service = every_service
 
-    async def intercept_service(
-        self, continuation: Any, handler_call_details: grpc.HandlerCallDetails
-    ) -> grpc.RpcMethodHandler[Any, Any] | None:
-        if not self._every_service or is_respond_service(handler_call_details):
-            return await super().intercept_service(continuation, handler_call_details)
-        handler: grpc.RpcMethodHandler[Any, Any] | None = await continuation(handler_call_details)
-        if handler is None:
-            return None
-        return _guarded(handler, self.enter)
-
-    def _tenant(self, context: Context) -> str:
+    def tenant(self, context: Context) -> str:
         headers = [v for k, v in context.invocation_metadata() or () if k == "authorization"]
         if len(headers) > 1:
             # Which one would win depends on the proxy in between: refuse both.
@@ -101,9 +84,37 @@ class AuthInterceptor(RespondServiceInterceptor):
             reason="MISSING_CREDENTIALS",
         )
 
-    async def enter(self, request: Any, context: Context, details: grpc.HandlerCallDetails) -> None:
+
+class AuthStage(Stage):
+    """RespondService: the tenant of every call, or UNAUTHENTICATED."""
+
+    #: Runs before a malformed body is refused: strangers learn nothing, not even that.
+    guards_the_edge = True
+
+    def __init__(self, credentials: Credentials) -> None:
+        self._credentials = credentials
+
+    async def enter(self, call: Call, context: Context) -> None:
+        call.tenant = self._credentials.tenant(context)
+
+
+class OtherServicesAuthInterceptor(grpc.aio.ServerInterceptor):
+    """Health and reflection behind the same credentials (`auth_health_and_reflection`)."""
+
+    def __init__(self, credentials: Credentials) -> None:
+        self._credentials = credentials
+
+    async def intercept_service(
+        self, continuation: Any, handler_call_details: grpc.HandlerCallDetails
+    ) -> grpc.RpcMethodHandler[Any, Any] | None:
+        handler: grpc.RpcMethodHandler[Any, Any] | None = await continuation(handler_call_details)
+        if handler is None or is_respond_service(handler_call_details):
+            return handler
+        return _guarded(handler, self._enter)
+
+    async def _enter(self, request: Any, context: Context, details: Any) -> None:
         try:
-            CALL_TENANT.set(self._tenant(context))
+            self._credentials.tenant(context)
         except Unauthenticated as error:
             await abort(context, error)
 

@@ -11,22 +11,11 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import AsyncGenerator
-from contextlib import aclosing
-from typing import Any
 
-import grpc
-
-from tokenwire_server.audit.records import CALL_RECORD
-from tokenwire_server.call_context import CALL_TENANT
 from tokenwire_server.config import QuotaConfig
-from tokenwire_server.errors import QuotaExceeded, QuotaViolation, abort
-from tokenwire_server.interceptors._wrap import (
-    Context,
-    RespondServiceInterceptor,
-    StreamBehavior,
-    UnaryBehavior,
-)
+from tokenwire_server.errors import QuotaExceeded, QuotaViolation
+from tokenwire_server.interceptors.call import Call
+from tokenwire_server.interceptors.chain import RESPONDING, Context, Stage
 
 
 class _Bucket:
@@ -43,8 +32,8 @@ class _Bucket:
         return self.level
 
 
-class LimitsInterceptor(RespondServiceInterceptor):
-    methods = frozenset({"Respond", "StreamRespond"})
+class LimitsStage(Stage):
+    methods = RESPONDING
 
     def __init__(self, quotas: QuotaConfig) -> None:
         self._quotas = quotas
@@ -52,9 +41,9 @@ class LimitsInterceptor(RespondServiceInterceptor):
         self._tenant_calls: dict[str, int] = {}
         self._buckets: dict[str, _Bucket] = {}
 
-    async def _admit(self, context: Context) -> str:
+    async def enter(self, call: Call, context: Context) -> None:
         q = self._quotas
-        tenant = CALL_TENANT.get()
+        tenant = call.tenant
         if q.tenant_tokens_per_minute:
             bucket = self._buckets.setdefault(tenant, _Bucket(q.tenant_tokens_per_minute))
             level = bucket.refill()
@@ -84,58 +73,14 @@ class LimitsInterceptor(RespondServiceInterceptor):
                 quota=[QuotaViolation("server", "concurrent calls")],
             ) from None
         self._tenant_calls[tenant] = self._tenant_calls.get(tenant, 0) + 1
-        return tenant
 
-    def _release(self, tenant: str) -> None:
+    def exit(self, call: Call) -> None:
+        tenant = call.tenant
         self._slots.release()
         self._tenant_calls[tenant] -= 1
         if not self._tenant_calls[tenant]:
             del self._tenant_calls[tenant]
         if self._quotas.tenant_tokens_per_minute:
-            record = CALL_RECORD.get()
-            used = record.completion_tokens if record is not None else 0
             bucket = self._buckets[tenant]
             bucket.refill()
-            bucket.level -= used
-
-    def wrap_unary(
-        self, behavior: UnaryBehavior, details: grpc.HandlerCallDetails
-    ) -> UnaryBehavior:
-        async def limited(request: Any, context: Context) -> Any:
-            try:
-                tenant = await self._admit(context)
-            except QuotaExceeded as error:
-                await abort(context, error)
-                raise AssertionError("unreachable: abort raises") from None
-            try:
-                response = await behavior(request, context)
-                record = CALL_RECORD.get()
-                if record is not None:
-                    record.completion_tokens = response.completed.usage.completion_tokens
-                return response
-            finally:
-                self._release(tenant)
-
-        return limited
-
-    def wrap_stream(
-        self, behavior: StreamBehavior, details: grpc.HandlerCallDetails
-    ) -> StreamBehavior:
-        async def limited(request: Any, context: Context) -> AsyncGenerator[Any, None]:
-            try:
-                tenant = await self._admit(context)
-            except QuotaExceeded as error:
-                await abort(context, error)
-                return
-            try:
-                async with aclosing(behavior(request, context)) as stream:
-                    async for event in stream:
-                        if event.HasField("completed"):
-                            record = CALL_RECORD.get()
-                            if record is not None:
-                                record.completion_tokens = event.completed.usage.completion_tokens
-                        yield event
-            finally:
-                self._release(tenant)
-
-        return limited
+            bucket.level -= call.progress.completion_tokens

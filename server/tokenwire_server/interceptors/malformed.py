@@ -1,12 +1,13 @@
 """A request body that does not parse is INVALID_ARGUMENT, for every service.
 
-RespondService parses its requests tolerantly (wire.py). The other services
-on the port (health, reflection) are registered by grpcio with plain
-`FromString`: a malformed body there fails inside grpc as UNKNOWN and grpc
-logs an ERROR with a full traceback, on every call: a log flood anyone who
-can reach the port can cause. Here their parsing is made tolerant too; a
-malformed request is refused with INVALID_ARGUMENT (ErrorInfo
-MALFORMED_REQUEST) and one rate-limited WARNING without a traceback.
+RespondService parses its requests tolerantly (wire.py) and refuses them at
+the chain's edge. The other services on the port (health, reflection) are
+registered by grpcio with plain `FromString`: a malformed body there fails
+inside grpc as UNKNOWN and grpc logs an ERROR with a full traceback, on
+every call: a log flood anyone who can reach the port can cause. Here their
+parsing is made tolerant too; a malformed request is refused with
+INVALID_ARGUMENT (ErrorInfo MALFORMED_REQUEST) and one rate-limited WARNING
+without a traceback.
 """
 
 from __future__ import annotations
@@ -18,9 +19,9 @@ from typing import Any
 import grpc
 
 from tokenwire_server.errors import InvalidRequest, abort
-from tokenwire_server.interceptors._wrap import Context, is_respond_service
+from tokenwire_server.interceptors.chain import Context
 from tokenwire_server.observability.rate_limited_log import RateLimitedLog
-from tokenwire_server.wire import Undecodable
+from tokenwire_server.wire import Undecodable, is_respond_service
 
 log = logging.getLogger("tokenwire_server.requests")
 

@@ -10,30 +10,17 @@ metric updates or span events.
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import time
-from collections.abc import AsyncGenerator
-from contextlib import aclosing
 from typing import Any
 
-import grpc
-from opentelemetry import trace
+from prometheus_client.metrics import MetricWrapperBase
 
 from tokenwire.v1 import respond_pb2 as pb
-from tokenwire_server.audit.records import CALL_RECORD
-from tokenwire_server.call_context import CALL_IDENTITY, CALL_TENANT
-from tokenwire_server.domain import utf8_length
+from tokenwire_server.errors import TokenwireError
 from tokenwire_server.governance.scrub import scrub, scrub_labels
-from tokenwire_server.interceptors._wrap import (
-    AbortHook,
-    Context,
-    RespondServiceInterceptor,
-    StreamBehavior,
-    UnaryBehavior,
-    method_name,
-    status_name,
-)
+from tokenwire_server.interceptors.call import Call
+from tokenwire_server.interceptors.chain import RESPONDING, Context, Stage
 from tokenwire_server.observability.metrics import OPERATION, Metrics
 
 log = logging.getLogger("tokenwire.responses")
@@ -59,92 +46,142 @@ _CALLER_SIDE = frozenset(
 )
 
 
-class ObservabilityInterceptor(RespondServiceInterceptor):
-    #: Calls that produce a response; `Cancel` only acts on one.
-    methods = frozenset({"Respond", "StreamRespond"})
+class _ModelSeries:
+    """One model's histogram series, looked up once instead of per call."""
+
+    __slots__ = ("duration", "input_tokens", "output_tokens", "tpot", "ttft")
+
+    def __init__(self, m: Metrics, model: str) -> None:
+        labels = (OPERATION, model)
+        self.ttft = m.time_to_first_token.labels(*labels)
+        self.tpot = m.time_per_output_token.labels(*labels)
+        self.duration = m.request_duration.labels(*labels, "")
+        self.input_tokens = m.token_usage.labels(*labels, "input")
+        self.output_tokens = m.token_usage.labels(*labels, "output")
+
+
+class _LabelCache:
+    """Children of labelled metrics, cached: prometheus-client's `labels()`
+    validates and hashes on every call, several microseconds per series."""
+
+    def __init__(self, metric: MetricWrapperBase) -> None:
+        self._metric = metric
+        self._children: dict[tuple[str, ...], Any] = {}
+
+    def __call__(self, *values: str) -> Any:
+        child = self._children.get(values)
+        if child is None:
+            child = self._children[values] = self._metric.labels(*values)
+        return child
+
+
+class ObservabilityStage(Stage):
+    methods = RESPONDING
 
     def __init__(self, metrics: Metrics, log_text: bool = False) -> None:
         self._metrics = metrics
         self._log_text = log_text
+        self._models: dict[str, _ModelSeries] = {}
+        self._responses = _LabelCache(metrics.responses)
+        self._delivery_mode = _LabelCache(metrics.delivery_mode)
+        self._verifications = _LabelCache(metrics.verifications)
+        self._verdicts = _LabelCache(metrics.verdicts)
+        self._redactions = _LabelCache(metrics.redactions)
 
-    def _completed(
-        self,
-        method: str,
-        request: Any,
-        completed: pb.Completed,
-        chunks: int,
-        sent_bytes: int,
-        heartbeats: int,
-    ) -> None:
+    def _series(self, model: str) -> _ModelSeries:
+        series = self._models.get(model)
+        if series is None:
+            series = self._models[model] = _ModelSeries(self._metrics, model)
+        return series
+
+    async def enter(self, call: Call, context: Context) -> None:
+        if call.method == "StreamRespond":
+            self._metrics.active_streams.inc()
+
+    def exit(self, call: Call) -> None:
+        if call.method == "StreamRespond":
+            self._metrics.active_streams.dec()
+
+    async def on_first_event(self, call: Call) -> None:
+        if call.span.is_recording():
+            call.span.add_event("first_chunk")
+
+    async def on_completed(self, call: Call, completed: pb.Completed, unary: bool) -> None:
         m = self._metrics
         model = completed.model
-        labels = (OPERATION, model)
+        series = self._series(model)
         ttft = completed.timing.time_to_first_token.ToNanoseconds() / 1e9
         total = completed.timing.total.ToNanoseconds() / 1e9
         output = completed.usage.completion_tokens
-        m.time_to_first_token.labels(*labels).observe(ttft)
+        series.ttft.observe(ttft)
         if output > 1:
-            m.time_per_output_token.labels(*labels).observe(max(0.0, total - ttft) / (output - 1))
-        m.request_duration.labels(*labels, "").observe(total)
-        m.token_usage.labels(*labels, "input").observe(completed.usage.prompt_tokens)
-        m.token_usage.labels(*labels, "output").observe(output)
-        m.chunks_sent.inc(chunks)
-        m.bytes_sent.inc(sent_bytes)
-        if heartbeats:
-            m.heartbeats.inc(heartbeats)
-        m.responses.labels(method, "OK", m.tenant_label(CALL_TENANT.get())).inc()
+            series.tpot.observe(max(0.0, total - ttft) / (output - 1))
+        series.duration.observe(total)
+        series.input_tokens.observe(completed.usage.prompt_tokens)
+        series.output_tokens.observe(output)
+        sent = call.sent
+        if sent.chunks:
+            m.chunks_sent.inc(sent.chunks)
+            m.bytes_sent.inc(sent.bytes)
+        if sent.heartbeats:
+            m.heartbeats.inc(sent.heartbeats)
+        self._responses(call.method, "OK", m.tenant_label(call.tenant)).inc()
         mode = _name(pb.DeliveryMode, completed.delivery_mode, "DELIVERY_MODE_")
-        m.delivery_mode.labels(mode).inc()
+        self._delivery_mode(mode).inc()
         verification = _name(
             pb.VerificationStatus, completed.verification.status, "VERIFICATION_STATUS_"
         )
-        m.verifications.labels(verification).inc()
+        self._verifications(verification).inc()
         if completed.verification.status == pb.VERIFICATION_STATUS_DIVERGED:
             m.retractions.inc()
         verdict = _name(pb.Verdict, completed.verdict, "VERDICT_")
-        m.verdicts.labels(verdict).inc()
+        self._verdicts(verdict).inc()
         for action in completed.actions:
             if action.operator in (
                 pb.GOVERNANCE_OPERATOR_MASK,
                 pb.GOVERNANCE_OPERATOR_REPLACE,
                 pb.GOVERNANCE_OPERATOR_HASH,
             ):
-                m.redactions.labels(action.entity_type).inc()
+                self._redactions(action.entity_type).inc()
         serving = completed.serving
         if serving.attempts > 1:
             m.upstream_retries.labels(serving.backend).inc(serving.attempts - 1)
-        record = CALL_RECORD.get()
-        route = record.backend if record is not None else serving.backend
+        facts = call.facts
+        route = facts.backend if facts is not None else serving.backend
         if serving.path == pb.SERVING_PATH_NON_STREAMING or serving.backend != route:
             path = _name(pb.ServingPath, serving.path, "SERVING_PATH_")
             m.upstream_fallbacks.labels(serving.backend, path).inc()
 
-        span = trace.get_current_span()
-        span.set_attributes(
-            {
-                "gen_ai.operation.name": OPERATION,
-                "gen_ai.request.model": model,
-                "gen_ai.usage.input_tokens": completed.usage.prompt_tokens,
-                "gen_ai.usage.output_tokens": output,
-                "tokenwire.response_id": completed.response_id,
-                "tokenwire.request_id": scrub(completed.request_id),
-                "tokenwire.chunk_count": completed.chunk_count,
-                "tokenwire.last_sequence": completed.last_sequence,
-                "tokenwire.verdict": verdict,
-                "tokenwire.verification": verification,
-                "tokenwire.delivery_mode": mode,
-                "tokenwire.tenant": CALL_TENANT.get(),
-            }
-        )
-        span.add_event(
-            "completed", {"tokenwire.chunks_sent": chunks, "tokenwire.bytes_sent": sent_bytes}
-        )
+        span = call.span
+        if span.is_recording():
+            span.set_attributes(
+                {
+                    "gen_ai.operation.name": OPERATION,
+                    "gen_ai.request.model": model,
+                    "gen_ai.usage.input_tokens": completed.usage.prompt_tokens,
+                    "gen_ai.usage.output_tokens": output,
+                    "tokenwire.response_id": completed.response_id,
+                    "tokenwire.request_id": scrub(completed.request_id),
+                    "tokenwire.chunk_count": completed.chunk_count,
+                    "tokenwire.last_sequence": completed.last_sequence,
+                    "tokenwire.verdict": verdict,
+                    "tokenwire.verification": verification,
+                    "tokenwire.delivery_mode": mode,
+                    "tokenwire.tenant": call.tenant,
+                }
+            )
+            span.add_event(
+                "completed",
+                {"tokenwire.chunks_sent": sent.chunks, "tokenwire.bytes_sent": sent.bytes},
+            )
+        if not log.isEnabledFor(logging.INFO):
+            return
         fields: dict[str, Any] = {
             "event": "response",
-            "method": method,
+            "method": call.method,
             "status": "OK",
             "request_id": scrub(completed.request_id),
-            "tenant": CALL_TENANT.get(),
+            "tenant": call.tenant,
             "response_id": completed.response_id,
             "trace_id": completed.trace_id,
             "model": model,
@@ -159,34 +196,33 @@ class ObservabilityInterceptor(RespondServiceInterceptor):
             "completion_tokens": output,
             "ttft_ms": round(ttft * 1000, 3),
             "total_ms": round(total * 1000, 3),
-            "labels": scrub_labels(request.labels),
+            "labels": scrub_labels(call.request.labels),
         }
         if self._log_text:
             fields["final_text"] = completed.final_text
         log.info("response", extra=fields)
 
-    def _failed(
-        self,
-        method: str,
-        status: str,
-        started: float,
-        chunks: int,
-        sent_bytes: int,
-        heartbeats: int,
-        request: Any,
-    ) -> None:
+    async def on_failed(self, call: Call, error: TokenwireError | None) -> None:
+        self._ended_early(call, error.reason if error is not None else "")
+
+    def on_cancelled(self, call: Call) -> None:
+        self._ended_early(call, "")
+
+    def _ended_early(self, call: Call, reason: str) -> None:
         m = self._metrics
-        record = CALL_RECORD.get()
-        identity = CALL_IDENTITY.get()
+        status = call.status
+        facts = call.facts
+        elapsed = time.monotonic() - call.started
         # Only a model the server resolved: a refused request's model name is
         # the caller's free text (a metric label per typo, or a pasted secret).
-        model = record.model if record is not None else ""
-        m.request_duration.labels(OPERATION, model, status).observe(time.monotonic() - started)
-        m.responses.labels(method, status, m.tenant_label(CALL_TENANT.get())).inc()
-        m.chunks_sent.inc(chunks)
-        m.bytes_sent.inc(sent_bytes)
-        if heartbeats:
-            m.heartbeats.inc(heartbeats)
+        model = facts.model if facts is not None else ""
+        m.request_duration.labels(OPERATION, model, status).observe(elapsed)
+        self._responses(call.method, status, m.tenant_label(call.tenant)).inc()
+        sent = call.sent
+        m.chunks_sent.inc(sent.chunks)
+        m.bytes_sent.inc(sent.bytes)
+        if sent.heartbeats:
+            m.heartbeats.inc(sent.heartbeats)
         if status == "DEADLINE_EXCEEDED":
             m.deadline_expiries.inc()
         elif status == "CANCELLED":
@@ -199,96 +235,15 @@ class ObservabilityInterceptor(RespondServiceInterceptor):
             "response failed",
             extra={
                 "event": "response",
-                "method": method,
+                "method": call.method,
                 "status": status,
-                "error_reason": record.error_reason if record is not None else "",
-                "request_id": scrub(identity.request_id) if identity is not None else "",
-                "response_id": record.response_id if record is not None else "",
-                "trace_id": identity.trace_id if identity is not None else "",
+                "error_reason": call.progress.error_reason or reason,
+                "request_id": scrub(call.request_id),
+                "response_id": facts.response_id if facts is not None else "",
+                "trace_id": call.trace_id,
                 "model": model,
-                "last_sequence": chunks,
-                "completion_tokens": record.completion_tokens if record is not None else 0,
-                "total_ms": round((time.monotonic() - started) * 1000, 3),
+                "last_sequence": sent.chunks,
+                "completion_tokens": call.progress.completion_tokens,
+                "total_ms": round(elapsed * 1000, 3),
             },
         )
-
-    def wrap_unary(
-        self, behavior: UnaryBehavior, details: grpc.HandlerCallDetails
-    ) -> UnaryBehavior:
-        method = method_name(details)
-
-        async def observed(request: Any, context: Context) -> Any:
-            started = time.monotonic()
-
-            async def before_status(code: grpc.StatusCode) -> None:
-                self._failed(method, code.name, started, 0, 0, 0, request)
-
-            hooked = AbortHook(context, before_status)
-            try:
-                response = await behavior(request, hooked.context)
-            except asyncio.CancelledError:
-                self._failed(method, "CANCELLED", started, 0, 0, 0, request)
-                raise
-            except Exception:
-                if not hooked.fired:
-                    self._failed(method, status_name(context), started, 0, 0, 0, request)
-                raise
-            self._completed(method, request, response.completed, 0, 0, 0)
-            return response
-
-        return observed
-
-    def wrap_stream(
-        self, behavior: StreamBehavior, details: grpc.HandlerCallDetails
-    ) -> StreamBehavior:
-        method = method_name(details)
-        active = self._metrics.active_streams
-
-        async def observed(request: Any, context: Context) -> AsyncGenerator[Any, None]:
-            started = time.monotonic()
-            chunks = heartbeats = 0
-            first: pb.TokenChunk | None = None
-            last: pb.TokenChunk | None = None
-
-            def sent_bytes() -> int:
-                if first is None or last is None:
-                    return 0
-                return last.text_offset + utf8_length(last.text) - first.text_offset
-
-            async def before_status(code: grpc.StatusCode) -> None:
-                self._failed(method, code.name, started, chunks, sent_bytes(), heartbeats, request)
-
-            hooked = AbortHook(context, before_status)
-            active.inc()
-            try:
-                async with aclosing(behavior(request, hooked.context)) as stream:
-                    async for event in stream:
-                        kind = event.WhichOneof("event")
-                        if kind == "chunk":
-                            last = event.chunk
-                            chunks += 1
-                            if first is None:
-                                first = last
-                                trace.get_current_span().add_event("first_chunk")
-                        elif kind == "completed":
-                            self._completed(
-                                method, request, event.completed, chunks, sent_bytes(), heartbeats
-                            )
-                        else:
-                            heartbeats += 1
-                        yield event
-            except (asyncio.CancelledError, GeneratorExit):
-                if not hooked.fired:
-                    self._failed(
-                        method, "CANCELLED", started, chunks, sent_bytes(), heartbeats, request
-                    )
-                raise
-            except Exception:
-                if not hooked.fired:
-                    status = status_name(context)
-                    self._failed(method, status, started, chunks, sent_bytes(), heartbeats, request)
-                raise
-            finally:
-                active.dec()
-
-        return observed

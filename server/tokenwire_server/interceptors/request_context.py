@@ -6,8 +6,6 @@ before anything else, so a caller can correlate even a call that fails at once.
 A caller's own id (field or header, never a generated one) is also the call's
 idempotency key: `caller_request_id` is that one precedence, used here and by
 the servicer (docs/operations.md, "Idempotency").
-The trace id is the current OpenTelemetry span's, so this interceptor must sit
-inside the tracing interceptor.
 """
 
 from __future__ import annotations
@@ -16,19 +14,11 @@ import uuid
 from collections.abc import Iterable
 from typing import Any
 
-import grpc
-from opentelemetry import trace
-
-from tokenwire_server.call_context import CALL_IDENTITY, CallIdentity
-from tokenwire_server.interceptors._wrap import Context, RespondServiceInterceptor
+from tokenwire_server.interceptors.call import Call
+from tokenwire_server.interceptors.chain import Context, Stage
 from tokenwire_server.validation import is_valid_request_id
 
 REQUEST_ID_HEADER = "x-request-id"
-
-
-def current_trace_id() -> str:
-    context = trace.get_current_span().get_span_context()
-    return format(context.trace_id, "032x") if context.is_valid else ""
 
 
 def caller_request_id(field: str, metadata: Iterable[tuple[str, Any]] | None) -> str:
@@ -41,11 +31,10 @@ def caller_request_id(field: str, metadata: Iterable[tuple[str, Any]] | None) ->
     return header if is_valid_request_id(header) else ""
 
 
-class RequestContextInterceptor(RespondServiceInterceptor):
-    async def enter(self, request: Any, context: Context, details: grpc.HandlerCallDetails) -> None:
-        request_id = caller_request_id(
-            getattr(request, "request_id", ""), details.invocation_metadata
+class RequestContextStage(Stage):
+    async def enter(self, call: Call, context: Context) -> None:
+        call.caller_request_id = caller_request_id(
+            getattr(call.request, "request_id", ""), call.metadata
         )
-        request_id = request_id or f"req_{uuid.uuid4().hex}"
-        CALL_IDENTITY.set(CallIdentity(request_id=request_id, trace_id=current_trace_id()))
-        await context.send_initial_metadata(((REQUEST_ID_HEADER, request_id),))
+        call.request_id = call.caller_request_id or f"req_{uuid.uuid4().hex}"
+        await context.send_initial_metadata(((REQUEST_ID_HEADER, call.request_id),))

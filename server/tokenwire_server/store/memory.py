@@ -14,7 +14,7 @@ from collections.abc import Callable
 
 from tokenwire_server.delivery.response import LiveResponse
 from tokenwire_server.errors import RequestIdReused
-from tokenwire_server.store.base import Attached, ResponseStore
+from tokenwire_server.store.base import Attached, ResponseStore, SerializedRequest
 
 
 class InMemoryResponseStore(ResponseStore):
@@ -47,7 +47,11 @@ class InMemoryResponseStore(ResponseStore):
         return self._ended_bytes
 
     async def register(
-        self, response: LiveResponse, idempotency_key: str | None, fingerprint: str, request: bytes
+        self,
+        response: LiveResponse,
+        idempotency_key: str | None,
+        fingerprint: str,
+        request: SerializedRequest,
     ) -> Attached:
         self._evict()
         if idempotency_key is not None:

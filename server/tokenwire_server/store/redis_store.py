@@ -51,7 +51,7 @@ import logging
 import math
 import time
 import uuid
-from collections.abc import Awaitable, Callable, Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import redis.asyncio as redis
@@ -78,7 +78,7 @@ from tokenwire_server.errors import (
     StoreUnavailable,
     TokenwireError,
 )
-from tokenwire_server.store.base import Attached, ResponseStore
+from tokenwire_server.store.base import Attached, Orphan, ResponseStore, SerializedRequest
 from tokenwire_server.store.memory import InMemoryResponseStore
 
 log = logging.getLogger(__name__)
@@ -143,10 +143,6 @@ class Outage:
             self.down = False
             self._unlogged = 0
             log.info("the response store is reachable again")
-
-
-#: Called to continue a response whose owner died; False when it cannot be.
-Takeover = Callable[[LiveResponse, bytes], Awaitable[bool]]
 
 
 #: Renews a lease for its holder, or takes back one that lapsed (an outage outlasted
@@ -384,8 +380,8 @@ class RedisResponseStore(ResponseStore):
         self._keys: dict[str, str] = {}
         self._tasks: set[asyncio.Task[Any]] = set()
         self.outage = Outage()
-        #: Set by the servicer: how to continue a response whose owner died.
-        self.takeover: Takeover | None = None
+        #: Responses whose owner died and that this replica won: the servicer asks for them.
+        self._orphans: asyncio.Queue[Orphan] = asyncio.Queue()
 
     def _spawn(self, coroutine: Any, name: str) -> asyncio.Task[Any]:
         task = asyncio.create_task(coroutine, name=name)
@@ -412,13 +408,17 @@ class RedisResponseStore(ResponseStore):
     # ----- registering (the owner) ----------------------------------------
 
     async def register(
-        self, response: LiveResponse, idempotency_key: str | None, fingerprint: str, request: bytes
+        self,
+        response: LiveResponse,
+        idempotency_key: str | None,
+        fingerprint: str,
+        request: SerializedRequest,
     ) -> Attached:
         if idempotency_key is None and not response.resumable:
             # Nobody can retry into it or resume it: it needs no shared store.
             return await self._here.register(response, None, "", request)
         with self._guard("registering a response"):
-            return await self._register_shared(response, idempotency_key, fingerprint, request)
+            return await self._register_shared(response, idempotency_key, fingerprint, request())
 
     async def _register_shared(
         self, response: LiveResponse, idempotency_key: str | None, fingerprint: str, request: bytes
@@ -740,9 +740,21 @@ class RedisResponseStore(ResponseStore):
 
     async def _take_over(self, mirror: LiveResponse, request: bytes) -> None:
         log.warning("taking over response %s from a lost replica", mirror.response_id)
-        continued = self.takeover is not None and await self.takeover(mirror, request)
+        self._orphans.put_nowait(Orphan(mirror, request))
+
+    async def next_orphan(self) -> Orphan:
+        return await self._orphans.get()
+
+    async def settle_orphan(self, orphan: Orphan, continued: bool) -> None:
+        mirror = orphan.response
         if continued:
-            await self.own(mirror)
+            try:
+                with self._guard(f"taking over {mirror.response_id}"):
+                    await self.own(mirror)
+            except StoreUnavailable as error:
+                self._forget(mirror)
+                mirror.end_logged(State.FAILED, None, error)
+                mirror.stop_generation()
             return
         mirror.end_logged(
             State.FAILED,
@@ -755,8 +767,9 @@ class RedisResponseStore(ResponseStore):
             ),
         )
         # Record the ending for everyone else, too.
-        record = RedisLog(self._client, mirror.response_id, self._running_ttl, self._retention)
-        record.end(mirror)
+        with contextlib.suppress(redis.RedisError, OSError):
+            record = RedisLog(self._client, mirror.response_id, self._running_ttl, self._retention)
+            record.end(mirror)
 
     async def close(self) -> None:
         for task in list(self._tasks):
