@@ -17,8 +17,9 @@ Then `--rounds` alternating rounds (the order of the paths rotates each round):
    size (`--sizes`, 16 and 256 tokens): the upstream read directly over SSE
    (aiohttp), the bare relay, each tokenwire (STREAM mode, default chunking).
    Added = a path's p50/p99 minus the direct read's in the same round.
-2. The same while `--load-streams` other streams of 256-token answers run
-   back to back against the same path (a separate load process).
+2. The same (`--load-calls` calls) while `--load-streams` other streams of
+   256-token answers run back to back against the same path (a separate load
+   process).
 3. Unary `Respond` (echo model, a two-token answer) at each of `--inflight`
    calls in flight for `--unary-seconds`, driven by ghz (Go, so the client is
    not a Python bottleneck; a grpc.aio client in its own process without it),
@@ -37,7 +38,8 @@ p50 under load; unary req/s >= 0.5x, CPU per call <= 2x.
 Figures and their history: docs/performance.md#the-per-call-floor-issue-24.
 
     python bench/floor.py [--rounds 5] [--calls 200] [--sizes 16 256] [--load-streams 16]
-                          [--inflight 1 32] [--unary-seconds 3] [--tokenwire-src DIR ...]
+                          [--load-calls 100] [--inflight 1 32] [--unary-seconds 3]
+                          [--tokenwire-src DIR ...]
 """
 
 from __future__ import annotations
@@ -61,7 +63,7 @@ import grpc
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import per_message
-from per_message import ROOT, Process, percentile, start
+from per_message import ROOT, Process, percentile, start, start_all, stop_all
 from serving import until_signalled
 from upstream_path import MODEL, DirectPath, TokenwirePath, time_to_first_token
 
@@ -77,6 +79,7 @@ UNARY_JSON = json.dumps(
     }
 )
 PROTO = ROOT / "protos" / "tokenwire" / "v1" / "respond.proto"
+BENCH = ROOT / "bench"
 
 #: (metric, target ratio, True when the ratio must be at most the target)
 TARGETS = {
@@ -225,8 +228,9 @@ Figures = dict[tuple[str, str], list[float]]  # (target name, metric) -> one val
 async def ttft_round(
     target: Target, figures: Figures, args: argparse.Namespace, prefix: str
 ) -> None:
+    calls = args.load_calls if prefix else args.calls
     for size in args.sizes:
-        samples = await time_to_first_token(target.path, args.calls, size)
+        samples = await time_to_first_token(target.path, calls, size)
         figures.setdefault((target.name, f"{prefix}ttft p50 @{size}"), []).append(
             percentile(samples, 0.50)
         )
@@ -290,8 +294,8 @@ class Upstream:
     async def start(cls) -> Upstream:
         for name in [n for n in os.environ if n.startswith("OTEL_")]:
             del os.environ[name]  # minimal must export nothing; deployed sets its own
-        fake = str(ROOT / "bench" / "fake_openai.py")
-        upstream, collector = await asyncio.gather(
+        fake = str(BENCH / "fake_openai.py")
+        upstream, collector = await start_all(
             start(sys.executable, fake), start(sys.executable, fake)
         )
         return cls(upstream, collector)
@@ -323,14 +327,20 @@ async def main(args: argparse.Namespace) -> None:
     base_url = fakes.base_url
     sources: list[Path | None] = list(args.tokenwire_src) or [None]
     labels = [per_message.source_label(source) for source in sources]
-    relay, *servers = await asyncio.gather(
-        start(sys.executable, str(ROOT / "bench" / "bare_relay.py"), "--upstream-url", base_url),
-        *(
-            start_server(kind, fakes, source, workdir / f"audit-{index}.sqlite3")
-            for index, source in enumerate(sources)
-            for kind in ("deployed", "minimal")
-        ),
-    )
+    try:
+        relay, *servers = await start_all(
+            start(
+                sys.executable, str(ROOT / "bench" / "bare_relay.py"), "--upstream-url", base_url
+            ),
+            *(
+                start_server(kind, fakes, source, workdir / f"audit-{index}.sqlite3")
+                for index, source in enumerate(sources)
+                for kind in ("deployed", "minimal")
+            ),
+        )
+    except BaseException:
+        await stop_all([fakes.upstream, fakes.collector])
+        raise
     processes = [fakes.upstream, fakes.collector, relay, *servers]
     targets = [
         Target("direct", DirectPath(base_url), None),
@@ -365,9 +375,7 @@ async def main(args: argparse.Namespace) -> None:
     finally:
         for target in targets:
             await target.path.aclose()
-        for process in processes:
-            process.process.terminate()
-            await process.process.wait()
+        await stop_all(processes)
         shutil.rmtree(workdir, ignore_errors=True)
     where = [f"{label} = {source or ROOT}" for label, source in zip(labels, sources, strict=True)]
     report(figures, targets, args, where, "ghz" if ghz else "grpc.aio client process")
@@ -404,8 +412,9 @@ def report(
     direct, bare = targets[0], targets[1]
     print(
         f"\nthe per-call floor: {args.rounds} alternating rounds, {args.calls} sequential calls "
-        f"per TTFT figure, {args.load_streams} load streams, unary {args.unary_seconds:g} s per "
-        f"run ({unary_client}); {os.cpu_count()} cores, loopback; sources: {'; '.join(labels)}"
+        f"per TTFT figure ({args.load_calls} beside {args.load_streams} load streams), unary "
+        f"{args.unary_seconds:g} s per run ({unary_client}); {os.cpu_count()} cores, loopback; "
+        f"sources: {'; '.join(labels)}; load average at the end {os.getloadavg()[0]:.1f}"
     )
     print(
         "TTFT rows: direct = the upstream's own TTFT (ms); every other path = added ms over "
@@ -472,6 +481,9 @@ if __name__ == "__main__":
         parser.add_argument("--calls", type=int, default=200, help="sequential calls per figure")
         parser.add_argument("--sizes", type=int, nargs="+", default=[16, 256])
         parser.add_argument("--load-streams", type=int, default=16, help="0: no loaded runs")
+        parser.add_argument(
+            "--load-calls", type=int, default=100, help="sequential calls per loaded figure"
+        )
         parser.add_argument(
             "--inflight", type=int, nargs="*", default=[1, 32], help="none: no unary runs"
         )

@@ -37,7 +37,15 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from floor import Upstream, start_server
-from per_message import Process, add_source_argument, percentile, print_table, source_label
+from per_message import (
+    Process,
+    add_source_argument,
+    percentile,
+    print_table,
+    source_label,
+    start_all,
+    stop_all,
+)
 from upstream_path import DirectPath, TokenwirePath, time_to_first_token
 
 MIB = 1024 * 1024
@@ -99,8 +107,13 @@ async def main(args: argparse.Namespace) -> None:
     subjects: list[Subject] = []
     sources: list[Path | None] = list(args.tokenwire_src) or [None]
     try:
-        for index, source in enumerate(sources):
-            server = await start_server("deployed", fakes, source, workdir / f"audit-{index}.db")
+        servers = await start_all(
+            *(
+                start_server("deployed", fakes, source, workdir / f"audit-{index}.db")
+                for index, source in enumerate(sources)
+            )
+        )
+        for source, server in zip(sources, servers, strict=True):
             name = f"tokenwire deployed [{source_label(source)}]"
             subjects.append(Subject(name, server, TokenwirePath(name, server)))
         for path in (direct, *(s.path for s in subjects)):
@@ -115,11 +128,7 @@ async def main(args: argparse.Namespace) -> None:
         await direct.aclose()
         for subject in subjects:
             await subject.path.aclose()
-            subject.server.process.terminate()
-            await subject.server.process.wait()
-        for process in (fakes.upstream, fakes.collector):
-            process.process.terminate()
-            await process.process.wait()
+        await stop_all([*(s.server for s in subjects), fakes.upstream, fakes.collector])
         shutil.rmtree(workdir, ignore_errors=True)
     report(subjects, args)
 

@@ -30,7 +30,7 @@ import statistics
 import subprocess
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -119,6 +119,24 @@ def source_label(source: Path | None) -> str:
     except (OSError, subprocess.CalledProcessError):
         return where.name
     return commit + ("+changes" if changed else "")
+
+
+async def start_all(*starting: Awaitable[Process]) -> list[Process]:
+    """Starts processes at once; if any fails, stops those that started and raises."""
+    results = await asyncio.gather(*starting, return_exceptions=True)
+    started = [r for r in results if isinstance(r, Process)]
+    failed = [r for r in results if isinstance(r, BaseException)]
+    if failed:
+        await stop_all(started)
+        raise failed[0]
+    return started
+
+
+async def stop_all(processes: Iterable[Process]) -> None:
+    for process in processes:
+        if process.process.returncode is None:
+            process.process.terminate()
+        await process.process.wait()
 
 
 async def start_tokenwire(
