@@ -6,9 +6,8 @@ serve`, and one server per interceptor with that interceptor left out
 alternates per_message-style runs (one token per chunk, simulator at zero
 delay) between all of them and prints, per stream count, each variant's
 messages/s, its ratio to the baseline, its server CPU per message and what
-leaving the interceptor out saved against the full chain. Microbenchmarks of
-the same code in isolation come out about three times cheaper: in the server a
-call's frames are cold again after every write.
+leaving the interceptor out saved against the full chain. Its findings, and how
+they compare with microbenchmarks: docs/performance.md#per-message.
 
     python bench/interceptor_cost.py [--streams 8 64] [--repeats 3] [--messages 64000]
 """

@@ -234,8 +234,7 @@ def spread(values: list[float], fmt: str) -> str:
 
 async def main(args: argparse.Namespace) -> None:
     upstream = await start(sys.executable, str(ROOT / "bench" / "fake_openai.py"))
-    # The span sink is a process of its own, as a collector would be: sharing
-    # the upstream's event loop, trace posts delayed the answers being measured.
+    # Why the span sink has a process of its own: docs/performance.md, "in code comments".
     collector = await start(sys.executable, str(ROOT / "bench" / "fake_openai.py"))
     base_url = f"http://{upstream.address}/v1"
     deployment = {
