@@ -13,6 +13,7 @@ from tokenwire.client import (
     AsyncResponseStream,
     Client,
     ResponseStream,
+    ResumePolicy,
     tls_credentials,
 )
 from tokenwire.errors import (
@@ -25,6 +26,7 @@ from tokenwire.errors import (
     TokenwireError,
     Unavailable,
 )
+from tokenwire.observed import Observation, Observed
 from tokenwire.stream import Chunk, Completion, Event, Heartbeat, Result, Retraction
 
 __version__ = "0.1.0"
@@ -42,9 +44,12 @@ __all__ = [
     "IntegrityError",
     "InvalidArgument",
     "NotFound",
+    "Observation",
+    "Observed",
     "ProtocolError",
     "ResponseStream",
     "Result",
+    "ResumePolicy",
     "Retraction",
     "TokenwireError",
     "Unavailable",

@@ -10,6 +10,7 @@ explicit `Retraction` event before the `Completion`.
 from __future__ import annotations
 
 import hashlib
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import grpc
@@ -100,6 +101,9 @@ class StreamAssembler:
     _digest: hashlib._Hash = field(default_factory=hashlib.sha256)
     _response_id: str = ""
     result: Result | None = None
+    #: Told of each ordering violation before it is raised: (kind, detail), the
+    #: kinds of `tokenwire.observed.COUNTERS`. The clients set it to count them.
+    observe: Callable[[str, str], None] | None = None
 
     def __post_init__(self) -> None:
         if self.resumed_after:
@@ -120,10 +124,15 @@ class StreamAssembler:
             resume=pb.ResumeFrom(response_id=self._response_id, after_sequence=self.last_sequence)
         )
 
+    def _violation(self, kind: str, detail: str) -> ProtocolError:
+        if self.observe is not None:
+            self.observe(kind, detail)
+        return ProtocolError(detail, last_sequence=self.last_sequence)
+
     def feed(self, message: pb.StreamRespondResponse) -> list[Event]:
         """Takes one wire event; returns the events a caller should see."""
         if self.result is not None:
-            raise ProtocolError("event after Completed", last_sequence=self.last_sequence)
+            raise self._violation("event_after_completed", "event after Completed")
         kind = message.WhichOneof("event")
         if kind == "chunk":
             return [self._chunk(message.chunk)]
@@ -143,10 +152,16 @@ class StreamAssembler:
         if self._next_offset == -1:
             self._next_offset = chunk.text_offset
         if chunk.sequence != self._next_sequence or chunk.text_offset != self._next_offset:
-            raise ProtocolError(
+            if chunk.sequence > self._next_sequence:
+                kind = "sequence_gap"
+            elif chunk.sequence < self._next_sequence:
+                kind = "sequence_repeat"
+            else:
+                kind = "offset_mismatch"
+            raise self._violation(
+                kind,
                 f"expected chunk {self._next_sequence} at byte {self._next_offset}, got "
                 f"{chunk.sequence} at byte {chunk.text_offset}",
-                last_sequence=self.last_sequence,
             )
         self._response_id = chunk.response_id
         data = chunk.text.encode()
@@ -160,11 +175,13 @@ class StreamAssembler:
     def _completed(self, completed: pb.Completed) -> list[Event]:
         streamed = self._digest.hexdigest()
         if completed.last_sequence != self.last_sequence:
-            raise ProtocolError(
+            detail = (
                 f"Completed names last sequence {completed.last_sequence}, "
-                f"received {self.last_sequence}",
-                last_sequence=self.last_sequence,
+                f"received {self.last_sequence}"
             )
+            if completed.last_sequence > self.last_sequence:
+                raise self._violation("sequence_gap", detail)
+            raise ProtocolError(detail, last_sequence=self.last_sequence)
         if self._response_id and completed.response_id != self._response_id:
             raise ProtocolError(
                 f"Completed of response {completed.response_id} ends {self._response_id}"
