@@ -65,3 +65,28 @@ def test_go_client_tests_pass_against_a_real_server(go: str) -> None:
     # -count=1: Go's test cache cannot see the server's code, so never reuse a result.
     result = _run(go, "test", "-count=1", "-timeout", "300s", "./...", timeout=560)
     assert result.returncode == 0, result.stdout + result.stderr
+
+
+#: The counters' tests (clients/go/tokenwire/observed_test.go): a fake server
+#: sending a gap, a repeat, a wrong offset, an event after Completed and a long
+#: silence, then the real server.
+OBSERVED_TESTS = (
+    "TestOrderingViolationsAreCountedPerClient",
+    "TestAStallIsCountedOnceAndTheStreamGoesOn",
+    "TestAStallCanBeTurnedOff",
+    "TestAReaderThatPausesIsNotAStall",
+    "TestARealServerCountsNothingAndHeartbeatsAreNotStalls",
+    "TestARealServerSilentPastTheStallTimeout",
+)
+
+
+@pytest.mark.timeout(600)
+def test_go_client_counts_ordering_violations_and_stalls(go: str) -> None:
+    """Named so a renamed or deleted counter test fails here, not silently;
+    -race because a stall is noticed on a timer's goroutine."""
+    pattern = "^(" + "|".join(OBSERVED_TESTS) + ")$"
+    argv = (go, "test", "-count=1", "-race", "-v", "-run", pattern, "./tokenwire/")
+    result = _run(*argv, timeout=560)
+    assert result.returncode == 0, result.stdout + result.stderr
+    for name in OBSERVED_TESTS:
+        assert f"--- PASS: {name} " in result.stdout, f"{name} did not run:\n{result.stdout}"

@@ -4,6 +4,7 @@ import (
 	"bytes"
 	"crypto/sha256"
 	"encoding/hex"
+	"fmt"
 	"hash"
 	"time"
 
@@ -95,6 +96,10 @@ func (r *Result) TotalTime() time.Duration {
 type Assembler struct {
 	// RequestID, when set, is reported in the Result.
 	RequestID string
+	// Observe, when set, hears of each ordering violation (SequenceGap,
+	// SequenceRepeat, OffsetMismatch, EventAfterCompleted) before Feed
+	// returns it as a *ProtocolError. A Client's streams set it to count them.
+	Observe func(kind ObservationKind, detail string)
 
 	resumedAfter uint32
 	parts        [][]byte
@@ -137,7 +142,7 @@ func (a *Assembler) ResumeRequest() *pb.StreamRespondRequest {
 // a *ProtocolError / *IntegrityError when the server broke the contract.
 func (a *Assembler) Feed(message *pb.StreamRespondResponse) ([]Event, error) {
 	if a.result != nil {
-		return nil, protocolError(a.LastSequence(), "event after Completed")
+		return nil, a.violation(EventAfterCompleted, "event after Completed")
 	}
 	switch event := message.GetEvent().(type) {
 	case *pb.StreamRespondResponse_Chunk:
@@ -166,7 +171,13 @@ func (a *Assembler) chunk(chunk *pb.TokenChunk) (*Chunk, error) {
 		a.nextOffset = int64(chunk.GetTextOffset())
 	}
 	if chunk.GetSequence() != a.nextSequence || int64(chunk.GetTextOffset()) != a.nextOffset {
-		return nil, protocolError(a.LastSequence(), "expected chunk %d at byte %d, got %d at byte %d",
+		kind := OffsetMismatch
+		if chunk.GetSequence() > a.nextSequence {
+			kind = SequenceGap
+		} else if chunk.GetSequence() < a.nextSequence {
+			kind = SequenceRepeat
+		}
+		return nil, a.violation(kind, "expected chunk %d at byte %d, got %d at byte %d",
 			a.nextSequence, a.nextOffset, chunk.GetSequence(), chunk.GetTextOffset())
 	}
 	a.responseID = chunk.GetResponseId()
@@ -184,6 +195,15 @@ func (a *Assembler) chunk(chunk *pb.TokenChunk) (*Chunk, error) {
 	}, nil
 }
 
+// violation tells Observe of an ordering violation and returns it as a *ProtocolError.
+func (a *Assembler) violation(kind ObservationKind, format string, args ...any) error {
+	err := &ProtocolError{Message: fmt.Sprintf(format, args...), LastSequence: a.LastSequence()}
+	if a.Observe != nil {
+		a.Observe(kind, err.Message)
+	}
+	return err
+}
+
 func sha256Hex(data []byte) string {
 	sum := sha256.Sum256(data)
 	return hex.EncodeToString(sum[:])
@@ -191,6 +211,9 @@ func sha256Hex(data []byte) string {
 
 func (a *Assembler) completed(completed *pb.Completed) ([]Event, error) {
 	last := a.LastSequence()
+	if completed.GetLastSequence() > last {
+		return nil, a.violation(SequenceGap, "Completed names last sequence %d, received %d", completed.GetLastSequence(), last)
+	}
 	if completed.GetLastSequence() != last {
 		return nil, protocolError(last, "Completed names last sequence %d, received %d", completed.GetLastSequence(), last)
 	}

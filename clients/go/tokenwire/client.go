@@ -83,11 +83,13 @@ func (p ResumePolicy) delay(attempt int) time.Duration {
 }
 
 type options struct {
-	timeout     time.Duration
-	creds       credentials.TransportCredentials
-	dialOptions []grpc.DialOption
-	metadata    []string
-	resume      ResumePolicy
+	timeout      time.Duration
+	creds        credentials.TransportCredentials
+	dialOptions  []grpc.DialOption
+	metadata     []string
+	resume       ResumePolicy
+	stallTimeout time.Duration
+	hook         func(Observation)
 }
 
 // Option configures a Client.
@@ -113,6 +115,21 @@ func WithMetadata(pairs ...string) Option {
 
 // WithResumePolicy replaces DefaultResumePolicy; Attempts 0 never resumes.
 func WithResumePolicy(policy ResumePolicy) Option { return func(o *options) { o.resume = policy } }
+
+// WithStallTimeout sets how long a stream may wait for its next event before
+// the client counts a stall (default DefaultStallTimeout; 0 counts none). A
+// stall is counted, not fatal: the call's deadline still ends the stream.
+func WithStallTimeout(timeout time.Duration) Option {
+	return func(o *options) { o.stallTimeout = timeout }
+}
+
+// WithObservationHook calls hook with each ordering violation and stall the
+// client's streams meet, after counting it (export them to your metrics).
+// It runs on the goroutine that noticed (the reader's for a violation, a
+// timer's for a stall), so it must be quick and safe for concurrent use.
+func WithObservationHook(hook func(Observation)) Option {
+	return func(o *options) { o.hook = hook }
+}
 
 // WithDialOptions adds grpc.DialOptions (interceptors, keepalive, ...) to Dial.
 func WithDialOptions(dialOptions ...grpc.DialOption) Option {
@@ -151,15 +168,17 @@ func TLSCredentials(caFile, certFile, keyFile string) (credentials.TransportCred
 // Client calls one tokenwire server over one connection; safe for
 // concurrent use (reuse it: connections are expensive).
 type Client struct {
-	conn     *grpc.ClientConn
-	stub     pb.RespondServiceClient
-	timeout  time.Duration
-	metadata []string
-	resume   ResumePolicy
+	conn         *grpc.ClientConn
+	stub         pb.RespondServiceClient
+	timeout      time.Duration
+	metadata     []string
+	resume       ResumePolicy
+	stallTimeout time.Duration
+	observer     *observer
 }
 
 func newOptions(opts []Option) options {
-	o := options{timeout: DefaultTimeout, resume: DefaultResumePolicy}
+	o := options{timeout: DefaultTimeout, resume: DefaultResumePolicy, stallTimeout: DefaultStallTimeout}
 	for _, opt := range opts {
 		opt(&o)
 	}
@@ -187,8 +206,16 @@ func Dial(target string, opts ...Option) (*Client, error) {
 // does nothing); Dial-only options are ignored.
 func NewClient(stub pb.RespondServiceClient, opts ...Option) *Client {
 	o := newOptions(opts)
-	return &Client{stub: stub, timeout: o.timeout, metadata: o.metadata, resume: o.resume}
+	return &Client{
+		stub: stub, timeout: o.timeout, metadata: o.metadata, resume: o.resume,
+		stallTimeout: o.stallTimeout, observer: &observer{hook: o.hook},
+	}
 }
+
+// Observed returns the ordering violations and stalls this client's streams
+// met since it was made (a snapshot; safe from any goroutine). A violation
+// also ends its stream with a *ProtocolError; a stall does not end it.
+func (c *Client) Observed() Observed { return c.observer.snapshot() }
 
 // Close closes the connection Dial made.
 func (c *Client) Close() error {
@@ -341,6 +368,17 @@ func (c *Client) newStream(ctx context.Context, request *pb.StreamRespondRequest
 	ctx, cancel := c.callContext(ctx)
 	s := &Stream{
 		stub: c.stub, ctx: ctx, cancel: cancel, request: request, assembler: assembler,
+	}
+	observe := func(kind ObservationKind, detail string) {
+		c.observer.record(Observation{
+			Kind: kind, ResponseID: s.assembler.ResponseID(), LastSequence: s.assembler.LastSequence(), Detail: detail,
+		})
+	}
+	if assembler.Observe == nil {
+		assembler.Observe = observe
+	}
+	if c.stallTimeout > 0 {
+		s.stalls = &stallWatch{timeout: c.stallTimeout, record: c.observer.record}
 	}
 	if request.GetResumable() || request.GetResume() != nil {
 		s.resume = c.resume

@@ -37,6 +37,7 @@ type Stream struct {
 	err        error // sticky: returned by every Recv after the first failure
 	done       bool
 	resumes    int
+	stalls     *stallWatch // nil: stalls are not counted
 }
 
 // Recv returns the next event; io.EOF once the stream ended after its
@@ -60,7 +61,9 @@ func (s *Stream) Recv() (Event, error) {
 				return nil, s.fail(err)
 			}
 		}
+		s.stalls.waiting(s.assembler.ResponseID(), s.assembler.LastSequence())
 		message, err := s.call.Recv()
+		s.stalls.stopped(err == nil)
 		if errors.Is(err, io.EOF) {
 			s.endCall()
 			if s.assembler.Result() == nil {
@@ -122,6 +125,7 @@ func (s *Stream) endCall() {
 }
 
 func (s *Stream) fail(err error) error {
+	s.stalls.stopped(false)
 	s.err = err
 	s.pending = nil
 	s.cancel()
