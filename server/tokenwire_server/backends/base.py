@@ -24,6 +24,9 @@ class Backend(abc.ABC):
 
     #: Route name reported in `Completed.serving.backend`.
     name: str
+    #: What serves the tokens, as the `gen_ai.provider.name` of the OpenTelemetry
+    #: GenAI conventions (the metrics' `gen_ai_provider_name` label).
+    provider: str = "_OTHER"
     #: The same request always yields the same tokens, so another replica can
     #: regenerate a response and continue it exactly where its log ends.
     deterministic: bool = False

@@ -41,6 +41,7 @@ def prompt_for(request: GenerationRequest) -> str:
 
 class LlamaBackend(Backend):
     name = "llama"
+    provider = "llama_cpp"
 
     def __init__(self, model_path: str | None = None, n_ctx: int = 2048) -> None:
         try:

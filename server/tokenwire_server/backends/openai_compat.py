@@ -73,6 +73,9 @@ def _error_message(status: int, body: bytes) -> str:
 class OpenAICompatibleBackend(Backend):
     """One route: a tokenwire model name served by one upstream (plus fallbacks)."""
 
+    #: The API it speaks, whoever hosts it (vLLM, Ollama, a hosted API).
+    provider = "openai"
+
     def __init__(self, upstream: UpstreamConfig, env: Mapping[str, str]) -> None:
         self.name = upstream.name
         self.config = upstream

@@ -309,6 +309,7 @@ class SimulatorBackend(Backend):
     """Deterministic token source with timing and fault knobs."""
 
     name = "simulator"
+    provider = "tokenwire.simulator"
     deterministic = True
 
     def __init__(self, config: SimulatorConfig) -> None:
