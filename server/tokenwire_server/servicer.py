@@ -8,6 +8,10 @@ when the last reader goes away, a resumable response keeps generating for
 the detach window (its chunks go to the log), any other is cancelled,
 which stops the backend. `resume` replays the log after the
 caller's sequence and continues live; `Cancel` stops a response by id.
+
+Why one module: these are the three RPCs and the two ways a response starts
+(new or resumed) and ends (Completed or a status), each short; together they
+are the contract's mapping in one place.
 """
 
 from __future__ import annotations
@@ -160,7 +164,7 @@ class RespondServicer:
         else:
             response.detached_chunk_tokens = parsed.delivery.max_tokens_per_chunk
             if parsed.delivery.mode is DeliveryMode.BUFFERED:
-                response.mode_used = DeliveryMode.BUFFERED
+                response.choose_mode(DeliveryMode.BUFFERED)
         response.tenant = call.tenant
         # Only a caller's own request id (the field, else the x-request-id header) makes
         # a retry attach; generated ids never repeat. Keys are per tenant: one tenant's

@@ -21,10 +21,11 @@ class TokenEvent:
 class AuditRecord:
     """One event of a response, as one row of the append-only trail.
 
-    `event` is what happened: `accepted` / `resumed` (a stream's first event is
-    about to leave), `completed`, `failed`, `cancelled`, or `refused` (the call
-    ended before a response existed). `resumed_after` is the sequence a resume
-    call replayed from (-1 when the call was not a resume).
+    `event` is what happened: `accepted` / `resumed` (a stream's response is
+    registered; committed before its first event leaves), `completed`,
+    `failed`, `cancelled`, or `refused` (the call ended before a response
+    existed). `resumed_after` is the sequence a resume call replayed from (-1
+    when the call was not a resume).
     """
 
     event: str

@@ -23,6 +23,10 @@ depends on when:
 Cancellation closes the HTTP stream at once (leaving the response's context
 before its end closes the connection), and every request's read timeout is
 bounded by the call's remaining deadline.
+
+Why one module: streaming, the non-streaming fallback and the retry rules
+share one request builder and one failure classification; apart, the rule
+for "may this be retried" would live in two places.
 """
 
 from __future__ import annotations

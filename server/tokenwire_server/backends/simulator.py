@@ -12,6 +12,10 @@ Two models:
 Timing and faults are configurable per server and per request through labels
 (``tokenwire.sim/<knob>``), so callers in any language can exercise slow
 generations, stalls and failures without a test double.
+
+Why one module: the two simulated models, their knobs and their faults are
+one backend; the knobs table (KNOBS) is the single description both
+validation and the docs read.
 """
 
 from __future__ import annotations

@@ -122,7 +122,7 @@ async def _release_batch(
         return
     start, count = 0, len(batch)
     while start < count:
-        end, room = start, response.room
+        end, room = start, response.pending.room
         while end < count and room >= 0:
             room -= len(batch[end])
             end += 1
@@ -207,7 +207,7 @@ async def _generate(
                     )
                 if session.halted:
                     break  # blocked: stop the backend; the decision comes from finish()
-                if response.over_budget:
+                if response.pending.over_budget:
                     await _wait_for_space(response, watchdog)
                 elif not watchdog.progress % _YIELD_EVERY:
                     # A backend that never waits (a burst already in memory) would

@@ -50,11 +50,10 @@ class StreamDelivery:
     async def events(self) -> AsyncGenerator[pb.StreamRespondResponse, None]:
         try:
             response = self._response
-            if response.mode_used is None:
-                chosen = await self._choose_mode()
-                if response.mode_used is None:  # a concurrent reader may have chosen first
-                    response.mode_used = chosen
             mode = response.mode_used
+            if mode is None:
+                # A concurrent reader may choose first: choose_mode keeps the first.
+                mode = response.choose_mode(await self._choose_mode())
             if mode is DeliveryMode.BUFFERED:
                 async with aclosing(self._buffered()) as stream:
                     async for event in stream:
@@ -182,9 +181,9 @@ class StreamDelivery:
                 return
             if cursor < len(chunks):
                 record = chunks[cursor]
-            elif response.has_pending:
-                if max_delay > 0 and not response.done and response.pending_tokens < cap:
-                    fill_until = response.pending_since + max_delay
+            elif response.pending:
+                if max_delay > 0 and not response.done and response.pending.tokens < cap:
+                    fill_until = response.pending.since + max_delay
                     if self._loop.time() < fill_until:
                         if heartbeat := await self._wait(fill_until):
                             yield heartbeat

@@ -11,6 +11,11 @@ generation waits) instead of a queue of tiny messages.
 
 Ending is one terminal transition (finished, failed or cancelled); the first
 caller wins and later calls are no-ops, so racing endings are safe.
+
+Why one module: the ending, the readers and the shared log's ordering are
+one state machine (the last reader leaving a running response, an ending that
+must wait for its last chunk to be logged); released text waiting for a
+reader is its own part (pending.py), as is the chunk record (chunks.py).
 """
 
 from __future__ import annotations
@@ -18,15 +23,14 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import enum
-import math
 import time
-from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Protocol
 
 from tokenwire.v1 import respond_pb2 as pb
 from tokenwire_server.delivery.chunks import ChunkRecord, ChunkSequence, CompactChunks
+from tokenwire_server.delivery.pending import PendingText
 from tokenwire_server.domain import (
     Action,
     DeliveryMode,
@@ -89,20 +93,11 @@ class LiveResponse:
         self.outcome: Outcome | None = None
         self.error: TokenwireError | None = None
         self.tokens_generated = 0
-        self._max_pending_chars: float = max_pending_chars
-        # Deques: a fast model can run thousands of tokens ahead of a slow reader,
-        # and cutting from the front of a list would cost O(pending) per chunk.
-        self._pending: deque[str] = deque()
-        self._pending_counts: deque[int] = deque()
-        self._pending_token_total = 0
-        self._pending_chars = 0
-        self._pending_actions: list[Action] = []
-        self._carry_tokens = 0
-        self._pending_since = 0.0
+        #: Released text no reader has cut yet, and the backpressure budget on it.
+        self.pending = PendingText(self._loop, max_pending_chars)
         self._next_offset = 0
         self._released: list[str] = []
         self._waiters: list[asyncio.Future[bool]] = []
-        self._space: asyncio.Future[None] | None = None
         #: The generation task feeding this response, once started.
         self.task: asyncio.Task[None] | None = None
         self._stop_requested = False
@@ -170,19 +165,17 @@ class LiveResponse:
             return
         if self.state is not State.FINISHED and self.mode_used is DeliveryMode.BUFFERED:
             # A buffered response that did not finish sends nothing: drop what it held.
-            self._pending.clear()
-            self._pending_counts.clear()
-            self._pending_token_total = 0
+            self.pending.drop()
         whole_due = self.state is State.FINISHED and not self.chunks and self._whole_chunk_due()
         if not self.readers:
             if whole_due:
                 self.cut_whole()
                 return  # cut_whole logs the ending
-            while self._pending:
+            while self.pending:
                 self.cut_chunk(self.detached_chunk_tokens)
             if self._log_ended:
                 return  # the last cut logged the ending
-        if self._pending or whole_due:
+        if self.pending or whole_due:
             return  # a reader will cut the rest; the ending follows its last chunk
         self._log_ended = True
         self.log.end(self)
@@ -196,9 +189,9 @@ class LiveResponse:
     def _cut_detached(self) -> None:
         if self.mode_used is DeliveryMode.BUFFERED:
             return
-        if self._pending:
-            self.mode_used = DeliveryMode.STREAM  # chunks exist now: it is a stream
-        while self._pending:
+        if self.pending:
+            self.choose_mode(DeliveryMode.STREAM)  # chunks exist now: it is a stream
+        while self.pending:
             self.cut_chunk(self.detached_chunk_tokens)
 
     def keep_alive(self) -> None:
@@ -216,7 +209,7 @@ class LiveResponse:
         self._compact_if_idle()
 
     def _compact_if_idle(self) -> None:
-        if not self._compact_when_idle or not self.done or self.readers or self._pending:
+        if not self._compact_when_idle or not self.done or self.readers or self.pending:
             return
         self._compact_when_idle = False
         released = self.released_text
@@ -231,7 +224,6 @@ class LiveResponse:
             self.outcome = dataclasses.replace(outcome, final_text=released)
         self.task = None
         self._on_end = []
-        self._pending_actions = []
 
     def on_end(self, callback: Callable[[LiveResponse], None]) -> None:
         self._on_end.append(callback)
@@ -262,12 +254,9 @@ class LiveResponse:
     def release(self, text: str, actions: tuple[Action, ...] = (), tokens: int = 1) -> None:
         """Adds governed text (from `tokens` generated tokens) that may now be sent."""
         self._generated(tokens)
-        if actions:
-            self._pending_actions.extend(actions)
-        if not text:
-            self._carry_tokens += tokens
-            return
-        self._pend([text], [tokens + self._carry_tokens], len(text))
+        if self.pending.add(text, actions, tokens):
+            self._released.append(text)
+            self._released_more()
 
     def release_tokens(self, tokens: list[str]) -> None:
         """Adds tokens that passed governance untouched, each its own pending piece
@@ -278,63 +267,42 @@ class LiveResponse:
                 self.release(token)
             return
         self._generated(len(tokens))
-        counts = [1] * len(tokens)
-        counts[0] += self._carry_tokens
-        self._pend(tokens, counts, sum(map(len, tokens)))
+        self.pending.add_tokens(tokens)
+        self._released.extend(tokens)
+        self._released_more()
 
     def _generated(self, tokens: int) -> None:
         self.tokens_generated += tokens
         if self.first_token_at is None:
             self.first_token_at = self._loop.time()
 
-    def _pend(self, pieces: list[str], counts: list[int], chars: int) -> None:
-        """Queues released pieces for the readers to cut; tokens carried so far are
-        already in `counts`."""
-        if not self._pending:
-            self._pending_since = self._loop.time()
-        self._pending.extend(pieces)
-        self._pending_counts.extend(counts)
-        self._pending_token_total += sum(counts)
-        self._carry_tokens = 0
-        self._pending_chars += chars
-        self._released.extend(pieces)
+    def _released_more(self) -> None:
         if self._waiters:
             self._wake()
         if not self.readers and self.resumable:
             self._cut_detached()
 
-    @property
-    def room(self) -> float:
-        """Characters that may still be released before the pending budget is spent."""
-        return self._max_pending_chars - self._pending_chars
-
-    @property
-    def over_budget(self) -> bool:
-        return self._pending_chars > self._max_pending_chars
-
     def unbounded(self) -> None:
         """No streaming reader will take pending text (unary, BUFFERED): never wait for one."""
-        self._max_pending_chars = math.inf
-        if self._space is not None and not self._space.done():
-            self._space.set_result(None)
+        self.pending.unbounded()
 
     def settle(self) -> None:
         """At the end, tokens and actions that came with no text ride on an empty chunk."""
-        if self._carry_tokens or (self._pending_actions and not self._pending):
-            if not self._pending:
-                self._pending_since = self._loop.time()
-            self._pending.append("")
-            self._pending_counts.append(self._carry_tokens)
-            self._pending_token_total += self._carry_tokens
-            self._carry_tokens = 0
+        self.pending.settle()
         if not self.readers and self.resumable:
             self._cut_detached()
 
     async def wait_for_space(self) -> None:
         """Backpressure: returns once a reader has taken enough pending text."""
-        while self._pending_chars > self._max_pending_chars and self.state is State.RUNNING:
-            self._space = self._loop.create_future()
-            await self._space
+        await self.pending.wait_for_space(lambda: self.state is State.RUNNING)
+
+    def choose_mode(self, mode: DeliveryMode) -> DeliveryMode:
+        """How this response is delivered, decided once: the first choice stands
+        (BUFFERED asked for, AUTO settled by the first reader, STREAM once chunks
+        were cut without one), and every later reader and replica gets it."""
+        if self.mode_used is None:
+            self.mode_used = mode
+        return self.mode_used
 
     def finish(self, outcome: Outcome) -> bool:
         return self._end(State.FINISHED, outcome=outcome)
@@ -362,8 +330,7 @@ class LiveResponse:
         self._log_end_when_complete()
         for callback in self._on_end:
             callback(self)
-        if self._space is not None and not self._space.done():
-            self._space.set_result(None)
+        self.pending.free()
         return True
 
     # ----- consumer side -------------------------------------------------
@@ -374,15 +341,7 @@ class LiveResponse:
 
     @property
     def has_pending(self) -> bool:
-        return bool(self._pending)
-
-    @property
-    def pending_tokens(self) -> int:
-        return self._pending_token_total
-
-    @property
-    def pending_since(self) -> float:
-        return self._pending_since
+        return bool(self.pending)
 
     @property
     def done(self) -> bool:
@@ -420,55 +379,20 @@ class LiveResponse:
 
     def cut_chunk(self, max_tokens: int) -> ChunkRecord:
         """Turns up to `max_tokens` pending tokens into the next chunk of the log."""
-        pending, counts = self._pending, self._pending_counts
-        text, tokens = pending.popleft(), counts.popleft()
-        if pending and tokens + counts[0] <= max_tokens:
-            parts = [text]
-            while pending and tokens + counts[0] <= max_tokens:
-                parts.append(pending.popleft())
-                tokens += counts.popleft()
-            text = "".join(parts)
-        self._pending_token_total -= tokens
-        self._pending_chars -= len(text)
-        # `pending_since` stays at the oldest piece's release: text left over
-        # from a full chunk has waited that long already, and restarting its
-        # clock here would let `max_delay` hold it longer than the caller allowed.
-        record = self._append(
-            text, tokens, self._take_actions(text) if self._pending_actions else ()
-        )
-        space = self._space
-        if (
-            space is not None
-            and self._pending_chars <= self._max_pending_chars / 2
-            and not space.done()
-        ):
-            # Hysteresis: a producer parked at the budget resumes once half of it
-            # has drained, not after every chunk, so a reader that keeps up pays
-            # one producer wake-up per half-budget of text instead of one each.
-            space.set_result(None)
-        if not pending:
+        record = self._append(*self.pending.take(max_tokens, self._next_offset))
+        if not self.pending:
             self._log_end_when_complete()
         return record
 
     def cut_whole(self) -> ChunkRecord:
         """The buffered delivery: the final payload as the one and only chunk."""
         assert self.outcome is not None and not self.chunks
-        self._pending.clear()
-        self._pending_counts.clear()
-        self._pending_token_total = 0
-        self._pending_chars = 0
-        self._pending_actions.clear()
+        self.pending.drop()
         record = self._append(
             self.outcome.final_text, self.outcome.completion_tokens, self.outcome.actions
         )
         self._log_end_when_complete()
         return record
-
-    def _take_actions(self, text: str) -> tuple[Action, ...]:
-        end = self._next_offset + utf8_length(text)
-        taken = tuple(a for a in self._pending_actions if a.start < end)
-        self._pending_actions = [a for a in self._pending_actions if a.start >= end]
-        return taken
 
     def _append(self, text: str, tokens: int, actions: tuple[Action, ...]) -> ChunkRecord:
         offset = self._next_offset

@@ -13,6 +13,10 @@ the streaming stage exactly how much trailing text could still become a
 match. `begun` says when such a trailing fragment already is a value that
 has started (a key's prefix, eight digits of a card): if the response ends
 there, the fragment is redacted instead of released.
+
+Why one module: it is a table, one detector after another with its pattern,
+confirmation and `needs` characters; the scrub fast path depends on every
+detector being listed here.
 """
 
 from __future__ import annotations

@@ -24,6 +24,10 @@ call, more than most of their scans.
 
 Spans in the actions are UTF-8 byte positions of the replacement text in the
 final payload, which, for released text, is exactly what the chunks carry.
+
+Why one module: the hold-back cursor, partial matching and the hard cap are
+one algorithm over one buffer; split, the invariant "nothing redactable is
+released" would span files.
 """
 
 from __future__ import annotations

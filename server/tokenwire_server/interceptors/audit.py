@@ -1,7 +1,9 @@
 """Appends a row to the audit trail for every event of every call that passed auth.
 
 Rows (see `AuditRecord.event`): a stream's `accepted` (or `resumed`) row is
-committed before its first event leaves, and every call ends with one of
+written as soon as the response is registered (overlapping the upstream's
+first token) and committed before its first event leaves, and every call
+ends with one of
 `completed`, `failed`, `cancelled` or `refused` (ended before a response
 existed: an unknown model, an invalid argument, a quota). It sits outside the
 limits interceptor so quota refusals get their row, and outside the
@@ -19,6 +21,7 @@ one small tuple; the text itself is never recorded.
 
 from __future__ import annotations
 
+import asyncio
 import itertools
 import time
 from concurrent.futures import Future
@@ -32,7 +35,7 @@ from tokenwire_server.audit.store import AuditStore, AuditWriteError
 from tokenwire_server.domain import utf8_length
 from tokenwire_server.errors import TokenwireError, clip
 from tokenwire_server.governance.scrub import scrub, scrub_labels
-from tokenwire_server.interceptors.call import Call
+from tokenwire_server.interceptors.call import Call, ResponseFacts
 from tokenwire_server.interceptors.chain import RESPONDING, Stage
 from tokenwire_server.observability.metrics import Metrics
 
@@ -209,11 +212,22 @@ class AuditStage(Stage):
 
         self._store.record_nowait(row).add_done_callback(counted)
 
-    async def on_first_event(self, call: Call) -> None:
-        first = "resumed" if _resumed_after(call) >= 0 else "accepted"
-        if not await self._commit(_row(call, first)):
+    def on_facts(self, call: Call, facts: ResponseFacts) -> None:
+        """A stream's opening row is submitted here, while the upstream produces
+        its first token; the chain awaits it before the first event. Submitted
+        now, not from a task, so it precedes any later row of the call."""
+        if call.method == "StreamRespond":
+            first = "resumed" if _resumed_after(call) >= 0 else "accepted"
+            written = self._store.record_nowait(_row(call, first))
+            call.overlapped.append(asyncio.ensure_future(self._opened(call, written)))
+
+    async def _opened(self, call: Call, written: Future[None]) -> None:
+        try:
+            await asyncio.wrap_future(written)
+        except Exception:  # logged by the store
+            self._metrics.audit_write_failures.inc()
             call.audit_ended = True
-            raise _unavailable()
+            raise _unavailable() from None
 
     def on_chunk(self, call: Call, chunk: pb.TokenChunk) -> None:
         facts = call.facts

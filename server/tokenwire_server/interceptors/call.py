@@ -12,6 +12,7 @@ The chain alone counts what leaves (`sent`), so every stage reads one tally.
 
 from __future__ import annotations
 
+import asyncio
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -103,6 +104,10 @@ class Call:
     token_events: list[TokenEvent] = field(default_factory=list)
     #: How the call ended, as a status name ("" while it runs); set by the chain.
     status: str = ""
+    #: Work started early so it overlaps the upstream's first token (the
+    #: response headers, the stream's opening audit row); the chain awaits it
+    #: all before the first event, the unary answer or a failing status leaves.
+    overlapped: list[asyncio.Future[None]] = field(default_factory=list)
     #: The audit trail has the call's last row (set by the audit stage).
     audit_ended: bool = False
     #: How many stages the call got past (their ending hooks run); set by the chain.

@@ -15,6 +15,9 @@ Errors travel outward as exceptions: a stage or the servicer raises a
 `TokenwireError` and the chain runs `on_failed` on every stage, then sends
 the status. A request body that did not parse is refused here, right after
 authentication, so every handler receives a typed message.
+
+Why one module: the hook order, the ending rules and the registration are
+the chain's one contract with every stage.
 """
 
 from __future__ import annotations
@@ -117,6 +120,24 @@ class _Hooks:
         self.exit: list[tuple[int, Callable[[Call], None]]] = placed("exit")
 
 
+async def _settle(call: Call) -> None:
+    """Waits for the work the call overlapped; its first error is the call's."""
+    while call.overlapped:
+        await call.overlapped.pop(0)
+
+
+async def _settled_quietly(call: Call) -> None:
+    """The same, on a call that already fails: its own error stands."""
+    overlapped, call.overlapped = call.overlapped, []
+    if overlapped:
+        await asyncio.gather(*overlapped, return_exceptions=True)
+
+
+def _retrieve(future: asyncio.Future[None]) -> None:
+    if not future.cancelled():
+        future.exception()
+
+
 def _progress(completed: pb.Completed) -> Progress:
     return Progress(completed.last_sequence, completed.usage.completion_tokens)
 
@@ -174,6 +195,7 @@ class Chain:
     async def _fail(
         self, call: Call, context: Context, hooks: _Hooks, error: TokenwireError
     ) -> None:
+        await _settled_quietly(call)
         call.status = error.code.name
         for position, failed in hooks.failed:
             if position < call.entered:
@@ -182,6 +204,7 @@ class Chain:
 
     async def _crashed(self, call: Call, context: Context, hooks: _Hooks) -> None:
         """A bug, not a refusal: recorded like any failure, then grpc's UNKNOWN."""
+        await _settled_quietly(call)
         code = context.code()
         call.status = code.name if isinstance(code, grpc.StatusCode) else "UNKNOWN"
         for position, failed in hooks.failed:
@@ -190,6 +213,8 @@ class Chain:
 
     def _cancelled(self, call: Call, hooks: _Hooks) -> None:
         call.status = "CANCELLED"
+        for overlapped in call.overlapped:  # nobody awaits them now
+            overlapped.add_done_callback(_retrieve)
         for position, cancelled in hooks.cancelled:
             if position < call.entered:
                 cancelled(call)
@@ -202,6 +227,7 @@ class Chain:
             try:
                 await self._enter(call, context, hooks)
                 response = await behavior(request, context, call)
+                await _settle(call)
                 if isinstance(response, pb.RespondResponse):
                     call.progress = _progress(response.completed)
                     for completed in hooks.completed:
@@ -238,6 +264,7 @@ class Chain:
                     async for event in events:
                         if first:
                             first = False
+                            await _settle(call)
                             for first_event in hooks.first_event:
                                 await first_event(call)
                         kind = event.WhichOneof("event")

@@ -65,7 +65,10 @@ class LimitsStage(Stage):
                 metadata={"tenant": tenant},
             )
         try:
-            await asyncio.wait_for(self._slots.acquire(), q.admission_wait)
+            if self._slots.locked():
+                await asyncio.wait_for(self._slots.acquire(), q.admission_wait)
+            else:
+                await self._slots.acquire()  # free: no timer, no task for wait_for
         except TimeoutError:
             raise QuotaExceeded(
                 f"the server is at its {q.max_concurrent_calls} concurrent calls",

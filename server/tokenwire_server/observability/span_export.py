@@ -14,6 +14,9 @@ grpc.aio on the loop itself, yielding at every await.
 A batch is the concatenation of its spans' encoded requests: protobuf merges
 repeated fields on concatenation, so the join of several serialized
 `ExportTraceServiceRequest`s is one valid request (one `ResourceSpans` per span).
+
+Why one module: encoding, batching, the two transports and the drain flush
+share one queue and one failure count.
 """
 
 from __future__ import annotations

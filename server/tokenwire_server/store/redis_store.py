@@ -40,6 +40,10 @@ over: a deterministic backend regenerates it and the governed text already
 logged is skipped (governance is split-independent, so it comes out
 identical and is checked), then generation continues; any other backend ends
 the response with UNAVAILABLE `RESPONSE_OWNER_LOST` and the last sequence.
+
+Why one module: the owner's log, leases, mirrors that follow it and the
+hand-over of an orphan are one protocol over one key layout (above); each
+side's correctness depends on the other's exact writes.
 """
 
 from __future__ import annotations
@@ -657,13 +661,12 @@ class RedisResponseStore(ResponseStore):
                 heartbeat_interval=d["heartbeat_interval"],
             )
             if mirror.delivery.mode is DeliveryMode.BUFFERED:
-                mirror.mode_used = DeliveryMode.BUFFERED
+                mirror.choose_mode(DeliveryMode.BUFFERED)
         return mirror
 
     def _apply(self, mirror: LiveResponse, fields: dict[str, str]) -> None:
         if fields["k"] == "c":
-            if mirror.mode_used is None:
-                mirror.mode_used = DeliveryMode.STREAM
+            mirror.choose_mode(DeliveryMode.STREAM)  # the owner cut chunks: a stream
             mirror.append_logged(
                 ChunkRecord(
                     sequence=int(fields["s"]),
