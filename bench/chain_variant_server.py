@@ -1,9 +1,8 @@
-"""`tokenwire serve` with some interceptors left out, for bench/interceptor_cost.py only.
+"""`tokenwire serve` with some chain stages left out, for bench/interceptor_cost.py only.
 
 There is deliberately no server flag for this: the verification gate, audit
-and limits are part of the contract. This launcher removes the named
-interceptor classes from the chain the server builds, then runs the normal
-command line.
+and limits are part of the contract. This launcher removes the named stage
+classes from the chain the server builds, then runs the normal command line.
 
     python bench/chain_variant_server.py [--without ClassName ...] -- [tokenwire serve flags]
 """
@@ -16,18 +15,19 @@ from typing import Any
 
 import tokenwire_server.server as server_module
 from tokenwire_server.cli import main
+from tokenwire_server.interceptors.chain import Chain
 
 
 def without(names: set[str]) -> None:
     build = server_module.build_chain
 
-    def filtered(*args: Any, **kwargs: Any) -> list[Any]:
+    def filtered(*args: Any, **kwargs: Any) -> Chain:
         chain = build(*args, **kwargs)
-        kept = [i for i in chain if type(i).__name__ not in names]
-        missing = names - {type(i).__name__ for i in chain}
+        kept = [s for s in chain.stages if type(s).__name__ not in names]
+        missing = names - {type(s).__name__ for s in chain.stages}
         if missing:
-            raise SystemExit(f"no such interceptor in the chain: {sorted(missing)}")
-        return kept
+            raise SystemExit(f"no such stage in the chain: {sorted(missing)}")
+        return Chain(kept)
 
     server_module.build_chain = filtered  # type: ignore[assignment]
 

@@ -22,13 +22,13 @@ import sys
 from per_message import ROOT, Process, measure, raw_request, start, tokenwire_request
 
 INTERCEPTORS = (
-    ("verification gate", "VerificationGateInterceptor"),
-    ("observability", "ObservabilityInterceptor"),
-    ("audit", "AuditInterceptor"),
-    ("limits", "LimitsInterceptor"),
-    ("deadlines", "DeadlineInterceptor"),
-    ("request context", "RequestContextInterceptor"),
-    ("tracing", "OpenTelemetryAioServerInterceptor"),
+    ("verification gate", "VerificationGateStage"),
+    ("observability", "ObservabilityStage"),
+    ("audit", "AuditStage"),
+    ("limits", "LimitsStage"),
+    ("deadlines", "DeadlineStage"),
+    ("request context", "RequestContextStage"),
+    ("tracing", "TracingStage"),
 )
 SERVE_FLAGS = (
     "--port", "0", "--sim-time-to-first-token", "0", "--sim-inter-token-delay", "0",
