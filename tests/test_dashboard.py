@@ -1,5 +1,7 @@
-"""The Grafana dashboard only charts metrics the server really exports, and series
-the rules in deploy/prometheus really record."""
+"""The Grafana dashboard only charts metrics the server really exports (the GenAI
+histograms, tokenwire's own, the process collectors'), and series the rules in
+deploy/prometheus really record; its provider and model filters apply to every
+GenAI panel."""
 
 from __future__ import annotations
 
@@ -18,6 +20,8 @@ DASHBOARD = ROOT / "deploy" / "grafana" / "tokenwire-dashboard.json"
 RULE_FILES = sorted((ROOT / "deploy" / "prometheus").glob("*.rules.yml"))
 #: A recording rule's name: level:metric:operations.
 RECORDED = re.compile(r"\b[a-z_]+:[a-z_0-9]+:[a-z_0-9]+\b")
+#: Series of the server's registry: its own and prometheus-client's collectors'.
+SERIES = re.compile(r"\b((?:tokenwire|gen_ai|process|python)_[a-z_]+)")
 
 
 def _queries() -> list[str]:
@@ -30,6 +34,15 @@ def _queries() -> list[str]:
         assert panel["targets"]
         exprs += [target["expr"] for target in panel["targets"]]
     return exprs
+
+
+def _variable_queries() -> list[str]:
+    dashboard = json.loads(DASHBOARD.read_text())
+    return [
+        variable["query"]["query"]
+        for variable in dashboard["templating"]["list"]
+        if variable["type"] == "query"
+    ]
 
 
 def _recorded() -> set[str]:
@@ -52,11 +65,23 @@ def test_every_dashboard_query_names_an_exported_series() -> None:
     for metric in vars(Metrics()).values():
         labels |= set(getattr(metric, "_labelnames", ()))
     used = set()
-    for expr in _queries():
+    for expr in _queries() + _variable_queries():
         expr = RECORDED.sub("", expr)  # recorded series: the next test
-        used |= set(re.findall(r"\b((?:tokenwire|gen_ai)_[a-z_]+)", expr))
+        used |= set(SERIES.findall(expr))
     missing = {name for name in used - labels if name not in series}
     assert used and not missing, missing
+    assert {"process_cpu_seconds_total", "process_resident_memory_bytes"} <= used
+
+
+def test_every_gen_ai_panel_follows_the_provider_and_model_filters() -> None:
+    variables = {v["name"] for v in json.loads(DASHBOARD.read_text())["templating"]["list"]}
+    assert {"provider", "model"} <= variables
+    gen_ai = [expr for expr in _queries() if "gen_ai_" in expr]
+    assert gen_ai
+    for expr in gen_ai:
+        for selector in re.findall(r"\bgen_ai_[a-z_]+(?:\{([^}]*)\})?\[", expr):
+            assert 'gen_ai_provider_name=~"$provider"' in selector, expr
+            assert 'gen_ai_request_model=~"$model"' in selector, expr
 
 
 def test_every_recorded_series_the_dashboard_charts_is_recorded_by_the_rules() -> None:

@@ -94,7 +94,12 @@ async def test_metrics_match_what_callers_received(start_server: StartServer) ->
         )
         == 1
     )
-    model = {"gen_ai_operation_name": "chat", "gen_ai_request_model": "tokenwire-sim"}
+    model = {
+        "gen_ai_operation_name": "chat",
+        "gen_ai_provider_name": "tokenwire.simulator",
+        "gen_ai_request_model": "tokenwire-sim",
+        "gen_ai_response_model": "tokenwire-sim",
+    }
     assert value(samples, "gen_ai_server_time_to_first_token_seconds_count", **model) == 6
     output = 64 * 5 + unary.completed.usage.completion_tokens
     assert (

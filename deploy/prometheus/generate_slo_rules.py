@@ -33,7 +33,10 @@ OUTPUT = Path(__file__).resolve().parent / "tokenwire-slo.rules.yml"
 #: Statuses the server, not the caller, is to blame for (docs/slo.md says why
 #: DEADLINE_EXCEEDED, CANCELLED and RESOURCE_EXHAUSTED are not among them).
 SERVER_ERRORS = "INTERNAL|UNKNOWN|DATA_LOSS|UNAVAILABLE"
-#: The time-to-first-token threshold: a bucket boundary of the histogram.
+#: The time-to-first-token threshold: a bucket boundary of the histogram (the
+#: OpenTelemetry GenAI conventions' 0.001 ... 0.5, 0.75, 1.0, 2.5, 5.0, 7.5, 10.0),
+#: spelt as the `le` label the server writes ("1.0", "2.5", "5.0"), which
+#: tests/test_slo_alerts.py checks.
 TTFT_THRESHOLD = "2.5"
 
 WINDOWS = ("5m", "30m", "1h", "2h", "6h", "1d", "3d")

@@ -85,6 +85,7 @@ class TokenwireServer:
             self.registry = BackendRegistry(self.backends, default_model)
         except ValueError as error:
             raise LoadError(f"models: {error}") from None
+        self.metrics.routes = self.registry  # providers and models for the GenAI labels
         self.routing = (
             RoutingReloader(config, config_file, self.registry) if config_file is not None else None
         )

@@ -17,11 +17,11 @@ from typing import Any
 from prometheus_client.metrics import MetricWrapperBase
 
 from tokenwire.v1 import respond_pb2 as pb
-from tokenwire_server.errors import TokenwireError
+from tokenwire_server.errors import NotFound, TokenwireError
 from tokenwire_server.governance.scrub import scrub, scrub_labels
 from tokenwire_server.interceptors.call import Call
 from tokenwire_server.interceptors.chain import RESPONDING, Context, Stage
-from tokenwire_server.observability.metrics import OPERATION, Metrics
+from tokenwire_server.observability.metrics import OPERATION, OTHER, UNRESOLVED, Metrics
 
 log = logging.getLogger("tokenwire.responses")
 
@@ -46,13 +46,17 @@ _CALLER_SIDE = frozenset(
 )
 
 
+#: (provider, request model, response model): the GenAI labels after the operation.
+Labels = tuple[str, str, str]
+
+
 class _ModelSeries:
-    """One model's histogram series, looked up once instead of per call."""
+    """The GenAI histograms' series of one label set, looked up once instead of per call."""
 
     __slots__ = ("duration", "input_tokens", "output_tokens", "tpot", "ttft")
 
-    def __init__(self, m: Metrics, model: str) -> None:
-        labels = (OPERATION, model)
+    def __init__(self, m: Metrics, key: Labels) -> None:
+        labels = (OPERATION, *key)
         self.ttft = m.time_to_first_token.labels(*labels)
         self.tpot = m.time_per_output_token.labels(*labels)
         self.duration = m.request_duration.labels(*labels, "")
@@ -81,18 +85,44 @@ class ObservabilityStage(Stage):
     def __init__(self, metrics: Metrics, log_text: bool = False) -> None:
         self._metrics = metrics
         self._log_text = log_text
-        self._models: dict[str, _ModelSeries] = {}
+        self._models: dict[Labels, _ModelSeries] = {}
+        self._failed_durations = _LabelCache(metrics.request_duration)
         self._responses = _LabelCache(metrics.responses)
         self._delivery_mode = _LabelCache(metrics.delivery_mode)
         self._verifications = _LabelCache(metrics.verifications)
         self._verdicts = _LabelCache(metrics.verdicts)
         self._redactions = _LabelCache(metrics.redactions)
 
-    def _series(self, model: str) -> _ModelSeries:
-        series = self._models.get(model)
+    def _series(self, key: Labels) -> _ModelSeries:
+        series = self._models.get(key)
         if series is None:
-            series = self._models[model] = _ModelSeries(self._metrics, model)
+            series = self._models[key] = _ModelSeries(self._metrics, key)
         return series
+
+    def _provider(self, model: str) -> str:
+        """The provider of the route serving `model`, a name the server resolved:
+        one dict lookup in the routing table, so a reload is seen at once."""
+        routes = self._metrics.routes
+        if routes is None:
+            return OTHER
+        try:
+            backend, _ = routes.resolve(model)
+        except NotFound:  # routed away by a reload while the call ran
+            return OTHER
+        return backend.provider
+
+    def _fallback(self, served: str) -> tuple[str, str]:
+        """Provider and model of the route that served after a fallback (rare:
+        the upstream before it failed, so a scan of the routes costs nothing)."""
+        routes = self._metrics.routes
+        found = None
+        for backend in routes.backends if routes is not None else ():
+            if backend.name == served:
+                found = backend  # the last: the config's routes follow the embedded backends
+        models = found.models() if found is not None else {}
+        if found is None or len(models) != 1:
+            return OTHER, OTHER
+        return found.provider, next(iter(models))
 
     async def enter(self, call: Call, context: Context) -> None:
         if call.method == "StreamRespond":
@@ -109,7 +139,14 @@ class ObservabilityStage(Stage):
     async def on_completed(self, call: Call, completed: pb.Completed, unary: bool) -> None:
         m = self._metrics
         model = completed.model
-        series = self._series(model)
+        serving = completed.serving
+        facts = call.facts
+        route = facts.backend if facts is not None else serving.backend
+        if serving.backend and serving.backend != route:  # another route answered
+            provider, response_model = self._fallback(serving.backend)
+        else:
+            provider, response_model = self._provider(model), model
+        series = self._series((provider, model, response_model))
         ttft = completed.timing.time_to_first_token.ToNanoseconds() / 1e9
         total = completed.timing.total.ToNanoseconds() / 1e9
         output = completed.usage.completion_tokens
@@ -143,11 +180,8 @@ class ObservabilityStage(Stage):
                 pb.GOVERNANCE_OPERATOR_HASH,
             ):
                 self._redactions(action.entity_type).inc()
-        serving = completed.serving
         if serving.attempts > 1:
             m.upstream_retries.labels(serving.backend).inc(serving.attempts - 1)
-        facts = call.facts
-        route = facts.backend if facts is not None else serving.backend
         if serving.path == pb.SERVING_PATH_NON_STREAMING or serving.backend != route:
             path = _name(pb.ServingPath, serving.path, "SERVING_PATH_")
             m.upstream_fallbacks.labels(serving.backend, path).inc()
@@ -157,7 +191,9 @@ class ObservabilityStage(Stage):
             span.set_attributes(
                 {
                     "gen_ai.operation.name": OPERATION,
+                    "gen_ai.provider.name": provider,
                     "gen_ai.request.model": model,
+                    "gen_ai.response.model": response_model,
                     "gen_ai.usage.input_tokens": completed.usage.prompt_tokens,
                     "gen_ai.usage.output_tokens": output,
                     "tokenwire.response_id": completed.response_id,
@@ -215,8 +251,13 @@ class ObservabilityStage(Stage):
         elapsed = time.monotonic() - call.started
         # Only a model the server resolved: a refused request's model name is
         # the caller's free text (a metric label per typo, or a pasted secret).
-        model = facts.model if facts is not None else ""
-        m.request_duration.labels(OPERATION, model, status).observe(elapsed)
+        # No `Completed`, so no model answered: the response model is "".
+        if facts is not None:
+            model = facts.model
+            provider = self._provider(model)
+        else:
+            model = provider = UNRESOLVED
+        self._failed_durations(OPERATION, provider, model, "", status).observe(elapsed)
         self._responses(call.method, status, m.tenant_label(call.tenant)).inc()
         sent = call.sent
         m.chunks_sent.inc(sent.chunks)
@@ -241,7 +282,7 @@ class ObservabilityStage(Stage):
                 "request_id": scrub(call.request_id),
                 "response_id": facts.response_id if facts is not None else "",
                 "trace_id": call.trace_id,
-                "model": model,
+                "model": facts.model if facts is not None else "",
                 "last_sequence": sent.chunks,
                 "completion_tokens": call.progress.completion_tokens,
                 "total_ms": round(elapsed * 1000, 3),
