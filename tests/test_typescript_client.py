@@ -3,15 +3,17 @@ strictly, and its own `node --test` suite passes against a real `tokenwire serve
 
 from __future__ import annotations
 
+import asyncio
 import filecmp
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 
-from tests.conftest import REQUIRE_POLYGLOT, require_tool
+from tests.conftest import REQUIRE_POLYGLOT, require_tool, start_serve_process
 
 ROOT = Path(__file__).resolve().parent.parent
 PACKAGE = ROOT / "clients" / "typescript"
@@ -31,7 +33,7 @@ def npm() -> str:
 
 
 def _run(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(args, cwd=PACKAGE, capture_output=True, text=True, timeout=300, env=env)
+    return subprocess.run(args, cwd=PACKAGE, capture_output=True, text=True, timeout=540, env=env)
 
 
 def _files(directory: Path) -> list[str]:
@@ -52,11 +54,13 @@ def test_committed_typescript_stubs_match_the_protos(npm: str, tmp_path: Path) -
     assert not drifted, f"stale stubs {drifted}: run `npm run generate` in clients/typescript"
 
 
+@pytest.mark.timeout(600)  # tsc and node on a busy machine
 def test_typescript_client_typechecks_strictly(npm: str) -> None:
     result = _run(npm, "run", "--silent", "typecheck")
     assert result.returncode == 0, result.stdout + result.stderr
 
 
+@pytest.mark.timeout(600)  # tsc and node on a busy machine
 def test_typescript_client_suite_passes_against_a_real_server(npm: str) -> None:
     env = {
         **os.environ,
@@ -66,3 +70,65 @@ def test_typescript_client_suite_passes_against_a_real_server(npm: str) -> None:
     output = result.stdout + result.stderr
     assert result.returncode == 0, output[-8000:]
     assert "# fail 0" in output, output[-8000:]
+
+
+def _example_options() -> list[str]:
+    """The options examples/stream.ts declares to parseArgs (its OPTIONS table)."""
+    source = (PACKAGE / "examples" / "stream.ts").read_text(encoding="utf-8")
+    table = source[
+        source.index("const OPTIONS = {") : source.index('satisfies ParseArgsConfig["options"]')
+    ]
+    return re.findall(r'^\s+"?([a-z][a-z-]*)"?: \{ type:', table, flags=re.MULTILINE)
+
+
+@pytest.mark.timeout(600)  # tsc and node on a busy machine
+def test_typescript_example_help_lists_every_option(npm: str) -> None:
+    """`npm run example -- --help` printed a parseArgs stack trace (node:util's
+    parseArgs is strict and --help was not declared); now it prints the usage,
+    naming every option the example accepts, and exits 0. A wrong option is
+    exit status 2 with the problem and the usage, not a stack trace."""
+    options = _example_options()
+    assert {"help", "address", "mode", "stall-timeout", "no-resume"} <= set(options)
+    shown = _run(npm, "run", "--silent", "example", "--", "--help")
+    assert shown.returncode == 0, shown.stdout + shown.stderr
+    assert shown.stdout.startswith('usage: npm run example -- [options] "prompt"'), shown.stdout
+    for option in options:
+        assert f"--{option}" in shown.stdout, f"--{option} missing from the example's --help"
+    short = _run("node", "dist/examples/stream.js", "-h")
+    assert short.returncode == 0 and short.stdout == shown.stdout
+    for argv, problem in (
+        (["--bogus", "hi"], "Unknown option '--bogus'"),
+        (["--timeout"], "argument missing"),
+        (["--mode", "fast", "hi"], "unknown --mode fast"),
+        ([], "no prompt given"),
+    ):
+        wrong = _run("node", "dist/examples/stream.js", *argv)
+        assert wrong.returncode == 2, (argv, wrong.stdout, wrong.stderr)
+        assert problem in wrong.stderr and "usage: npm run example" in wrong.stderr, wrong.stderr
+        assert "    at " not in wrong.stderr, f"a stack trace for {argv}:\n{wrong.stderr}"
+
+
+@pytest.mark.timeout(600)  # tsc and node on a busy machine
+async def test_typescript_example_streams_from_a_real_server(npm: str) -> None:
+    built = _run(npm, "run", "--silent", "build")
+    assert built.returncode == 0, built.stdout + built.stderr
+    process, address = await start_serve_process()
+    try:
+        result = await asyncio.to_thread(
+            _run,
+            "node",
+            "dist/examples/stream.js",
+            "--address",
+            address,
+            "--model",
+            "echo",
+            "--mode",
+            "stream",
+            "hello from the example",
+        )
+    finally:
+        process.terminate()
+        await process.wait()
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert result.stdout == "hello from the example\n"
+    assert "verified" in result.stderr and "NOT VERIFIED" not in result.stderr, result.stderr

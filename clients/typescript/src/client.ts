@@ -34,6 +34,14 @@ import {
   type StreamRespondRequest,
   StreamRespondRequestSchema,
 } from "./gen/tokenwire/v1/respond_pb.js";
+import {
+  DEFAULT_STALL_TIMEOUT_MS,
+  type ObservationHook,
+  type ObservationKind,
+  type Observed,
+  Observer,
+  StallWatch,
+} from "./observed.js";
 import { type Result, StreamAssembler, type StreamEvent, unaryResult } from "./stream.js";
 
 export const DEFAULT_TARGET = "localhost:50051";
@@ -90,6 +98,13 @@ export interface ClientOptions {
   headers?: Record<string, string>;
   /** Resume policy for resumable streams; `null` never resumes. */
   resume?: ResumePolicy | null;
+  /**
+   * How long a stream may wait for its next event (chunk, heartbeat,
+   * `Completed`) before `observed.stalls` counts a stall (30 s; 0 counts none).
+   */
+  stallTimeoutMs?: number;
+  /** Hears each ordering violation and stall after it is counted (`observed.ts`). */
+  onObservation?: ObservationHook;
 }
 
 export type Mode = "auto" | "stream" | "buffered";
@@ -213,6 +228,7 @@ export class ResponseStream implements AsyncIterable<StreamEvent> {
   private controller: AbortController | undefined;
   private cancelled = false;
   private started = false;
+  private readonly stalls: StallWatch | undefined;
 
   constructor(
     private readonly rpc: Client<typeof RespondService>,
@@ -222,10 +238,24 @@ export class ResponseStream implements AsyncIterable<StreamEvent> {
     resume: ResumePolicy | null,
     assembler?: StreamAssembler,
     private readonly signal?: AbortSignal,
+    observer?: Observer,
+    stallTimeoutMs = 0,
   ) {
     this.deadline = Date.now() + timeoutMs;
     this.resume = request.resumable ? resume : null;
     this.assembler = assembler ?? new StreamAssembler();
+    if (observer !== undefined) {
+      this.assembler.observe ??= (kind: ObservationKind, detail: string) =>
+        observer.record({
+          kind,
+          responseId: this.assembler.responseId,
+          lastSequence: this.assembler.lastSequence,
+          detail,
+        });
+      if (stallTimeoutMs > 0) {
+        this.stalls = new StallWatch(stallTimeoutMs, (o) => observer.record(o));
+      }
+    }
     if (signal?.aborted) this.cancelled = true;
     signal?.addEventListener("abort", () => this.cancel(), { once: true });
   }
@@ -303,7 +333,9 @@ export class ResponseStream implements AsyncIterable<StreamEvent> {
         const iterator = call[Symbol.asyncIterator]();
         messages = iterator;
         for (;;) {
+          this.stalls?.waiting(this.assembler.responseId, this.assembler.lastSequence);
           const next = await iterator.next();
+          this.stalls?.stopped(!next.done);
           if (next.done) break;
           for (const event of this.assembler.feed(next.value)) yield event;
         }
@@ -322,6 +354,7 @@ export class ResponseStream implements AsyncIterable<StreamEvent> {
         if (this.cancelled) throw error;
         request = this.assembler.resumeRequest();
       } finally {
+        this.stalls?.stopped(false);
         // A caller that stops reading (or a failed check) must stop generation too.
         controller.abort();
         if (!finished && messages !== undefined) {
@@ -345,10 +378,17 @@ export class TokenwireClient {
   private readonly timeoutMs: number;
   private readonly headers: Record<string, string>;
   private readonly resume: ResumePolicy | null;
+  private readonly observer: Observer;
+  private readonly stallTimeoutMs: number;
 
   constructor(target: string = DEFAULT_TARGET, options: ClientOptions = {}) {
     this.target = target;
     this.timeoutMs = options.timeoutMs ?? DEFAULT_TIMEOUT_MS;
+    this.observer = new Observer(options.onObservation);
+    this.stallTimeoutMs = options.stallTimeoutMs ?? DEFAULT_STALL_TIMEOUT_MS;
+    if (!(this.stallTimeoutMs >= 0)) {
+      throw new RangeError(`stallTimeoutMs must be 0 (off) or positive, got ${this.stallTimeoutMs}`);
+    }
     this.resume = options.resume === undefined ? new ResumePolicy() : options.resume;
     this.headers = { ...(options.headers ?? {}) };
     if (options.apiKey) this.headers["authorization"] = `Bearer ${options.apiKey}`;
@@ -366,6 +406,14 @@ export class TokenwireClient {
     this.session = new Http2SessionManager(baseUrl, {}, nodeOptions);
     const transport = createGrpcTransport({ baseUrl, sessionManager: this.session });
     this.rpc = createClient(RespondService, transport);
+  }
+
+  /**
+   * Ordering violations and stalls this client's streams met so far (live
+   * counters: `orderingViolations`, `stalls`, and each kind).
+   */
+  get observed(): Observed {
+    return this.observer.counts;
   }
 
   /** Closes the connection (and any call still open on it). */
@@ -391,6 +439,8 @@ export class TokenwireClient {
       this.resume,
       options.assembler,
       options.signal,
+      this.observer,
+      this.stallTimeoutMs,
     );
   }
 

@@ -2,5 +2,6 @@
 
 export * from "./client.js";
 export * from "./errors.js";
+export * from "./observed.js";
 export * from "./stream.js";
 export * as pb from "./gen/tokenwire/v1/respond_pb.js";

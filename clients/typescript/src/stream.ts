@@ -12,6 +12,7 @@ import { create } from "@bufbuild/protobuf";
 import type { Duration } from "@bufbuild/protobuf/wkt";
 
 import { IntegrityError, ProtocolError } from "./errors.js";
+import type { ObservationKind } from "./observed.js";
 import {
   type Completed,
   type RespondResponse,
@@ -130,14 +131,28 @@ export class StreamAssembler {
   /** Resuming by hand: the caller holds chunks 1..n already (but not here). */
   readonly resumedAfter: number;
   result: Result | undefined = undefined;
+  /**
+   * Told of each ordering violation before it is thrown as a `ProtocolError`
+   * (kinds `sequence_gap`, `sequence_repeat`, `offset_mismatch`,
+   * `event_after_completed`). A client's streams set it to count them.
+   */
+  observe: ((kind: ObservationKind, detail: string) => void) | undefined;
   private readonly parts: Uint8Array[] = [];
   private nextSequence: number;
   private nextOffset: number;
   private readonly digest: Hash = createHash("sha256");
   private responseIdValue = "";
 
-  constructor(options: { requestId?: string; resumedAfter?: number; responseId?: string } = {}) {
+  constructor(
+    options: {
+      requestId?: string;
+      resumedAfter?: number;
+      responseId?: string;
+      observe?: (kind: ObservationKind, detail: string) => void;
+    } = {},
+  ) {
     this.requestId = options.requestId ?? "";
+    this.observe = options.observe;
     this.resumedAfter = options.resumedAfter ?? 0;
     this.responseIdValue = options.responseId ?? "";
     this.nextSequence = this.resumedAfter + 1;
@@ -162,10 +177,15 @@ export class StreamAssembler {
     });
   }
 
+  private violation(kind: ObservationKind, detail: string): ProtocolError {
+    this.observe?.(kind, detail);
+    return new ProtocolError(detail, { lastSequence: this.lastSequence });
+  }
+
   /** Takes one wire event; returns the events a caller should see. */
   feed(message: StreamRespondResponse): StreamEvent[] {
     if (this.result !== undefined) {
-      throw new ProtocolError("event after Completed", { lastSequence: this.lastSequence });
+      throw this.violation("event_after_completed", "event after Completed");
     }
     const event = message.event;
     switch (event.case) {
@@ -190,10 +210,16 @@ export class StreamAssembler {
     }
     if (this.nextOffset === -1) this.nextOffset = chunk.textOffset;
     if (chunk.sequence !== this.nextSequence || chunk.textOffset !== this.nextOffset) {
-      throw new ProtocolError(
+      const kind: ObservationKind =
+        chunk.sequence > this.nextSequence
+          ? "sequence_gap"
+          : chunk.sequence < this.nextSequence
+            ? "sequence_repeat"
+            : "offset_mismatch";
+      throw this.violation(
+        kind,
         `expected chunk ${this.nextSequence} at byte ${this.nextOffset}, got ` +
           `${chunk.sequence} at byte ${chunk.textOffset}`,
-        { lastSequence: this.lastSequence },
       );
     }
     this.responseIdValue = chunk.responseId;
@@ -214,6 +240,12 @@ export class StreamAssembler {
 
   private completed(completed: Completed): StreamEvent[] {
     const last = this.lastSequence;
+    if (completed.lastSequence > last) {
+      throw this.violation(
+        "sequence_gap",
+        `Completed names last sequence ${completed.lastSequence}, received ${last}`,
+      );
+    }
     if (completed.lastSequence !== last) {
       throw new ProtocolError(
         `Completed names last sequence ${completed.lastSequence}, received ${last}`,
