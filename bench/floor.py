@@ -54,7 +54,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import aiohttp
@@ -153,6 +153,8 @@ async def load_worker(kind: str, address: str, streams: int, tokens: int) -> Non
     await until_signalled()
     for task in tasks:
         task.cancel()
+    await asyncio.gather(*tasks, return_exceptions=True)
+    await (session.close() if kind == "direct" else channel.close())
 
 
 async def unary_worker(address: str, inflight: int, seconds: float) -> None:
@@ -222,21 +224,30 @@ async def run_unary(
 # ---- measurement ------------------------------------------------------------------------
 
 
-Figures = dict[tuple[str, str], list[float]]  # (target name, metric) -> one value a round
+@dataclass
+class Figures:
+    """Every sample, kept per round."""
+
+    #: (target, "ttft @16" or "loaded ttft @16") -> one list of TTFT ms per round
+    ttft: dict[tuple[str, str], list[list[float]]] = field(default_factory=dict)
+    #: (target, "req/s @1" or "CPU ms/call @1") -> one value per round
+    unary: dict[tuple[str, str], list[float]] = field(default_factory=dict)
 
 
-async def ttft_round(
-    target: Target, figures: Figures, args: argparse.Namespace, prefix: str
-) -> None:
-    calls = args.load_calls if prefix else args.calls
+async def first_token_ms(target: Target, tokens: int) -> float:
+    return (await time_to_first_token(target.path, 1, tokens))[0]
+
+
+async def ttft_round(targets: list[Target], figures: Figures, args: argparse.Namespace) -> None:
+    """`--calls` calls per path and size, interleaved call by call (in `targets`'
+    order), so that every path meets the same moments of the machine."""
     for size in args.sizes:
-        samples = await time_to_first_token(target.path, calls, size)
-        figures.setdefault((target.name, f"{prefix}ttft p50 @{size}"), []).append(
-            percentile(samples, 0.50)
-        )
-        figures.setdefault((target.name, f"{prefix}ttft p99 @{size}"), []).append(
-            percentile(samples, 0.99)
-        )
+        samples: dict[str, list[float]] = {t.name: [] for t in targets}
+        for _ in range(args.calls):
+            for target in targets:
+                samples[target.name].append(await first_token_ms(target, size))
+        for name, values in samples.items():
+            figures.ttft.setdefault((name, f"ttft @{size}"), []).append(values)
 
 
 async def loaded_round(
@@ -256,7 +267,9 @@ async def loaded_round(
         if line.strip() != b"loading":
             raise RuntimeError(f"load process did not start: {line!r}")
         await asyncio.sleep(0.3)  # every load stream under way
-        await ttft_round(target, figures, args, "loaded ")
+        for size in args.sizes:
+            samples = [await first_token_ms(target, size) for _ in range(args.load_calls)]
+            figures.ttft.setdefault((target.name, f"loaded ttft @{size}"), []).append(samples)
     finally:
         loader.terminate()
         await loader.wait()
@@ -270,8 +283,10 @@ async def unary_round(
         cpu_before = target.server.cpu_seconds()
         ok, seconds = await run_unary(target.server.address, inflight, args.unary_seconds, ghz)
         cpu = target.server.cpu_seconds() - cpu_before
-        figures.setdefault((target.name, f"req/s @{inflight}"), []).append(ok / seconds)
-        figures.setdefault((target.name, f"CPU ms/call @{inflight}"), []).append(cpu / ok * 1000)
+        figures.unary.setdefault((target.name, f"req/s @{inflight}"), []).append(ok / seconds)
+        figures.unary.setdefault((target.name, f"CPU ms/call @{inflight}"), []).append(
+            cpu / ok * 1000
+        )
 
 
 def rotated(items: list[Target], by: int) -> list[Target]:
@@ -360,11 +375,11 @@ async def main(args: argparse.Namespace) -> None:
         if args.inflight and args.warmup:
             for target in unary_targets:
                 await run_unary(target.server.address, 4, 0.5, ghz)  # type: ignore[union-attr]
-        figures: Figures = {}
+        figures = Figures()
+        load_before = os.getloadavg()[0]
         for round_ in range(args.rounds):
             order = rotated(targets, round_)
-            for target in order:
-                await ttft_round(target, figures, args, "")
+            await ttft_round(order, figures, args)
             if args.load_streams:
                 for target in order:
                     await loaded_round(target, figures, args, base_url)
@@ -378,86 +393,116 @@ async def main(args: argparse.Namespace) -> None:
         await stop_all(processes)
         shutil.rmtree(workdir, ignore_errors=True)
     where = [f"{label} = {source or ROOT}" for label, source in zip(labels, sources, strict=True)]
+    where.append(
+        f"load average {load_before:.1f} at the start, {os.getloadavg()[0]:.1f} at the end"
+    )
     report(figures, targets, args, where, "ghz" if ghz else "grpc.aio client process")
 
 
 # ---- report ------------------------------------------------------------------------------
 
 
-def spread(values: list[float], fmt: str) -> str:
-    return f"{statistics.median(values):{fmt}} ({min(values):{fmt}}-{max(values):{fmt}})"
+def spread(values: list[float], fmt: str, middle: float | None = None) -> str:
+    """`middle` (default: the median of `values`) with the range of `values`."""
+    middle = statistics.median(values) if middle is None else middle
+    return f"{middle:{fmt}} ({min(values):{fmt}}-{max(values):{fmt}})"
 
 
-def metrics(args: argparse.Namespace) -> list[str]:
-    names = []
+@dataclass
+class Cell:
+    """One path's figure: the headline and the per-round values behind it."""
+
+    value: float
+    rounds: list[float]
+
+
+def ttft_cell(figures: Figures, target: Target, direct: Target, key: str, q: float) -> Cell:
+    """The direct read's own TTFT at quantile q; any other path's added TTFT: its
+    quantile minus the direct read's, over all rounds' samples pooled."""
+
+    def at(name: str) -> tuple[float, list[float]]:
+        rounds = figures.ttft[(name, key)]
+        return percentile([v for r in rounds for v in r], q), [percentile(r, q) for r in rounds]
+
+    own, own_rounds = at(target.name)
+    if target is direct:
+        return Cell(own, own_rounds)
+    base, base_rounds = at(direct.name)
+    return Cell(own - base, [a - b for a, b in zip(own_rounds, base_rounds, strict=True)])
+
+
+def rows_of(args: argparse.Namespace) -> list[tuple[str, str, float]]:
+    """(row label, figures key, quantile; 0 for unary rows)."""
+    rows = []
     for prefix in ("", "loaded ") if args.load_streams else ("",):
         for size in args.sizes:
-            names += [f"{prefix}ttft p50 @{size}", f"{prefix}ttft p99 @{size}"]
+            for name, q in (("p50", 0.50), ("p99", 0.99)):
+                rows.append((f"{prefix}ttft {name} @{size}", f"{prefix}ttft @{size}", q))
     for inflight in args.inflight:
-        names += [f"req/s @{inflight}", f"CPU ms/call @{inflight}"]
-    return names
-
-
-def target_of(metric: str) -> tuple[float, bool] | None:
-    return TARGETS.get(metric.rsplit(" @", 1)[0])
+        for name in (f"req/s @{inflight}", f"CPU ms/call @{inflight}"):
+            rows.append((name, name, 0.0))
+    return rows
 
 
 def report(
     figures: Figures,
     targets: list[Target],
     args: argparse.Namespace,
-    labels: list[str],
+    notes: list[str],
     unary_client: str,
 ) -> None:
     direct, bare = targets[0], targets[1]
     print(
-        f"\nthe per-call floor: {args.rounds} alternating rounds, {args.calls} sequential calls "
-        f"per TTFT figure ({args.load_calls} beside {args.load_streams} load streams), unary "
-        f"{args.unary_seconds:g} s per run ({unary_client}); {os.cpu_count()} cores, loopback; "
-        f"sources: {'; '.join(labels)}; load average at the end {os.getloadavg()[0]:.1f}"
+        f"\nthe per-call floor: {args.rounds} rounds; per round {args.calls} sequential calls "
+        f"per path and size, interleaved call by call ({args.load_calls} in a block per path "
+        f"beside {args.load_streams} load streams); unary {args.unary_seconds:g} s per run "
+        f"({unary_client}); {os.cpu_count()} cores, loopback; {'; '.join(notes)}"
     )
     print(
-        "TTFT rows: direct = the upstream's own TTFT (ms); every other path = added ms over "
-        "direct in the same round. x: ratio to the bare relay / bare unary server, median of "
-        "the per-round ratios (min-max). median (min-max) over rounds.\n"
+        "TTFT rows (ms): direct = the upstream's own TTFT; other paths = added over direct, "
+        "all rounds' samples pooled (min-max of the per-round figures). Unary rows: median "
+        "(min-max) over rounds. x: ratio to the bare relay / bare unary server.\n"
     )
-    columns = ["metric", "direct", "bare"]
     tokenwire = [t for t in targets if t.server is not None and not t.baseline]
+    columns = ["metric", "direct", "bare"]
     columns += [c for t in tokenwire for c in (t.name, "x")] + ["target"]
     rows: list[list[str]] = []
     verdicts: list[str] = []
-    for metric in metrics(args):
-        is_ttft = "ttft" in metric
-
-        def values(target: Target, metric: str = metric, is_ttft: bool = is_ttft) -> list[float]:
-            own = figures[(target.name, metric)]
-            if not is_ttft:
-                return own
-            base = figures[(direct.name, metric)]
-            return [a - b for a, b in zip(own, base, strict=True)]
-
-        row = [metric, spread(figures[(direct.name, metric)], ".2f") if is_ttft else "—"]
-        fmt = ".2f" if is_ttft or "CPU" in metric else ",.0f"
-        bare_values = values(bare)
-        row.append(spread(bare_values, fmt))
-        goal = target_of(metric)
+    for label, key, q in rows_of(args):
+        goal = TARGETS.get(label.rsplit(" @", 1)[0])
+        if q:
+            cells = {t.name: ttft_cell(figures, t, direct, key, q) for t in targets}
+            row = [label, spread(cells[direct.name].rounds, ".2f", cells[direct.name].value)]
+        else:
+            cells = {
+                t.name: Cell(
+                    statistics.median(figures.unary[(t.name, key)]), figures.unary[(t.name, key)]
+                )
+                for t in targets
+                if t.server is not None
+            }
+            row = [label, "—"]
+        fmt = ",.0f" if label.startswith("req/s") else ".2f"
+        base = cells[bare.name]
+        row.append(spread(base.rounds, fmt, base.value))
         for target in tokenwire:
-            own = values(target)
-            ratios = [a / b if b else float("inf") for a, b in zip(own, bare_values, strict=True)]
-            ratio = statistics.median(ratios)
-            row += [spread(own, fmt), spread(ratios, ".2f")]
+            cell = cells[target.name]
+            ratio = cell.value / base.value if base.value > 0 else float("nan")
+            row += [spread(cell.rounds, fmt, cell.value), f"{ratio:.2f}"]
             if goal and "deployed" in target.name:
                 limit, at_most = goal
                 held = ratio <= limit if at_most else ratio >= limit
                 word = "held" if held else f"MISSED by {abs(ratio / limit - 1):.0%}"
+                if base.value <= 0:
+                    word = "no verdict: the bare figure is not above zero (noise)"
+                sign = "<=" if at_most else ">="
                 verdicts.append(
-                    f"{target.name}: {metric}: {ratio:.2f}x (target {'<=' if at_most else '>='}"
-                    f" {limit}x): {word}"
+                    f"{target.name}: {label}: {ratio:.2f}x (target {sign} {limit}x): {word}"
                 )
         row.append(("≤ " if goal[1] else "≥ ") + f"{goal[0]}x" if goal else "—")
         rows.append(row)
     per_message.print_table(columns, rows)
-    print("\nissue 24 targets (deployed server; median of the per-round ratios):")
+    print("\nissue 24 targets (deployed server):")
     for verdict in verdicts:
         print("  " + verdict)
     print(
