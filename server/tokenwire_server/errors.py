@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import grpc
 from google.protobuf import any_pb2, duration_pb2
@@ -111,6 +112,22 @@ class BackendUnavailable(TokenwireError):
     code = grpc.StatusCode.UNAVAILABLE
     reason = "BACKEND_UNAVAILABLE"
     retry_after = 1.0
+
+
+class AuditUnavailable(TokenwireError):
+    """The audit row of this call could not be committed, so the call releases
+    nothing more. The message names no file and no cause (the server logs them)."""
+
+    code = grpc.StatusCode.UNAVAILABLE
+    reason = "AUDIT_UNAVAILABLE"
+    retry_after = 1.0
+
+    def __init__(
+        self,
+        message: str = "the audit trail cannot be written; nothing more is released",
+        **details: Any,
+    ) -> None:
+        super().__init__(message, **details)
 
 
 class StoreUnavailable(TokenwireError):

@@ -27,30 +27,19 @@ import time
 from concurrent.futures import Future
 from typing import Any
 
-import grpc
-
 from tokenwire.v1 import respond_pb2 as pb
 from tokenwire_server.audit.records import AuditRecord, TokenEvent
 from tokenwire_server.audit.store import AuditStore, AuditWriteError
 from tokenwire_server.domain import utf8_length
-from tokenwire_server.errors import TokenwireError, clip
+from tokenwire_server.errors import AuditUnavailable, TokenwireError, clip
 from tokenwire_server.governance.scrub import scrub, scrub_labels
 from tokenwire_server.interceptors.call import Call, ResponseFacts
 from tokenwire_server.interceptors.chain import RESPONDING, Stage
 from tokenwire_server.observability.metrics import Metrics
 
 
-class AuditUnavailable(TokenwireError):
-    """The audit row of this call could not be committed, so the call releases
-    nothing more. The message names no file and no cause (the server logs them)."""
-
-    code = grpc.StatusCode.UNAVAILABLE
-    reason = "AUDIT_UNAVAILABLE"
-    retry_after = 1.0
-
-
 def _unavailable() -> AuditUnavailable:
-    return AuditUnavailable("the audit trail cannot be written; nothing more is released")
+    return AuditUnavailable()
 
 
 def _name(enum: Any, value: int, prefix: str) -> str:
@@ -104,7 +93,7 @@ def _row(call: Call, event: str, reason: str = "") -> AuditRecord:
     return AuditRecord(
         event=event,
         response_id=facts.response_id if facts is not None else "",
-        request_id=scrub(call.request_id),
+        request_id=call.logged_request_id,
         trace_id=call.trace_id,
         tenant=call.tenant,
         method=call.method,
@@ -147,7 +136,7 @@ def _completed_row(call: Call, completed: pb.Completed) -> AuditRecord:
     return AuditRecord(
         event="completed",
         response_id=completed.response_id,
-        request_id=scrub(completed.request_id),
+        request_id=call.logged_id(completed.request_id),
         trace_id=completed.trace_id,
         tenant=call.tenant,
         method=call.method,

@@ -21,6 +21,7 @@ from typing import Any
 from opentelemetry.trace import INVALID_SPAN, Span
 
 from tokenwire_server.audit.records import TokenEvent
+from tokenwire_server.governance.scrub import scrub
 
 #: Chunks (sequence, text offset, UTF-8 bytes) a resumed call's caller already holds.
 ReplayPrefix = tuple[tuple[int, int, bytes], ...]
@@ -91,6 +92,9 @@ class Call:
     caller_request_id: str = ""
     #: The caller's id, else a generated one.
     request_id: str = ""
+    #: `request_id` as logs, spans and audit rows keep it: scrubbed when it is
+    #: the caller's free text, as it is when the server generated it.
+    logged_request_id: str = ""
     trace_id: str = ""
     span: Span = INVALID_SPAN
     #: Absolute event-loop time by which the call must end.
@@ -114,6 +118,10 @@ class Call:
     entered: int = 0
     #: Who hears `report`: set by the chain from the stages that listen.
     listeners: tuple[Callable[[Call, ResponseFacts], None], ...] = ()
+
+    def logged_id(self, request_id: str) -> str:
+        """A response's request id as records keep it (scrubbed once per call)."""
+        return self.logged_request_id if request_id == self.request_id else scrub(request_id)
 
     def report(self, news: ResponseFacts | Progress) -> None:
         """The servicer's one way to tell the outer layers what it learnt."""

@@ -18,7 +18,7 @@ from prometheus_client.metrics import MetricWrapperBase
 
 from tokenwire.v1 import respond_pb2 as pb
 from tokenwire_server.errors import NotFound, TokenwireError
-from tokenwire_server.governance.scrub import scrub, scrub_labels
+from tokenwire_server.governance.scrub import scrub_labels
 from tokenwire_server.interceptors.call import Call
 from tokenwire_server.interceptors.chain import RESPONDING, Context, Stage
 from tokenwire_server.observability.metrics import OPERATION, OTHER, UNRESOLVED, Metrics
@@ -197,7 +197,7 @@ class ObservabilityStage(Stage):
                     "gen_ai.usage.input_tokens": completed.usage.prompt_tokens,
                     "gen_ai.usage.output_tokens": output,
                     "tokenwire.response_id": completed.response_id,
-                    "tokenwire.request_id": scrub(completed.request_id),
+                    "tokenwire.request_id": call.logged_id(completed.request_id),
                     "tokenwire.chunk_count": completed.chunk_count,
                     "tokenwire.last_sequence": completed.last_sequence,
                     "tokenwire.verdict": verdict,
@@ -216,7 +216,7 @@ class ObservabilityStage(Stage):
             "event": "response",
             "method": call.method,
             "status": "OK",
-            "request_id": scrub(completed.request_id),
+            "request_id": call.logged_id(completed.request_id),
             "tenant": call.tenant,
             "response_id": completed.response_id,
             "trace_id": completed.trace_id,
@@ -279,7 +279,7 @@ class ObservabilityStage(Stage):
                 "method": call.method,
                 "status": status,
                 "error_reason": call.progress.error_reason or reason,
-                "request_id": scrub(call.request_id),
+                "request_id": call.logged_request_id,
                 "response_id": facts.response_id if facts is not None else "",
                 "trace_id": call.trace_id,
                 "model": facts.model if facts is not None else "",

@@ -16,6 +16,7 @@ import uuid
 from collections.abc import Iterable
 from typing import Any
 
+from tokenwire_server.governance.scrub import scrub
 from tokenwire_server.interceptors.call import Call
 from tokenwire_server.interceptors.chain import Context, Stage
 from tokenwire_server.validation import is_valid_request_id
@@ -38,7 +39,10 @@ class RequestContextStage(Stage):
         call.caller_request_id = caller_request_id(
             getattr(call.request, "request_id", ""), call.metadata
         )
-        call.request_id = call.caller_request_id or f"req_{uuid.uuid4().hex}"
+        caller_id = call.caller_request_id
+        call.request_id = caller_id or f"req_{uuid.uuid4().hex}"
+        # The caller's id is free text and is scrubbed once; a generated one needs none.
+        call.logged_request_id = scrub(caller_id) if caller_id else call.request_id
         # Sent while the servicer starts the response (the chain awaits it
         # before anything else leaves), not before: its round trip through
         # grpc core would otherwise add to every call's time to first token.

@@ -50,6 +50,13 @@ def _verify(completed: pb.Completed, streamed_sha256: str, retract_from: int, om
     else:
         verification.status = pb.VERIFICATION_STATUS_DIVERGED
         verification.retract_from_sequence = retract_from
+    # Integrity: every chunk was contiguous and the digest compared (a divergence
+    # is stated, not a failure); the gate refuses the call otherwise. The other
+    # checks (validators) came with the response.
+    verification.checks.add(name="integrity", outcome=pb.CHECK_OUTCOME_PASSED)
+    verification.checks_passed = not any(
+        check.outcome == pb.CHECK_OUTCOME_FAILED for check in verification.checks
+    )
 
 
 def _describe(call: Call, completed: pb.Completed, chunks: int) -> None:
