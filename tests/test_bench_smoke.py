@@ -13,11 +13,12 @@ def test_floor_benchmark_runs_and_prints_its_table() -> None:
     result = subprocess.run(
         [
             sys.executable, str(ROOT / "bench" / "floor.py"),
-            "--rounds", "1", "--calls", "5", "--sizes", "16", "--load-streams", "2",
+            "--rounds", "1", "--calls", "3", "--sizes", "16",
+            "--load-streams", "2", "--load-calls", "3",
             "--inflight", "1", "--unary-seconds", "0.3", "--unary-client", "python",
             "--warmup", "0",
         ],
-        capture_output=True, text=True, timeout=60, cwd=ROOT,
+        capture_output=True, text=True, timeout=100, cwd=ROOT,
     )  # fmt: skip
     assert result.returncode == 0, result.stderr[-2000:]
     out = result.stdout
