@@ -324,9 +324,9 @@ def test_every_bad_field_is_named_with_file_and_entry(tmp_path: Path) -> None:
             {"name": "ok", "address": "a:3"},
         ]
     }
-    source = str(tmp_path / "tokenwire.toml")
+    source = f"config file {tmp_path / 'tokenwire.toml'}"
     with pytest.raises(ValidatorConfigError) as raised:
-        parse_validators(document, source)
+        parse_validators(document, source, base_dir=tmp_path)
     message = str(raised.value)
     for expected in (
         f"{source}: validators[1] (bad).address: must be a non-empty string",
@@ -346,6 +346,13 @@ def test_every_bad_field_is_named_with_file_and_entry(tmp_path: Path) -> None:
         parse_validators({"validators": {"name": "x"}}, source)
     with pytest.raises(ValidatorConfigError, match=r"validators\[0\]\.name: is required"):
         parse_validators({"validators": [{"address": "a:1"}]}, source)
+
+
+def test_a_relative_tls_ca_is_read_from_the_files_directory(tmp_path: Path) -> None:
+    (tmp_path / "ca.pem").write_text("PEM")
+    document = {"validators": [{"name": "v", "address": "a:1", "tls_ca": "ca.pem"}]}
+    (validator,) = parse_validators(document, "config file x.toml", base_dir=tmp_path)
+    assert validator.tls_ca == str(tmp_path / "ca.pem") and validator.uses_tls
 
 
 def test_matching_by_model_tenant_and_labels() -> None:

@@ -6,6 +6,13 @@ The keys file maps key hashes to tenants:
       - tenant: acme
         sha256: 9f86d081884c7d659a2feaa0c55ad015a3bf4f1b2b0b822cd15d6c15b0f00a08
         name: ci            # optional, for operators
+      - tenant: acme
+        sha256: c97ace4c8fef2cee8fa0f3c9f52aab18dbd4f42438afe362ffb8f75ce4c04b84
+        name: alice
+        role: reviewer      # optional: `reviewer` may also decide acme's reviews
+
+A key without `role` calls the service as before; `role: reviewer` (or
+`roles: [reviewer]`) lets it list and decide its tenant's reviews too.
 
 `tokenwire keys hash` prints the hash of a key read from stdin. Presented
 keys are hashed and compared with every entry in constant time, so neither
@@ -32,11 +39,22 @@ class KeysFileError(FileProblem):
     """The keys file cannot be used; the message says where."""
 
 
+#: Roles a key can have besides calling the service.
+REVIEWER = "reviewer"
+ROLES = frozenset({REVIEWER})
+
+
 @dataclass(frozen=True, slots=True)
 class KeyEntry:
     tenant: str
     digest: bytes
     name: str
+    roles: frozenset[str] = frozenset()
+
+    @property
+    def label(self) -> str:
+        """Who this key is in audit rows: its name, else the start of its hash."""
+        return self.name or f"key:{self.digest.hex()[:12]}"
 
 
 def hash_key(key: str) -> str:
@@ -91,8 +109,23 @@ def load_keys(path: str) -> tuple[KeyEntry, ...]:
             raise KeysFileError(f"{where}: sha256 must be 64 hex digits (tokenwire keys hash)")
         if any(k.digest == value for k in keys):
             raise KeysFileError(f"{where}: the same key is listed twice")
-        keys.append(KeyEntry(tenant, value, str(entry.get("name", ""))))
+        keys.append(KeyEntry(tenant, value, str(entry.get("name", "")), _roles(entry, where)))
     return tuple(keys)
+
+
+def _roles(entry: dict[str, object], where: str) -> frozenset[str]:
+    """`role: reviewer` or `roles: [reviewer]`; none by default."""
+    if "role" in entry and "roles" in entry:
+        raise KeysFileError(f"{where}: give role or roles, not both")
+    raw = entry.get("roles", [entry["role"]] if "role" in entry else [])
+    if not isinstance(raw, list) or not all(isinstance(r, str) for r in raw):
+        raise KeysFileError(f"{where}: roles must be a list of role names")
+    unknown = sorted(set(raw) - ROLES)
+    if unknown:
+        raise KeysFileError(
+            f"{where}: unknown role {unknown[0]!r} (known: {', '.join(sorted(ROLES))})"
+        )
+    return frozenset(raw)
 
 
 class Authenticator:
@@ -118,6 +151,15 @@ class Authenticator:
         for entry in self._keys:  # no early exit: every call costs the same
             if hmac.compare_digest(presented, entry.digest):
                 found = entry.tenant
+        return found
+
+    def identify(self, key: str) -> KeyEntry | None:
+        """The entry of `key` (tenant, name, roles), compared like `tenant_for`."""
+        presented = hashlib.sha256(key.encode()).digest()
+        found: KeyEntry | None = None
+        for entry in self._keys:  # no early exit: every call costs the same
+            if hmac.compare_digest(presented, entry.digest):
+                found = entry
         return found
 
     def reload(self) -> Outcome:

@@ -190,6 +190,15 @@ class AuditConfig:
 
 
 @dataclass(frozen=True)
+class ReviewConfig:
+    review_path: str = _setting(
+        "",
+        "SQLite file of human reviews (empty: beside audit_path, or in memory with it); "
+        "with a redis:// store, reviews are kept in that Redis",
+    )
+
+
+@dataclass(frozen=True)
 class BackendConfig:
     backend: str = _setting(
         "simulator", "embedded backend beside the upstreams: simulator or llama"
@@ -256,6 +265,7 @@ class Config:
     auth: AuthConfig = field(default_factory=AuthConfig)
     quotas: QuotaConfig = field(default_factory=QuotaConfig)
     audit: AuditConfig = field(default_factory=AuditConfig)
+    reviews: ReviewConfig = field(default_factory=ReviewConfig)
     observability: ObservabilityConfig = field(default_factory=ObservabilityConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
     #: Routes to OpenAI-compatible upstreams (`[[upstreams]]` tables in the file).

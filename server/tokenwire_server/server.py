@@ -33,6 +33,9 @@ from tokenwire_server.observability.metrics import Metrics
 from tokenwire_server.observability.stall_watch import StallWatch
 from tokenwire_server.reflection import enable_reflection
 from tokenwire_server.reload import RELOAD_FILES, LoadError, Outcome, one_line
+from tokenwire_server.review import open_review_desk
+from tokenwire_server.review.access import ReviewAccess
+from tokenwire_server.review.service import REVIEW_SERVICE_NAME, add_review_service
 from tokenwire_server.routing import RoutingReloader
 from tokenwire_server.servicer import RespondServicer
 from tokenwire_server.store.base import ResponseStore
@@ -95,6 +98,14 @@ class TokenwireServer:
             self.audit_store: AuditStore = SqliteAuditStore(config.audit.audit_path)
         except (sqlite3.Error, OSError) as error:
             raise LoadError(f"audit_path: {config.audit.audit_path}: {error}") from None
+        #: Human review (issue 21): the response path opens reviews with `reviews.open`.
+        self.reviews = open_review_desk(
+            config.resume.store,
+            config.reviews.review_path,
+            config.audit.audit_path,
+            self.audit_store,
+            self.metrics,
+        )
         resume = config.resume
         self.store: ResponseStore
         if resume.store == "memory":
@@ -168,7 +179,12 @@ class TokenwireServer:
         chain.register(servicer, server)
         self._adopting = asyncio.create_task(servicer.adopt_orphans(), name="adopt orphans")
         health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
-        enable_reflection((SERVICE_NAME, HEALTH_SERVICE_NAME), server)  # v1 and v1alpha
+        access = ReviewAccess(self.authenticator, self.config.auth.auth_mtls)
+        add_review_service(self.reviews, access, server)
+        self.reviews.start()
+        enable_reflection(  # v1 and v1alpha
+            (SERVICE_NAME, REVIEW_SERVICE_NAME, HEALTH_SERVICE_NAME), server
+        )
         address = f"{net.host}:{net.port}" if ":" not in net.host else f"[{net.host}]:{net.port}"
         try:
             if self.tls is None:
@@ -187,7 +203,7 @@ class TokenwireServer:
             )
         self._server = server
         self.stall_watch.start()
-        for service in ("", SERVICE_NAME):
+        for service in ("", SERVICE_NAME, REVIEW_SERVICE_NAME):
             await self.health.set(service, health_pb2.HealthCheckResponse.SERVING)
         return self.port
 
@@ -226,6 +242,7 @@ class TokenwireServer:
                 await self._adopting
         await self.stall_watch.stop()
         await self.registry.aclose()
+        await self.reviews.aclose()
         await self.audit_store.close()
         await self.store.close()
         self.metrics.stop()

@@ -122,6 +122,9 @@ def _write_row(row: dict[str, Any], out: TextIO) -> None:
             out.write(f"{key:>24}: {row[key]}\n")
     out.write(f"{'labels':>24}: {json.dumps(row['labels'], sort_keys=True)}\n")
     for action in row["actions"]:
+        if "review_id" in action:  # an `escalated` / `reviewed` row (audit/review_events.py)
+            out.write(f"{'review':>24}: {json.dumps(action, sort_keys=True)}\n")
+            continue
         out.write(
             f"{'action':>24}: {action['operator']} {action['entity_type']} "
             f"[{action['start']}, {action['end']}) rule {action['rule_id']}\n"

@@ -220,11 +220,42 @@ class Metrics:
             "(UNAVAILABLE, AUDIT_UNAVAILABLE) unless the call was already failing.",
             registry=r,
         )
+        # Validators and human review (issue 21): validators/, review/.
+        self.validator_checks = Counter(
+            "tokenwire_validator_checks",
+            "Validator verdicts by validator and outcome (pass, fail, escalate, error, timed_out).",
+            ("validator", "outcome"),
+            registry=r,
+        )
+        self.validator_latency = Histogram(
+            "tokenwire_validator_latency_seconds",
+            "How long each validator's verdict held Completed up.",
+            ("validator",),
+            buckets=_PER_TOKEN_BUCKETS,
+            registry=r,
+        )
+        self.reviews_opened = Counter(
+            "tokenwire_reviews_opened",
+            "Responses escalated to human review, by action (hold, review_after).",
+            ("action",),
+            registry=r,
+        )
+        self.review_decisions = Counter(
+            "tokenwire_review_decisions",
+            "Reviews leaving PENDING, by state (approved, rejected, edited, expired).",
+            ("state",),
+            registry=r,
+        )
         self._server: WSGIServer | None = None
         self._thread: threading.Thread | None = None
 
     def count_spans(self, outcome: str, count: int) -> None:
         self.spans.labels(outcome).inc(count)
+
+    def count_check(self, validator: str, outcome: str, seconds: float) -> None:
+        """The validators' check hook (validators/runner.py)."""
+        self.validator_checks.labels(validator, outcome).inc()
+        self.validator_latency.labels(validator).observe(seconds)
 
     def tenant_label(self, tenant: str) -> str:
         """Keeps label cardinality bounded: the first 100 tenants by name, then "other"."""

@@ -259,19 +259,20 @@ def _one(
 
 
 def parse_validators(
-    document: Mapping[str, Any], source: str = "config file"
+    document: Mapping[str, Any], source: str = "config file", base_dir: Path | None = None
 ) -> tuple[ValidatorConfig, ...]:
     """The `[[validators]]` tables of a parsed config file, in file order.
 
-    `source` names the file in messages (a relative `tls_ca` is read from the
-    file's directory). Every problem is reported at once, each as
+    `source` names the file in messages; a relative `tls_ca` is read from
+    `base_dir` (the file's directory; the working directory when None).
+    Every problem is reported at once, each as
     `SOURCE: validators[INDEX] (NAME).FIELD: what is wrong`, in one
     ValidatorConfigError; nothing is returned unless every entry is good.
     """
     raw = document.get("validators", [])
     if not isinstance(raw, list) or not all(isinstance(item, dict) for item in raw):
         raise ValidatorConfigError(f"{source}: validators must be [[validators]] tables")
-    base = Path(source).parent if source and Path(source).suffix == ".toml" else None
+    base = base_dir
     problems: list[str] = []
     configs: list[ValidatorConfig] = []
     for index, item in enumerate(raw):
