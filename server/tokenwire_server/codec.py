@@ -30,6 +30,17 @@ def _duration(seconds: float) -> duration_pb2.Duration:
     return duration_pb2.Duration(seconds=nanos // 1_000_000_000, nanos=nanos % 1_000_000_000)
 
 
+def _review(outcome: Outcome) -> pb.ReviewRef | None:
+    if outcome.review is None:
+        return None
+    review_id, state = outcome.review
+    return pb.ReviewRef(
+        review_id=review_id,
+        state=pb.ReviewState.Value(f"REVIEW_STATE_{state}"),  # type: ignore[arg-type]
+        held=outcome.held,
+    )
+
+
 def action_message(action: Action) -> pb.GovernanceAction:
     return pb.GovernanceAction(
         rule_id=action.rule_id,
@@ -125,4 +136,6 @@ class EventCodec:
                 attempts=outcome.attempts,
             ),
             actions=[action_message(a) for a in outcome.actions],
+            verification=pb.Verification(checks=outcome.checks),
+            review=_review(outcome),
         )

@@ -5,6 +5,10 @@ the CLI flag ``--grace-period``, the environment variable
 ``TOKENWIRE_GRACE_PERIOD`` and the key ``grace_period`` in its section of an
 optional TOML file. Precedence: CLI flag, then environment, then file, then
 the default below.
+
+Why one module: the dataclass tree is the one description of every setting,
+and flags, environment and file are derived from it here; split, a new
+setting would need edits in several files.
 """
 
 from __future__ import annotations
@@ -21,6 +25,11 @@ from pathlib import Path
 from typing import Any
 
 from tokenwire_server.reload import FileProblem
+from tokenwire_server.validators.config import (
+    ValidatorConfig,
+    ValidatorConfigError,
+    parse_validators,
+)
 
 ENV_PREFIX = "TOKENWIRE_"
 
@@ -270,15 +279,21 @@ class Config:
     logging: LoggingConfig = field(default_factory=LoggingConfig)
     #: Routes to OpenAI-compatible upstreams (`[[upstreams]]` tables in the file).
     upstreams: tuple[UpstreamConfig, ...] = ()
+    #: The callers' validators (`[[validators]]` tables in the file; validators/config.py).
+    validators: tuple[ValidatorConfig, ...] = ()
 
 
 class ConfigError(FileProblem):
     """A setting could not be read; the message names the setting and its source."""
 
 
+#: Arrays of tables in the file, not sections of settings.
+_TABLES = frozenset({"upstreams", "validators"})
+
+
 def _sections() -> list[tuple[str, type[Any]]]:
     hints = typing.get_type_hints(Config)
-    return [(f.name, hints[f.name]) for f in dataclasses.fields(Config) if f.name != "upstreams"]
+    return [(f.name, hints[f.name]) for f in dataclasses.fields(Config) if f.name not in _TABLES]
 
 
 def _leaves(section_type: type[Any]) -> list[tuple[dataclasses.Field[Any], type[Any]]]:
@@ -329,7 +344,7 @@ def load_config(
     """Builds the Config from CLI values, environment and an optional TOML file."""
     cli = cli or {}
     env = os.environ if env is None else env
-    from_file = read_file_settings(file) if file is not None else FileSettings({}, ())
+    from_file = read_file_settings(file) if file is not None else FileSettings({}, (), ())
     sections: dict[str, Any] = {}
     for section_name, section_type in _sections():
         values = dict(from_file.sections.get(section_name, {}))
@@ -342,7 +357,7 @@ def load_config(
             elif env_name in env:
                 values[leaf.name] = _coerce(env[env_name], kind, env_name)
         sections[section_name] = section_type(**values)
-    config = Config(**sections, upstreams=from_file.upstreams)
+    config = Config(**sections, upstreams=from_file.upstreams, validators=from_file.validators)
     _check(config)
     return config
 
@@ -354,12 +369,13 @@ class FileSettings:
     #: Section name -> the settings the file gives in it.
     sections: dict[str, dict[str, Any]]
     upstreams: tuple[UpstreamConfig, ...]
+    validators: tuple[ValidatorConfig, ...]
 
 
 def read_file_settings(file: Path) -> FileSettings:
     """Reads and checks a config file; a ConfigError names the first bad setting."""
     raw = read_config_file(file)
-    known_sections = {name for name, _ in _sections()} | {"upstreams"}
+    known_sections = {name for name, _ in _sections()} | _TABLES
     for unknown in sorted(set(raw) - known_sections):
         raise ConfigError(f"config file {file}: unknown section [{unknown}]")
     sections: dict[str, dict[str, Any]] = {}
@@ -375,7 +391,11 @@ def read_file_settings(file: Path) -> FileSettings:
             for leaf, kind in _leaves(section_type)
             if leaf.name in table
         }
-    return FileSettings(sections, _upstreams(raw.get("upstreams", []), file))
+    try:
+        validators = parse_validators(raw, source=f"config file {file}")
+    except ValidatorConfigError as error:
+        raise ConfigError(str(error)) from None
+    return FileSettings(sections, _upstreams(raw.get("upstreams", []), file), validators)
 
 
 def read_config_file(file: Path) -> dict[str, Any]:

@@ -1,9 +1,10 @@
-"""Reloading the config file's routes on SIGHUP.
+"""Reloading the config file's routes (and validators) on SIGHUP.
 
 The `[[upstreams]]` routes are the part of the config file that changes while
 a service runs (a new model, an upstream moved, a fallback added), so they
 reload: the new routes are checked whole, their backends built, and the
-routing table swapped in one assignment. Calls already running keep the
+routing table swapped in one assignment; `[[validators]]` reload the same
+way (new responses use the new list, running ones keep theirs). Calls already running keep the
 backend they started on; a retired backend is closed once the longest
 deadline has passed, so no running call loses its connection. Every other
 setting is read at start only: a change to one is logged as needing a
@@ -28,6 +29,7 @@ from tokenwire_server.config import (
     read_file_settings,
 )
 from tokenwire_server.reload import FileLoader, Outcome
+from tokenwire_server.validators.runner import Validators
 
 log = logging.getLogger("tokenwire_server.reload")
 
@@ -35,8 +37,16 @@ log = logging.getLogger("tokenwire_server.reload")
 class RoutingReloader:
     """The config file's routes in force, and their reload."""
 
-    def __init__(self, config: Config, file: Path, registry: BackendRegistry) -> None:
+    def __init__(
+        self,
+        config: Config,
+        file: Path,
+        registry: BackendRegistry,
+        validators: Validators | None = None,
+    ) -> None:
         self._config = config
+        self._validators = validators
+        self._validators_in_force = config.validators
         self._file = file
         self._registry = registry
         self._loader = FileLoader("routing", f"config file {file}", (str(file),), self._read)
@@ -59,6 +69,15 @@ class RoutingReloader:
         if settings.upstreams != self._routes:
             if not self._swap(settings):
                 return Outcome.FAILED
+            outcome = Outcome.OK
+        if self._validators is not None and settings.validators != self._validators_in_force:
+            # New responses use the new validators; running ones keep theirs.
+            self._validators.configure(settings.validators)
+            self._validators_in_force = settings.validators
+            log.info(
+                "validators reloaded: %s",
+                ", ".join(v.name for v in settings.validators) or "none",
+            )
             outcome = Outcome.OK
         changed = sorted(
             name

@@ -3,6 +3,10 @@
 Health answers SERVING for "" and the RespondService only once the server is
 listening, and NOT_SERVING from the moment a drain begins. A drain refuses new
 calls, gives in-flight ones `grace_period` seconds, then cancels the rest.
+
+Why one module: it is the assembly of everything else (listeners, health,
+reflection, reload, drain) in start-up order; each part it wires is its own
+module.
 """
 
 from __future__ import annotations
@@ -43,6 +47,7 @@ from tokenwire_server.store.memory import InMemoryResponseStore
 from tokenwire_server.store.redis_store import RedisResponseStore
 from tokenwire_server.telemetry import Tracing, build_tracing
 from tokenwire_server.tls import TlsCredentials
+from tokenwire_server.validators.runner import Validators
 from tokenwire_server.wire import SERVICE_NAME
 
 log = logging.getLogger(__name__)
@@ -89,8 +94,12 @@ class TokenwireServer:
         except ValueError as error:
             raise LoadError(f"models: {error}") from None
         self.metrics.routes = self.registry  # providers and models for the GenAI labels
+        #: The callers' validators (`[[validators]]` in the config file).
+        self.validators = Validators(config.validators)
         self.routing = (
-            RoutingReloader(config, config_file, self.registry) if config_file is not None else None
+            RoutingReloader(config, config_file, self.registry, self.validators)
+            if config_file is not None
+            else None
         )
         for name, _ in self._reloaders():
             self.metrics.config_last_good_load.labels(file=name).set_to_current_time()
@@ -172,6 +181,8 @@ class TokenwireServer:
             self.policies,
             self.store,
             self.tracer_provider.get_tracer("tokenwire.generation"),
+            validators=self.validators,
+            reviews=self.reviews,
         )
         chain = build_chain(
             self.config, self.tracer_provider, self.audit_store, self.metrics, self.authenticator
@@ -241,6 +252,7 @@ class TokenwireServer:
             with contextlib.suppress(asyncio.CancelledError):
                 await self._adopting
         await self.stall_watch.stop()
+        await self.validators.aclose()
         await self.registry.aclose()
         await self.reviews.aclose()
         await self.audit_store.close()

@@ -34,6 +34,7 @@ from tokenwire_server.config import Config
 from tokenwire_server.delivery.generation import run_generation
 from tokenwire_server.delivery.planner import StreamDelivery
 from tokenwire_server.delivery.response import LiveResponse, State
+from tokenwire_server.delivery.validation_path import ValidationPath
 from tokenwire_server.domain import DeliveryMode, DeliveryOptions
 from tokenwire_server.errors import (
     COMPLETION_TOKENS_KEY,
@@ -48,11 +49,15 @@ from tokenwire_server.errors import (
     TokenwireError,
 )
 from tokenwire_server.governance.holder import PolicyHolder
+from tokenwire_server.governance.policy import Policy
 from tokenwire_server.governance.replay import ReplayingSession
 from tokenwire_server.interceptors.call import Call, Progress, ResponseFacts
+from tokenwire_server.review.desk import ReviewDesk
 from tokenwire_server.store.base import ResponseStore
 from tokenwire_server.tokens import estimate_prompt_tokens
-from tokenwire_server.validation import parse_call
+from tokenwire_server.validation import ParsedCall, parse_call
+from tokenwire_server.validators.runner import ResponseFacts as ValidatorFacts
+from tokenwire_server.validators.runner import Validators
 
 log = logging.getLogger(__name__)
 Context = grpc.aio.ServicerContext[Any, Any]
@@ -91,7 +96,11 @@ class RespondServicer:
         policies: PolicyHolder,
         store: ResponseStore,
         tracer: trace.Tracer | None = None,
+        validators: Validators | None = None,
+        reviews: ReviewDesk | None = None,
     ) -> None:
+        self._validators = validators
+        self._reviews = reviews
         self._config = config
         self._registry = registry
         self._policies = policies
@@ -198,6 +207,11 @@ class RespondServicer:
         )
         if attached.existing:
             return response
+        response.validation = self._validation_path(request, parsed, policy, response, deadline)
+        if response.validation is not None and response.validation.withholds:
+            # Nothing may leave before the validators and escalation rules decide.
+            response.choose_mode(DeliveryMode.BUFFERED)
+            response.unbounded()
         response.on_end(self._store.finished)
         response.task = asyncio.create_task(
             run_generation(
@@ -211,6 +225,45 @@ class RespondServicer:
             name=f"generate {response.response_id}",
         )
         return response
+
+    def _validation_path(
+        self,
+        request: Request,
+        parsed: ParsedCall,
+        policy: Policy,
+        response: LiveResponse,
+        deadline: float,
+    ) -> ValidationPath | None:
+        """The response's validators and escalation rules; None when none apply."""
+        labels = dict(request.labels)
+        model = parsed.model.name
+        run = None
+        if self._validators is not None:
+            run = self._validators.start(
+                ValidatorFacts(
+                    response_id=response.response_id,
+                    model=model,
+                    tenant=response.tenant,
+                    labels=labels,
+                    model_version=parsed.model.version,
+                    policy_id=response.policy_id,
+                    policy_version=response.policy_version,
+                    messages=parsed.generation.messages,
+                    deadline=deadline,
+                )
+            )
+        rules = policy.escalation
+        if run is None and not rules.rules:
+            return None
+        return ValidationPath(
+            run=run,
+            rules=rules,
+            desk=self._reviews,
+            tenant=response.tenant,
+            labels=labels,
+            request_id=response.request_id,
+            may_hold=rules.may_hold(model, response.tenant, labels),
+        )
 
     async def _resume(self, request: pb.StreamRespondRequest, call: Call) -> LiveResponse:
         resume = request.resume

@@ -18,10 +18,13 @@ from collections.abc import Callable
 
 from opentelemetry import trace
 
+from tokenwire.v1 import respond_pb2 as pb
+from tokenwire_server.audit.store import AuditWriteError
 from tokenwire_server.backends.base import Backend
 from tokenwire_server.delivery.response import LiveResponse, Outcome
 from tokenwire_server.domain import Action, Finish, FinishReason, GenerationRequest, Verdict
 from tokenwire_server.errors import (
+    AuditUnavailable,
     BackendStalled,
     DeadlineExceeded,
     InternalError,
@@ -187,6 +190,7 @@ async def _generate(
     finish: Finish | None = None
     push = session.push
     release = response.release
+    validation = response.validation
     try:
         tokens = backend.generate(request)
         try:
@@ -205,7 +209,7 @@ async def _generate(
                         f"backend {backend.name} yielded {type(item).__name__}, not text",
                         reason="BACKEND_ERROR",
                     )
-                if session.halted:
+                if session.halted or (validation is not None and validation.halted):
                     break  # blocked: stop the backend; the decision comes from finish()
                 if response.pending.over_budget:
                     await _wait_for_space(response, watchdog)
@@ -219,14 +223,20 @@ async def _generate(
             if aclose is not None:
                 await aclose()
     except asyncio.CancelledError:
+        if validation is not None:
+            validation.cancel()
         if watchdog.fired is None:
             response.cancel()
             raise
         task.uncancel()
         response.fail(watchdog.fired)
     except TokenwireError as error:
+        if validation is not None:
+            validation.cancel()
         response.fail(error)
     except Exception:
+        if validation is not None:
+            validation.cancel()
         log.exception("backend %s crashed", backend.name)
         response.fail(InternalError("the backend failed unexpectedly", reason="BACKEND_ERROR"))
     else:
@@ -248,9 +258,38 @@ async def _generate(
         response.settle()
         finish = finish or Finish()
         blocked = decision.blocked
+        final_text = decision.text if decision.text is not None else response.released_text
+        verdict = decision.verdict if decision.verdict else Verdict.ALLOWED
+        checks: tuple[pb.VerificationCheck, ...] = ()
+        review: tuple[str, str] | None = None
+        held = False
+        if validation is not None:
+            try:
+                concluded = await validation.conclude(
+                    response_id=response.response_id,
+                    final_text=final_text,
+                    released_text=response.released_text,
+                    verdict=verdict,
+                    actions=decision.actions,
+                    model=response.model.name,
+                    model_version=response.model.version,
+                    policy_id=response.policy_id,
+                    policy_version=response.policy_version,
+                )
+            except TokenwireError as error:  # the review could not be opened
+                response.fail(error)
+                return
+            except AuditWriteError:
+                response.fail(AuditUnavailable())
+                return
+            final_text, verdict = concluded.final_text, concluded.verdict
+            blocked = blocked or concluded.blocked
+            checks, held = concluded.checks, concluded.held
+            if concluded.review is not None:
+                review = (concluded.review.review_id, concluded.review.state.name)
         response.finish(
             Outcome(
-                final_text=decision.text if decision.text is not None else response.released_text,
+                final_text=final_text,
                 finish_reason=FinishReason.POLICY_BLOCKED if blocked else finish.reason,
                 prompt_tokens=(
                     finish.prompt_tokens
@@ -262,12 +301,15 @@ async def _generate(
                     if finish.completion_tokens is not None
                     else response.tokens_generated
                 ),
-                verdict=decision.verdict if decision.verdict else Verdict.ALLOWED,
-                review_required=decision.review_required,
+                verdict=verdict,
+                review_required=decision.review_required or review is not None,
                 actions=decision.actions,
                 path=finish.path,
                 attempts=finish.attempts,
                 backend=finish.backend or response.model.backend,
+                checks=checks,
+                review=review,
+                held=held,
             )
         )
     finally:

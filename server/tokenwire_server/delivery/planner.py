@@ -145,7 +145,9 @@ class StreamDelivery:
         while not response.done:
             if heartbeat := await self._wait(None):
                 yield heartbeat
-        if response.state is State.FINISHED and not response.chunks:
+        outcome = response.outcome
+        held = outcome is not None and outcome.held  # held for review: no chunk
+        if response.state is State.FINISHED and not response.chunks and not held:
             response.cut_whole()
         for record in response.chunks[self._start_after :]:
             await self._durable(record.sequence)

@@ -26,7 +26,7 @@ import enum
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
 from tokenwire.v1 import respond_pb2 as pb
 from tokenwire_server.delivery.chunks import ChunkRecord, ChunkSequence, CompactChunks
@@ -42,6 +42,9 @@ from tokenwire_server.domain import (
     utf8_length,
 )
 from tokenwire_server.errors import ResponseCancelled, TokenwireError
+
+if TYPE_CHECKING:
+    from tokenwire_server.delivery.validation_path import ValidationPath
 
 
 class State(enum.Enum):
@@ -65,6 +68,12 @@ class Outcome:
     path: ServingPath
     attempts: int
     backend: str
+    #: `Completed.verification.checks` from the validation path (validators).
+    checks: tuple[pb.VerificationCheck, ...] = ()
+    #: The review an escalation rule opened: (review id, state name).
+    review: tuple[str, str] | None = None
+    #: Held for review: nothing of the text is released, `final_text` is empty.
+    held: bool = False
 
 
 class LiveResponse:
@@ -122,6 +131,8 @@ class LiveResponse:
         self.log: ChunkLog | None = None
         self._log_ended = False
         self._compact_when_idle = False
+        #: Validators and escalation rules, when any apply (validation_path.py).
+        self.validation: ValidationPath | None = None
         #: Set on a replica that only mirrors another's response: called when its
         #: last reader leaves (the mirror stops following; the owner goes on).
         self.on_orphaned: Callable[[LiveResponse], None] | None = None
@@ -182,6 +193,8 @@ class LiveResponse:
 
     def _whole_chunk_due(self) -> bool:
         """A reader will send the final payload as one chunk (buffered, or replaced)."""
+        if self.outcome is not None and self.outcome.held:
+            return False  # held for review: nothing of it leaves
         if self.mode_used is not DeliveryMode.STREAM:
             return True
         return self.outcome is not None and self.outcome.final_text != self.released_text
@@ -256,6 +269,8 @@ class LiveResponse:
         self._generated(tokens)
         if self.pending.add(text, actions, tokens):
             self._released.append(text)
+            if self.validation is not None:
+                self.validation.feed(text)
             self._released_more()
 
     def release_tokens(self, tokens: list[str]) -> None:
@@ -269,6 +284,8 @@ class LiveResponse:
         self._generated(len(tokens))
         self.pending.add_tokens(tokens)
         self._released.extend(tokens)
+        if self.validation is not None:
+            self.validation.feed("".join(tokens))
         self._released_more()
 
     def _generated(self, tokens: int) -> None:

@@ -49,6 +49,7 @@ side's correctness depends on the other's exact writes.
 from __future__ import annotations
 
 import asyncio
+import base64
 import contextlib
 import json
 import logging
@@ -63,6 +64,7 @@ from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 from redis.exceptions import ReadOnlyError
 
+from tokenwire.v1 import respond_pb2 as pb
 from tokenwire_server.delivery.chunks import ChunkRecord
 from tokenwire_server.delivery.response import LiveResponse, Outcome, State
 from tokenwire_server.domain import (
@@ -232,6 +234,9 @@ def _end_fields(response: LiveResponse) -> dict[str, str | int]:
                 "path": int(o.path),
                 "attempts": o.attempts,
                 "backend": o.backend,
+                "checks": [base64.b64encode(c.SerializeToString()).decode() for c in o.checks],
+                "review": list(o.review) if o.review is not None else None,
+                "held": o.held,
             }
         )
     if response.error is not None:
@@ -693,6 +698,12 @@ class RedisResponseStore(ResponseStore):
                 path=ServingPath(o["path"]),
                 attempts=o["attempts"],
                 backend=o["backend"],
+                checks=tuple(
+                    pb.VerificationCheck.FromString(base64.b64decode(c))
+                    for c in o.get("checks", ())
+                ),
+                review=(o["review"][0], o["review"][1]) if o.get("review") else None,
+                held=bool(o.get("held", False)),
             )
         error: TokenwireError | None = None
         if "error" in fields:
