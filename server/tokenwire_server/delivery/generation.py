@@ -8,6 +8,10 @@ its next await, within one token step.
 Deadline and stall checks cost O(1) per token: a token only records the time;
 one timer per generation wakes at the next possible expiry and cancels the
 task when it really has expired.
+
+Why one module: the generation loop, its watchdog and the one place a
+response's ending is decided (finish reason, verdict, the validation path's
+conclusion) belong together: every ending passes through `_generate`.
 """
 
 from __future__ import annotations
