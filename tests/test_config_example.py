@@ -14,7 +14,7 @@ from pathlib import Path
 
 from tests.conftest import serve_env
 from tokenwire_server.config import Config, UpstreamConfig, load_config, read_file_settings
-from tokenwire_server.config_example import REGENERATE, UPSTREAM_HELP, render
+from tokenwire_server.config_example import REGENERATE, UPSTREAM_HELP, render, table_arrays
 
 ROOT = Path(__file__).resolve().parent.parent
 EXAMPLE = ROOT / "deploy" / "tokenwire.example.toml"
@@ -32,8 +32,12 @@ def test_every_section_and_setting_is_in_the_file_with_its_default_and_help() ->
     text = render()
     tables = tomllib.loads(text)
     hints = typing.get_type_hints(Config)
-    sections = [f for f in dataclasses.fields(Config) if f.name != "upstreams"]
-    assert set(tables) == {f.name for f in sections}, "upstreams stays commented out"
+    arrays = table_arrays()
+    assert "upstreams" in arrays
+    sections = [f for f in dataclasses.fields(Config) if f.name not in arrays]
+    assert set(tables) == {f.name for f in sections}, "[[upstreams]] and the like stay comments"
+    for name in arrays:
+        assert f"[[{name}]]" in text, f"the example does not mention [[{name}]]"
     defaults = Config()
     for section in sections:
         fields = dataclasses.fields(hints[section.name])

@@ -13,7 +13,9 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import sys
 import typing
+from pathlib import Path
 from typing import Any
 
 from tokenwire_server.config import ENV_PREFIX, Config, UpstreamConfig
@@ -67,6 +69,30 @@ def _default(item: dataclasses.Field[Any]) -> Any:
     return _UPSTREAM_EXAMPLE[item.name]
 
 
+def table_arrays() -> dict[str, type[Any]]:
+    """Config fields that are arrays of tables in the file (`[[upstreams]]`, ...):
+    name -> the dataclass of one table."""
+    hints = typing.get_type_hints(Config)
+    return {
+        f.name: typing.get_args(hints[f.name])[0]
+        for f in dataclasses.fields(Config)
+        if typing.get_origin(hints[f.name]) is tuple
+    }
+
+
+def _other_table_array(name: str, table: type[Any]) -> list[str]:
+    """A pointer to the module that documents a table array other than upstreams."""
+    module = sys.modules[table.__module__]
+    about = (module.__doc__ or "").strip().splitlines()
+    where = Path(module.__file__ or "").as_posix()
+    where = "server/" + where.split("/server/", 1)[1] if "/server/" in where else where
+    lines = ["", f"# [[{name}]]: none by default."]
+    if about:
+        lines.append(f"# {about[0]}")
+    lines.append(f"# Every key, with an example: {where}.")
+    return lines
+
+
 def render() -> str:
     """The example file's text."""
     lines = [
@@ -82,8 +108,9 @@ def render() -> str:
         "# Reference: docs/configuration.md.",
     ]
     hints = typing.get_type_hints(Config)
+    arrays = table_arrays()
     for section in dataclasses.fields(Config):
-        if section.name == "upstreams":
+        if section.name in arrays:
             continue
         section_type = hints[section.name]
         lines += ["", f"[{section.name}]"]
@@ -105,4 +132,7 @@ def render() -> str:
     for item in dataclasses.fields(UpstreamConfig):
         lines.append(f"# {UPSTREAM_HELP[item.name]}")
         lines.append(f"#{item.name} = {toml_value(_default(item))}")
+    for name, table in arrays.items():
+        if name != "upstreams":
+            lines += _other_table_array(name, table)
     return "\n".join(lines) + "\n"
