@@ -1,21 +1,26 @@
-"""deploy/kubernetes agrees with the server it deploys.
+"""deploy/kubernetes agrees with the server it deploys and the image it runs.
 
 Why: a manifest is a second copy of facts the server owns — its ports, the
 health service names it reports, how long its drain takes. The copies drift
 silently (a probe on the wrong port restarts pods forever; a grace period
 shorter than the drain SIGKILLs streams mid-answer). So this test reads the
-Deployment's env and args and the ConfigMap's tokenwire.toml through the
-server's own argument parser and `load_config`, exactly as `tokenwire serve`
-would in the pod, and compares the result with the probes, ports, Services and
-terminationGracePeriodSeconds; then it asks a live server the probes' health
-questions.
+image's ENV (the Dockerfile), the Deployment's env and args and the tokenwire.toml
+the kustomization turns into the ConfigMap through the server's own argument
+parser and `load_config`, exactly as `tokenwire serve` would in the pod, and
+compares the result with the probes, ports, Services and
+terminationGracePeriodSeconds; the pod's user and ports with the image's; the
+config file with `tokenwire serve --print-config`. Then it asks a live server
+the probes' health questions.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import hashlib
+import shutil
 import signal
+import subprocess
 import tomllib
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -28,12 +33,16 @@ import yaml
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from tests.conftest import start_serve_process
+from tests.dockerfile import parse as parse_dockerfile
 from tokenwire_server.cli import add_serve_arguments
 from tokenwire_server.config import ENV_PREFIX, Config, load_config
+from tokenwire_server.config_example import render
 from tokenwire_server.server import SERVICE_NAME
 
 ROOT = Path(__file__).resolve().parent.parent
 KUBERNETES = ROOT / "deploy" / "kubernetes"
+KUSTOMIZATION = yaml.safe_load((KUBERNETES / "kustomization.yaml").read_text(encoding="utf-8"))
+IMAGE = parse_dockerfile()
 NAME = "tokenwire"
 #: Margin kubelet must leave after drain_delay + grace_period for the server to
 #: close its stores, audit file and exporters and exit on its own.
@@ -87,14 +96,15 @@ class PodConfig:
 
 
 def pod_config(tmp_path: Path) -> PodConfig:
-    """Runs the container's args, env and mounted ConfigMap through the server's
-    own parser and load_config (precedence flag, env, file, default)."""
+    """Runs the container's args, env (over the image's ENV) and mounted ConfigMap
+    through the server's own parser and load_config (flag, env, file, default)."""
     assert CONTAINER["command"] == ["tokenwire"]
     assert CONTAINER["args"][0] == "serve"
     parser = argparse.ArgumentParser()
     add_serve_arguments(parser)
     args = parser.parse_args(CONTAINER["args"][1:])
-    env = {e["name"]: str(e["value"]) for e in CONTAINER.get("env", []) if "value" in e}
+    env = IMAGE.final.env()
+    env.update({e["name"]: str(e["value"]) for e in CONTAINER.get("env", []) if "value" in e})
     file_text = ""
     config_path = args.config or (
         Path(env["TOKENWIRE_CONFIG"]) if env.get("TOKENWIRE_CONFIG") else None
@@ -108,14 +118,33 @@ def pod_config(tmp_path: Path) -> PodConfig:
     return PodConfig(config, env, args, file_text)
 
 
+def generated_config_maps() -> dict[str, dict[str, str]]:
+    """The kustomization's configMapGenerator: ConfigMap name -> key -> file text."""
+    maps: dict[str, dict[str, str]] = {}
+    for generator in KUSTOMIZATION.get("configMapGenerator", []):
+        data = {}
+        for entry in generator.get("files", []):
+            key, _, file = entry.rpartition("=")
+            data[key or Path(file).name] = (KUBERNETES / file).read_text(encoding="utf-8")
+        maps[generator["name"]] = data
+    return maps
+
+
+def config_map_data(name: str) -> dict[str, str]:
+    generated = generated_config_maps()
+    if name in generated:
+        return generated[name]
+    data: dict[str, str] = OBJECTS[("ConfigMap", name)]["data"]
+    return data
+
+
 def mounted_file(path: PurePosixPath) -> str:
     """The ConfigMap key a container path resolves to through its volume mount."""
     volumes = {v["name"]: v for v in POD["volumes"]}
     for mount in CONTAINER["volumeMounts"]:
         mount_path = PurePosixPath(mount["mountPath"])
         if path.parent == mount_path and "configMap" in volumes[mount["name"]]:
-            config_map = OBJECTS[("ConfigMap", volumes[mount["name"]]["configMap"]["name"])]
-            data: dict[str, str] = config_map["data"]
+            data = config_map_data(volumes[mount["name"]]["configMap"]["name"])
             assert path.name in data, f"{path} is not a key of the mounted ConfigMap"
             return data[path.name]
     raise AssertionError(f"{path} is on no ConfigMap volume mount")
@@ -127,9 +156,69 @@ def pod(tmp_path: Path) -> PodConfig:
 
 
 def test_kustomization_lists_every_manifest() -> None:
-    kustomization = yaml.safe_load((KUBERNETES / "kustomization.yaml").read_text())
     manifests = {path for path, doc in documents() if doc["kind"] != "Kustomization"}
-    assert sorted(kustomization["resources"]) == sorted(manifests)
+    assert sorted(KUSTOMIZATION["resources"]) == sorted(manifests)
+
+
+def _settings_and_comments(text: str) -> list[str]:
+    """A config file without its values: comments, tables and key names, in order."""
+    return [line.split(" = ")[0] for line in text.splitlines()]
+
+
+def test_the_pods_config_file_is_the_example_config() -> None:
+    """The ConfigMap comes from deploy/kubernetes/tokenwire.toml, which starts as
+    `tokenwire serve --print-config`: every setting, its default and meaning.
+    Values may be changed there; sections, keys and comments follow the config
+    dataclasses, so a setting added to the server shows up in the pods' file."""
+    (generator,) = KUSTOMIZATION["configMapGenerator"]
+    assert generator["name"] == "tokenwire-config" and generator["files"] == ["tokenwire.toml"]
+    assert not (KUBERNETES / "configmap.yaml").exists(), "generated from tokenwire.toml instead"
+    text = (KUBERNETES / "tokenwire.toml").read_text(encoding="utf-8")
+    assert _settings_and_comments(text) == _settings_and_comments(render()), (
+        "deploy/kubernetes/tokenwire.toml lacks settings of the server: regenerate it with "
+        "`tokenwire serve --print-config > deploy/kubernetes/tokenwire.toml` and set again "
+        "the values you changed"
+    )
+    assert text == (ROOT / "deploy" / "tokenwire.example.toml").read_text(encoding="utf-8"), (
+        "the shipped pods run the example config as it is; their own settings are env in "
+        "deployment.yaml"
+    )
+
+
+def test_kubectl_kustomize_mounts_the_generated_config_map() -> None:
+    kubectl = shutil.which("kubectl")
+    if kubectl is None:
+        pytest.skip("kubectl not installed (the rest of this file reads the manifests itself)")
+    rendered = subprocess.run(
+        [kubectl, "kustomize", str(KUBERNETES)], capture_output=True, text=True, timeout=60
+    )
+    assert rendered.returncode == 0, rendered.stderr
+    built = {(d["kind"], d["metadata"]["name"]): d for d in yaml.safe_load_all(rendered.stdout)}
+    (config_map,) = [d for (kind, _), d in built.items() if kind == "ConfigMap"]
+    name = config_map["metadata"]["name"]
+    assert name.startswith("tokenwire-config-"), "a hash suffix: a changed file rolls the pods"
+    assert config_map["data"] == config_map_data("tokenwire-config")
+    pod = built[("Deployment", NAME)]["spec"]["template"]["spec"]
+    (config_volume,) = [v for v in pod["volumes"] if "configMap" in v]
+    assert config_volume["configMap"]["name"] == name
+    digest = hashlib.sha256(config_map["data"]["tokenwire.toml"].encode()).hexdigest()
+    assert digest == hashlib.sha256(render().encode()).hexdigest()
+
+
+def test_the_pod_runs_the_image_as_the_images_user_on_its_ports() -> None:
+    (user,) = IMAGE.final.all("USER")
+    uid, _, gid = user.arguments.partition(":")
+    security = POD["securityContext"]
+    assert (security["runAsUser"], security["runAsGroup"]) == (int(uid), int(gid))
+    assert security["fsGroup"] == int(gid), "the data volume is writable by the image's group"
+    (expose,) = IMAGE.final.all("EXPOSE")
+    exposed = {int(p.split("/")[0]) for p in expose.arguments.split()}
+    assert {int(p["containerPort"]) for p in CONTAINER["ports"]} == exposed
+    image, _, tag = CONTAINER["image"].rpartition(":")
+    version = tomllib.loads((ROOT / "pyproject.toml").read_text(encoding="utf-8"))["project"]
+    assert (image, tag) == (NAME, version["version"]), "the tag the Dockerfile's docs build"
+    (entrypoint,) = IMAGE.final.all("ENTRYPOINT")
+    assert CONTAINER["command"] == entrypoint.exec_form()
 
 
 def test_the_server_binds_what_the_pod_exposes(pod: PodConfig) -> None:
