@@ -158,3 +158,52 @@ def test_tls_settings_are_checked(pki: Pki) -> None:
         load_config({"tls_cert": pki.server_cert}, env={})
     with pytest.raises(ConfigError, match="no file"):
         load_config({"tls_cert": "/nonexistent.pem", "tls_key": pki.server_key}, env={})
+
+
+async def tokenwire_ask(address: str, *flags: str) -> tuple[int, str]:
+    process = await asyncio.create_subprocess_exec(
+        *(sys.executable, "-m", "tokenwire.cli", "ask", "--target", address, "--model", "echo"),
+        *flags,
+        "hello",
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+    )
+    _, err = await asyncio.wait_for(process.communicate(), timeout=60)
+    assert process.returncode is not None
+    return process.returncode, err.decode()
+
+
+async def test_ask_says_when_the_server_wants_a_client_certificate(
+    start_server: StartServer, pki: Pki
+) -> None:
+    """gRPC itself only says "Socket closed": the server ended the handshake."""
+    server = await start_server(
+        tls_cert=pki.server_cert, tls_key=pki.server_key, tls_client_ca=pki.ca_pem
+    )
+    code, err = await tokenwire_ask(server.address, "--tls-ca", pki.ca_pem)
+    assert code == 1
+    first = err.splitlines()[0]
+    assert first == (
+        "tokenwire ask: the server refused the TLS handshake: it requires a client "
+        "certificate (mTLS) and none was given; pass --tls-cert and --tls-key"
+    )
+    assert "Traceback" not in err
+    code, err = await tokenwire_ask(
+        server.address, "--tls-ca", pki.ca_pem, "--tls-cert", pki.rogue_cert, "--tls-key",
+        pki.rogue_key,
+    )  # fmt: skip
+    assert code == 1
+    assert f"it did not accept the client certificate {pki.rogue_cert}" in err.splitlines()[0]
+    code, err = await tokenwire_ask(server.address)  # plaintext to a TLS port
+    assert code == 1 and "does it expect TLS?" in err.splitlines()[0]
+
+
+async def test_ask_names_a_missing_tls_file(pki: Pki) -> None:
+    for flags, named in [
+        (("--tls-ca", "/nonexistent/ca.pem"), "--tls-ca /nonexistent/ca.pem"),
+        (("--tls-ca", pki.ca_pem, "--tls-cert", pki.client_cert, "--tls-key", "/gone.key"),
+         "--tls-key /gone.key"),
+    ]:  # fmt: skip
+        code, err = await tokenwire_ask("127.0.0.1:1", *flags)
+        assert code == 2
+        assert err == f"tokenwire ask: {named}: no such file\n"

@@ -1,17 +1,35 @@
-"""The `tokenwire` command: `serve` runs the server, `ask` calls one.
+"""The `tokenwire` command: `ask` calls a server; the server's package adds the rest.
 
 `ask` writes the answer to stdout as it arrives and a one-line summary to
 stderr, so the text can be piped while the summary stays on the terminal.
+
+Subcommands come from two places:
+
+- the client's own, plain modules of this package: `ask` here, and each
+  module of `CLIENT_COMMAND_MODULES` that is present;
+- the operator's (`serve`, `audit`, `keys`), from whatever distribution
+  registers them in the `tokenwire.commands` entry-point group: the server,
+  `tokenwire-server`. Without it, `tokenwire serve` says what to install and
+  exits 2.
+
+Either kind is a function `add_parser(subparsers)` that adds one subcommand
+to the argparse sub-parsers and sets its handler as a default,
+`parser.set_defaults(run=handler)`, with `handler(args) -> exit status`.
 """
 
 from __future__ import annotations
 
 import argparse
-import hashlib
+import importlib
 import os
+import platform
+import shlex
 import sys
-from typing import TextIO
+from collections.abc import Callable, Sequence
+from importlib import metadata
+from typing import Any, TextIO
 
+import grpc
 from google.protobuf import json_format
 
 from tokenwire.client import (
@@ -22,12 +40,64 @@ from tokenwire.client import (
     ResponseStream,
     tls_credentials,
 )
-from tokenwire.errors import TokenwireError
+from tokenwire.errors import IntegrityError, ProtocolError, TokenwireError
 from tokenwire.stream import Chunk, Result, Retraction, StreamAssembler
 from tokenwire.v1 import respond_pb2 as pb
 
+ENTRY_POINT_GROUP = "tokenwire.commands"
+#: Client-side subcommands in modules of their own, registered when present.
+CLIENT_COMMAND_MODULES = ("tokenwire.review_cli",)
+#: The operator's subcommands the server distribution brings, for the hint
+#: printed when they are asked for without it.
+SERVER_COMMANDS = {
+    "serve": "run the tokenwire server",
+    "audit": "read and verify the server's audit trail",
+    "keys": "API key helpers for the server's keys file",
+}
+SERVER_DISTRIBUTION = "tokenwire-server"
+INSTALL_SERVER = f"pip install {SERVER_DISTRIBUTION} (from a checkout of tokenwire: pip install .)"
 
-def _summary(result: Result, mode: str) -> str:
+#: What an `add_parser` gets: the sub-parsers of the `tokenwire` parser.
+Subparsers = Any
+AddParser = Callable[[Subparsers], None]
+
+
+def _version(distribution: str) -> str | None:
+    try:
+        return metadata.version(distribution)
+    except metadata.PackageNotFoundError:
+        return None
+
+
+def version_text() -> str:
+    """`tokenwire --version`: the client's version, and the server's when installed."""
+    from tokenwire import __version__
+
+    lines = [
+        f"tokenwire {_version('tokenwire') or __version__} (Python {platform.python_version()}, "
+        f"grpcio {grpc.__version__}, protobuf {_version('protobuf') or 'unknown'})"
+    ]
+    server = _version(SERVER_DISTRIBUTION)
+    if server is not None:
+        lines.append(f"{SERVER_DISTRIBUTION} {server}")
+    return "\n".join(lines)
+
+
+class _Version(argparse.Action):
+    """argparse's own would wrap the lines to the terminal's width."""
+
+    def __init__(self, option_strings: Sequence[str], dest: str, **kwargs: Any) -> None:
+        super().__init__(option_strings, dest, nargs=0, **kwargs)
+
+    def __call__(self, parser: argparse.ArgumentParser, *args: Any, **kwargs: Any) -> None:
+        print(version_text())
+        parser.exit()
+
+
+# ---------------------------------------------------------------------------- ask
+
+
+def _summary(result: Result, mode: str, stream: ResponseStream | None) -> str:
     status = "verified" if result.verified else "NOT VERIFIED"
     if result.resumed_after:
         server_check = pb.VerificationStatus.Name(result.completed.verification.status)
@@ -40,9 +110,16 @@ def _summary(result: Result, mode: str) -> str:
     completed = result.completed
     reason = pb.FinishReason.Name(completed.finish_reason).removeprefix("FINISH_REASON_").lower()
     verdict = pb.Verdict.Name(completed.verdict).removeprefix("VERDICT_").lower()
+    # After a resume (by hand, or the client's own after a dropped connection or a
+    # takeover) the server's figure belongs to the first call: time the one that answered.
+    resumed_ttft = stream.resumed_time_to_first_token if stream is not None else None
+    if resumed_ttft is not None:
+        ttft = f"ttft {resumed_ttft * 1000:.1f} ms from resume"
+    else:
+        ttft = f"ttft {result.time_to_first_token * 1000:.1f} ms"
     return (
         f"[{mode} · {result.chunk_count} chunks · sha256 {result.sha256[:12]}… {status} · "
-        f"ttft {result.time_to_first_token * 1000:.1f} ms · total {result.total_time * 1000:.1f} ms"
+        f"{ttft} · total {result.total_time * 1000:.1f} ms"
         f" · {reason} · {verdict} · {completed.usage.completion_tokens} tokens]"
     )
 
@@ -60,7 +137,80 @@ def _print_stream(stream: ResponseStream, out: TextIO) -> Result:
     return stream.result
 
 
+def resuming_can_help(error: TokenwireError) -> bool:
+    """The call ended but the response may live on (or replay whole): a dropped or
+    timed-out connection, a shared store that was briefly away, a stream the
+    client stopped trusting mid-way. Not a response the server ended (a backend
+    failure, a cancel, a failed verification): a resume replays that ending."""
+    if isinstance(error, IntegrityError):
+        return False  # the whole text arrived and does not hash right
+    if isinstance(error, ProtocolError):
+        return True  # what the client holds is checked; the rest can be asked again
+    if error.domain:
+        return error.reason == "STORE_UNAVAILABLE"
+    return error.code in (
+        grpc.StatusCode.UNAVAILABLE,
+        grpc.StatusCode.DEADLINE_EXCEEDED,
+        grpc.StatusCode.INTERNAL,
+        grpc.StatusCode.UNKNOWN,
+    )
+
+
+def _resume_command(args: argparse.Namespace, response_id: str, after: int) -> str:
+    words = ["tokenwire", "ask"]
+    if args.target != DEFAULT_TARGET:
+        words += ["--target", args.target]
+    words += ["--resume", response_id, "--after", str(after)]
+    for flag in ("tls_ca", "tls_cert", "tls_key"):
+        if getattr(args, flag):
+            words += [f"--{flag.replace('_', '-')}", getattr(args, flag)]
+    if args.tls and not args.tls_ca:
+        words.append("--tls")
+    return shlex.join(words)
+
+
+def _connection_hint(error: TokenwireError, args: argparse.Namespace) -> str | None:
+    """What gRPC's "Socket closed" means here: the server hung up during the
+    connection's set-up, which is what a TLS server does to a handshake it refuses."""
+    if error.code != grpc.StatusCode.UNAVAILABLE or error.domain:
+        return None
+    if "Socket closed" not in error.message or "failed to connect" not in error.message:
+        return None
+    if args.tls or args.tls_ca:
+        if not args.tls_cert:
+            return (
+                "the server refused the TLS handshake: it requires a client certificate "
+                "(mTLS) and none was given; pass --tls-cert and --tls-key"
+            )
+        return (
+            f"the server refused the TLS handshake: it did not accept the client "
+            f"certificate {args.tls_cert} (is it signed by the CA the server trusts?)"
+        )
+    return "the server closed the connection at once: does it expect TLS? (--tls or --tls-ca)"
+
+
+def _tls_problem(args: argparse.Namespace) -> str | None:
+    for flag in ("tls_ca", "tls_cert", "tls_key"):
+        path = getattr(args, flag)
+        name = f"--{flag.replace('_', '-')}"
+        if not path:
+            continue
+        if not os.path.exists(path):
+            return f"{name} {path}: no such file"
+        if not os.path.isfile(path):
+            return f"{name} {path}: not a file"
+        if not os.access(path, os.R_OK):
+            return f"{name} {path}: not readable"
+    if bool(args.tls_cert) != bool(args.tls_key):
+        return "--tls-cert and --tls-key go together (a client certificate and its key)"
+    return None
+
+
 def _ask(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
+    problem = _tls_problem(args)
+    if problem is not None:
+        err.write(f"tokenwire ask: {problem}\n")
+        return 2
     options: RespondOptions = {
         "model": args.model,
         "max_tokens": args.max_tokens,
@@ -73,6 +223,7 @@ def _ask(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
         else None
     )
     api_key = args.api_key or os.environ.get("TOKENWIRE_API_KEY") or None
+    stream: ResponseStream | None = None
     with Client(
         args.target, timeout=args.timeout, credentials=credentials, api_key=api_key
     ) as client:
@@ -105,24 +256,43 @@ def _ask(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
                 mode = pb.DeliveryMode.Name(result.completed.delivery_mode)
                 mode = mode.removeprefix("DELIVERY_MODE_").lower()
         except TokenwireError as error:
-            out.write("\n")
-            err.write(f"tokenwire ask: {error}\n")
-            for violation in error.field_violations:
-                err.write(f"  {violation.field}: {violation.description}\n")
-            if error.last_sequence:
-                err.write(f"  last delivered sequence: {error.last_sequence}\n")
-            if error.metadata.get("responseId"):
-                err.write(
-                    f"  resume with: tokenwire ask --resume {error.metadata['responseId']} "
-                    f"--after {error.last_sequence or 0}\n"
-                )
+            _report_failure(error, args, stream, out, err)
             return 1
     out.write("\n")
-    out.flush()
-    err.write(_summary(result, mode) + "\n")
+    err.write(_summary(result, mode, stream) + "\n")
     if args.show_completed:
-        err.write(json_format.MessageToJson(result.completed) + "\n")
+        out.write(json_format.MessageToJson(result.completed) + "\n")
+    out.flush()
     return 0
+
+
+def _report_failure(
+    error: TokenwireError,
+    args: argparse.Namespace,
+    stream: ResponseStream | None,
+    out: TextIO,
+    err: TextIO,
+) -> None:
+    out.write("\n")
+    out.flush()
+    hint = _connection_hint(error, args)
+    if hint is not None:
+        err.write(f"tokenwire ask: {hint}\n  ({error})\n")
+    else:
+        err.write(f"tokenwire ask: {error}\n")
+    for violation in error.field_violations:
+        err.write(f"  {violation.field}: {violation.description}\n")
+    if stream is None:
+        return
+    response_id = stream.response_id or args.resume or ""
+    held = stream.last_sequence
+    if not response_id or (held == 0 and not args.resume):
+        return  # failed before the first chunk: nothing to resume, ask again
+    err.write(f"  response {response_id}, last sequence received: {held}\n")
+    if not (stream.request.resumable or stream.request.HasField("resume")):
+        err.write("  not resumable (asked with --no-resume): ask again to get the answer\n")
+    elif resuming_can_help(error):
+        err.write(f"  resume with: {_resume_command(args, response_id, held)}\n")
 
 
 def _label(text: str) -> tuple[str, str]:
@@ -132,23 +302,23 @@ def _label(text: str) -> tuple[str, str]:
     return key, value
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="tokenwire", description="Governed, verifiable LLM token streams over gRPC."
+def add_ask_parser(commands: Subparsers) -> None:
+    ask = commands.add_parser(
+        "ask",
+        help="ask a running server and stream the answer",
+        description="Streams the answer to stdout and a summary line to stderr. A failure "
+        "after the first chunk of a resumable answer prints the response id, the last "
+        "sequence received and the command that resumes it.",
     )
-    commands = parser.add_subparsers(dest="command", required=True)
-    try:
-        from tokenwire_server.cli import add_serve_arguments
-    except ModuleNotFoundError as error:  # a client-only install has no server package
-        if error.name != "tokenwire_server":
-            raise  # the server is installed but broken: say why, don't hide `serve`
-        add_serve_arguments = None  # type: ignore[assignment]
-    if add_serve_arguments is not None:
-        serve = commands.add_parser("serve", help="run the tokenwire server")
-        add_serve_arguments(serve)
-    ask = commands.add_parser("ask", help="ask a running server and stream the answer")
     ask.add_argument("prompt", nargs="?", default="", help="the question (not with --resume)")
-    ask.add_argument("--target", default=DEFAULT_TARGET, help="server HOST:PORT")
+    ask.add_argument(
+        "--target",
+        default=DEFAULT_TARGET,
+        help="server HOST:PORT, or several comma-separated (HOST:PORT,HOST:PORT) to fail "
+        "over: an address that refuses the connection is skipped at once, and a stream "
+        "whose connection drops resumes on the next one (replicas sharing a Redis store "
+        f"continue it). Default {DEFAULT_TARGET}",
+    )
     ask.add_argument("--model", default="", help="model name (server default when empty)")
     ask.add_argument("--max-tokens", type=int, default=0)
     ask.add_argument("--seed", type=int, default=None)
@@ -160,7 +330,9 @@ def build_parser() -> argparse.ArgumentParser:
     group = ask.add_mutually_exclusive_group()
     group.add_argument("--buffered", action="store_true", help="one checked chunk, then Completed")
     group.add_argument("--unary", action="store_true", help="use the unary Respond RPC")
-    ask.add_argument("--show-completed", action="store_true", help="print Completed as JSON")
+    ask.add_argument(
+        "--show-completed", action="store_true", help="print Completed as JSON (to stdout)"
+    )
     ask.add_argument(
         "--no-resume",
         dest="resumable",
@@ -169,61 +341,94 @@ def build_parser() -> argparse.ArgumentParser:
         "and Ctrl-C cancels the response)",
     )
     ask.add_argument("--resume", metavar="RESPONSE_ID", help="continue an earlier response")
+    ask.add_argument("--after", type=int, default=0, help="with --resume: the last sequence held")
     ask.add_argument("--api-key", help="API key (default: TOKENWIRE_API_KEY)")
     ask.add_argument("--tls", action="store_true", help="use TLS with the system's trusted roots")
     ask.add_argument("--tls-ca", help="PEM CA that signed the server's certificate (implies TLS)")
     ask.add_argument("--tls-cert", help="PEM client certificate, for mTLS")
     ask.add_argument("--tls-key", help="PEM key of --tls-cert")
-    ask.add_argument("--after", type=int, default=0, help="with --resume: the last sequence held")
-    keys = commands.add_parser("keys", help="API key helpers")
-    keys_commands = keys.add_subparsers(dest="keys_command", required=True)
-    keys_commands.add_parser(
-        "hash", help="print the SHA-256 to put in the keys file, for a key read from stdin"
-    )
-    if add_serve_arguments is not None:
-        from tokenwire_server.audit.commands import add_arguments as add_audit_arguments
+    ask.set_defaults(run=_run_ask)
 
-        audit = commands.add_parser(
-            "audit", help="read and verify the server's audit trail (list, show, verify)"
-        )
-        add_audit_arguments(audit)
+
+def _run_ask(args: argparse.Namespace) -> int:
+    if bool(args.prompt) == bool(args.resume):
+        args.parser.error("ask takes a prompt, or --resume RESPONSE_ID (not both)")
+    return _ask(args, sys.stdout, sys.stderr)
+
+
+# ----------------------------------------------------------------- the command
+
+
+def _server_entry_points() -> dict[str, metadata.EntryPoint]:
+    return {ep.name: ep for ep in metadata.entry_points(group=ENTRY_POINT_GROUP)}
+
+
+def _client_command_modules() -> list[AddParser]:
+    found: list[AddParser] = []
+    for name in CLIENT_COMMAND_MODULES:
+        try:
+            module = importlib.import_module(name)
+        except ModuleNotFoundError as error:
+            if error.name != name:
+                raise  # the module is there but broken: say why
+            continue
+        found.append(module.add_parser)
+    return found
+
+
+def build_parser(wanted: str | None = None) -> argparse.ArgumentParser:
+    """The whole `tokenwire` parser. `wanted` is the subcommand about to run:
+    a server command that fails to load raises only when it is the one wanted
+    (a broken server install must not take `ask` down with it)."""
+    parser = argparse.ArgumentParser(
+        prog="tokenwire", description="Governed, verifiable LLM token streams over gRPC."
+    )
+    parser.add_argument(
+        "--version",
+        action=_Version,
+        help="print the client's version, and the server's when it is installed",
+    )
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    add_ask_parser(commands)
+    for add_parser in _client_command_modules():
+        add_parser(commands)
+    for name, entry_point in sorted(_server_entry_points().items()):
+        try:
+            add_parser = entry_point.load()
+        except Exception:
+            if name == wanted:
+                raise  # the server is installed but broken: say why, don't hide it
+            continue
+        add_parser(commands)
+    for name, text in SERVER_COMMANDS.items():
+        if name not in commands.choices:
+            commands.add_parser(name, help=f"{text} (needs {SERVER_DISTRIBUTION})")
     return parser
 
 
-def _restart_with_quiet_grpc_core() -> None:
-    """grpc's C core writes its own lines (a failed TLS handshake, one per bad
-    client) to stderr as plain text, into a JSON log; it reads GRPC_VERBOSITY
-    once, when grpc is first imported, which this command has already done.
-    So `serve` starts again in place (exec: the same process id, so the same
-    signals from systemd or the kubelet) with the core silenced; an operator
-    who wants its lines sets GRPC_VERBOSITY themselves."""
-    os.environ["GRPC_VERBOSITY"] = "NONE"
-    serve_args = sys.argv[sys.argv.index("serve") + 1 :]
-    os.execv(sys.executable, [sys.executable, "-m", "tokenwire_server", *serve_args])
+def _wanted_command(argv: Sequence[str]) -> str | None:
+    return next((word for word in argv if not word.startswith("-")), None)
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = build_parser()
-    args = parser.parse_args(argv)
-    if args.command == "ask" and bool(args.prompt) == bool(args.resume):
-        parser.error("ask takes a prompt, or --resume RESPONSE_ID (not both)")
-    if args.command == "serve":
-        if argv is None and "GRPC_VERBOSITY" not in os.environ:
-            _restart_with_quiet_grpc_core()
-        from tokenwire_server.cli import run_serve
-
-        return run_serve(args)
-    if args.command == "audit":
-        from tokenwire_server.audit.commands import run as run_audit
-
-        return run_audit(args, sys.stdout, sys.stderr)
-    if args.command == "keys":
-        key = sys.stdin.readline().strip()
-        if not key:
-            parser.error("keys hash reads the key from stdin")
-        print(hashlib.sha256(key.encode()).hexdigest())
-        return 0
-    return _ask(args, sys.stdout, sys.stderr)
+    words = sys.argv[1:] if argv is None else argv
+    wanted = _wanted_command(words)
+    if wanted in SERVER_COMMANDS and wanted not in _server_entry_points():
+        print(
+            f"tokenwire {wanted}: not installed; it comes with the server: {INSTALL_SERVER}",
+            file=sys.stderr,
+        )
+        return 2
+    parser = build_parser(wanted)
+    args = parser.parse_args(words)
+    args.parser = parser
+    # `serve` restarts itself with grpc's C core silenced, from this process's own
+    # command line; only when that is what it was given.
+    args.from_command_line = argv is None
+    handler = getattr(args, "run", None) or getattr(args, "func", None)
+    if handler is None:
+        parser.error(f"{args.command}: nothing runs this command")
+    return int(handler(args))
 
 
 if __name__ == "__main__":
