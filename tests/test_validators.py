@@ -21,7 +21,7 @@ from tokenwire.v1 import respond_pb2 as pb
 from tokenwire.v1 import validator_pb2 as vpb
 from tokenwire.v1 import validator_pb2_grpc as vgrpc
 from tokenwire_server.domain import Message, Role
-from tokenwire_server.validators import runner
+from tokenwire_server.validators import calls, verdicts
 from tokenwire_server.validators.config import (
     Match,
     Mode,
@@ -474,13 +474,13 @@ async def test_a_failing_validators_replacement_wins_over_another_ones(
 async def test_validators_run_concurrently(
     start_validator: StartValidator, validators: Callable[..., Validators]
 ) -> None:
-    slow = [await start_validator(after(0.3, _passes())) for _ in range(4)]
-    pool = validators(*(config(f"v{i}", v.address) for i, v in enumerate(slow)))
+    slow = [await start_validator(after(0.8, _passes())) for _ in range(4)]
+    pool = validators(*(config(f"v{i}", v.address, timeout=5.0) for i, v in enumerate(slow)))
     started = time.perf_counter()
     result = await validate_once(pool)
     elapsed = time.perf_counter() - started
     assert len(result.checks) == 4 and result.passed
-    assert elapsed < 0.3 * 2, elapsed  # not 4 x 0.3
+    assert elapsed < 0.8 * 2, elapsed  # one after another would take 3.2 s
 
 
 @pytest.mark.parametrize(
@@ -506,11 +506,11 @@ async def test_a_hanging_validator_times_out_and_its_error_rule_applies(
     check = only(result)
     assert check.outcome == pb.CHECK_OUTCOME_TIMED_OUT
     assert [v.code for v in check.violations] == ["VALIDATOR_TIMEOUT"]
-    assert 0.2 <= elapsed < 0.6 and 0.18 <= latency(check) < 0.6
+    assert 0.2 <= elapsed < 1.5 and 0.18 <= latency(check) < 1.5
     assert result.outcome is effective and result.errored
     assert result.outcomes == {"hang": "timed_out"}
     assert result.resolve("text", REFUSAL).blocked is blocked
-    await asyncio.wait_for(validator.seen.cancelled.wait(), 2)  # the call was cancelled
+    await asyncio.wait_for(validator.seen.cancelled.wait(), 10)  # the call was cancelled
 
 
 async def test_a_slow_validator_within_its_timeout_passes(
@@ -525,11 +525,11 @@ async def test_the_response_deadline_cuts_a_validators_timeout(
     start_validator: StartValidator, validators: Callable[..., Validators]
 ) -> None:
     validator = await start_validator(_hangs)
-    pool = validators(config("hang", validator.address, timeout=5.0))
+    pool = validators(config("hang", validator.address, timeout=10.0))
     started = time.perf_counter()
     result = await validate_once(pool, deadline=time.monotonic() + 0.2)
     assert only(result).outcome == pb.CHECK_OUTCOME_TIMED_OUT
-    assert time.perf_counter() - started < 1.0
+    assert time.perf_counter() - started < 3.0  # not its 10 s timeout
 
 
 @pytest.mark.parametrize(
@@ -560,12 +560,12 @@ async def test_a_validator_that_is_down_errors_at_once(
     validators: Callable[..., Validators],
 ) -> None:
     pool = validators(
-        config("down", f"127.0.0.1:{free_port()}", timeout=2.0, on_error=OnError.PASS)
+        config("down", f"127.0.0.1:{free_port()}", timeout=10.0, on_error=OnError.PASS)
     )
     for _ in range(2):  # the second call fails as fast, on a channel in backoff
         started = time.perf_counter()
         result = await validate_once(pool)
-        assert time.perf_counter() - started < 0.5
+        assert time.perf_counter() - started < 2.0  # not its 10 s timeout
         check = only(result)
         assert check.outcome == pb.CHECK_OUTCOME_ERROR
         assert [v.code for v in check.violations] == ["VALIDATOR_UNAVAILABLE"]
@@ -601,10 +601,10 @@ async def test_a_validator_process_that_dies_mid_call_is_an_error(
     try:
         assert process.stdout is not None
         port = int(await asyncio.wait_for(process.stdout.readline(), 30))
-        pool = validators(config("dies", f"127.0.0.1:{port}", timeout=3.0))
+        pool = validators(config("dies", f"127.0.0.1:{port}", timeout=10.0))
         started = time.perf_counter()
         result = await validate_once(pool)
-        assert time.perf_counter() - started < 2.0
+        assert time.perf_counter() - started < 5.0  # not its 10 s timeout
         check = only(result)
         assert check.outcome == pb.CHECK_OUTCOME_ERROR
         assert check.violations[0].code == "VALIDATOR_UNAVAILABLE"
@@ -650,9 +650,9 @@ async def test_oversized_violation_lists_and_texts_are_clipped(
         answer(outcome=vpb.VALIDATION_OUTCOME_ESCALATE, violations=many)
     )
     check = only(await validate_once(validators(config("v", validator.address))))
-    assert len(check.violations) == runner.MAX_VIOLATIONS
-    assert len(check.violations[0].code) == runner.MAX_CODE_CHARS
-    assert len(check.violations[0].message) == runner.MAX_MESSAGE_CHARS
+    assert len(check.violations) == verdicts.MAX_VIOLATIONS
+    assert len(check.violations[0].code) == verdicts.MAX_CODE_CHARS
+    assert len(check.violations[0].message) == verdicts.MAX_MESSAGE_CHARS
 
 
 async def test_a_tls_validator(
@@ -812,7 +812,7 @@ async def test_a_broken_stream_validator_is_an_error_within_its_timeout(
     run.feed("some released text")
     started = time.perf_counter()
     result = await run.finish("some released text")
-    assert time.perf_counter() - started < 1.0
+    assert time.perf_counter() - started < 2.0  # its 0.3 s timeout, with room for a busy machine
     check = only(result)
     assert check.outcome == outcome and [v.code for v in check.violations] == [code]
     assert result.outcome is Outcome.ESCALATE and result.errored
@@ -834,19 +834,19 @@ async def test_feed_never_blocks_on_a_validator_that_does_not_read(
     validators: Callable[..., Validators],
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    monkeypatch.setattr(runner, "MAX_BACKLOG_CHARS", 200_000)
+    monkeypatch.setattr(calls, "MAX_BACKLOG_CHARS", 200_000)
     validator = await start_validator(streamed=_stream_never_reads)
     pool = validators(stream_config("stuck", validator.address, on_error=OnError.PASS))
     run = pool.start(facts())
     assert run is not None
     chunk = "x" * 4000
-    slowest = 0.0
+    feeding = 0.0
     for _ in range(4000):  # 16 MB: past HTTP/2 flow control and past the backlog cap
         started = time.perf_counter()
         run.feed(chunk)
-        slowest = max(slowest, time.perf_counter() - started)
+        feeding += time.perf_counter() - started
         await asyncio.sleep(0)
-    assert slowest < 0.005, slowest
+    assert feeding < 0.5, feeding  # 4,000 feeds, none waiting on the validator
     result = await run.finish(chunk * 4000)
     check = only(result)
     assert check.outcome == pb.CHECK_OUTCOME_ERROR

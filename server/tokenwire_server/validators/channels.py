@@ -22,8 +22,10 @@ import grpc
 from tokenwire_server.validators.config import ValidatorConfig
 
 CHANNEL_OPTIONS: tuple[tuple[str, int], ...] = (
+    # Not grpc.min_reconnect_backoff_ms: grpc core also takes it as the time a
+    # connection attempt may take (20 s by default); at 100 ms a busy machine's
+    # handshake fails and a healthy validator looks down.
     ("grpc.initial_reconnect_backoff_ms", 100),
-    ("grpc.min_reconnect_backoff_ms", 100),
     ("grpc.max_reconnect_backoff_ms", 2000),
     ("grpc.enable_retries", 0),
     ("grpc.max_receive_message_length", 8 * 1024 * 1024),
