@@ -113,3 +113,43 @@ def test_the_cycle_finder_finds_a_cycle(tmp_path: Path) -> None:
     )
     (package / "d.py").write_text("import pkg.a\n")
     assert import_cycles(package) == [["pkg.a", "pkg.c", "pkg.sub.b"]]
+
+
+#: A module longer than this states why it is one module (issue 20).
+MODULE_LINES = 300
+
+
+def long_modules_without_a_reason(root: Path) -> list[str]:
+    found = []
+    for path in sorted(root.rglob("*.py")):
+        text = path.read_text()
+        if text.count("\n") <= MODULE_LINES:
+            continue
+        docstring = ast.get_docstring(ast.parse(text)) or ""
+        if "Why one module:" not in docstring:
+            found.append(f"{path.relative_to(root)} ({text.count(chr(10))} lines)")
+    return found
+
+
+def test_long_server_modules_say_why_they_are_one_module() -> None:
+    assert long_modules_without_a_reason(ROOT / "server" / "tokenwire_server") == []
+
+
+def test_the_length_check_finds_a_long_module(tmp_path: Path) -> None:
+    (tmp_path / "long.py").write_text('"""Long."""\n' + "x = 1\n" * 400)
+    (tmp_path / "reasoned.py").write_text(
+        '"""Long.\n\nWhy one module: a table.\n"""\n' + "x = 1\n" * 400
+    )
+    assert long_modules_without_a_reason(tmp_path) == ["long.py (401 lines)"]
+
+
+def test_call_state_travels_in_one_typed_object_not_context_variables() -> None:
+    """Issue 20: the chain hands a `Call` inward; no layer reads a context
+    variable another layer wrote (OpenTelemetry's own context is the span's)."""
+    server = ROOT / "server" / "tokenwire_server"
+    found = [
+        str(path.relative_to(server))
+        for path in server.rglob("*.py")
+        if "ContextVar(" in path.read_text() or "import contextvars" in path.read_text()
+    ]
+    assert found == []

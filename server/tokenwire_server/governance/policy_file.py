@@ -4,6 +4,10 @@ Every mistake is reported with its place in the file, and a policy that
 cannot be enforced as written (an unknown detector, a bad pattern, a keyed
 hash without a key) is refused: the server will not start with it, and a
 reload keeps the previous policy.
+
+Why one module: every key a policy file may hold is read and checked here,
+with one error format (file, rule, field); the escalation section is parsed
+beside the rules it names (flag rule ids) so a rule it cites must exist.
 """
 
 from __future__ import annotations
