@@ -102,7 +102,7 @@ def stalling(pause: float):
 
 
 def test_a_silent_stream_counts_one_stall_as_it_happens(fake: FakeServer) -> None:
-    fake.script = stalling(1.2)
+    fake.script = stalling(2.0)
     heard: list[tuple[Observation, float]] = []
     started = time.monotonic()
 
@@ -116,11 +116,11 @@ def test_a_silent_stream_counts_one_stall_as_it_happens(fake: FakeServer) -> Non
     [(observation, when)] = heard
     assert observation.kind == "stall" and observation.response_id == RESPONSE_ID
     assert observation.last_sequence == 2
-    assert when < 1.1, "the stall is seen while the silence lasts, not at its end"
+    assert when < 1.9, "the stall is seen while the silence lasts, not at its end"
 
 
 def test_the_async_client_sees_a_stall_while_it_lasts(fake: FakeServer) -> None:
-    fake.script = stalling(1.0)
+    fake.script = stalling(1.5)
     seen_during: list[int] = []
 
     async def run() -> Observed:
@@ -128,7 +128,7 @@ def test_the_async_client_sees_a_stall_while_it_lasts(fake: FakeServer) -> None:
             stream = client.stream("q")
             async for _ in stream:
                 if stream.last_sequence == 2 and not seen_during:
-                    await asyncio.sleep(0.5)  # the loop is free: the watch runs
+                    await asyncio.sleep(0.8)  # the loop is free: the watch runs
                     seen_during.append(client.observed.stalls)
             return client.observed
 
@@ -139,11 +139,11 @@ def test_the_async_client_sees_a_stall_while_it_lasts(fake: FakeServer) -> None:
 def test_a_steady_stream_or_no_stall_timeout_counts_no_stall(fake: FakeServer) -> None:
     def steady(request: pb.StreamRespondRequest, context: grpc.ServicerContext):
         for event in answer(PARTS):
-            time.sleep(0.1)
+            time.sleep(0.05)
             yield event
 
     fake.script = steady
-    with Client(fake.address, stall_timeout=0.3) as client:
+    with Client(fake.address, stall_timeout=1.0) as client:  # 20 times the gaps: load-proof
         client.stream("q").collect()
         assert client.observed.stalls == 0
     fake.script = stalling(0.6)
