@@ -8,6 +8,7 @@ the policy file, as a deployment would.
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -15,6 +16,7 @@ from typing import Any
 
 import grpc
 import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from tests.conftest import (
     chunks_of,
@@ -181,3 +183,43 @@ async def test_a_hold_rule_releases_nothing_and_opens_a_pending_review(tmp_path:
     finally:
         await channel.close()
         await server.drain(grace=0)
+
+
+class Hanging(vgrpc.ValidatorServiceServicer):
+    async def Validate(self, request: vpb.ValidateRequest, context: Any) -> vpb.ValidateResponse:
+        await asyncio.Event().wait()
+        raise AssertionError("unreachable")
+
+
+async def test_a_hanging_validator_cannot_outlast_the_calls_deadline(tmp_path: Path) -> None:
+    hanging = grpc.aio.server()
+    vgrpc.add_ValidatorServiceServicer_to_server(Hanging(), hanging)
+    port = hanging.add_insecure_port("127.0.0.1:0")
+    await hanging.start()
+    file = tmp_path / "tokenwire.toml"
+    file.write_text(_validator(f"127.0.0.1:{port}") + "timeout = 60\n")
+    config = dataclasses.replace(
+        make_config(default_deadline=1, max_deadline=1),
+        validators=read_file_settings(file).validators,
+    )
+    server = TokenwireServer(config)
+    address = f"127.0.0.1:{await server.start()}"
+    try:
+        async with grpc.aio.insecure_channel(address) as channel:
+            stub = respond_pb2_grpc.RespondServiceStub(channel)
+            started = asyncio.get_running_loop().time()
+            try:
+                completed = (await stub.Respond(respond_request("hello", model="echo"))).completed
+            except grpc.aio.AioRpcError as error:
+                assert error.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+            else:  # the validator's call was bounded by the same deadline
+                (check,) = [c for c in completed.verification.checks if c.name != "integrity"]
+                assert check.outcome in (pb.CHECK_OUTCOME_TIMED_OUT, pb.CHECK_OUTCOME_ERROR)
+            assert asyncio.get_running_loop().time() - started < 5
+            # The server goes on serving.
+            health = health_pb2_grpc.HealthStub(channel)
+            answer = await health.Check(health_pb2.HealthCheckRequest())
+            assert answer.status == health_pb2.HealthCheckResponse.SERVING
+    finally:
+        await server.drain(grace=0)
+        await hanging.stop(0)

@@ -268,6 +268,9 @@ async def _generate(
         review: tuple[str, str] | None = None
         held = False
         if validation is not None:
+            # The validators answer within their own timeouts: no stall while they
+            # decide, but the call's deadline still holds.
+            watchdog.suspend()
             try:
                 concluded = await validation.conclude(
                     response_id=response.response_id,
@@ -280,6 +283,13 @@ async def _generate(
                     policy_id=response.policy_id,
                     policy_version=response.policy_version,
                 )
+            except asyncio.CancelledError:
+                if watchdog.fired is None:  # the response was cancelled
+                    response.cancel()
+                    raise
+                task.uncancel()
+                response.fail(watchdog.fired)
+                return
             except TokenwireError as error:  # the review could not be opened
                 response.fail(error)
                 return
