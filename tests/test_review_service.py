@@ -404,6 +404,24 @@ async def test_an_unanswered_hold_expires_as_a_rejection(reviews: Reviews) -> No
     )
 
 
+async def test_a_drain_ends_watchers_at_once_so_they_watch_again(reviews: Reviews) -> None:
+    review = await reviews.open()
+    watch = reviews.stub.WatchReview(
+        rpb.WatchReviewRequest(review_id=review.review_id), metadata=bearer(CALLER_A)
+    )
+    assert (await watch.read()).review.state == pb.REVIEW_STATE_PENDING
+    loop = asyncio.get_running_loop()
+    started = loop.time()
+    draining = asyncio.create_task(reviews.server.server.drain(grace=30))
+    with pytest.raises(grpc.aio.AioRpcError) as raised:
+        await asyncio.wait_for(watch.read(), 10)
+    details = status_details(raised.value)
+    assert details.code == grpc.StatusCode.UNAVAILABLE
+    assert details.error_info.reason == "SERVER_DRAINING" and details.retry_info is not None
+    await asyncio.wait_for(draining, 10)
+    assert loop.time() - started < 10  # not the 30 s grace
+
+
 async def test_pending_reviews_survive_a_restart(make_reviews: MakeReviews, tmp_path: Path) -> None:
     path = str(tmp_path / "reviews.sqlite3")
     first = await make_reviews(review_path=path)

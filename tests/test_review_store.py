@@ -3,7 +3,9 @@ deciding once, expiry, watching, audit rows, metrics, and a restart."""
 
 from __future__ import annotations
 
+import argparse
 import asyncio
+import io
 import json
 from collections.abc import AsyncIterator, Callable
 from concurrent.futures import Future
@@ -15,6 +17,7 @@ import pytest
 
 from tests.conftest import REDIS_SERVER, RedisServer
 from tokenwire.v1 import respond_pb2 as pb
+from tokenwire_server.audit import commands as audit_commands
 from tokenwire_server.audit.records import AuditRecord
 from tokenwire_server.audit.store import (
     AuditStore,
@@ -336,6 +339,16 @@ async def test_every_step_is_an_audit_row_and_a_metric(tmp_path: Path) -> None:
         "expiry",
     )
     assert expired["actions"][0]["actor"] == "tokenwire"
+    path = str(tmp_path / "audit.db")
+    for argv, expected in (
+        (["show", "rsp-held", "--audit-path", path], '"decision": "edit"'),
+        (["verify", path], "intact"),
+    ):
+        parser = argparse.ArgumentParser()
+        audit_commands.add_arguments(parser)
+        out, err = io.StringIO(), io.StringIO()
+        assert audit_commands.run(parser.parse_args(argv), out, err) == 0, err.getvalue()
+        assert expected in out.getvalue(), out.getvalue()
     sample = metrics.registry.get_sample_value
     assert sample("tokenwire_reviews_opened_total", {"action": "hold"}) == 1
     assert sample("tokenwire_reviews_opened_total", {"action": "review_after"}) == 1

@@ -238,6 +238,7 @@ class TokenwireServer:
         await self.health.enter_graceful_shutdown()
         if self.config.network.drain_delay > 0:
             await asyncio.sleep(self.config.network.drain_delay)
+        self.reviews.stop_watching()  # WatchReview streams end now: UNAVAILABLE, watch again
         await self._stop_calls(self._server, grace)
         if self._health_server is not None:
             await self._health_server.stop(0)

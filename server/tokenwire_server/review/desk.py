@@ -49,6 +49,10 @@ DECIDE_METHOD = "/tokenwire.v1.ReviewService/DecideReview"
 SWEEP_BATCH = 200
 
 
+class Draining(Exception):
+    """The server is draining: a watcher should watch again on another replica."""
+
+
 class AlreadyDecided(Exception):
     """The review left PENDING before this decision; `review` is how it stands."""
 
@@ -80,6 +84,8 @@ class ReviewDesk:
         self._keep_decided = keep_decided
         self._sweeper: asyncio.Task[None] | None = None
         self._log = RateLimitedLog(log, interval=60.0)
+        #: Set by `stop_watching` when the server drains.
+        self._draining = asyncio.Event()
 
     # ---------------------------------------------------------------- opening
 
@@ -168,9 +174,13 @@ class ReviewDesk:
     async def watch(self, review_id: str) -> AsyncIterator[Review]:
         """The review now, then each change of state; ends after a terminal state
         (or when the review is gone). Wakes on decisions at once and at the
-        expiry time, and re-reads every `store.poll_interval` besides."""
+        expiry time, and re-reads every `store.poll_interval` besides. Raises
+        `Draining` once `stop_watching` was called, so a drain does not wait
+        its whole grace period for watchers."""
         last: ReviewState | None = None
         while True:
+            if self._draining.is_set():
+                raise Draining()
             with self.store.changes(review_id) as changed:
                 review = await self.get(review_id)
                 if review is None:
@@ -181,9 +191,21 @@ class ReviewDesk:
                 if review.state.terminal:
                     return
                 wait = min(self.store.poll_interval, max(0.0, review.expires_at - self._clock()))
-                with contextlib.suppress(TimeoutError):
-                    async with asyncio.timeout(wait + 0.001):
-                        await changed.wait()
+                waits = (
+                    asyncio.ensure_future(changed.wait()),
+                    asyncio.ensure_future(self._draining.wait()),
+                )
+                try:
+                    await asyncio.wait(
+                        waits, timeout=wait + 0.001, return_when=asyncio.FIRST_COMPLETED
+                    )
+                finally:
+                    for pending in waits:
+                        pending.cancel()
+
+    def stop_watching(self) -> None:
+        """The server drains: every watcher ends now (UNAVAILABLE, retry elsewhere)."""
+        self._draining.set()
 
     # --------------------------------------------------------------- deciding
 

@@ -15,7 +15,9 @@ Refusals a caller can branch on (each with one `ErrorInfo`, domain
   already (`state` in the metadata);
 - UNAVAILABLE `AUDIT_UNAVAILABLE`: the decision's audit row could not be
   committed, so nothing changed;
-- UNAVAILABLE `STORE_UNAVAILABLE`: the review store (Redis) cannot be reached.
+- UNAVAILABLE `STORE_UNAVAILABLE`: the review store (Redis) cannot be reached;
+- UNAVAILABLE `SERVER_DRAINING`: WatchReview on a server that is stopping
+  (watch again; RetryInfo set).
 """
 
 from __future__ import annotations
@@ -34,7 +36,7 @@ from tokenwire.v1 import review_pb2_grpc as rgrpc
 from tokenwire_server.audit.store import AuditWriteError
 from tokenwire_server.errors import FieldViolation, InvalidRequest, TokenwireError, abort
 from tokenwire_server.review.access import Caller, Context, ReviewAccess
-from tokenwire_server.review.desk import AlreadyDecided, ReviewDesk
+from tokenwire_server.review.desk import AlreadyDecided, Draining, ReviewDesk
 from tokenwire_server.review.model import Decision, Review, ReviewState
 
 log = logging.getLogger("tokenwire_server.review")
@@ -76,6 +78,14 @@ class ReviewerRoleRequired(TokenwireError):
 class ReviewAlreadyDecided(TokenwireError):
     code = grpc.StatusCode.FAILED_PRECONDITION
     reason = "REVIEW_ALREADY_DECIDED"
+
+
+class ServerDraining(TokenwireError):
+    """The server is stopping: watch again (another replica, or this one restarted)."""
+
+    code = grpc.StatusCode.UNAVAILABLE
+    reason = "SERVER_DRAINING"
+    retry_after = 1.0
 
 
 class AuditUnavailable(TokenwireError):
@@ -254,6 +264,8 @@ class ReviewServicer(rgrpc.ReviewServiceServicer):
             full = caller.reviewer is not None
             async for review in self._desk.watch(request.review_id):
                 yield rpb.WatchReviewResponse(review=to_proto(review, full))
+        except Draining:
+            await abort(context, ServerDraining("the server is stopping; watch again"))
         except TokenwireError as error:
             await abort(context, error)
 
