@@ -80,7 +80,15 @@ class Reviews:
                 response_id=response_id,
                 verdict=Verdict.ALLOWED,
                 checks=(
-                    pb.VerificationCheck(name="validator:c", outcome=pb.CHECK_OUTCOME_ESCALATED),
+                    pb.VerificationCheck(
+                        name="validator:c",
+                        outcome=pb.CHECK_OUTCOME_ESCALATED,
+                        violations=[
+                            pb.CheckViolation(
+                                code="NUMERIC_ADVICE", message="quotes 'Buy 100'", start=0, end=7
+                            )
+                        ],
+                    ),
                 ),
                 model="tokenwire-sim",
                 policy_id="acme",
@@ -277,8 +285,16 @@ async def test_the_caller_sees_the_state_but_not_the_held_text(reviews: Reviews)
     mine = await reviews.get(review.review_id, CALLER_A)
     assert mine.state == pb.REVIEW_STATE_PENDING and mine.held
     assert mine.governed_text == "" and mine.decided_text == ""
+    (violation,) = mine.checks[0].violations  # a validator's message may quote the text
+    assert (violation.code, violation.start, violation.end, violation.message) == (
+        "NUMERIC_ADVICE",
+        0,
+        7,
+        "",
+    )
     full = await reviews.get(review.review_id, REVIEWER_A)
     assert full.governed_text == TEXT and full.history[0].actor == "tokenwire"
+    assert full.checks[0].violations[0].message == "quotes 'Buy 100'"
     await reviews.decide(
         REVIEWER_A,
         review_id=review.review_id,

@@ -145,6 +145,20 @@ async def test_pages_are_per_tenant_and_state_oldest_first(
     assert await desk.page("initech", None, 0, 10) == []
 
 
+async def test_a_pending_page_refills_what_expired_on_the_way(
+    make_store: Callable[[], ReviewStore],
+) -> None:
+    clock = Clock()
+    desk = await desk_on(make_store(), clock)
+    for name, seconds in (("r1", 3600), ("r2", 10), ("r3", 3600), ("r4", 3600)):
+        await desk.open(opening(name, decision=replace(HOLD, expire_after=seconds)))
+    clock.now += 11
+    page = await desk.page("acme", ReviewState.PENDING, 0, 3)
+    assert [r.response_id for r in page] == ["r1", "r3", "r4"]
+    expired = await desk.page("acme", ReviewState.EXPIRED, 0, 10)
+    assert [r.response_id for r in expired] == ["r2"]
+
+
 async def test_a_review_is_decided_once_whoever_races(
     make_store: Callable[[], ReviewStore],
 ) -> None:

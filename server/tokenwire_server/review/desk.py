@@ -160,15 +160,21 @@ class ReviewDesk:
     async def page(
         self, tenant: str, state: ReviewState | None, after_seq: int, limit: int
     ) -> list[Review]:
-        """A tenant's reviews after `after_seq`, oldest first, expiries applied."""
+        """Up to `limit` of a tenant's reviews after `after_seq`, oldest first,
+        expiries applied (a PENDING listing refills what expired on the way)."""
         now = self._clock()
         found: list[Review] = []
-        for review in await self.store.page(tenant, state, after_seq, limit):
-            if review.expired_by(now):
-                review = await self.expire(review)
-                if state is not None and review.state is not state:
-                    continue
-            found.append(review)
+        while len(found) < limit:
+            batch = await self.store.page(tenant, state, after_seq, limit - len(found))
+            if not batch:
+                break
+            after_seq = batch[-1].seq
+            for review in batch:
+                if review.expired_by(now):
+                    review = await self.expire(review)
+                    if state is not None and review.state is not state:
+                        continue
+                found.append(review)
         return found
 
     async def watch(self, review_id: str) -> AsyncIterator[Review]:

@@ -107,7 +107,8 @@ def _timestamp(seconds: float) -> timestamp_pb2.Timestamp:
 
 def to_proto(review: Review, full: bool) -> rpb.Review:
     """The review as a caller may see it: `full` for a reviewer of its tenant;
-    otherwise without the held text and without who decided and why."""
+    otherwise without the held text, the checks' violation messages, and who
+    decided and why."""
     message = rpb.Review(
         review_id=review.review_id,
         response_id=review.response_id,
@@ -119,7 +120,7 @@ def to_proto(review: Review, full: bool) -> rpb.Review:
         decided_text=review.decided_text or "",
         decided_sha256=review.decided_sha256,
         verdict=int(review.verdict),  # type: ignore[arg-type]
-        checks=review.checks,
+        checks=review.checks if full else [_without_messages(c) for c in review.checks],
         history=[
             rpb.ReviewEvent(
                 state=_STATE_TO_PROTO[event.state],
@@ -138,6 +139,17 @@ def to_proto(review: Review, full: bool) -> rpb.Review:
         expires_at=_timestamp(review.expires_at),
     )
     return message
+
+
+def _without_messages(check: pb.VerificationCheck) -> pb.VerificationCheck:
+    """A check as a caller without the role sees it: a validator's messages may
+    quote the held text, so only codes and spans are kept."""
+    kept = pb.VerificationCheck()
+    kept.CopyFrom(check)
+    for violation in kept.violations:
+        violation.message = ""
+        violation.json_pointer = ""
+    return kept
 
 
 def _page_token(seq: int) -> str:
