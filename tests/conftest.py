@@ -26,6 +26,12 @@ from tokenwire_server.config import Config, UpstreamConfig, load_config
 from tokenwire_server.governance.policy import Policy
 from tokenwire_server.server import TokenwireServer
 
+# `.venv/bin/pytest` without an activated virtualenv: what it holds (buf, the
+# `tokenwire` script, the `python` of scripts/generate_stubs.sh) comes first on
+# PATH for every subprocess, as if it were activated.
+if sys.prefix != sys.base_prefix:
+    os.environ["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), os.environ["PATH"]])
+
 #: Fast but not instant generation, so streams really interleave with writes.
 FAST_SIMULATOR = {"sim_time_to_first_token": "0", "sim_inter_token_delay": "0.0005"}
 
