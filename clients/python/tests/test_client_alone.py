@@ -266,6 +266,12 @@ def test_missing_tls_files_are_one_line_each(
         assert err.startswith("tokenwire ask: ")
 
 
+def test_a_target_without_an_address_is_one_line(capsys: pytest.CaptureFixture[str]) -> None:
+    code, out, err = ask(capsys, "q", target=" , ")
+    assert (code, out) == (2, "")
+    assert err == "tokenwire ask: --target: no address in target ' , '\n"
+
+
 def test_the_console_script_runs_ask(fake: FakeServer, tmp_path: Path) -> None:
     result = run_tokenwire("ask", "--target", fake.address, "q", cwd=tmp_path)
     assert result.returncode == 0, result.stderr

@@ -38,6 +38,7 @@ from tokenwire.client import (
     Mode,
     RespondOptions,
     ResponseStream,
+    split_targets,
     tls_credentials,
 )
 from tokenwire.errors import IntegrityError, ProtocolError, TokenwireError
@@ -207,6 +208,11 @@ def _tls_problem(args: argparse.Namespace) -> str | None:
 
 
 def _ask(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
+    try:
+        split_targets(args.target)
+    except ValueError as error:
+        err.write(f"tokenwire ask: --target: {error}\n")
+        return 2
     problem = _tls_problem(args)
     if problem is not None:
         err.write(f"tokenwire ask: {problem}\n")
