@@ -18,6 +18,10 @@ Refusals a caller can branch on (each with one `ErrorInfo`, domain
 - UNAVAILABLE `STORE_UNAVAILABLE`: the review store (Redis) cannot be reached;
 - UNAVAILABLE `SERVER_DRAINING`: WatchReview on a server that is stopping
   (watch again; RetryInfo set).
+
+Why one module: the four RPCs share one access rule (the caller's reviewer
+role and tenant), one error table (above) and one mapping of reviews to
+messages; apart, a reviewer check could be missed in one of them.
 """
 
 from __future__ import annotations
