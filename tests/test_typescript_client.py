@@ -1,14 +1,23 @@
 """The TypeScript client (clients/typescript): stubs match the protos, it type-checks
-strictly, and its own `node --test` suite passes against a real `tokenwire serve`."""
+strictly, and its own `node --test` suite passes against a real `tokenwire serve`.
+
+The code is compiled into a directory of this run's own inside the package
+(node finds node_modules from there), not into dist/: `npm test` and `npm run
+example` start with `rm -rf dist`, so two suites sharing a checkout would delete
+each other's build mid-run."""
 
 from __future__ import annotations
 
 import asyncio
 import filecmp
+import json
 import os
 import re
+import shutil
 import subprocess
 import sys
+import uuid
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -36,6 +45,20 @@ def _run(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedP
     return subprocess.run(args, cwd=PACKAGE, capture_output=True, text=True, timeout=540, env=env)
 
 
+@pytest.fixture(scope="module")
+def built(npm: str) -> Iterator[Path]:
+    """`tsc` (the package's tsconfig) into a private directory, removed afterwards."""
+    out = PACKAGE / f".pytest-build-{uuid.uuid4().hex[:12]}"
+    try:
+        result = _run(
+            "node", "node_modules/typescript/bin/tsc", "-p", "tsconfig.json", "--outDir", str(out)
+        )
+        assert result.returncode == 0, result.stdout + result.stderr
+        yield out
+    finally:
+        shutil.rmtree(out, ignore_errors=True)
+
+
 def _files(directory: Path) -> list[str]:
     return sorted(str(p.relative_to(directory)) for p in directory.rglob("*") if p.is_file())
 
@@ -61,12 +84,15 @@ def test_typescript_client_typechecks_strictly(npm: str) -> None:
 
 
 @pytest.mark.timeout(600)  # tsc and node on a busy machine
-def test_typescript_client_suite_passes_against_a_real_server(npm: str) -> None:
+def test_typescript_client_suite_passes_against_a_real_server(built: Path) -> None:
+    """What `npm test` runs, on this run's own build."""
     env = {
         **os.environ,
         "TOKENWIRE_SERVE_CMD": f"{sys.executable} -m tokenwire.cli serve",
     }
-    result = _run(npm, "test", env=env)
+    tests = sorted(str(p) for p in (built / "test").glob("*.test.js"))
+    assert any(t.endswith("observed.test.js") for t in tests), tests
+    result = _run("node", "--test", "--test-concurrency=1", *tests, env=env)
     output = result.stdout + result.stderr
     assert result.returncode == 0, output[-8000:]
     assert "# fail 0" in output, output[-8000:]
@@ -82,19 +108,24 @@ def _example_options() -> list[str]:
 
 
 @pytest.mark.timeout(600)  # tsc and node on a busy machine
-def test_typescript_example_help_lists_every_option(npm: str) -> None:
+def test_typescript_example_help_lists_every_option(built: Path) -> None:
     """`npm run example -- --help` printed a parseArgs stack trace (node:util's
     parseArgs is strict and --help was not declared); now it prints the usage,
     naming every option the example accepts, and exits 0. A wrong option is
-    exit status 2 with the problem and the usage, not a stack trace."""
+    exit status 2 with the problem and the usage, not a stack trace. (npm hands
+    what follows `--` to the script; the script is node on the compiled example,
+    run here on this run's build so no `rm -rf dist` races another suite.)"""
+    scripts = json.loads((PACKAGE / "package.json").read_text(encoding="utf-8"))["scripts"]
+    assert scripts["example"].endswith("node dist/examples/stream.js")
+    example = str(built / "examples" / "stream.js")
     options = _example_options()
     assert {"help", "address", "mode", "stall-timeout", "no-resume"} <= set(options)
-    shown = _run(npm, "run", "--silent", "example", "--", "--help")
+    shown = _run("node", example, "--help")
     assert shown.returncode == 0, shown.stdout + shown.stderr
     assert shown.stdout.startswith('usage: npm run example -- [options] "prompt"'), shown.stdout
     for option in options:
         assert f"--{option}" in shown.stdout, f"--{option} missing from the example's --help"
-    short = _run("node", "dist/examples/stream.js", "-h")
+    short = _run("node", example, "-h")
     assert short.returncode == 0 and short.stdout == shown.stdout
     for argv, problem in (
         (["--bogus", "hi"], "Unknown option '--bogus'"),
@@ -102,22 +133,20 @@ def test_typescript_example_help_lists_every_option(npm: str) -> None:
         (["--mode", "fast", "hi"], "unknown --mode fast"),
         ([], "no prompt given"),
     ):
-        wrong = _run("node", "dist/examples/stream.js", *argv)
+        wrong = _run("node", example, *argv)
         assert wrong.returncode == 2, (argv, wrong.stdout, wrong.stderr)
         assert problem in wrong.stderr and "usage: npm run example" in wrong.stderr, wrong.stderr
         assert "    at " not in wrong.stderr, f"a stack trace for {argv}:\n{wrong.stderr}"
 
 
 @pytest.mark.timeout(600)  # tsc and node on a busy machine
-async def test_typescript_example_streams_from_a_real_server(npm: str) -> None:
-    built = _run(npm, "run", "--silent", "build")
-    assert built.returncode == 0, built.stdout + built.stderr
+async def test_typescript_example_streams_from_a_real_server(built: Path) -> None:
     process, address = await start_serve_process()
     try:
         result = await asyncio.to_thread(
             _run,
             "node",
-            "dist/examples/stream.js",
+            str(built / "examples" / "stream.js"),
             "--address",
             address,
             "--model",
