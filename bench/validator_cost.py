@@ -1,8 +1,8 @@
 """What one local validator that answers at once adds between the final text and the verdict.
 
 Issue 21 asks that, with one local validator answering at once, `Completed`
-leave at most 2 ms later than without it (p50). Until the response path calls
-the runner, this measures the runner's share of that: the time from the final
+leave at most 2 ms later than without it (p50). This measures the runner's
+share of that, without a server around it: the time from the final
 text to the verdict (`Validators.start` at the response's start, `feed` per
 released piece in stream mode, `await run.finish(final_text)` before
 `Completed`), per response, in one run:
@@ -23,9 +23,8 @@ over all of them. Run:
     python bench/validator_cost.py                 # 2,000 responses per row
     python bench/validator_cost.py --responses 500 --text-chars 4000
 
-The end-to-end figure (Completed with and without a validator through the
-server) comes with the response path's wiring: bench/validator_cost.py is
-then extended with a `--server` row set.
+The end-to-end figure (`Completed` with and without a validator, through two
+`tokenwire serve` processes) is bench/validation_path.py's.
 """
 
 from __future__ import annotations

@@ -1542,8 +1542,8 @@ type Verification struct {
 	StreamedSha256 string `protobuf:"bytes,2,opt,name=streamed_sha256,json=streamedSha256,proto3" json:"streamed_sha256,omitempty"`
 	// With DIVERGED: the first chunk to drop. 0 with VERIFIED.
 	RetractFromSequence uint32 `protobuf:"varint,3,opt,name=retract_from_sequence,json=retractFromSequence,proto3" json:"retract_from_sequence,omitempty"`
-	// Every check that ran, in order: `integrity` first, then each validator
-	// as `validator:<name>`.
+	// Every check that ran: `integrity`, and each validator configured for the
+	// response as `validator:<name>`.
 	Checks []*VerificationCheck `protobuf:"bytes,4,rep,name=checks,proto3" json:"checks,omitempty"`
 	// True when no check failed. A validator that errored or timed out counts
 	// as failed when it is configured to fail closed.

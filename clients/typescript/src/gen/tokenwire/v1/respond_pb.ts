@@ -614,8 +614,8 @@ export type Verification = Message<"tokenwire.v1.Verification"> & {
   retractFromSequence: number;
 
   /**
-   * Every check that ran, in order: `integrity` first, then each validator
-   * as `validator:<name>`.
+   * Every check that ran: `integrity`, and each validator configured for the
+   * response as `validator:<name>`.
    *
    * @generated from field: repeated tokenwire.v1.VerificationCheck checks = 4;
    */
