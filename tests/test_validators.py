@@ -5,6 +5,7 @@ escalate, replace, answer slowly, hang, crash, answer garbage, or are down."""
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import hashlib
 import socket
 import sys
@@ -17,10 +18,13 @@ from typing import Any
 import grpc
 import pytest
 
+from tests.conftest import collect, completed_of, make_config, stream_request
 from tokenwire.v1 import respond_pb2 as pb
+from tokenwire.v1 import respond_pb2_grpc
 from tokenwire.v1 import validator_pb2 as vpb
 from tokenwire.v1 import validator_pb2_grpc as vgrpc
 from tokenwire_server.domain import Message, Role
+from tokenwire_server.server import TokenwireServer
 from tokenwire_server.validators import calls, verdicts
 from tokenwire_server.validators.config import (
     Match,
@@ -906,3 +910,29 @@ async def test_a_reload_keeps_running_responses_on_their_validators(
     assert only(await validate_once(pool)).outcome == pb.CHECK_OUTCOME_FAILED
     pool.configure([])
     assert pool.start(facts()) is None
+
+
+async def test_through_the_server_each_verdict_is_counted(
+    start_validator: StartValidator,
+) -> None:
+    validator = await start_validator()
+    config = dataclasses.replace(
+        make_config(), validators=(ValidatorConfig("counted", validator.address),)
+    )
+    server = TokenwireServer(config)
+    port = await server.start()
+    try:
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
+            stub = respond_pb2_grpc.RespondServiceStub(channel)
+            completed = completed_of(await collect(stub.StreamRespond(stream_request())))
+        assert [c.name for c in completed.verification.checks if c.name != "integrity"] == [
+            "validator:counted"
+        ]
+        sample = server.metrics.registry.get_sample_value
+        assert (
+            sample("tokenwire_validator_checks_total", {"validator": "counted", "outcome": "pass"})
+            == 1
+        )
+        assert sample("tokenwire_validator_latency_seconds_count", {"validator": "counted"}) == 1
+    finally:
+        await server.drain(grace=0)

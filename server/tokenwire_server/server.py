@@ -95,7 +95,7 @@ class TokenwireServer:
             raise LoadError(f"models: {error}") from None
         self.metrics.routes = self.registry  # providers and models for the GenAI labels
         #: The callers' validators (`[[validators]]` in the config file).
-        self.validators = Validators(config.validators)
+        self.validators = Validators(config.validators, on_check=self.metrics.count_check)
         self.routing = (
             RoutingReloader(config, config_file, self.registry, self.validators)
             if config_file is not None
