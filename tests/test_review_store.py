@@ -19,6 +19,7 @@ from tests.conftest import REDIS_SERVER, RedisServer
 from tokenwire.v1 import respond_pb2 as pb
 from tokenwire_server.audit import commands as audit_commands
 from tokenwire_server.audit.records import AuditRecord
+from tokenwire_server.audit.review_events import review_row
 from tokenwire_server.audit.store import (
     AuditStore,
     AuditWriteError,
@@ -416,3 +417,22 @@ async def test_without_its_audit_row_a_decision_does_not_take_effect() -> None:
     with pytest.raises(AuditWriteError):  # and an escalation without its row fails closed
         await desk.open(opening("rsp-2"))
     await store.close()
+
+
+async def test_audit_show_prints_entries_of_any_kind(tmp_path: Path) -> None:
+    """A row whose actions are not governance actions (a review's, a check's
+    summary) is shown as JSON rather than breaking `tokenwire audit show`."""
+    audit = SqliteAuditStore(tmp_path / "audit.db")
+    summary = {"check": "validator:c", "outcome": "pass", "latency_ms": 0.4}
+    await audit.record(
+        review_row(
+            event="completed", method="m", response_id="rsp-x", tenant="acme", detail=summary
+        )
+    )
+    await audit.close()
+    parser = argparse.ArgumentParser()
+    audit_commands.add_arguments(parser)
+    out, err = io.StringIO(), io.StringIO()
+    args = parser.parse_args(["show", "rsp-x", "--audit-path", str(tmp_path / "audit.db")])
+    assert audit_commands.run(args, out, err) == 0, err.getvalue()
+    assert '"check": "validator:c"' in out.getvalue()

@@ -125,6 +125,9 @@ def _write_row(row: dict[str, Any], out: TextIO) -> None:
         if "review_id" in action:  # an `escalated` / `reviewed` row (audit/review_events.py)
             out.write(f"{'review':>24}: {json.dumps(action, sort_keys=True)}\n")
             continue
+        if "operator" not in action:  # any other kind of entry (a check's summary...)
+            out.write(f"{'entry':>24}: {json.dumps(action, sort_keys=True)}\n")
+            continue
         out.write(
             f"{'action':>24}: {action['operator']} {action['entity_type']} "
             f"[{action['start']}, {action['end']}) rule {action['rule_id']}\n"
