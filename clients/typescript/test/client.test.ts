@@ -245,17 +245,23 @@ describe("against tokenwire serve", () => {
     const viaProxy = new TokenwireClient(address);
     try {
       const stream = viaProxy.stream("x", { mode: "stream", maxTokensPerChunk: 1, labels: SLOW });
+      let received = 0;
       const error = await rejection(
         (async () => {
           for await (const event of stream) {
-            if (event.type === "chunk" && event.sequence === 3) proxy.cut();
+            if (event.type !== "chunk") continue;
+            received = event.sequence;
+            if (event.sequence === 3) proxy.cut();
           }
         })(),
         Unavailable,
       );
       assert.equal(error.domain, "");
       assert.equal(error.fromServer, false);
-      assert.equal(error.lastSequence, 3);
+      // The last chunk the reader got: 3, or a later one already in flight when
+      // the connection was cut (on a busy machine chunk 4 can be).
+      assert.ok(received >= 3, `received ${received}`);
+      assert.equal(error.lastSequence, received);
       assert.equal(stream.resumes, 0);
     } finally {
       viaProxy.close();
