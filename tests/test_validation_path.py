@@ -150,6 +150,7 @@ async def test_a_validator_that_is_down_fails_closed_within_its_timeout(tmp_path
         (check,) = [c for c in completed.verification.checks if c.name == "validator:claims"]
         assert check.outcome in (pb.CHECK_OUTCOME_ERROR, pb.CHECK_OUTCOME_TIMED_OUT)
         assert completed.verdict == pb.VERDICT_BLOCKED  # fail_closed is the default
+        assert completed.verification.checks_passed is False  # an error under fail_closed
     finally:
         await channel.close()
         await server.drain(grace=0)

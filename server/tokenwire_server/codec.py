@@ -136,6 +136,8 @@ class EventCodec:
                 attempts=outcome.attempts,
             ),
             actions=[action_message(a) for a in outcome.actions],
-            verification=pb.Verification(checks=outcome.checks),
+            verification=pb.Verification(
+                checks=outcome.checks, checks_passed=outcome.checks_passed
+            ),
             review=_review(outcome),
         )

@@ -392,7 +392,7 @@ def read_file_settings(file: Path) -> FileSettings:
             if leaf.name in table
         }
     try:
-        validators = parse_validators(raw, source=f"config file {file}")
+        validators = parse_validators(raw, source=f"config file {file}", base_dir=file.parent)
     except ValidatorConfigError as error:
         raise ConfigError(str(error)) from None
     return FileSettings(sections, _upstreams(raw.get("upstreams", []), file), validators)

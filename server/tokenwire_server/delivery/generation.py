@@ -265,6 +265,7 @@ async def _generate(
         final_text = decision.text if decision.text is not None else response.released_text
         verdict = decision.verdict if decision.verdict else Verdict.ALLOWED
         checks: tuple[pb.VerificationCheck, ...] = ()
+        checks_passed = True
         review: tuple[str, str] | None = None
         held = False
         if validation is not None:
@@ -299,6 +300,7 @@ async def _generate(
             final_text, verdict = concluded.final_text, concluded.verdict
             blocked = blocked or concluded.blocked
             checks, held = concluded.checks, concluded.held
+            checks_passed = concluded.checks_passed
             if concluded.review is not None:
                 review = (concluded.review.review_id, concluded.review.state.name)
         response.finish(
@@ -322,6 +324,7 @@ async def _generate(
                 attempts=finish.attempts,
                 backend=finish.backend or response.model.backend,
                 checks=checks,
+                checks_passed=checks_passed,
                 review=review,
                 held=held,
             )

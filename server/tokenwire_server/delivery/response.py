@@ -70,6 +70,8 @@ class Outcome:
     backend: str
     #: `Completed.verification.checks` from the validation path (validators).
     checks: tuple[pb.VerificationCheck, ...] = ()
+    #: No validator failed, an error under `fail_closed` included.
+    checks_passed: bool = True
     #: The review an escalation rule opened: (review id, state name).
     review: tuple[str, str] | None = None
     #: Held for review: nothing of the text is released, `final_text` is empty.

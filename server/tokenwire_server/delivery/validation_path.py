@@ -50,6 +50,8 @@ class Concluded:
     verdict: Verdict
     blocked: bool
     checks: tuple[pb.VerificationCheck, ...]
+    #: No validator failed (an error under `fail_closed` counts as a failure).
+    checks_passed: bool
     review: ReviewRef | None
     #: Held for review: nothing of the text is released, `final_text` is empty.
     held: bool
@@ -139,6 +141,7 @@ class ValidationPath:
             verdict=verdict,
             blocked=blocked,
             checks=checks,
+            checks_passed=result.passed,
             review=review,
             held=held,
         )

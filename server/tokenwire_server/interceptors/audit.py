@@ -125,6 +125,21 @@ def _row(call: Call, event: str, reason: str = "") -> AuditRecord:
     )
 
 
+def _checks(checks: Any) -> list[dict[str, object]]:
+    """The validators' checks as the row keeps them: names, outcomes, latency and
+    violation codes, never their messages (a validator may quote the text)."""
+    return [
+        {
+            "check": c.name,
+            "outcome": _name(pb.CheckOutcome, c.outcome, "CHECK_OUTCOME_"),
+            "latency_ms": round(_ms(c.latency), 3),
+            "violations": [v.code for v in c.violations],
+        }
+        for c in checks
+        if c.name != "integrity"
+    ]
+
+
 def _resumed_after(call: Call) -> int:
     request = call.request
     if isinstance(request, pb.StreamRespondRequest) and request.HasField("resume"):
@@ -166,7 +181,8 @@ def _completed_row(call: Call, completed: pb.Completed) -> AuditRecord:
                 "end": a.end,
             }
             for a in completed.actions
-        ],
+        ]
+        + _checks(completed.verification.checks),
         finish_reason=_name(pb.FinishReason, completed.finish_reason, "FINISH_REASON_"),
         prompt_tokens=completed.usage.prompt_tokens,
         completion_tokens=completed.usage.completion_tokens,

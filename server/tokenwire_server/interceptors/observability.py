@@ -204,6 +204,11 @@ class ObservabilityStage(Stage):
                     "tokenwire.verification": verification,
                     "tokenwire.delivery_mode": mode,
                     "tokenwire.tenant": call.tenant,
+                    "tokenwire.checks": [
+                        f"{c.name}={pb.CheckOutcome.Name(c.outcome)}"
+                        for c in completed.verification.checks
+                    ],
+                    "tokenwire.checks_passed": completed.verification.checks_passed,
                 }
             )
             span.add_event(

@@ -54,7 +54,9 @@ def _verify(completed: pb.Completed, streamed_sha256: str, retract_from: int, om
     # is stated, not a failure); the gate refuses the call otherwise. The other
     # checks (validators) came with the response.
     verification.checks.add(name="integrity", outcome=pb.CHECK_OUTCOME_PASSED)
-    verification.checks_passed = not any(
+    # The response path said whether its validators passed (an error under
+    # fail_closed is a failure there); no check may have FAILED either.
+    verification.checks_passed = verification.checks_passed and not any(
         check.outcome == pb.CHECK_OUTCOME_FAILED for check in verification.checks
     )
 

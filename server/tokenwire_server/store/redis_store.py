@@ -235,6 +235,7 @@ def _end_fields(response: LiveResponse) -> dict[str, str | int]:
                 "attempts": o.attempts,
                 "backend": o.backend,
                 "checks": [base64.b64encode(c.SerializeToString()).decode() for c in o.checks],
+                "checks_passed": o.checks_passed,
                 "review": list(o.review) if o.review is not None else None,
                 "held": o.held,
             }
@@ -704,6 +705,7 @@ class RedisResponseStore(ResponseStore):
                 ),
                 review=(o["review"][0], o["review"][1]) if o.get("review") else None,
                 held=bool(o.get("held", False)),
+                checks_passed=bool(o.get("checks_passed", True)),
             )
         error: TokenwireError | None = None
         if "error" in fields:
