@@ -81,12 +81,12 @@ pip=(.venv/bin/python -m pip --disable-pip-version-check)
 extras="dev"
 if [ "$llama" = 1 ]; then
   extras="dev,llama"
-  # Measured (2026-12-04, pip --no-cache-dir, 2 cores shared with other jobs at load
-  # average 16-37): building the llama-cpp-python wheel took 29 min wall and 12.2
-  # CPU-minutes (11.2 user + 1.0 sys); the whole extra 36 min, against 43 s for
-  # the dev install alone. pip caches the wheel: a re-run takes seconds.
+  # Measured 2026-12-04 on a 2-core machine, fresh virtualenv,
+  # pip --no-cache-dir: dev alone 43 s; dev + llama 6 min 11 s wall on a quiet
+  # machine (11.2 CPU-minutes), 36 min while other jobs held the load average at
+  # 16-37. pip caches the built wheel: a re-run takes seconds.
   say "with --llama: llama-cpp-python compiles llama.cpp from source unless pip has" \
-    "the wheel cached: 12 CPU-minutes, measured 29 min wall on a busy 2-core machine"
+    "the wheel cached: about 6 min on an idle 2-core machine (measured)"
 fi
 run_logged "installing tokenwire (clients/python) and tokenwire-server[$extras], editable" \
   .venv/pip-install.log "${pip[@]}" install -e ./clients/python -e ".[$extras]"
