@@ -1,6 +1,7 @@
 import datetime
 
 from google.protobuf import duration_pb2 as _duration_pb2
+from google.protobuf import struct_pb2 as _struct_pb2
 from google.protobuf import timestamp_pb2 as _timestamp_pb2
 from google.protobuf.internal import containers as _containers
 from google.protobuf.internal import enum_type_wrapper as _enum_type_wrapper
@@ -17,6 +18,7 @@ class Role(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     ROLE_SYSTEM: _ClassVar[Role]
     ROLE_USER: _ClassVar[Role]
     ROLE_ASSISTANT: _ClassVar[Role]
+    ROLE_TOOL: _ClassVar[Role]
 
 class DeliveryMode(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     __slots__ = ()
@@ -32,6 +34,22 @@ class FinishReason(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     FINISH_REASON_LENGTH: _ClassVar[FinishReason]
     FINISH_REASON_STOP_SEQUENCE: _ClassVar[FinishReason]
     FINISH_REASON_POLICY_BLOCKED: _ClassVar[FinishReason]
+    FINISH_REASON_TOOL_CALLS: _ClassVar[FinishReason]
+    FINISH_REASON_INVALID_OUTPUT: _ClassVar[FinishReason]
+
+class ToolChoiceMode(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    TOOL_CHOICE_MODE_UNSPECIFIED: _ClassVar[ToolChoiceMode]
+    TOOL_CHOICE_MODE_AUTO: _ClassVar[ToolChoiceMode]
+    TOOL_CHOICE_MODE_NONE: _ClassVar[ToolChoiceMode]
+    TOOL_CHOICE_MODE_REQUIRED: _ClassVar[ToolChoiceMode]
+
+class ResponseFormatType(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    RESPONSE_FORMAT_TYPE_UNSPECIFIED: _ClassVar[ResponseFormatType]
+    RESPONSE_FORMAT_TYPE_TEXT: _ClassVar[ResponseFormatType]
+    RESPONSE_FORMAT_TYPE_JSON_OBJECT: _ClassVar[ResponseFormatType]
+    RESPONSE_FORMAT_TYPE_JSON_SCHEMA: _ClassVar[ResponseFormatType]
 
 class Verdict(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     __slots__ = ()
@@ -82,6 +100,7 @@ ROLE_UNSPECIFIED: Role
 ROLE_SYSTEM: Role
 ROLE_USER: Role
 ROLE_ASSISTANT: Role
+ROLE_TOOL: Role
 DELIVERY_MODE_UNSPECIFIED: DeliveryMode
 DELIVERY_MODE_AUTO: DeliveryMode
 DELIVERY_MODE_STREAM: DeliveryMode
@@ -91,6 +110,16 @@ FINISH_REASON_STOP: FinishReason
 FINISH_REASON_LENGTH: FinishReason
 FINISH_REASON_STOP_SEQUENCE: FinishReason
 FINISH_REASON_POLICY_BLOCKED: FinishReason
+FINISH_REASON_TOOL_CALLS: FinishReason
+FINISH_REASON_INVALID_OUTPUT: FinishReason
+TOOL_CHOICE_MODE_UNSPECIFIED: ToolChoiceMode
+TOOL_CHOICE_MODE_AUTO: ToolChoiceMode
+TOOL_CHOICE_MODE_NONE: ToolChoiceMode
+TOOL_CHOICE_MODE_REQUIRED: ToolChoiceMode
+RESPONSE_FORMAT_TYPE_UNSPECIFIED: ResponseFormatType
+RESPONSE_FORMAT_TYPE_TEXT: ResponseFormatType
+RESPONSE_FORMAT_TYPE_JSON_OBJECT: ResponseFormatType
+RESPONSE_FORMAT_TYPE_JSON_SCHEMA: ResponseFormatType
 VERDICT_UNSPECIFIED: Verdict
 VERDICT_ALLOWED: Verdict
 VERDICT_REDACTED: Verdict
@@ -121,12 +150,48 @@ REVIEW_STATE_EDITED: ReviewState
 REVIEW_STATE_EXPIRED: ReviewState
 
 class ChatMessage(_message.Message):
-    __slots__ = ("role", "content")
+    __slots__ = ("role", "content", "tool_calls", "tool_call_id")
     ROLE_FIELD_NUMBER: _ClassVar[int]
     CONTENT_FIELD_NUMBER: _ClassVar[int]
+    TOOL_CALLS_FIELD_NUMBER: _ClassVar[int]
+    TOOL_CALL_ID_FIELD_NUMBER: _ClassVar[int]
     role: Role
     content: str
-    def __init__(self, role: _Optional[_Union[Role, str]] = ..., content: _Optional[str] = ...) -> None: ...
+    tool_calls: _containers.RepeatedCompositeFieldContainer[ToolCall]
+    tool_call_id: str
+    def __init__(self, role: _Optional[_Union[Role, str]] = ..., content: _Optional[str] = ..., tool_calls: _Optional[_Iterable[_Union[ToolCall, _Mapping]]] = ..., tool_call_id: _Optional[str] = ...) -> None: ...
+
+class Tool(_message.Message):
+    __slots__ = ("name", "description", "parameters", "strict")
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    DESCRIPTION_FIELD_NUMBER: _ClassVar[int]
+    PARAMETERS_FIELD_NUMBER: _ClassVar[int]
+    STRICT_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    description: str
+    parameters: _struct_pb2.Struct
+    strict: bool
+    def __init__(self, name: _Optional[str] = ..., description: _Optional[str] = ..., parameters: _Optional[_Union[_struct_pb2.Struct, _Mapping]] = ..., strict: _Optional[bool] = ...) -> None: ...
+
+class ToolChoice(_message.Message):
+    __slots__ = ("mode", "function_name")
+    MODE_FIELD_NUMBER: _ClassVar[int]
+    FUNCTION_NAME_FIELD_NUMBER: _ClassVar[int]
+    mode: ToolChoiceMode
+    function_name: str
+    def __init__(self, mode: _Optional[_Union[ToolChoiceMode, str]] = ..., function_name: _Optional[str] = ...) -> None: ...
+
+class ResponseFormat(_message.Message):
+    __slots__ = ("type", "schema_name", "json_schema", "strict")
+    TYPE_FIELD_NUMBER: _ClassVar[int]
+    SCHEMA_NAME_FIELD_NUMBER: _ClassVar[int]
+    JSON_SCHEMA_FIELD_NUMBER: _ClassVar[int]
+    STRICT_FIELD_NUMBER: _ClassVar[int]
+    type: ResponseFormatType
+    schema_name: str
+    json_schema: _struct_pb2.Struct
+    strict: bool
+    def __init__(self, type: _Optional[_Union[ResponseFormatType, str]] = ..., schema_name: _Optional[str] = ..., json_schema: _Optional[_Union[_struct_pb2.Struct, _Mapping]] = ..., strict: _Optional[bool] = ...) -> None: ...
 
 class GenerationParams(_message.Message):
     __slots__ = ("max_tokens", "temperature", "top_p", "stop", "seed")
@@ -186,8 +251,22 @@ class Governance(_message.Message):
     model_version: str
     def __init__(self, policy_id: _Optional[str] = ..., policy_version: _Optional[str] = ..., actions: _Optional[_Iterable[_Union[GovernanceAction, _Mapping]]] = ..., model: _Optional[str] = ..., model_version: _Optional[str] = ...) -> None: ...
 
+class ToolCallDelta(_message.Message):
+    __slots__ = ("index", "id", "name", "arguments", "arguments_offset")
+    INDEX_FIELD_NUMBER: _ClassVar[int]
+    ID_FIELD_NUMBER: _ClassVar[int]
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    ARGUMENTS_FIELD_NUMBER: _ClassVar[int]
+    ARGUMENTS_OFFSET_FIELD_NUMBER: _ClassVar[int]
+    index: int
+    id: str
+    name: str
+    arguments: str
+    arguments_offset: int
+    def __init__(self, index: _Optional[int] = ..., id: _Optional[str] = ..., name: _Optional[str] = ..., arguments: _Optional[str] = ..., arguments_offset: _Optional[int] = ...) -> None: ...
+
 class TokenChunk(_message.Message):
-    __slots__ = ("response_id", "sequence", "text", "text_offset", "token_count", "governance", "emitted_at")
+    __slots__ = ("response_id", "sequence", "text", "text_offset", "token_count", "governance", "emitted_at", "tool_call")
     RESPONSE_ID_FIELD_NUMBER: _ClassVar[int]
     SEQUENCE_FIELD_NUMBER: _ClassVar[int]
     TEXT_FIELD_NUMBER: _ClassVar[int]
@@ -195,6 +274,7 @@ class TokenChunk(_message.Message):
     TOKEN_COUNT_FIELD_NUMBER: _ClassVar[int]
     GOVERNANCE_FIELD_NUMBER: _ClassVar[int]
     EMITTED_AT_FIELD_NUMBER: _ClassVar[int]
+    TOOL_CALL_FIELD_NUMBER: _ClassVar[int]
     response_id: str
     sequence: int
     text: str
@@ -202,7 +282,8 @@ class TokenChunk(_message.Message):
     token_count: int
     governance: Governance
     emitted_at: _timestamp_pb2.Timestamp
-    def __init__(self, response_id: _Optional[str] = ..., sequence: _Optional[int] = ..., text: _Optional[str] = ..., text_offset: _Optional[int] = ..., token_count: _Optional[int] = ..., governance: _Optional[_Union[Governance, _Mapping]] = ..., emitted_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ...) -> None: ...
+    tool_call: ToolCallDelta
+    def __init__(self, response_id: _Optional[str] = ..., sequence: _Optional[int] = ..., text: _Optional[str] = ..., text_offset: _Optional[int] = ..., token_count: _Optional[int] = ..., governance: _Optional[_Union[Governance, _Mapping]] = ..., emitted_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., tool_call: _Optional[_Union[ToolCallDelta, _Mapping]] = ...) -> None: ...
 
 class Heartbeat(_message.Message):
     __slots__ = ("response_id", "emitted_at")
@@ -301,7 +382,7 @@ class Serving(_message.Message):
     def __init__(self, backend: _Optional[str] = ..., path: _Optional[_Union[ServingPath, str]] = ..., attempts: _Optional[int] = ...) -> None: ...
 
 class Completed(_message.Message):
-    __slots__ = ("response_id", "final_text", "final_sha256", "chunk_count", "last_sequence", "finish_reason", "usage", "verdict", "review_required", "verification", "timing", "model", "model_version", "policy_id", "policy_version", "trace_id", "delivery_mode", "serving", "request_id", "actions", "review")
+    __slots__ = ("response_id", "final_text", "final_sha256", "chunk_count", "last_sequence", "finish_reason", "usage", "verdict", "review_required", "verification", "timing", "model", "model_version", "policy_id", "policy_version", "trace_id", "delivery_mode", "serving", "request_id", "actions", "review", "tool_calls")
     RESPONSE_ID_FIELD_NUMBER: _ClassVar[int]
     FINAL_TEXT_FIELD_NUMBER: _ClassVar[int]
     FINAL_SHA256_FIELD_NUMBER: _ClassVar[int]
@@ -323,6 +404,7 @@ class Completed(_message.Message):
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     ACTIONS_FIELD_NUMBER: _ClassVar[int]
     REVIEW_FIELD_NUMBER: _ClassVar[int]
+    TOOL_CALLS_FIELD_NUMBER: _ClassVar[int]
     response_id: str
     final_text: str
     final_sha256: str
@@ -344,10 +426,11 @@ class Completed(_message.Message):
     request_id: str
     actions: _containers.RepeatedCompositeFieldContainer[GovernanceAction]
     review: ReviewRef
-    def __init__(self, response_id: _Optional[str] = ..., final_text: _Optional[str] = ..., final_sha256: _Optional[str] = ..., chunk_count: _Optional[int] = ..., last_sequence: _Optional[int] = ..., finish_reason: _Optional[_Union[FinishReason, str]] = ..., usage: _Optional[_Union[Usage, _Mapping]] = ..., verdict: _Optional[_Union[Verdict, str]] = ..., review_required: _Optional[bool] = ..., verification: _Optional[_Union[Verification, _Mapping]] = ..., timing: _Optional[_Union[Timing, _Mapping]] = ..., model: _Optional[str] = ..., model_version: _Optional[str] = ..., policy_id: _Optional[str] = ..., policy_version: _Optional[str] = ..., trace_id: _Optional[str] = ..., delivery_mode: _Optional[_Union[DeliveryMode, str]] = ..., serving: _Optional[_Union[Serving, _Mapping]] = ..., request_id: _Optional[str] = ..., actions: _Optional[_Iterable[_Union[GovernanceAction, _Mapping]]] = ..., review: _Optional[_Union[ReviewRef, _Mapping]] = ...) -> None: ...
+    tool_calls: _containers.RepeatedCompositeFieldContainer[ToolCall]
+    def __init__(self, response_id: _Optional[str] = ..., final_text: _Optional[str] = ..., final_sha256: _Optional[str] = ..., chunk_count: _Optional[int] = ..., last_sequence: _Optional[int] = ..., finish_reason: _Optional[_Union[FinishReason, str]] = ..., usage: _Optional[_Union[Usage, _Mapping]] = ..., verdict: _Optional[_Union[Verdict, str]] = ..., review_required: _Optional[bool] = ..., verification: _Optional[_Union[Verification, _Mapping]] = ..., timing: _Optional[_Union[Timing, _Mapping]] = ..., model: _Optional[str] = ..., model_version: _Optional[str] = ..., policy_id: _Optional[str] = ..., policy_version: _Optional[str] = ..., trace_id: _Optional[str] = ..., delivery_mode: _Optional[_Union[DeliveryMode, str]] = ..., serving: _Optional[_Union[Serving, _Mapping]] = ..., request_id: _Optional[str] = ..., actions: _Optional[_Iterable[_Union[GovernanceAction, _Mapping]]] = ..., review: _Optional[_Union[ReviewRef, _Mapping]] = ..., tool_calls: _Optional[_Iterable[_Union[ToolCall, _Mapping]]] = ...) -> None: ...
 
 class RespondRequest(_message.Message):
-    __slots__ = ("request_id", "model", "messages", "params", "labels")
+    __slots__ = ("request_id", "model", "messages", "params", "labels", "tools", "tool_choice", "response_format")
     class LabelsEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -360,12 +443,18 @@ class RespondRequest(_message.Message):
     MESSAGES_FIELD_NUMBER: _ClassVar[int]
     PARAMS_FIELD_NUMBER: _ClassVar[int]
     LABELS_FIELD_NUMBER: _ClassVar[int]
+    TOOLS_FIELD_NUMBER: _ClassVar[int]
+    TOOL_CHOICE_FIELD_NUMBER: _ClassVar[int]
+    RESPONSE_FORMAT_FIELD_NUMBER: _ClassVar[int]
     request_id: str
     model: str
     messages: _containers.RepeatedCompositeFieldContainer[ChatMessage]
     params: GenerationParams
     labels: _containers.ScalarMap[str, str]
-    def __init__(self, request_id: _Optional[str] = ..., model: _Optional[str] = ..., messages: _Optional[_Iterable[_Union[ChatMessage, _Mapping]]] = ..., params: _Optional[_Union[GenerationParams, _Mapping]] = ..., labels: _Optional[_Mapping[str, str]] = ...) -> None: ...
+    tools: _containers.RepeatedCompositeFieldContainer[Tool]
+    tool_choice: ToolChoice
+    response_format: ResponseFormat
+    def __init__(self, request_id: _Optional[str] = ..., model: _Optional[str] = ..., messages: _Optional[_Iterable[_Union[ChatMessage, _Mapping]]] = ..., params: _Optional[_Union[GenerationParams, _Mapping]] = ..., labels: _Optional[_Mapping[str, str]] = ..., tools: _Optional[_Iterable[_Union[Tool, _Mapping]]] = ..., tool_choice: _Optional[_Union[ToolChoice, _Mapping]] = ..., response_format: _Optional[_Union[ResponseFormat, _Mapping]] = ...) -> None: ...
 
 class RespondResponse(_message.Message):
     __slots__ = ("completed",)
@@ -374,7 +463,7 @@ class RespondResponse(_message.Message):
     def __init__(self, completed: _Optional[_Union[Completed, _Mapping]] = ...) -> None: ...
 
 class StreamRespondRequest(_message.Message):
-    __slots__ = ("request_id", "model", "messages", "params", "labels", "delivery_mode", "chunking", "resume", "omit_final_text", "resumable")
+    __slots__ = ("request_id", "model", "messages", "params", "labels", "delivery_mode", "chunking", "resume", "omit_final_text", "resumable", "tools", "tool_choice", "response_format")
     class LabelsEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -392,6 +481,9 @@ class StreamRespondRequest(_message.Message):
     RESUME_FIELD_NUMBER: _ClassVar[int]
     OMIT_FINAL_TEXT_FIELD_NUMBER: _ClassVar[int]
     RESUMABLE_FIELD_NUMBER: _ClassVar[int]
+    TOOLS_FIELD_NUMBER: _ClassVar[int]
+    TOOL_CHOICE_FIELD_NUMBER: _ClassVar[int]
+    RESPONSE_FORMAT_FIELD_NUMBER: _ClassVar[int]
     request_id: str
     model: str
     messages: _containers.RepeatedCompositeFieldContainer[ChatMessage]
@@ -402,7 +494,10 @@ class StreamRespondRequest(_message.Message):
     resume: ResumeFrom
     omit_final_text: bool
     resumable: bool
-    def __init__(self, request_id: _Optional[str] = ..., model: _Optional[str] = ..., messages: _Optional[_Iterable[_Union[ChatMessage, _Mapping]]] = ..., params: _Optional[_Union[GenerationParams, _Mapping]] = ..., labels: _Optional[_Mapping[str, str]] = ..., delivery_mode: _Optional[_Union[DeliveryMode, str]] = ..., chunking: _Optional[_Union[Chunking, _Mapping]] = ..., resume: _Optional[_Union[ResumeFrom, _Mapping]] = ..., omit_final_text: _Optional[bool] = ..., resumable: _Optional[bool] = ...) -> None: ...
+    tools: _containers.RepeatedCompositeFieldContainer[Tool]
+    tool_choice: ToolChoice
+    response_format: ResponseFormat
+    def __init__(self, request_id: _Optional[str] = ..., model: _Optional[str] = ..., messages: _Optional[_Iterable[_Union[ChatMessage, _Mapping]]] = ..., params: _Optional[_Union[GenerationParams, _Mapping]] = ..., labels: _Optional[_Mapping[str, str]] = ..., delivery_mode: _Optional[_Union[DeliveryMode, str]] = ..., chunking: _Optional[_Union[Chunking, _Mapping]] = ..., resume: _Optional[_Union[ResumeFrom, _Mapping]] = ..., omit_final_text: _Optional[bool] = ..., resumable: _Optional[bool] = ..., tools: _Optional[_Iterable[_Union[Tool, _Mapping]]] = ..., tool_choice: _Optional[_Union[ToolChoice, _Mapping]] = ..., response_format: _Optional[_Union[ResponseFormat, _Mapping]] = ...) -> None: ...
 
 class CancelRequest(_message.Message):
     __slots__ = ("response_id",)

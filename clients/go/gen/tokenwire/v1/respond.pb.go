@@ -50,6 +50,7 @@ import (
 	protoreflect "google.golang.org/protobuf/reflect/protoreflect"
 	protoimpl "google.golang.org/protobuf/runtime/protoimpl"
 	durationpb "google.golang.org/protobuf/types/known/durationpb"
+	structpb "google.golang.org/protobuf/types/known/structpb"
 	timestamppb "google.golang.org/protobuf/types/known/timestamppb"
 	reflect "reflect"
 	sync "sync"
@@ -73,8 +74,10 @@ const (
 	Role_ROLE_SYSTEM Role = 1
 	// The caller's end user.
 	Role_ROLE_USER Role = 2
-	// Earlier model output.
+	// Earlier model output, possibly with `tool_calls`.
 	Role_ROLE_ASSISTANT Role = 3
+	// A tool's answer to an earlier assistant tool call (`tool_call_id`).
+	Role_ROLE_TOOL Role = 4
 )
 
 // Enum value maps for Role.
@@ -84,12 +87,14 @@ var (
 		1: "ROLE_SYSTEM",
 		2: "ROLE_USER",
 		3: "ROLE_ASSISTANT",
+		4: "ROLE_TOOL",
 	}
 	Role_value = map[string]int32{
 		"ROLE_UNSPECIFIED": 0,
 		"ROLE_SYSTEM":      1,
 		"ROLE_USER":        2,
 		"ROLE_ASSISTANT":   3,
+		"ROLE_TOOL":        4,
 	}
 )
 
@@ -195,6 +200,12 @@ const (
 	FinishReason_FINISH_REASON_STOP_SEQUENCE FinishReason = 3
 	// Governance blocked the response; the final text is the refusal text.
 	FinishReason_FINISH_REASON_POLICY_BLOCKED FinishReason = 4
+	// The model called tools: `Completed.tool_calls` holds the calls.
+	FinishReason_FINISH_REASON_TOOL_CALLS FinishReason = 5
+	// Generation stopped early because the output could no longer satisfy the
+	// requested format (`response_format` or a tool's schema, with `strict`);
+	// `verification.checks` says where.
+	FinishReason_FINISH_REASON_INVALID_OUTPUT FinishReason = 6
 )
 
 // Enum value maps for FinishReason.
@@ -205,6 +216,8 @@ var (
 		2: "FINISH_REASON_LENGTH",
 		3: "FINISH_REASON_STOP_SEQUENCE",
 		4: "FINISH_REASON_POLICY_BLOCKED",
+		5: "FINISH_REASON_TOOL_CALLS",
+		6: "FINISH_REASON_INVALID_OUTPUT",
 	}
 	FinishReason_value = map[string]int32{
 		"FINISH_REASON_UNSPECIFIED":    0,
@@ -212,6 +225,8 @@ var (
 		"FINISH_REASON_LENGTH":         2,
 		"FINISH_REASON_STOP_SEQUENCE":  3,
 		"FINISH_REASON_POLICY_BLOCKED": 4,
+		"FINISH_REASON_TOOL_CALLS":     5,
+		"FINISH_REASON_INVALID_OUTPUT": 6,
 	}
 )
 
@@ -240,6 +255,120 @@ func (x FinishReason) Number() protoreflect.EnumNumber {
 // Deprecated: Use FinishReason.Descriptor instead.
 func (FinishReason) EnumDescriptor() ([]byte, []int) {
 	return file_tokenwire_v1_respond_proto_rawDescGZIP(), []int{2}
+}
+
+// Whether and how the model may call tools.
+type ToolChoiceMode int32
+
+const (
+	// Treated as TOOL_CHOICE_MODE_AUTO.
+	ToolChoiceMode_TOOL_CHOICE_MODE_UNSPECIFIED ToolChoiceMode = 0
+	// The model decides between text and tool calls.
+	ToolChoiceMode_TOOL_CHOICE_MODE_AUTO ToolChoiceMode = 1
+	// The model must not call tools.
+	ToolChoiceMode_TOOL_CHOICE_MODE_NONE ToolChoiceMode = 2
+	// The model must call at least one tool.
+	ToolChoiceMode_TOOL_CHOICE_MODE_REQUIRED ToolChoiceMode = 3
+)
+
+// Enum value maps for ToolChoiceMode.
+var (
+	ToolChoiceMode_name = map[int32]string{
+		0: "TOOL_CHOICE_MODE_UNSPECIFIED",
+		1: "TOOL_CHOICE_MODE_AUTO",
+		2: "TOOL_CHOICE_MODE_NONE",
+		3: "TOOL_CHOICE_MODE_REQUIRED",
+	}
+	ToolChoiceMode_value = map[string]int32{
+		"TOOL_CHOICE_MODE_UNSPECIFIED": 0,
+		"TOOL_CHOICE_MODE_AUTO":        1,
+		"TOOL_CHOICE_MODE_NONE":        2,
+		"TOOL_CHOICE_MODE_REQUIRED":    3,
+	}
+)
+
+func (x ToolChoiceMode) Enum() *ToolChoiceMode {
+	p := new(ToolChoiceMode)
+	*p = x
+	return p
+}
+
+func (x ToolChoiceMode) String() string {
+	return protoimpl.X.EnumStringOf(x.Descriptor(), protoreflect.EnumNumber(x))
+}
+
+func (ToolChoiceMode) Descriptor() protoreflect.EnumDescriptor {
+	return file_tokenwire_v1_respond_proto_enumTypes[3].Descriptor()
+}
+
+func (ToolChoiceMode) Type() protoreflect.EnumType {
+	return &file_tokenwire_v1_respond_proto_enumTypes[3]
+}
+
+func (x ToolChoiceMode) Number() protoreflect.EnumNumber {
+	return protoreflect.EnumNumber(x)
+}
+
+// Deprecated: Use ToolChoiceMode.Descriptor instead.
+func (ToolChoiceMode) EnumDescriptor() ([]byte, []int) {
+	return file_tokenwire_v1_respond_proto_rawDescGZIP(), []int{3}
+}
+
+// The shape the model's text must have.
+type ResponseFormatType int32
+
+const (
+	// Treated as RESPONSE_FORMAT_TYPE_TEXT.
+	ResponseFormatType_RESPONSE_FORMAT_TYPE_UNSPECIFIED ResponseFormatType = 0
+	// Free text.
+	ResponseFormatType_RESPONSE_FORMAT_TYPE_TEXT ResponseFormatType = 1
+	// Any JSON object.
+	ResponseFormatType_RESPONSE_FORMAT_TYPE_JSON_OBJECT ResponseFormatType = 2
+	// JSON that validates against `ResponseFormat.json_schema`.
+	ResponseFormatType_RESPONSE_FORMAT_TYPE_JSON_SCHEMA ResponseFormatType = 3
+)
+
+// Enum value maps for ResponseFormatType.
+var (
+	ResponseFormatType_name = map[int32]string{
+		0: "RESPONSE_FORMAT_TYPE_UNSPECIFIED",
+		1: "RESPONSE_FORMAT_TYPE_TEXT",
+		2: "RESPONSE_FORMAT_TYPE_JSON_OBJECT",
+		3: "RESPONSE_FORMAT_TYPE_JSON_SCHEMA",
+	}
+	ResponseFormatType_value = map[string]int32{
+		"RESPONSE_FORMAT_TYPE_UNSPECIFIED": 0,
+		"RESPONSE_FORMAT_TYPE_TEXT":        1,
+		"RESPONSE_FORMAT_TYPE_JSON_OBJECT": 2,
+		"RESPONSE_FORMAT_TYPE_JSON_SCHEMA": 3,
+	}
+)
+
+func (x ResponseFormatType) Enum() *ResponseFormatType {
+	p := new(ResponseFormatType)
+	*p = x
+	return p
+}
+
+func (x ResponseFormatType) String() string {
+	return protoimpl.X.EnumStringOf(x.Descriptor(), protoreflect.EnumNumber(x))
+}
+
+func (ResponseFormatType) Descriptor() protoreflect.EnumDescriptor {
+	return file_tokenwire_v1_respond_proto_enumTypes[4].Descriptor()
+}
+
+func (ResponseFormatType) Type() protoreflect.EnumType {
+	return &file_tokenwire_v1_respond_proto_enumTypes[4]
+}
+
+func (x ResponseFormatType) Number() protoreflect.EnumNumber {
+	return protoreflect.EnumNumber(x)
+}
+
+// Deprecated: Use ResponseFormatType.Descriptor instead.
+func (ResponseFormatType) EnumDescriptor() ([]byte, []int) {
+	return file_tokenwire_v1_respond_proto_rawDescGZIP(), []int{4}
 }
 
 // The governance outcome of a response.
@@ -283,11 +412,11 @@ func (x Verdict) String() string {
 }
 
 func (Verdict) Descriptor() protoreflect.EnumDescriptor {
-	return file_tokenwire_v1_respond_proto_enumTypes[3].Descriptor()
+	return file_tokenwire_v1_respond_proto_enumTypes[5].Descriptor()
 }
 
 func (Verdict) Type() protoreflect.EnumType {
-	return &file_tokenwire_v1_respond_proto_enumTypes[3]
+	return &file_tokenwire_v1_respond_proto_enumTypes[5]
 }
 
 func (x Verdict) Number() protoreflect.EnumNumber {
@@ -296,7 +425,7 @@ func (x Verdict) Number() protoreflect.EnumNumber {
 
 // Deprecated: Use Verdict.Descriptor instead.
 func (Verdict) EnumDescriptor() ([]byte, []int) {
-	return file_tokenwire_v1_respond_proto_rawDescGZIP(), []int{3}
+	return file_tokenwire_v1_respond_proto_rawDescGZIP(), []int{5}
 }
 
 // Whether what the caller received equals the final payload.
@@ -337,11 +466,11 @@ func (x VerificationStatus) String() string {
 }
 
 func (VerificationStatus) Descriptor() protoreflect.EnumDescriptor {
-	return file_tokenwire_v1_respond_proto_enumTypes[4].Descriptor()
+	return file_tokenwire_v1_respond_proto_enumTypes[6].Descriptor()
 }
 
 func (VerificationStatus) Type() protoreflect.EnumType {
-	return &file_tokenwire_v1_respond_proto_enumTypes[4]
+	return &file_tokenwire_v1_respond_proto_enumTypes[6]
 }
 
 func (x VerificationStatus) Number() protoreflect.EnumNumber {
@@ -350,7 +479,7 @@ func (x VerificationStatus) Number() protoreflect.EnumNumber {
 
 // Deprecated: Use VerificationStatus.Descriptor instead.
 func (VerificationStatus) EnumDescriptor() ([]byte, []int) {
-	return file_tokenwire_v1_respond_proto_rawDescGZIP(), []int{4}
+	return file_tokenwire_v1_respond_proto_rawDescGZIP(), []int{6}
 }
 
 // Which kind of upstream request produced the text.
@@ -390,11 +519,11 @@ func (x ServingPath) String() string {
 }
 
 func (ServingPath) Descriptor() protoreflect.EnumDescriptor {
-	return file_tokenwire_v1_respond_proto_enumTypes[5].Descriptor()
+	return file_tokenwire_v1_respond_proto_enumTypes[7].Descriptor()
 }
 
 func (ServingPath) Type() protoreflect.EnumType {
-	return &file_tokenwire_v1_respond_proto_enumTypes[5]
+	return &file_tokenwire_v1_respond_proto_enumTypes[7]
 }
 
 func (x ServingPath) Number() protoreflect.EnumNumber {
@@ -403,7 +532,7 @@ func (x ServingPath) Number() protoreflect.EnumNumber {
 
 // Deprecated: Use ServingPath.Descriptor instead.
 func (ServingPath) EnumDescriptor() ([]byte, []int) {
-	return file_tokenwire_v1_respond_proto_rawDescGZIP(), []int{5}
+	return file_tokenwire_v1_respond_proto_rawDescGZIP(), []int{7}
 }
 
 // What a governance action did to the text.
@@ -455,11 +584,11 @@ func (x GovernanceOperator) String() string {
 }
 
 func (GovernanceOperator) Descriptor() protoreflect.EnumDescriptor {
-	return file_tokenwire_v1_respond_proto_enumTypes[6].Descriptor()
+	return file_tokenwire_v1_respond_proto_enumTypes[8].Descriptor()
 }
 
 func (GovernanceOperator) Type() protoreflect.EnumType {
-	return &file_tokenwire_v1_respond_proto_enumTypes[6]
+	return &file_tokenwire_v1_respond_proto_enumTypes[8]
 }
 
 func (x GovernanceOperator) Number() protoreflect.EnumNumber {
@@ -468,7 +597,7 @@ func (x GovernanceOperator) Number() protoreflect.EnumNumber {
 
 // Deprecated: Use GovernanceOperator.Descriptor instead.
 func (GovernanceOperator) EnumDescriptor() ([]byte, []int) {
-	return file_tokenwire_v1_respond_proto_rawDescGZIP(), []int{6}
+	return file_tokenwire_v1_respond_proto_rawDescGZIP(), []int{8}
 }
 
 // The result of one check of the verification stage (`VerificationCheck`).
@@ -523,11 +652,11 @@ func (x CheckOutcome) String() string {
 }
 
 func (CheckOutcome) Descriptor() protoreflect.EnumDescriptor {
-	return file_tokenwire_v1_respond_proto_enumTypes[7].Descriptor()
+	return file_tokenwire_v1_respond_proto_enumTypes[9].Descriptor()
 }
 
 func (CheckOutcome) Type() protoreflect.EnumType {
-	return &file_tokenwire_v1_respond_proto_enumTypes[7]
+	return &file_tokenwire_v1_respond_proto_enumTypes[9]
 }
 
 func (x CheckOutcome) Number() protoreflect.EnumNumber {
@@ -536,7 +665,7 @@ func (x CheckOutcome) Number() protoreflect.EnumNumber {
 
 // Deprecated: Use CheckOutcome.Descriptor instead.
 func (CheckOutcome) EnumDescriptor() ([]byte, []int) {
-	return file_tokenwire_v1_respond_proto_rawDescGZIP(), []int{7}
+	return file_tokenwire_v1_respond_proto_rawDescGZIP(), []int{9}
 }
 
 // Where a response stands in human review. Terminal states: APPROVED,
@@ -590,11 +719,11 @@ func (x ReviewState) String() string {
 }
 
 func (ReviewState) Descriptor() protoreflect.EnumDescriptor {
-	return file_tokenwire_v1_respond_proto_enumTypes[8].Descriptor()
+	return file_tokenwire_v1_respond_proto_enumTypes[10].Descriptor()
 }
 
 func (ReviewState) Type() protoreflect.EnumType {
-	return &file_tokenwire_v1_respond_proto_enumTypes[8]
+	return &file_tokenwire_v1_respond_proto_enumTypes[10]
 }
 
 func (x ReviewState) Number() protoreflect.EnumNumber {
@@ -603,7 +732,7 @@ func (x ReviewState) Number() protoreflect.EnumNumber {
 
 // Deprecated: Use ReviewState.Descriptor instead.
 func (ReviewState) EnumDescriptor() ([]byte, []int) {
-	return file_tokenwire_v1_respond_proto_rawDescGZIP(), []int{8}
+	return file_tokenwire_v1_respond_proto_rawDescGZIP(), []int{10}
 }
 
 // One message of the conversation.
@@ -611,8 +740,15 @@ type ChatMessage struct {
 	state protoimpl.MessageState `protogen:"open.v1"`
 	// Must be set.
 	Role Role `protobuf:"varint,1,opt,name=role,proto3,enum=tokenwire.v1.Role" json:"role,omitempty"`
-	// Must not be empty.
-	Content       string `protobuf:"bytes,2,opt,name=content,proto3" json:"content,omitempty"`
+	// Must not be empty, except in an assistant message that carries
+	// `tool_calls`.
+	Content string `protobuf:"bytes,2,opt,name=content,proto3" json:"content,omitempty"`
+	// The calls an assistant turn made (ROLE_ASSISTANT only); each `id` is
+	// unique in the conversation.
+	ToolCalls []*ToolCall `protobuf:"bytes,3,rep,name=tool_calls,json=toolCalls,proto3" json:"tool_calls,omitempty"`
+	// ROLE_TOOL only, and required there: the `ToolCall.id` this message
+	// answers, made by an earlier assistant message.
+	ToolCallId    string `protobuf:"bytes,4,opt,name=tool_call_id,json=toolCallId,proto3" json:"tool_call_id,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
@@ -661,6 +797,256 @@ func (x *ChatMessage) GetContent() string {
 	return ""
 }
 
+func (x *ChatMessage) GetToolCalls() []*ToolCall {
+	if x != nil {
+		return x.ToolCalls
+	}
+	return nil
+}
+
+func (x *ChatMessage) GetToolCallId() string {
+	if x != nil {
+		return x.ToolCallId
+	}
+	return ""
+}
+
+// A function the model may call.
+type Tool struct {
+	state protoimpl.MessageState `protogen:"open.v1"`
+	// 1 to 64 characters of a-z, A-Z, 0-9, `_` and `-`; unique in the request.
+	Name string `protobuf:"bytes,1,opt,name=name,proto3" json:"name,omitempty"`
+	// What the function does, for the model.
+	Description string `protobuf:"bytes,2,opt,name=description,proto3" json:"description,omitempty"`
+	// The JSON Schema of the arguments object; empty means no arguments.
+	Parameters *structpb.Struct `protobuf:"bytes,3,opt,name=parameters,proto3" json:"parameters,omitempty"`
+	// The model's arguments must validate against `parameters`; generation
+	// stops early (FINISH_REASON_INVALID_OUTPUT) once they no longer can.
+	Strict        bool `protobuf:"varint,4,opt,name=strict,proto3" json:"strict,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *Tool) Reset() {
+	*x = Tool{}
+	mi := &file_tokenwire_v1_respond_proto_msgTypes[1]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *Tool) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*Tool) ProtoMessage() {}
+
+func (x *Tool) ProtoReflect() protoreflect.Message {
+	mi := &file_tokenwire_v1_respond_proto_msgTypes[1]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use Tool.ProtoReflect.Descriptor instead.
+func (*Tool) Descriptor() ([]byte, []int) {
+	return file_tokenwire_v1_respond_proto_rawDescGZIP(), []int{1}
+}
+
+func (x *Tool) GetName() string {
+	if x != nil {
+		return x.Name
+	}
+	return ""
+}
+
+func (x *Tool) GetDescription() string {
+	if x != nil {
+		return x.Description
+	}
+	return ""
+}
+
+func (x *Tool) GetParameters() *structpb.Struct {
+	if x != nil {
+		return x.Parameters
+	}
+	return nil
+}
+
+func (x *Tool) GetStrict() bool {
+	if x != nil {
+		return x.Strict
+	}
+	return false
+}
+
+// Which tools the model may call.
+type ToolChoice struct {
+	state protoimpl.MessageState `protogen:"open.v1"`
+	// Unset means TOOL_CHOICE_MODE_AUTO.
+	//
+	// Types that are valid to be assigned to Choice:
+	//
+	//	*ToolChoice_Mode
+	//	*ToolChoice_FunctionName
+	Choice        isToolChoice_Choice `protobuf_oneof:"choice"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *ToolChoice) Reset() {
+	*x = ToolChoice{}
+	mi := &file_tokenwire_v1_respond_proto_msgTypes[2]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *ToolChoice) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*ToolChoice) ProtoMessage() {}
+
+func (x *ToolChoice) ProtoReflect() protoreflect.Message {
+	mi := &file_tokenwire_v1_respond_proto_msgTypes[2]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use ToolChoice.ProtoReflect.Descriptor instead.
+func (*ToolChoice) Descriptor() ([]byte, []int) {
+	return file_tokenwire_v1_respond_proto_rawDescGZIP(), []int{2}
+}
+
+func (x *ToolChoice) GetChoice() isToolChoice_Choice {
+	if x != nil {
+		return x.Choice
+	}
+	return nil
+}
+
+func (x *ToolChoice) GetMode() ToolChoiceMode {
+	if x != nil {
+		if x, ok := x.Choice.(*ToolChoice_Mode); ok {
+			return x.Mode
+		}
+	}
+	return ToolChoiceMode_TOOL_CHOICE_MODE_UNSPECIFIED
+}
+
+func (x *ToolChoice) GetFunctionName() string {
+	if x != nil {
+		if x, ok := x.Choice.(*ToolChoice_FunctionName); ok {
+			return x.FunctionName
+		}
+	}
+	return ""
+}
+
+type isToolChoice_Choice interface {
+	isToolChoice_Choice()
+}
+
+type ToolChoice_Mode struct {
+	// AUTO, NONE or REQUIRED.
+	Mode ToolChoiceMode `protobuf:"varint,1,opt,name=mode,proto3,enum=tokenwire.v1.ToolChoiceMode,oneof"`
+}
+
+type ToolChoice_FunctionName struct {
+	// The model must call this tool; it must be one of the request's `tools`.
+	FunctionName string `protobuf:"bytes,2,opt,name=function_name,json=functionName,proto3,oneof"`
+}
+
+func (*ToolChoice_Mode) isToolChoice_Choice() {}
+
+func (*ToolChoice_FunctionName) isToolChoice_Choice() {}
+
+// The format of the model's text (not of tool calls).
+type ResponseFormat struct {
+	state protoimpl.MessageState `protogen:"open.v1"`
+	// TEXT (the default), JSON_OBJECT or JSON_SCHEMA.
+	Type ResponseFormatType `protobuf:"varint,1,opt,name=type,proto3,enum=tokenwire.v1.ResponseFormatType" json:"type,omitempty"`
+	// A name for the schema, passed to the backend (JSON_SCHEMA only).
+	SchemaName string `protobuf:"bytes,2,opt,name=schema_name,json=schemaName,proto3" json:"schema_name,omitempty"`
+	// The JSON Schema the text must validate against (JSON_SCHEMA only, and
+	// required there).
+	JsonSchema *structpb.Struct `protobuf:"bytes,3,opt,name=json_schema,json=jsonSchema,proto3" json:"json_schema,omitempty"`
+	// Stop generation early (FINISH_REASON_INVALID_OUTPUT) once the text can
+	// no longer become valid.
+	Strict        bool `protobuf:"varint,4,opt,name=strict,proto3" json:"strict,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *ResponseFormat) Reset() {
+	*x = ResponseFormat{}
+	mi := &file_tokenwire_v1_respond_proto_msgTypes[3]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *ResponseFormat) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*ResponseFormat) ProtoMessage() {}
+
+func (x *ResponseFormat) ProtoReflect() protoreflect.Message {
+	mi := &file_tokenwire_v1_respond_proto_msgTypes[3]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use ResponseFormat.ProtoReflect.Descriptor instead.
+func (*ResponseFormat) Descriptor() ([]byte, []int) {
+	return file_tokenwire_v1_respond_proto_rawDescGZIP(), []int{3}
+}
+
+func (x *ResponseFormat) GetType() ResponseFormatType {
+	if x != nil {
+		return x.Type
+	}
+	return ResponseFormatType_RESPONSE_FORMAT_TYPE_UNSPECIFIED
+}
+
+func (x *ResponseFormat) GetSchemaName() string {
+	if x != nil {
+		return x.SchemaName
+	}
+	return ""
+}
+
+func (x *ResponseFormat) GetJsonSchema() *structpb.Struct {
+	if x != nil {
+		return x.JsonSchema
+	}
+	return nil
+}
+
+func (x *ResponseFormat) GetStrict() bool {
+	if x != nil {
+		return x.Strict
+	}
+	return false
+}
+
 // Sampling parameters handed to the backend.
 type GenerationParams struct {
 	state protoimpl.MessageState `protogen:"open.v1"`
@@ -682,7 +1068,7 @@ type GenerationParams struct {
 
 func (x *GenerationParams) Reset() {
 	*x = GenerationParams{}
-	mi := &file_tokenwire_v1_respond_proto_msgTypes[1]
+	mi := &file_tokenwire_v1_respond_proto_msgTypes[4]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -694,7 +1080,7 @@ func (x *GenerationParams) String() string {
 func (*GenerationParams) ProtoMessage() {}
 
 func (x *GenerationParams) ProtoReflect() protoreflect.Message {
-	mi := &file_tokenwire_v1_respond_proto_msgTypes[1]
+	mi := &file_tokenwire_v1_respond_proto_msgTypes[4]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -707,7 +1093,7 @@ func (x *GenerationParams) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use GenerationParams.ProtoReflect.Descriptor instead.
 func (*GenerationParams) Descriptor() ([]byte, []int) {
-	return file_tokenwire_v1_respond_proto_rawDescGZIP(), []int{1}
+	return file_tokenwire_v1_respond_proto_rawDescGZIP(), []int{4}
 }
 
 func (x *GenerationParams) GetMaxTokens() int32 {
@@ -759,7 +1145,7 @@ type Chunking struct {
 
 func (x *Chunking) Reset() {
 	*x = Chunking{}
-	mi := &file_tokenwire_v1_respond_proto_msgTypes[2]
+	mi := &file_tokenwire_v1_respond_proto_msgTypes[5]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -771,7 +1157,7 @@ func (x *Chunking) String() string {
 func (*Chunking) ProtoMessage() {}
 
 func (x *Chunking) ProtoReflect() protoreflect.Message {
-	mi := &file_tokenwire_v1_respond_proto_msgTypes[2]
+	mi := &file_tokenwire_v1_respond_proto_msgTypes[5]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -784,7 +1170,7 @@ func (x *Chunking) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use Chunking.ProtoReflect.Descriptor instead.
 func (*Chunking) Descriptor() ([]byte, []int) {
-	return file_tokenwire_v1_respond_proto_rawDescGZIP(), []int{2}
+	return file_tokenwire_v1_respond_proto_rawDescGZIP(), []int{5}
 }
 
 func (x *Chunking) GetMaxTokensPerChunk() int32 {
@@ -814,7 +1200,7 @@ type ResumeFrom struct {
 
 func (x *ResumeFrom) Reset() {
 	*x = ResumeFrom{}
-	mi := &file_tokenwire_v1_respond_proto_msgTypes[3]
+	mi := &file_tokenwire_v1_respond_proto_msgTypes[6]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -826,7 +1212,7 @@ func (x *ResumeFrom) String() string {
 func (*ResumeFrom) ProtoMessage() {}
 
 func (x *ResumeFrom) ProtoReflect() protoreflect.Message {
-	mi := &file_tokenwire_v1_respond_proto_msgTypes[3]
+	mi := &file_tokenwire_v1_respond_proto_msgTypes[6]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -839,7 +1225,7 @@ func (x *ResumeFrom) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ResumeFrom.ProtoReflect.Descriptor instead.
 func (*ResumeFrom) Descriptor() ([]byte, []int) {
-	return file_tokenwire_v1_respond_proto_rawDescGZIP(), []int{3}
+	return file_tokenwire_v1_respond_proto_rawDescGZIP(), []int{6}
 }
 
 func (x *ResumeFrom) GetResponseId() string {
@@ -876,7 +1262,7 @@ type GovernanceAction struct {
 
 func (x *GovernanceAction) Reset() {
 	*x = GovernanceAction{}
-	mi := &file_tokenwire_v1_respond_proto_msgTypes[4]
+	mi := &file_tokenwire_v1_respond_proto_msgTypes[7]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -888,7 +1274,7 @@ func (x *GovernanceAction) String() string {
 func (*GovernanceAction) ProtoMessage() {}
 
 func (x *GovernanceAction) ProtoReflect() protoreflect.Message {
-	mi := &file_tokenwire_v1_respond_proto_msgTypes[4]
+	mi := &file_tokenwire_v1_respond_proto_msgTypes[7]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -901,7 +1287,7 @@ func (x *GovernanceAction) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use GovernanceAction.ProtoReflect.Descriptor instead.
 func (*GovernanceAction) Descriptor() ([]byte, []int) {
-	return file_tokenwire_v1_respond_proto_rawDescGZIP(), []int{4}
+	return file_tokenwire_v1_respond_proto_rawDescGZIP(), []int{7}
 }
 
 func (x *GovernanceAction) GetRuleId() string {
@@ -958,7 +1344,7 @@ type Governance struct {
 
 func (x *Governance) Reset() {
 	*x = Governance{}
-	mi := &file_tokenwire_v1_respond_proto_msgTypes[5]
+	mi := &file_tokenwire_v1_respond_proto_msgTypes[8]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -970,7 +1356,7 @@ func (x *Governance) String() string {
 func (*Governance) ProtoMessage() {}
 
 func (x *Governance) ProtoReflect() protoreflect.Message {
-	mi := &file_tokenwire_v1_respond_proto_msgTypes[5]
+	mi := &file_tokenwire_v1_respond_proto_msgTypes[8]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -983,7 +1369,7 @@ func (x *Governance) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use Governance.ProtoReflect.Descriptor instead.
 func (*Governance) Descriptor() ([]byte, []int) {
-	return file_tokenwire_v1_respond_proto_rawDescGZIP(), []int{5}
+	return file_tokenwire_v1_respond_proto_rawDescGZIP(), []int{8}
 }
 
 func (x *Governance) GetPolicyId() string {
@@ -1021,7 +1407,89 @@ func (x *Governance) GetModelVersion() string {
 	return ""
 }
 
-// A piece of governed text.
+// One fragment of a tool call as the model forms it.
+type ToolCallDelta struct {
+	state protoimpl.MessageState `protogen:"open.v1"`
+	// Which call of the response (0-based, in the order the calls began).
+	Index uint32 `protobuf:"varint,1,opt,name=index,proto3" json:"index,omitempty"`
+	// The call's id; set on its first fragment only.
+	Id string `protobuf:"bytes,2,opt,name=id,proto3" json:"id,omitempty"`
+	// The function's name; set on its first fragment only.
+	Name string `protobuf:"bytes,3,opt,name=name,proto3" json:"name,omitempty"`
+	// The next piece of the call's arguments (JSON text, governed).
+	Arguments string `protobuf:"bytes,4,opt,name=arguments,proto3" json:"arguments,omitempty"`
+	// UTF-8 bytes of this call's earlier argument fragments.
+	ArgumentsOffset uint32 `protobuf:"varint,5,opt,name=arguments_offset,json=argumentsOffset,proto3" json:"arguments_offset,omitempty"`
+	unknownFields   protoimpl.UnknownFields
+	sizeCache       protoimpl.SizeCache
+}
+
+func (x *ToolCallDelta) Reset() {
+	*x = ToolCallDelta{}
+	mi := &file_tokenwire_v1_respond_proto_msgTypes[9]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *ToolCallDelta) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*ToolCallDelta) ProtoMessage() {}
+
+func (x *ToolCallDelta) ProtoReflect() protoreflect.Message {
+	mi := &file_tokenwire_v1_respond_proto_msgTypes[9]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use ToolCallDelta.ProtoReflect.Descriptor instead.
+func (*ToolCallDelta) Descriptor() ([]byte, []int) {
+	return file_tokenwire_v1_respond_proto_rawDescGZIP(), []int{9}
+}
+
+func (x *ToolCallDelta) GetIndex() uint32 {
+	if x != nil {
+		return x.Index
+	}
+	return 0
+}
+
+func (x *ToolCallDelta) GetId() string {
+	if x != nil {
+		return x.Id
+	}
+	return ""
+}
+
+func (x *ToolCallDelta) GetName() string {
+	if x != nil {
+		return x.Name
+	}
+	return ""
+}
+
+func (x *ToolCallDelta) GetArguments() string {
+	if x != nil {
+		return x.Arguments
+	}
+	return ""
+}
+
+func (x *ToolCallDelta) GetArgumentsOffset() uint32 {
+	if x != nil {
+		return x.ArgumentsOffset
+	}
+	return 0
+}
+
+// A piece of governed text, or one fragment of a tool call.
 type TokenChunk struct {
 	state protoimpl.MessageState `protogen:"open.v1"`
 	// The response this chunk belongs to.
@@ -1037,14 +1505,18 @@ type TokenChunk struct {
 	// Policy, actions and model behind this text.
 	Governance *Governance `protobuf:"bytes,6,opt,name=governance,proto3" json:"governance,omitempty"`
 	// When the server sent the chunk.
-	EmittedAt     *timestamppb.Timestamp `protobuf:"bytes,7,opt,name=emitted_at,json=emittedAt,proto3" json:"emitted_at,omitempty"`
+	EmittedAt *timestamppb.Timestamp `protobuf:"bytes,7,opt,name=emitted_at,json=emittedAt,proto3" json:"emitted_at,omitempty"`
+	// Set when this chunk is a tool-call fragment; `text` is then empty and
+	// `text_offset` does not advance (it counts text bytes only). One
+	// `sequence` runs over text chunks and fragments alike.
+	ToolCall      *ToolCallDelta `protobuf:"bytes,8,opt,name=tool_call,json=toolCall,proto3" json:"tool_call,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
 
 func (x *TokenChunk) Reset() {
 	*x = TokenChunk{}
-	mi := &file_tokenwire_v1_respond_proto_msgTypes[6]
+	mi := &file_tokenwire_v1_respond_proto_msgTypes[10]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1056,7 +1528,7 @@ func (x *TokenChunk) String() string {
 func (*TokenChunk) ProtoMessage() {}
 
 func (x *TokenChunk) ProtoReflect() protoreflect.Message {
-	mi := &file_tokenwire_v1_respond_proto_msgTypes[6]
+	mi := &file_tokenwire_v1_respond_proto_msgTypes[10]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1069,7 +1541,7 @@ func (x *TokenChunk) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use TokenChunk.ProtoReflect.Descriptor instead.
 func (*TokenChunk) Descriptor() ([]byte, []int) {
-	return file_tokenwire_v1_respond_proto_rawDescGZIP(), []int{6}
+	return file_tokenwire_v1_respond_proto_rawDescGZIP(), []int{10}
 }
 
 func (x *TokenChunk) GetResponseId() string {
@@ -1121,6 +1593,13 @@ func (x *TokenChunk) GetEmittedAt() *timestamppb.Timestamp {
 	return nil
 }
 
+func (x *TokenChunk) GetToolCall() *ToolCallDelta {
+	if x != nil {
+		return x.ToolCall
+	}
+	return nil
+}
+
 // Sent during long silences so idle proxies keep the stream open.
 type Heartbeat struct {
 	state protoimpl.MessageState `protogen:"open.v1"`
@@ -1134,7 +1613,7 @@ type Heartbeat struct {
 
 func (x *Heartbeat) Reset() {
 	*x = Heartbeat{}
-	mi := &file_tokenwire_v1_respond_proto_msgTypes[7]
+	mi := &file_tokenwire_v1_respond_proto_msgTypes[11]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1146,7 +1625,7 @@ func (x *Heartbeat) String() string {
 func (*Heartbeat) ProtoMessage() {}
 
 func (x *Heartbeat) ProtoReflect() protoreflect.Message {
-	mi := &file_tokenwire_v1_respond_proto_msgTypes[7]
+	mi := &file_tokenwire_v1_respond_proto_msgTypes[11]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1159,7 +1638,7 @@ func (x *Heartbeat) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use Heartbeat.ProtoReflect.Descriptor instead.
 func (*Heartbeat) Descriptor() ([]byte, []int) {
-	return file_tokenwire_v1_respond_proto_rawDescGZIP(), []int{7}
+	return file_tokenwire_v1_respond_proto_rawDescGZIP(), []int{11}
 }
 
 func (x *Heartbeat) GetResponseId() string {
@@ -1197,7 +1676,7 @@ type CheckViolation struct {
 
 func (x *CheckViolation) Reset() {
 	*x = CheckViolation{}
-	mi := &file_tokenwire_v1_respond_proto_msgTypes[8]
+	mi := &file_tokenwire_v1_respond_proto_msgTypes[12]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1209,7 +1688,7 @@ func (x *CheckViolation) String() string {
 func (*CheckViolation) ProtoMessage() {}
 
 func (x *CheckViolation) ProtoReflect() protoreflect.Message {
-	mi := &file_tokenwire_v1_respond_proto_msgTypes[8]
+	mi := &file_tokenwire_v1_respond_proto_msgTypes[12]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1222,7 +1701,7 @@ func (x *CheckViolation) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use CheckViolation.ProtoReflect.Descriptor instead.
 func (*CheckViolation) Descriptor() ([]byte, []int) {
-	return file_tokenwire_v1_respond_proto_rawDescGZIP(), []int{8}
+	return file_tokenwire_v1_respond_proto_rawDescGZIP(), []int{12}
 }
 
 func (x *CheckViolation) GetCode() string {
@@ -1280,7 +1759,7 @@ type VerificationCheck struct {
 
 func (x *VerificationCheck) Reset() {
 	*x = VerificationCheck{}
-	mi := &file_tokenwire_v1_respond_proto_msgTypes[9]
+	mi := &file_tokenwire_v1_respond_proto_msgTypes[13]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1292,7 +1771,7 @@ func (x *VerificationCheck) String() string {
 func (*VerificationCheck) ProtoMessage() {}
 
 func (x *VerificationCheck) ProtoReflect() protoreflect.Message {
-	mi := &file_tokenwire_v1_respond_proto_msgTypes[9]
+	mi := &file_tokenwire_v1_respond_proto_msgTypes[13]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1305,7 +1784,7 @@ func (x *VerificationCheck) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use VerificationCheck.ProtoReflect.Descriptor instead.
 func (*VerificationCheck) Descriptor() ([]byte, []int) {
-	return file_tokenwire_v1_respond_proto_rawDescGZIP(), []int{9}
+	return file_tokenwire_v1_respond_proto_rawDescGZIP(), []int{13}
 }
 
 func (x *VerificationCheck) GetName() string {
@@ -1351,7 +1830,7 @@ type ToolCall struct {
 
 func (x *ToolCall) Reset() {
 	*x = ToolCall{}
-	mi := &file_tokenwire_v1_respond_proto_msgTypes[10]
+	mi := &file_tokenwire_v1_respond_proto_msgTypes[14]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1363,7 +1842,7 @@ func (x *ToolCall) String() string {
 func (*ToolCall) ProtoMessage() {}
 
 func (x *ToolCall) ProtoReflect() protoreflect.Message {
-	mi := &file_tokenwire_v1_respond_proto_msgTypes[10]
+	mi := &file_tokenwire_v1_respond_proto_msgTypes[14]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1376,7 +1855,7 @@ func (x *ToolCall) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ToolCall.ProtoReflect.Descriptor instead.
 func (*ToolCall) Descriptor() ([]byte, []int) {
-	return file_tokenwire_v1_respond_proto_rawDescGZIP(), []int{10}
+	return file_tokenwire_v1_respond_proto_rawDescGZIP(), []int{14}
 }
 
 func (x *ToolCall) GetId() string {
@@ -1419,7 +1898,7 @@ type ReviewRef struct {
 
 func (x *ReviewRef) Reset() {
 	*x = ReviewRef{}
-	mi := &file_tokenwire_v1_respond_proto_msgTypes[11]
+	mi := &file_tokenwire_v1_respond_proto_msgTypes[15]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1431,7 +1910,7 @@ func (x *ReviewRef) String() string {
 func (*ReviewRef) ProtoMessage() {}
 
 func (x *ReviewRef) ProtoReflect() protoreflect.Message {
-	mi := &file_tokenwire_v1_respond_proto_msgTypes[11]
+	mi := &file_tokenwire_v1_respond_proto_msgTypes[15]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1444,7 +1923,7 @@ func (x *ReviewRef) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ReviewRef.ProtoReflect.Descriptor instead.
 func (*ReviewRef) Descriptor() ([]byte, []int) {
-	return file_tokenwire_v1_respond_proto_rawDescGZIP(), []int{11}
+	return file_tokenwire_v1_respond_proto_rawDescGZIP(), []int{15}
 }
 
 func (x *ReviewRef) GetReviewId() string {
@@ -1483,7 +1962,7 @@ type Usage struct {
 
 func (x *Usage) Reset() {
 	*x = Usage{}
-	mi := &file_tokenwire_v1_respond_proto_msgTypes[12]
+	mi := &file_tokenwire_v1_respond_proto_msgTypes[16]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1495,7 +1974,7 @@ func (x *Usage) String() string {
 func (*Usage) ProtoMessage() {}
 
 func (x *Usage) ProtoReflect() protoreflect.Message {
-	mi := &file_tokenwire_v1_respond_proto_msgTypes[12]
+	mi := &file_tokenwire_v1_respond_proto_msgTypes[16]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1508,7 +1987,7 @@ func (x *Usage) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use Usage.ProtoReflect.Descriptor instead.
 func (*Usage) Descriptor() ([]byte, []int) {
-	return file_tokenwire_v1_respond_proto_rawDescGZIP(), []int{12}
+	return file_tokenwire_v1_respond_proto_rawDescGZIP(), []int{16}
 }
 
 func (x *Usage) GetPromptTokens() uint32 {
@@ -1542,8 +2021,10 @@ type Verification struct {
 	StreamedSha256 string `protobuf:"bytes,2,opt,name=streamed_sha256,json=streamedSha256,proto3" json:"streamed_sha256,omitempty"`
 	// With DIVERGED: the first chunk to drop. 0 with VERIFIED.
 	RetractFromSequence uint32 `protobuf:"varint,3,opt,name=retract_from_sequence,json=retractFromSequence,proto3" json:"retract_from_sequence,omitempty"`
-	// Every check that ran: `integrity`, and each validator configured for the
-	// response as `validator:<name>`.
+	// Every check that ran: `integrity` (text and each tool call's
+	// fragments), `json_schema` (with a `response_format`), `tool_arguments`
+	// (with tool calls), and each validator configured for the response as
+	// `validator:<name>`.
 	Checks []*VerificationCheck `protobuf:"bytes,4,rep,name=checks,proto3" json:"checks,omitempty"`
 	// True when no check failed. A validator that errored or timed out counts
 	// as failed when it is configured to fail closed.
@@ -1554,7 +2035,7 @@ type Verification struct {
 
 func (x *Verification) Reset() {
 	*x = Verification{}
-	mi := &file_tokenwire_v1_respond_proto_msgTypes[13]
+	mi := &file_tokenwire_v1_respond_proto_msgTypes[17]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1566,7 +2047,7 @@ func (x *Verification) String() string {
 func (*Verification) ProtoMessage() {}
 
 func (x *Verification) ProtoReflect() protoreflect.Message {
-	mi := &file_tokenwire_v1_respond_proto_msgTypes[13]
+	mi := &file_tokenwire_v1_respond_proto_msgTypes[17]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1579,7 +2060,7 @@ func (x *Verification) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use Verification.ProtoReflect.Descriptor instead.
 func (*Verification) Descriptor() ([]byte, []int) {
-	return file_tokenwire_v1_respond_proto_rawDescGZIP(), []int{13}
+	return file_tokenwire_v1_respond_proto_rawDescGZIP(), []int{17}
 }
 
 func (x *Verification) GetStatus() VerificationStatus {
@@ -1631,7 +2112,7 @@ type Timing struct {
 
 func (x *Timing) Reset() {
 	*x = Timing{}
-	mi := &file_tokenwire_v1_respond_proto_msgTypes[14]
+	mi := &file_tokenwire_v1_respond_proto_msgTypes[18]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1643,7 +2124,7 @@ func (x *Timing) String() string {
 func (*Timing) ProtoMessage() {}
 
 func (x *Timing) ProtoReflect() protoreflect.Message {
-	mi := &file_tokenwire_v1_respond_proto_msgTypes[14]
+	mi := &file_tokenwire_v1_respond_proto_msgTypes[18]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1656,7 +2137,7 @@ func (x *Timing) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use Timing.ProtoReflect.Descriptor instead.
 func (*Timing) Descriptor() ([]byte, []int) {
-	return file_tokenwire_v1_respond_proto_rawDescGZIP(), []int{14}
+	return file_tokenwire_v1_respond_proto_rawDescGZIP(), []int{18}
 }
 
 func (x *Timing) GetTimeToFirstToken() *durationpb.Duration {
@@ -1688,7 +2169,7 @@ type Serving struct {
 
 func (x *Serving) Reset() {
 	*x = Serving{}
-	mi := &file_tokenwire_v1_respond_proto_msgTypes[15]
+	mi := &file_tokenwire_v1_respond_proto_msgTypes[19]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1700,7 +2181,7 @@ func (x *Serving) String() string {
 func (*Serving) ProtoMessage() {}
 
 func (x *Serving) ProtoReflect() protoreflect.Message {
-	mi := &file_tokenwire_v1_respond_proto_msgTypes[15]
+	mi := &file_tokenwire_v1_respond_proto_msgTypes[19]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1713,7 +2194,7 @@ func (x *Serving) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use Serving.ProtoReflect.Descriptor instead.
 func (*Serving) Descriptor() ([]byte, []int) {
-	return file_tokenwire_v1_respond_proto_rawDescGZIP(), []int{15}
+	return file_tokenwire_v1_respond_proto_rawDescGZIP(), []int{19}
 }
 
 func (x *Serving) GetBackend() string {
@@ -1786,14 +2267,17 @@ type Completed struct {
 	// an empty `final_text` and `final_sha256` of the empty text (what the
 	// caller received, so verification still holds); its decided payload is
 	// read later through `ReviewService.GetReview` or `WatchReview`.
-	Review        *ReviewRef `protobuf:"bytes,21,opt,name=review,proto3" json:"review,omitempty"`
+	Review *ReviewRef `protobuf:"bytes,21,opt,name=review,proto3" json:"review,omitempty"`
+	// The final, governed tool calls, in the order they began; their
+	// fragments in the stream, in order, equal each call's `arguments`.
+	ToolCalls     []*ToolCall `protobuf:"bytes,22,rep,name=tool_calls,json=toolCalls,proto3" json:"tool_calls,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
 
 func (x *Completed) Reset() {
 	*x = Completed{}
-	mi := &file_tokenwire_v1_respond_proto_msgTypes[16]
+	mi := &file_tokenwire_v1_respond_proto_msgTypes[20]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1805,7 +2289,7 @@ func (x *Completed) String() string {
 func (*Completed) ProtoMessage() {}
 
 func (x *Completed) ProtoReflect() protoreflect.Message {
-	mi := &file_tokenwire_v1_respond_proto_msgTypes[16]
+	mi := &file_tokenwire_v1_respond_proto_msgTypes[20]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1818,7 +2302,7 @@ func (x *Completed) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use Completed.ProtoReflect.Descriptor instead.
 func (*Completed) Descriptor() ([]byte, []int) {
-	return file_tokenwire_v1_respond_proto_rawDescGZIP(), []int{16}
+	return file_tokenwire_v1_respond_proto_rawDescGZIP(), []int{20}
 }
 
 func (x *Completed) GetResponseId() string {
@@ -1968,6 +2452,13 @@ func (x *Completed) GetReview() *ReviewRef {
 	return nil
 }
 
+func (x *Completed) GetToolCalls() []*ToolCall {
+	if x != nil {
+		return x.ToolCalls
+	}
+	return nil
+}
+
 // A request for one verified payload.
 type RespondRequest struct {
 	state protoimpl.MessageState `protogen:"open.v1"`
@@ -1981,14 +2472,20 @@ type RespondRequest struct {
 	// Sampling parameters.
 	Params *GenerationParams `protobuf:"bytes,4,opt,name=params,proto3" json:"params,omitempty"`
 	// Free-form labels, recorded in the audit trail.
-	Labels        map[string]string `protobuf:"bytes,5,rep,name=labels,proto3" json:"labels,omitempty" protobuf_key:"bytes,1,opt,name=key" protobuf_val:"bytes,2,opt,name=value"`
-	unknownFields protoimpl.UnknownFields
-	sizeCache     protoimpl.SizeCache
+	Labels map[string]string `protobuf:"bytes,5,rep,name=labels,proto3" json:"labels,omitempty" protobuf_key:"bytes,1,opt,name=key" protobuf_val:"bytes,2,opt,name=value"`
+	// Functions the model may call (at most 128).
+	Tools []*Tool `protobuf:"bytes,6,rep,name=tools,proto3" json:"tools,omitempty"`
+	// Whether and which tools the model may call; needs `tools` unless NONE.
+	ToolChoice *ToolChoice `protobuf:"bytes,7,opt,name=tool_choice,json=toolChoice,proto3" json:"tool_choice,omitempty"`
+	// The format of the model's text.
+	ResponseFormat *ResponseFormat `protobuf:"bytes,8,opt,name=response_format,json=responseFormat,proto3" json:"response_format,omitempty"`
+	unknownFields  protoimpl.UnknownFields
+	sizeCache      protoimpl.SizeCache
 }
 
 func (x *RespondRequest) Reset() {
 	*x = RespondRequest{}
-	mi := &file_tokenwire_v1_respond_proto_msgTypes[17]
+	mi := &file_tokenwire_v1_respond_proto_msgTypes[21]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2000,7 +2497,7 @@ func (x *RespondRequest) String() string {
 func (*RespondRequest) ProtoMessage() {}
 
 func (x *RespondRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_tokenwire_v1_respond_proto_msgTypes[17]
+	mi := &file_tokenwire_v1_respond_proto_msgTypes[21]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2013,7 +2510,7 @@ func (x *RespondRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use RespondRequest.ProtoReflect.Descriptor instead.
 func (*RespondRequest) Descriptor() ([]byte, []int) {
-	return file_tokenwire_v1_respond_proto_rawDescGZIP(), []int{17}
+	return file_tokenwire_v1_respond_proto_rawDescGZIP(), []int{21}
 }
 
 func (x *RespondRequest) GetRequestId() string {
@@ -2051,6 +2548,27 @@ func (x *RespondRequest) GetLabels() map[string]string {
 	return nil
 }
 
+func (x *RespondRequest) GetTools() []*Tool {
+	if x != nil {
+		return x.Tools
+	}
+	return nil
+}
+
+func (x *RespondRequest) GetToolChoice() *ToolChoice {
+	if x != nil {
+		return x.ToolChoice
+	}
+	return nil
+}
+
+func (x *RespondRequest) GetResponseFormat() *ResponseFormat {
+	if x != nil {
+		return x.ResponseFormat
+	}
+	return nil
+}
+
 // The unary answer: what `Completed` carries, in one message.
 type RespondResponse struct {
 	state protoimpl.MessageState `protogen:"open.v1"`
@@ -2062,7 +2580,7 @@ type RespondResponse struct {
 
 func (x *RespondResponse) Reset() {
 	*x = RespondResponse{}
-	mi := &file_tokenwire_v1_respond_proto_msgTypes[18]
+	mi := &file_tokenwire_v1_respond_proto_msgTypes[22]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2074,7 +2592,7 @@ func (x *RespondResponse) String() string {
 func (*RespondResponse) ProtoMessage() {}
 
 func (x *RespondResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_tokenwire_v1_respond_proto_msgTypes[18]
+	mi := &file_tokenwire_v1_respond_proto_msgTypes[22]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2087,7 +2605,7 @@ func (x *RespondResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use RespondResponse.ProtoReflect.Descriptor instead.
 func (*RespondResponse) Descriptor() ([]byte, []int) {
-	return file_tokenwire_v1_respond_proto_rawDescGZIP(), []int{18}
+	return file_tokenwire_v1_respond_proto_rawDescGZIP(), []int{22}
 }
 
 func (x *RespondResponse) GetCompleted() *Completed {
@@ -2125,14 +2643,20 @@ type StreamRespondRequest struct {
 	// drops, so the response can be resumed (`resume`) on a new call. Without
 	// it (and unless the server makes it the default) a dropped call cancels
 	// generation.
-	Resumable     bool `protobuf:"varint,10,opt,name=resumable,proto3" json:"resumable,omitempty"`
-	unknownFields protoimpl.UnknownFields
-	sizeCache     protoimpl.SizeCache
+	Resumable bool `protobuf:"varint,10,opt,name=resumable,proto3" json:"resumable,omitempty"`
+	// Functions the model may call (at most 128).
+	Tools []*Tool `protobuf:"bytes,11,rep,name=tools,proto3" json:"tools,omitempty"`
+	// Whether and which tools the model may call; needs `tools` unless NONE.
+	ToolChoice *ToolChoice `protobuf:"bytes,12,opt,name=tool_choice,json=toolChoice,proto3" json:"tool_choice,omitempty"`
+	// The format of the model's text.
+	ResponseFormat *ResponseFormat `protobuf:"bytes,13,opt,name=response_format,json=responseFormat,proto3" json:"response_format,omitempty"`
+	unknownFields  protoimpl.UnknownFields
+	sizeCache      protoimpl.SizeCache
 }
 
 func (x *StreamRespondRequest) Reset() {
 	*x = StreamRespondRequest{}
-	mi := &file_tokenwire_v1_respond_proto_msgTypes[19]
+	mi := &file_tokenwire_v1_respond_proto_msgTypes[23]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2144,7 +2668,7 @@ func (x *StreamRespondRequest) String() string {
 func (*StreamRespondRequest) ProtoMessage() {}
 
 func (x *StreamRespondRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_tokenwire_v1_respond_proto_msgTypes[19]
+	mi := &file_tokenwire_v1_respond_proto_msgTypes[23]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2157,7 +2681,7 @@ func (x *StreamRespondRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use StreamRespondRequest.ProtoReflect.Descriptor instead.
 func (*StreamRespondRequest) Descriptor() ([]byte, []int) {
-	return file_tokenwire_v1_respond_proto_rawDescGZIP(), []int{19}
+	return file_tokenwire_v1_respond_proto_rawDescGZIP(), []int{23}
 }
 
 func (x *StreamRespondRequest) GetRequestId() string {
@@ -2230,6 +2754,27 @@ func (x *StreamRespondRequest) GetResumable() bool {
 	return false
 }
 
+func (x *StreamRespondRequest) GetTools() []*Tool {
+	if x != nil {
+		return x.Tools
+	}
+	return nil
+}
+
+func (x *StreamRespondRequest) GetToolChoice() *ToolChoice {
+	if x != nil {
+		return x.ToolChoice
+	}
+	return nil
+}
+
+func (x *StreamRespondRequest) GetResponseFormat() *ResponseFormat {
+	if x != nil {
+		return x.ResponseFormat
+	}
+	return nil
+}
+
 // Which response to stop.
 type CancelRequest struct {
 	state protoimpl.MessageState `protogen:"open.v1"`
@@ -2241,7 +2786,7 @@ type CancelRequest struct {
 
 func (x *CancelRequest) Reset() {
 	*x = CancelRequest{}
-	mi := &file_tokenwire_v1_respond_proto_msgTypes[20]
+	mi := &file_tokenwire_v1_respond_proto_msgTypes[24]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2253,7 +2798,7 @@ func (x *CancelRequest) String() string {
 func (*CancelRequest) ProtoMessage() {}
 
 func (x *CancelRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_tokenwire_v1_respond_proto_msgTypes[20]
+	mi := &file_tokenwire_v1_respond_proto_msgTypes[24]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2266,7 +2811,7 @@ func (x *CancelRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use CancelRequest.ProtoReflect.Descriptor instead.
 func (*CancelRequest) Descriptor() ([]byte, []int) {
-	return file_tokenwire_v1_respond_proto_rawDescGZIP(), []int{20}
+	return file_tokenwire_v1_respond_proto_rawDescGZIP(), []int{24}
 }
 
 func (x *CancelRequest) GetResponseId() string {
@@ -2292,7 +2837,7 @@ type CancelResponse struct {
 
 func (x *CancelResponse) Reset() {
 	*x = CancelResponse{}
-	mi := &file_tokenwire_v1_respond_proto_msgTypes[21]
+	mi := &file_tokenwire_v1_respond_proto_msgTypes[25]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2304,7 +2849,7 @@ func (x *CancelResponse) String() string {
 func (*CancelResponse) ProtoMessage() {}
 
 func (x *CancelResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_tokenwire_v1_respond_proto_msgTypes[21]
+	mi := &file_tokenwire_v1_respond_proto_msgTypes[25]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2317,7 +2862,7 @@ func (x *CancelResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use CancelResponse.ProtoReflect.Descriptor instead.
 func (*CancelResponse) Descriptor() ([]byte, []int) {
-	return file_tokenwire_v1_respond_proto_rawDescGZIP(), []int{21}
+	return file_tokenwire_v1_respond_proto_rawDescGZIP(), []int{25}
 }
 
 func (x *CancelResponse) GetResponseId() string {
@@ -2358,7 +2903,7 @@ type StreamRespondResponse struct {
 
 func (x *StreamRespondResponse) Reset() {
 	*x = StreamRespondResponse{}
-	mi := &file_tokenwire_v1_respond_proto_msgTypes[22]
+	mi := &file_tokenwire_v1_respond_proto_msgTypes[26]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2370,7 +2915,7 @@ func (x *StreamRespondResponse) String() string {
 func (*StreamRespondResponse) ProtoMessage() {}
 
 func (x *StreamRespondResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_tokenwire_v1_respond_proto_msgTypes[22]
+	mi := &file_tokenwire_v1_respond_proto_msgTypes[26]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2383,7 +2928,7 @@ func (x *StreamRespondResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use StreamRespondResponse.ProtoReflect.Descriptor instead.
 func (*StreamRespondResponse) Descriptor() ([]byte, []int) {
-	return file_tokenwire_v1_respond_proto_rawDescGZIP(), []int{22}
+	return file_tokenwire_v1_respond_proto_rawDescGZIP(), []int{26}
 }
 
 func (x *StreamRespondResponse) GetEvent() isStreamRespondResponse_Event {
@@ -2449,10 +2994,33 @@ var File_tokenwire_v1_respond_proto protoreflect.FileDescriptor
 
 const file_tokenwire_v1_respond_proto_rawDesc = "" +
 	"\n" +
-	"\x1atokenwire/v1/respond.proto\x12\ftokenwire.v1\x1a\x1egoogle/protobuf/duration.proto\x1a\x1fgoogle/protobuf/timestamp.proto\"O\n" +
+	"\x1atokenwire/v1/respond.proto\x12\ftokenwire.v1\x1a\x1egoogle/protobuf/duration.proto\x1a\x1cgoogle/protobuf/struct.proto\x1a\x1fgoogle/protobuf/timestamp.proto\"\xa8\x01\n" +
 	"\vChatMessage\x12&\n" +
 	"\x04role\x18\x01 \x01(\x0e2\x12.tokenwire.v1.RoleR\x04role\x12\x18\n" +
-	"\acontent\x18\x02 \x01(\tR\acontent\"\xc2\x01\n" +
+	"\acontent\x18\x02 \x01(\tR\acontent\x125\n" +
+	"\n" +
+	"tool_calls\x18\x03 \x03(\v2\x16.tokenwire.v1.ToolCallR\ttoolCalls\x12 \n" +
+	"\ftool_call_id\x18\x04 \x01(\tR\n" +
+	"toolCallId\"\x8d\x01\n" +
+	"\x04Tool\x12\x12\n" +
+	"\x04name\x18\x01 \x01(\tR\x04name\x12 \n" +
+	"\vdescription\x18\x02 \x01(\tR\vdescription\x127\n" +
+	"\n" +
+	"parameters\x18\x03 \x01(\v2\x17.google.protobuf.StructR\n" +
+	"parameters\x12\x16\n" +
+	"\x06strict\x18\x04 \x01(\bR\x06strict\"q\n" +
+	"\n" +
+	"ToolChoice\x122\n" +
+	"\x04mode\x18\x01 \x01(\x0e2\x1c.tokenwire.v1.ToolChoiceModeH\x00R\x04mode\x12%\n" +
+	"\rfunction_name\x18\x02 \x01(\tH\x00R\ffunctionNameB\b\n" +
+	"\x06choice\"\xb9\x01\n" +
+	"\x0eResponseFormat\x124\n" +
+	"\x04type\x18\x01 \x01(\x0e2 .tokenwire.v1.ResponseFormatTypeR\x04type\x12\x1f\n" +
+	"\vschema_name\x18\x02 \x01(\tR\n" +
+	"schemaName\x128\n" +
+	"\vjson_schema\x18\x03 \x01(\v2\x17.google.protobuf.StructR\n" +
+	"jsonSchema\x12\x16\n" +
+	"\x06strict\x18\x04 \x01(\bR\x06strict\"\xc2\x01\n" +
 	"\x10GenerationParams\x12\x1d\n" +
 	"\n" +
 	"max_tokens\x18\x01 \x01(\x05R\tmaxTokens\x12%\n" +
@@ -2484,7 +3052,13 @@ const file_tokenwire_v1_respond_proto_rawDesc = "" +
 	"\x0epolicy_version\x18\x02 \x01(\tR\rpolicyVersion\x128\n" +
 	"\aactions\x18\x03 \x03(\v2\x1e.tokenwire.v1.GovernanceActionR\aactions\x12\x14\n" +
 	"\x05model\x18\x04 \x01(\tR\x05model\x12#\n" +
-	"\rmodel_version\x18\x05 \x01(\tR\fmodelVersion\"\x94\x02\n" +
+	"\rmodel_version\x18\x05 \x01(\tR\fmodelVersion\"\x92\x01\n" +
+	"\rToolCallDelta\x12\x14\n" +
+	"\x05index\x18\x01 \x01(\rR\x05index\x12\x0e\n" +
+	"\x02id\x18\x02 \x01(\tR\x02id\x12\x12\n" +
+	"\x04name\x18\x03 \x01(\tR\x04name\x12\x1c\n" +
+	"\targuments\x18\x04 \x01(\tR\targuments\x12)\n" +
+	"\x10arguments_offset\x18\x05 \x01(\rR\x0fargumentsOffset\"\xce\x02\n" +
 	"\n" +
 	"TokenChunk\x12\x1f\n" +
 	"\vresponse_id\x18\x01 \x01(\tR\n" +
@@ -2499,7 +3073,8 @@ const file_tokenwire_v1_respond_proto_rawDesc = "" +
 	"governance\x18\x06 \x01(\v2\x18.tokenwire.v1.GovernanceR\n" +
 	"governance\x129\n" +
 	"\n" +
-	"emitted_at\x18\a \x01(\v2\x1a.google.protobuf.TimestampR\temittedAt\"g\n" +
+	"emitted_at\x18\a \x01(\v2\x1a.google.protobuf.TimestampR\temittedAt\x128\n" +
+	"\ttool_call\x18\b \x01(\v2\x1b.tokenwire.v1.ToolCallDeltaR\btoolCall\"g\n" +
 	"\tHeartbeat\x12\x1f\n" +
 	"\vresponse_id\x18\x01 \x01(\tR\n" +
 	"responseId\x129\n" +
@@ -2542,7 +3117,7 @@ const file_tokenwire_v1_respond_proto_rawDesc = "" +
 	"\aServing\x12\x18\n" +
 	"\abackend\x18\x01 \x01(\tR\abackend\x12-\n" +
 	"\x04path\x18\x02 \x01(\x0e2\x19.tokenwire.v1.ServingPathR\x04path\x12\x1a\n" +
-	"\battempts\x18\x03 \x01(\rR\battempts\"\xfe\x06\n" +
+	"\battempts\x18\x03 \x01(\rR\battempts\"\xb5\a\n" +
 	"\tCompleted\x12\x1f\n" +
 	"\vresponse_id\x18\x01 \x01(\tR\n" +
 	"responseId\x12\x1d\n" +
@@ -2569,19 +3144,25 @@ const file_tokenwire_v1_respond_proto_rawDesc = "" +
 	"\n" +
 	"request_id\x18\x13 \x01(\tR\trequestId\x128\n" +
 	"\aactions\x18\x14 \x03(\v2\x1e.tokenwire.v1.GovernanceActionR\aactions\x12/\n" +
-	"\x06review\x18\x15 \x01(\v2\x17.tokenwire.v1.ReviewRefR\x06review\"\xb1\x02\n" +
+	"\x06review\x18\x15 \x01(\v2\x17.tokenwire.v1.ReviewRefR\x06review\x125\n" +
+	"\n" +
+	"tool_calls\x18\x16 \x03(\v2\x16.tokenwire.v1.ToolCallR\ttoolCalls\"\xdd\x03\n" +
 	"\x0eRespondRequest\x12\x1d\n" +
 	"\n" +
 	"request_id\x18\x01 \x01(\tR\trequestId\x12\x14\n" +
 	"\x05model\x18\x02 \x01(\tR\x05model\x125\n" +
 	"\bmessages\x18\x03 \x03(\v2\x19.tokenwire.v1.ChatMessageR\bmessages\x126\n" +
 	"\x06params\x18\x04 \x01(\v2\x1e.tokenwire.v1.GenerationParamsR\x06params\x12@\n" +
-	"\x06labels\x18\x05 \x03(\v2(.tokenwire.v1.RespondRequest.LabelsEntryR\x06labels\x1a9\n" +
+	"\x06labels\x18\x05 \x03(\v2(.tokenwire.v1.RespondRequest.LabelsEntryR\x06labels\x12(\n" +
+	"\x05tools\x18\x06 \x03(\v2\x12.tokenwire.v1.ToolR\x05tools\x129\n" +
+	"\vtool_choice\x18\a \x01(\v2\x18.tokenwire.v1.ToolChoiceR\n" +
+	"toolChoice\x12E\n" +
+	"\x0fresponse_format\x18\b \x01(\v2\x1c.tokenwire.v1.ResponseFormatR\x0eresponseFormat\x1a9\n" +
 	"\vLabelsEntry\x12\x10\n" +
 	"\x03key\x18\x01 \x01(\tR\x03key\x12\x14\n" +
 	"\x05value\x18\x02 \x01(\tR\x05value:\x028\x01\"H\n" +
 	"\x0fRespondResponse\x125\n" +
-	"\tcompleted\x18\x01 \x01(\v2\x17.tokenwire.v1.CompletedR\tcompleted\"\xaa\x04\n" +
+	"\tcompleted\x18\x01 \x01(\v2\x17.tokenwire.v1.CompletedR\tcompleted\"\xd6\x05\n" +
 	"\x14StreamRespondRequest\x12\x1d\n" +
 	"\n" +
 	"request_id\x18\x01 \x01(\tR\trequestId\x12\x14\n" +
@@ -2594,7 +3175,11 @@ const file_tokenwire_v1_respond_proto_rawDesc = "" +
 	"\x06resume\x18\b \x01(\v2\x18.tokenwire.v1.ResumeFromR\x06resume\x12&\n" +
 	"\x0fomit_final_text\x18\t \x01(\bR\romitFinalText\x12\x1c\n" +
 	"\tresumable\x18\n" +
-	" \x01(\bR\tresumable\x1a9\n" +
+	" \x01(\bR\tresumable\x12(\n" +
+	"\x05tools\x18\v \x03(\v2\x12.tokenwire.v1.ToolR\x05tools\x129\n" +
+	"\vtool_choice\x18\f \x01(\v2\x18.tokenwire.v1.ToolChoiceR\n" +
+	"toolChoice\x12E\n" +
+	"\x0fresponse_format\x18\r \x01(\v2\x1c.tokenwire.v1.ResponseFormatR\x0eresponseFormat\x1a9\n" +
 	"\vLabelsEntry\x12\x10\n" +
 	"\x03key\x18\x01 \x01(\tR\x03key\x12\x14\n" +
 	"\x05value\x18\x02 \x01(\tR\x05value:\x028\x01\"0\n" +
@@ -2611,23 +3196,36 @@ const file_tokenwire_v1_respond_proto_rawDesc = "" +
 	"\x05chunk\x18\x01 \x01(\v2\x18.tokenwire.v1.TokenChunkH\x00R\x05chunk\x127\n" +
 	"\tcompleted\x18\x02 \x01(\v2\x17.tokenwire.v1.CompletedH\x00R\tcompleted\x127\n" +
 	"\theartbeat\x18\x03 \x01(\v2\x17.tokenwire.v1.HeartbeatH\x00R\theartbeatB\a\n" +
-	"\x05event*P\n" +
+	"\x05event*_\n" +
 	"\x04Role\x12\x14\n" +
 	"\x10ROLE_UNSPECIFIED\x10\x00\x12\x0f\n" +
 	"\vROLE_SYSTEM\x10\x01\x12\r\n" +
 	"\tROLE_USER\x10\x02\x12\x12\n" +
-	"\x0eROLE_ASSISTANT\x10\x03*{\n" +
+	"\x0eROLE_ASSISTANT\x10\x03\x12\r\n" +
+	"\tROLE_TOOL\x10\x04*{\n" +
 	"\fDeliveryMode\x12\x1d\n" +
 	"\x19DELIVERY_MODE_UNSPECIFIED\x10\x00\x12\x16\n" +
 	"\x12DELIVERY_MODE_AUTO\x10\x01\x12\x18\n" +
 	"\x14DELIVERY_MODE_STREAM\x10\x02\x12\x1a\n" +
-	"\x16DELIVERY_MODE_BUFFERED\x10\x03*\xa2\x01\n" +
+	"\x16DELIVERY_MODE_BUFFERED\x10\x03*\xe2\x01\n" +
 	"\fFinishReason\x12\x1d\n" +
 	"\x19FINISH_REASON_UNSPECIFIED\x10\x00\x12\x16\n" +
 	"\x12FINISH_REASON_STOP\x10\x01\x12\x18\n" +
 	"\x14FINISH_REASON_LENGTH\x10\x02\x12\x1f\n" +
 	"\x1bFINISH_REASON_STOP_SEQUENCE\x10\x03\x12 \n" +
-	"\x1cFINISH_REASON_POLICY_BLOCKED\x10\x04*b\n" +
+	"\x1cFINISH_REASON_POLICY_BLOCKED\x10\x04\x12\x1c\n" +
+	"\x18FINISH_REASON_TOOL_CALLS\x10\x05\x12 \n" +
+	"\x1cFINISH_REASON_INVALID_OUTPUT\x10\x06*\x87\x01\n" +
+	"\x0eToolChoiceMode\x12 \n" +
+	"\x1cTOOL_CHOICE_MODE_UNSPECIFIED\x10\x00\x12\x19\n" +
+	"\x15TOOL_CHOICE_MODE_AUTO\x10\x01\x12\x19\n" +
+	"\x15TOOL_CHOICE_MODE_NONE\x10\x02\x12\x1d\n" +
+	"\x19TOOL_CHOICE_MODE_REQUIRED\x10\x03*\xa5\x01\n" +
+	"\x12ResponseFormatType\x12$\n" +
+	" RESPONSE_FORMAT_TYPE_UNSPECIFIED\x10\x00\x12\x1d\n" +
+	"\x19RESPONSE_FORMAT_TYPE_TEXT\x10\x01\x12$\n" +
+	" RESPONSE_FORMAT_TYPE_JSON_OBJECT\x10\x02\x12$\n" +
+	" RESPONSE_FORMAT_TYPE_JSON_SCHEMA\x10\x03*b\n" +
 	"\aVerdict\x12\x17\n" +
 	"\x13VERDICT_UNSPECIFIED\x10\x00\x12\x13\n" +
 	"\x0fVERDICT_ALLOWED\x10\x01\x12\x14\n" +
@@ -2680,96 +3278,116 @@ func file_tokenwire_v1_respond_proto_rawDescGZIP() []byte {
 	return file_tokenwire_v1_respond_proto_rawDescData
 }
 
-var file_tokenwire_v1_respond_proto_enumTypes = make([]protoimpl.EnumInfo, 9)
-var file_tokenwire_v1_respond_proto_msgTypes = make([]protoimpl.MessageInfo, 25)
+var file_tokenwire_v1_respond_proto_enumTypes = make([]protoimpl.EnumInfo, 11)
+var file_tokenwire_v1_respond_proto_msgTypes = make([]protoimpl.MessageInfo, 29)
 var file_tokenwire_v1_respond_proto_goTypes = []any{
 	(Role)(0),                     // 0: tokenwire.v1.Role
 	(DeliveryMode)(0),             // 1: tokenwire.v1.DeliveryMode
 	(FinishReason)(0),             // 2: tokenwire.v1.FinishReason
-	(Verdict)(0),                  // 3: tokenwire.v1.Verdict
-	(VerificationStatus)(0),       // 4: tokenwire.v1.VerificationStatus
-	(ServingPath)(0),              // 5: tokenwire.v1.ServingPath
-	(GovernanceOperator)(0),       // 6: tokenwire.v1.GovernanceOperator
-	(CheckOutcome)(0),             // 7: tokenwire.v1.CheckOutcome
-	(ReviewState)(0),              // 8: tokenwire.v1.ReviewState
-	(*ChatMessage)(nil),           // 9: tokenwire.v1.ChatMessage
-	(*GenerationParams)(nil),      // 10: tokenwire.v1.GenerationParams
-	(*Chunking)(nil),              // 11: tokenwire.v1.Chunking
-	(*ResumeFrom)(nil),            // 12: tokenwire.v1.ResumeFrom
-	(*GovernanceAction)(nil),      // 13: tokenwire.v1.GovernanceAction
-	(*Governance)(nil),            // 14: tokenwire.v1.Governance
-	(*TokenChunk)(nil),            // 15: tokenwire.v1.TokenChunk
-	(*Heartbeat)(nil),             // 16: tokenwire.v1.Heartbeat
-	(*CheckViolation)(nil),        // 17: tokenwire.v1.CheckViolation
-	(*VerificationCheck)(nil),     // 18: tokenwire.v1.VerificationCheck
-	(*ToolCall)(nil),              // 19: tokenwire.v1.ToolCall
-	(*ReviewRef)(nil),             // 20: tokenwire.v1.ReviewRef
-	(*Usage)(nil),                 // 21: tokenwire.v1.Usage
-	(*Verification)(nil),          // 22: tokenwire.v1.Verification
-	(*Timing)(nil),                // 23: tokenwire.v1.Timing
-	(*Serving)(nil),               // 24: tokenwire.v1.Serving
-	(*Completed)(nil),             // 25: tokenwire.v1.Completed
-	(*RespondRequest)(nil),        // 26: tokenwire.v1.RespondRequest
-	(*RespondResponse)(nil),       // 27: tokenwire.v1.RespondResponse
-	(*StreamRespondRequest)(nil),  // 28: tokenwire.v1.StreamRespondRequest
-	(*CancelRequest)(nil),         // 29: tokenwire.v1.CancelRequest
-	(*CancelResponse)(nil),        // 30: tokenwire.v1.CancelResponse
-	(*StreamRespondResponse)(nil), // 31: tokenwire.v1.StreamRespondResponse
-	nil,                           // 32: tokenwire.v1.RespondRequest.LabelsEntry
-	nil,                           // 33: tokenwire.v1.StreamRespondRequest.LabelsEntry
-	(*durationpb.Duration)(nil),   // 34: google.protobuf.Duration
-	(*timestamppb.Timestamp)(nil), // 35: google.protobuf.Timestamp
+	(ToolChoiceMode)(0),           // 3: tokenwire.v1.ToolChoiceMode
+	(ResponseFormatType)(0),       // 4: tokenwire.v1.ResponseFormatType
+	(Verdict)(0),                  // 5: tokenwire.v1.Verdict
+	(VerificationStatus)(0),       // 6: tokenwire.v1.VerificationStatus
+	(ServingPath)(0),              // 7: tokenwire.v1.ServingPath
+	(GovernanceOperator)(0),       // 8: tokenwire.v1.GovernanceOperator
+	(CheckOutcome)(0),             // 9: tokenwire.v1.CheckOutcome
+	(ReviewState)(0),              // 10: tokenwire.v1.ReviewState
+	(*ChatMessage)(nil),           // 11: tokenwire.v1.ChatMessage
+	(*Tool)(nil),                  // 12: tokenwire.v1.Tool
+	(*ToolChoice)(nil),            // 13: tokenwire.v1.ToolChoice
+	(*ResponseFormat)(nil),        // 14: tokenwire.v1.ResponseFormat
+	(*GenerationParams)(nil),      // 15: tokenwire.v1.GenerationParams
+	(*Chunking)(nil),              // 16: tokenwire.v1.Chunking
+	(*ResumeFrom)(nil),            // 17: tokenwire.v1.ResumeFrom
+	(*GovernanceAction)(nil),      // 18: tokenwire.v1.GovernanceAction
+	(*Governance)(nil),            // 19: tokenwire.v1.Governance
+	(*ToolCallDelta)(nil),         // 20: tokenwire.v1.ToolCallDelta
+	(*TokenChunk)(nil),            // 21: tokenwire.v1.TokenChunk
+	(*Heartbeat)(nil),             // 22: tokenwire.v1.Heartbeat
+	(*CheckViolation)(nil),        // 23: tokenwire.v1.CheckViolation
+	(*VerificationCheck)(nil),     // 24: tokenwire.v1.VerificationCheck
+	(*ToolCall)(nil),              // 25: tokenwire.v1.ToolCall
+	(*ReviewRef)(nil),             // 26: tokenwire.v1.ReviewRef
+	(*Usage)(nil),                 // 27: tokenwire.v1.Usage
+	(*Verification)(nil),          // 28: tokenwire.v1.Verification
+	(*Timing)(nil),                // 29: tokenwire.v1.Timing
+	(*Serving)(nil),               // 30: tokenwire.v1.Serving
+	(*Completed)(nil),             // 31: tokenwire.v1.Completed
+	(*RespondRequest)(nil),        // 32: tokenwire.v1.RespondRequest
+	(*RespondResponse)(nil),       // 33: tokenwire.v1.RespondResponse
+	(*StreamRespondRequest)(nil),  // 34: tokenwire.v1.StreamRespondRequest
+	(*CancelRequest)(nil),         // 35: tokenwire.v1.CancelRequest
+	(*CancelResponse)(nil),        // 36: tokenwire.v1.CancelResponse
+	(*StreamRespondResponse)(nil), // 37: tokenwire.v1.StreamRespondResponse
+	nil,                           // 38: tokenwire.v1.RespondRequest.LabelsEntry
+	nil,                           // 39: tokenwire.v1.StreamRespondRequest.LabelsEntry
+	(*structpb.Struct)(nil),       // 40: google.protobuf.Struct
+	(*durationpb.Duration)(nil),   // 41: google.protobuf.Duration
+	(*timestamppb.Timestamp)(nil), // 42: google.protobuf.Timestamp
 }
 var file_tokenwire_v1_respond_proto_depIdxs = []int32{
 	0,  // 0: tokenwire.v1.ChatMessage.role:type_name -> tokenwire.v1.Role
-	34, // 1: tokenwire.v1.Chunking.max_delay:type_name -> google.protobuf.Duration
-	6,  // 2: tokenwire.v1.GovernanceAction.operator:type_name -> tokenwire.v1.GovernanceOperator
-	13, // 3: tokenwire.v1.Governance.actions:type_name -> tokenwire.v1.GovernanceAction
-	14, // 4: tokenwire.v1.TokenChunk.governance:type_name -> tokenwire.v1.Governance
-	35, // 5: tokenwire.v1.TokenChunk.emitted_at:type_name -> google.protobuf.Timestamp
-	35, // 6: tokenwire.v1.Heartbeat.emitted_at:type_name -> google.protobuf.Timestamp
-	7,  // 7: tokenwire.v1.VerificationCheck.outcome:type_name -> tokenwire.v1.CheckOutcome
-	17, // 8: tokenwire.v1.VerificationCheck.violations:type_name -> tokenwire.v1.CheckViolation
-	34, // 9: tokenwire.v1.VerificationCheck.latency:type_name -> google.protobuf.Duration
-	8,  // 10: tokenwire.v1.ReviewRef.state:type_name -> tokenwire.v1.ReviewState
-	4,  // 11: tokenwire.v1.Verification.status:type_name -> tokenwire.v1.VerificationStatus
-	18, // 12: tokenwire.v1.Verification.checks:type_name -> tokenwire.v1.VerificationCheck
-	34, // 13: tokenwire.v1.Timing.time_to_first_token:type_name -> google.protobuf.Duration
-	34, // 14: tokenwire.v1.Timing.total:type_name -> google.protobuf.Duration
-	5,  // 15: tokenwire.v1.Serving.path:type_name -> tokenwire.v1.ServingPath
-	2,  // 16: tokenwire.v1.Completed.finish_reason:type_name -> tokenwire.v1.FinishReason
-	21, // 17: tokenwire.v1.Completed.usage:type_name -> tokenwire.v1.Usage
-	3,  // 18: tokenwire.v1.Completed.verdict:type_name -> tokenwire.v1.Verdict
-	22, // 19: tokenwire.v1.Completed.verification:type_name -> tokenwire.v1.Verification
-	23, // 20: tokenwire.v1.Completed.timing:type_name -> tokenwire.v1.Timing
-	1,  // 21: tokenwire.v1.Completed.delivery_mode:type_name -> tokenwire.v1.DeliveryMode
-	24, // 22: tokenwire.v1.Completed.serving:type_name -> tokenwire.v1.Serving
-	13, // 23: tokenwire.v1.Completed.actions:type_name -> tokenwire.v1.GovernanceAction
-	20, // 24: tokenwire.v1.Completed.review:type_name -> tokenwire.v1.ReviewRef
-	9,  // 25: tokenwire.v1.RespondRequest.messages:type_name -> tokenwire.v1.ChatMessage
-	10, // 26: tokenwire.v1.RespondRequest.params:type_name -> tokenwire.v1.GenerationParams
-	32, // 27: tokenwire.v1.RespondRequest.labels:type_name -> tokenwire.v1.RespondRequest.LabelsEntry
-	25, // 28: tokenwire.v1.RespondResponse.completed:type_name -> tokenwire.v1.Completed
-	9,  // 29: tokenwire.v1.StreamRespondRequest.messages:type_name -> tokenwire.v1.ChatMessage
-	10, // 30: tokenwire.v1.StreamRespondRequest.params:type_name -> tokenwire.v1.GenerationParams
-	33, // 31: tokenwire.v1.StreamRespondRequest.labels:type_name -> tokenwire.v1.StreamRespondRequest.LabelsEntry
-	1,  // 32: tokenwire.v1.StreamRespondRequest.delivery_mode:type_name -> tokenwire.v1.DeliveryMode
-	11, // 33: tokenwire.v1.StreamRespondRequest.chunking:type_name -> tokenwire.v1.Chunking
-	12, // 34: tokenwire.v1.StreamRespondRequest.resume:type_name -> tokenwire.v1.ResumeFrom
-	15, // 35: tokenwire.v1.StreamRespondResponse.chunk:type_name -> tokenwire.v1.TokenChunk
-	25, // 36: tokenwire.v1.StreamRespondResponse.completed:type_name -> tokenwire.v1.Completed
-	16, // 37: tokenwire.v1.StreamRespondResponse.heartbeat:type_name -> tokenwire.v1.Heartbeat
-	26, // 38: tokenwire.v1.RespondService.Respond:input_type -> tokenwire.v1.RespondRequest
-	28, // 39: tokenwire.v1.RespondService.StreamRespond:input_type -> tokenwire.v1.StreamRespondRequest
-	29, // 40: tokenwire.v1.RespondService.Cancel:input_type -> tokenwire.v1.CancelRequest
-	27, // 41: tokenwire.v1.RespondService.Respond:output_type -> tokenwire.v1.RespondResponse
-	31, // 42: tokenwire.v1.RespondService.StreamRespond:output_type -> tokenwire.v1.StreamRespondResponse
-	30, // 43: tokenwire.v1.RespondService.Cancel:output_type -> tokenwire.v1.CancelResponse
-	41, // [41:44] is the sub-list for method output_type
-	38, // [38:41] is the sub-list for method input_type
-	38, // [38:38] is the sub-list for extension type_name
-	38, // [38:38] is the sub-list for extension extendee
-	0,  // [0:38] is the sub-list for field type_name
+	25, // 1: tokenwire.v1.ChatMessage.tool_calls:type_name -> tokenwire.v1.ToolCall
+	40, // 2: tokenwire.v1.Tool.parameters:type_name -> google.protobuf.Struct
+	3,  // 3: tokenwire.v1.ToolChoice.mode:type_name -> tokenwire.v1.ToolChoiceMode
+	4,  // 4: tokenwire.v1.ResponseFormat.type:type_name -> tokenwire.v1.ResponseFormatType
+	40, // 5: tokenwire.v1.ResponseFormat.json_schema:type_name -> google.protobuf.Struct
+	41, // 6: tokenwire.v1.Chunking.max_delay:type_name -> google.protobuf.Duration
+	8,  // 7: tokenwire.v1.GovernanceAction.operator:type_name -> tokenwire.v1.GovernanceOperator
+	18, // 8: tokenwire.v1.Governance.actions:type_name -> tokenwire.v1.GovernanceAction
+	19, // 9: tokenwire.v1.TokenChunk.governance:type_name -> tokenwire.v1.Governance
+	42, // 10: tokenwire.v1.TokenChunk.emitted_at:type_name -> google.protobuf.Timestamp
+	20, // 11: tokenwire.v1.TokenChunk.tool_call:type_name -> tokenwire.v1.ToolCallDelta
+	42, // 12: tokenwire.v1.Heartbeat.emitted_at:type_name -> google.protobuf.Timestamp
+	9,  // 13: tokenwire.v1.VerificationCheck.outcome:type_name -> tokenwire.v1.CheckOutcome
+	23, // 14: tokenwire.v1.VerificationCheck.violations:type_name -> tokenwire.v1.CheckViolation
+	41, // 15: tokenwire.v1.VerificationCheck.latency:type_name -> google.protobuf.Duration
+	10, // 16: tokenwire.v1.ReviewRef.state:type_name -> tokenwire.v1.ReviewState
+	6,  // 17: tokenwire.v1.Verification.status:type_name -> tokenwire.v1.VerificationStatus
+	24, // 18: tokenwire.v1.Verification.checks:type_name -> tokenwire.v1.VerificationCheck
+	41, // 19: tokenwire.v1.Timing.time_to_first_token:type_name -> google.protobuf.Duration
+	41, // 20: tokenwire.v1.Timing.total:type_name -> google.protobuf.Duration
+	7,  // 21: tokenwire.v1.Serving.path:type_name -> tokenwire.v1.ServingPath
+	2,  // 22: tokenwire.v1.Completed.finish_reason:type_name -> tokenwire.v1.FinishReason
+	27, // 23: tokenwire.v1.Completed.usage:type_name -> tokenwire.v1.Usage
+	5,  // 24: tokenwire.v1.Completed.verdict:type_name -> tokenwire.v1.Verdict
+	28, // 25: tokenwire.v1.Completed.verification:type_name -> tokenwire.v1.Verification
+	29, // 26: tokenwire.v1.Completed.timing:type_name -> tokenwire.v1.Timing
+	1,  // 27: tokenwire.v1.Completed.delivery_mode:type_name -> tokenwire.v1.DeliveryMode
+	30, // 28: tokenwire.v1.Completed.serving:type_name -> tokenwire.v1.Serving
+	18, // 29: tokenwire.v1.Completed.actions:type_name -> tokenwire.v1.GovernanceAction
+	26, // 30: tokenwire.v1.Completed.review:type_name -> tokenwire.v1.ReviewRef
+	25, // 31: tokenwire.v1.Completed.tool_calls:type_name -> tokenwire.v1.ToolCall
+	11, // 32: tokenwire.v1.RespondRequest.messages:type_name -> tokenwire.v1.ChatMessage
+	15, // 33: tokenwire.v1.RespondRequest.params:type_name -> tokenwire.v1.GenerationParams
+	38, // 34: tokenwire.v1.RespondRequest.labels:type_name -> tokenwire.v1.RespondRequest.LabelsEntry
+	12, // 35: tokenwire.v1.RespondRequest.tools:type_name -> tokenwire.v1.Tool
+	13, // 36: tokenwire.v1.RespondRequest.tool_choice:type_name -> tokenwire.v1.ToolChoice
+	14, // 37: tokenwire.v1.RespondRequest.response_format:type_name -> tokenwire.v1.ResponseFormat
+	31, // 38: tokenwire.v1.RespondResponse.completed:type_name -> tokenwire.v1.Completed
+	11, // 39: tokenwire.v1.StreamRespondRequest.messages:type_name -> tokenwire.v1.ChatMessage
+	15, // 40: tokenwire.v1.StreamRespondRequest.params:type_name -> tokenwire.v1.GenerationParams
+	39, // 41: tokenwire.v1.StreamRespondRequest.labels:type_name -> tokenwire.v1.StreamRespondRequest.LabelsEntry
+	1,  // 42: tokenwire.v1.StreamRespondRequest.delivery_mode:type_name -> tokenwire.v1.DeliveryMode
+	16, // 43: tokenwire.v1.StreamRespondRequest.chunking:type_name -> tokenwire.v1.Chunking
+	17, // 44: tokenwire.v1.StreamRespondRequest.resume:type_name -> tokenwire.v1.ResumeFrom
+	12, // 45: tokenwire.v1.StreamRespondRequest.tools:type_name -> tokenwire.v1.Tool
+	13, // 46: tokenwire.v1.StreamRespondRequest.tool_choice:type_name -> tokenwire.v1.ToolChoice
+	14, // 47: tokenwire.v1.StreamRespondRequest.response_format:type_name -> tokenwire.v1.ResponseFormat
+	21, // 48: tokenwire.v1.StreamRespondResponse.chunk:type_name -> tokenwire.v1.TokenChunk
+	31, // 49: tokenwire.v1.StreamRespondResponse.completed:type_name -> tokenwire.v1.Completed
+	22, // 50: tokenwire.v1.StreamRespondResponse.heartbeat:type_name -> tokenwire.v1.Heartbeat
+	32, // 51: tokenwire.v1.RespondService.Respond:input_type -> tokenwire.v1.RespondRequest
+	34, // 52: tokenwire.v1.RespondService.StreamRespond:input_type -> tokenwire.v1.StreamRespondRequest
+	35, // 53: tokenwire.v1.RespondService.Cancel:input_type -> tokenwire.v1.CancelRequest
+	33, // 54: tokenwire.v1.RespondService.Respond:output_type -> tokenwire.v1.RespondResponse
+	37, // 55: tokenwire.v1.RespondService.StreamRespond:output_type -> tokenwire.v1.StreamRespondResponse
+	36, // 56: tokenwire.v1.RespondService.Cancel:output_type -> tokenwire.v1.CancelResponse
+	54, // [54:57] is the sub-list for method output_type
+	51, // [51:54] is the sub-list for method input_type
+	51, // [51:51] is the sub-list for extension type_name
+	51, // [51:51] is the sub-list for extension extendee
+	0,  // [0:51] is the sub-list for field type_name
 }
 
 func init() { file_tokenwire_v1_respond_proto_init() }
@@ -2777,8 +3395,12 @@ func file_tokenwire_v1_respond_proto_init() {
 	if File_tokenwire_v1_respond_proto != nil {
 		return
 	}
-	file_tokenwire_v1_respond_proto_msgTypes[1].OneofWrappers = []any{}
-	file_tokenwire_v1_respond_proto_msgTypes[22].OneofWrappers = []any{
+	file_tokenwire_v1_respond_proto_msgTypes[2].OneofWrappers = []any{
+		(*ToolChoice_Mode)(nil),
+		(*ToolChoice_FunctionName)(nil),
+	}
+	file_tokenwire_v1_respond_proto_msgTypes[4].OneofWrappers = []any{}
+	file_tokenwire_v1_respond_proto_msgTypes[26].OneofWrappers = []any{
 		(*StreamRespondResponse_Chunk)(nil),
 		(*StreamRespondResponse_Completed)(nil),
 		(*StreamRespondResponse_Heartbeat)(nil),
@@ -2788,8 +3410,8 @@ func file_tokenwire_v1_respond_proto_init() {
 		File: protoimpl.DescBuilder{
 			GoPackagePath: reflect.TypeOf(x{}).PkgPath(),
 			RawDescriptor: unsafe.Slice(unsafe.StringData(file_tokenwire_v1_respond_proto_rawDesc), len(file_tokenwire_v1_respond_proto_rawDesc)),
-			NumEnums:      9,
-			NumMessages:   25,
+			NumEnums:      11,
+			NumMessages:   29,
 			NumExtensions: 0,
 			NumServices:   1,
 		},

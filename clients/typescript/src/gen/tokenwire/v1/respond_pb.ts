@@ -45,14 +45,14 @@
 import type { GenEnum, GenFile, GenMessage, GenService } from "@bufbuild/protobuf/codegenv2";
 import { enumDesc, fileDesc, messageDesc, serviceDesc } from "@bufbuild/protobuf/codegenv2";
 import type { Duration, Timestamp } from "@bufbuild/protobuf/wkt";
-import { file_google_protobuf_duration, file_google_protobuf_timestamp } from "@bufbuild/protobuf/wkt";
-import type { Message } from "@bufbuild/protobuf";
+import { file_google_protobuf_duration, file_google_protobuf_struct, file_google_protobuf_timestamp } from "@bufbuild/protobuf/wkt";
+import type { JsonObject, Message } from "@bufbuild/protobuf";
 
 /**
  * Describes the file tokenwire/v1/respond.proto.
  */
 export const file_tokenwire_v1_respond: GenFile = /*@__PURE__*/
-  fileDesc("Chp0b2tlbndpcmUvdjEvcmVzcG9uZC5wcm90bxIMdG9rZW53aXJlLnYxIkAKC0NoYXRNZXNzYWdlEiAKBHJvbGUYASABKA4yEi50b2tlbndpcmUudjEuUm9sZRIPCgdjb250ZW50GAIgASgJIpgBChBHZW5lcmF0aW9uUGFyYW1zEhIKCm1heF90b2tlbnMYASABKAUSGAoLdGVtcGVyYXR1cmUYAiABKAFIAIgBARISCgV0b3BfcBgDIAEoAUgBiAEBEgwKBHN0b3AYBCADKAkSEQoEc2VlZBgFIAEoA0gCiAEBQg4KDF90ZW1wZXJhdHVyZUIICgZfdG9wX3BCBwoFX3NlZWQiVgoIQ2h1bmtpbmcSHAoUbWF4X3Rva2Vuc19wZXJfY2h1bmsYASABKAUSLAoJbWF4X2RlbGF5GAIgASgLMhkuZ29vZ2xlLnByb3RvYnVmLkR1cmF0aW9uIjkKClJlc3VtZUZyb20SEwoLcmVzcG9uc2VfaWQYASABKAkSFgoOYWZ0ZXJfc2VxdWVuY2UYAiABKA0iiAEKEEdvdmVybmFuY2VBY3Rpb24SDwoHcnVsZV9pZBgBIAEoCRITCgtlbnRpdHlfdHlwZRgCIAEoCRIyCghvcGVyYXRvchgDIAEoDjIgLnRva2Vud2lyZS52MS5Hb3Zlcm5hbmNlT3BlcmF0b3ISDQoFc3RhcnQYBCABKA0SCwoDZW5kGAUgASgNIo4BCgpHb3Zlcm5hbmNlEhEKCXBvbGljeV9pZBgBIAEoCRIWCg5wb2xpY3lfdmVyc2lvbhgCIAEoCRIvCgdhY3Rpb25zGAMgAygLMh4udG9rZW53aXJlLnYxLkdvdmVybmFuY2VBY3Rpb24SDQoFbW9kZWwYBCABKAkSFQoNbW9kZWxfdmVyc2lvbhgFIAEoCSLJAQoKVG9rZW5DaHVuaxITCgtyZXNwb25zZV9pZBgBIAEoCRIQCghzZXF1ZW5jZRgCIAEoDRIMCgR0ZXh0GAMgASgJEhMKC3RleHRfb2Zmc2V0GAQgASgNEhMKC3Rva2VuX2NvdW50GAUgASgNEiwKCmdvdmVybmFuY2UYBiABKAsyGC50b2tlbndpcmUudjEuR292ZXJuYW5jZRIuCgplbWl0dGVkX2F0GAcgASgLMhouZ29vZ2xlLnByb3RvYnVmLlRpbWVzdGFtcCJQCglIZWFydGJlYXQSEwoLcmVzcG9uc2VfaWQYASABKAkSLgoKZW1pdHRlZF9hdBgCIAEoCzIaLmdvb2dsZS5wcm90b2J1Zi5UaW1lc3RhbXAiYQoOQ2hlY2tWaW9sYXRpb24SDAoEY29kZRgBIAEoCRIPCgdtZXNzYWdlGAIgASgJEhQKDGpzb25fcG9pbnRlchgDIAEoCRINCgVzdGFydBgEIAEoDRILCgNlbmQYBSABKA0irAEKEVZlcmlmaWNhdGlvbkNoZWNrEgwKBG5hbWUYASABKAkSKwoHb3V0Y29tZRgCIAEoDjIaLnRva2Vud2lyZS52MS5DaGVja091dGNvbWUSMAoKdmlvbGF0aW9ucxgDIAMoCzIcLnRva2Vud2lyZS52MS5DaGVja1Zpb2xhdGlvbhIqCgdsYXRlbmN5GAQgASgLMhkuZ29vZ2xlLnByb3RvYnVmLkR1cmF0aW9uIjcKCFRvb2xDYWxsEgoKAmlkGAEgASgJEgwKBG5hbWUYAiABKAkSEQoJYXJndW1lbnRzGAMgASgJIlYKCVJldmlld1JlZhIRCglyZXZpZXdfaWQYASABKAkSKAoFc3RhdGUYAiABKA4yGS50b2tlbndpcmUudjEuUmV2aWV3U3RhdGUSDAoEaGVsZBgDIAEoCCJPCgVVc2FnZRIVCg1wcm9tcHRfdG9rZW5zGAEgASgNEhkKEWNvbXBsZXRpb25fdG9rZW5zGAIgASgNEhQKDHRvdGFsX3Rva2VucxgDIAEoDSLAAQoMVmVyaWZpY2F0aW9uEjAKBnN0YXR1cxgBIAEoDjIgLnRva2Vud2lyZS52MS5WZXJpZmljYXRpb25TdGF0dXMSFwoPc3RyZWFtZWRfc2hhMjU2GAIgASgJEh0KFXJldHJhY3RfZnJvbV9zZXF1ZW5jZRgDIAEoDRIvCgZjaGVja3MYBCADKAsyHy50b2tlbndpcmUudjEuVmVyaWZpY2F0aW9uQ2hlY2sSFQoNY2hlY2tzX3Bhc3NlZBgFIAEoCCJqCgZUaW1pbmcSNgoTdGltZV90b19maXJzdF90b2tlbhgBIAEoCzIZLmdvb2dsZS5wcm90b2J1Zi5EdXJhdGlvbhIoCgV0b3RhbBgCIAEoCzIZLmdvb2dsZS5wcm90b2J1Zi5EdXJhdGlvbiJVCgdTZXJ2aW5nEg8KB2JhY2tlbmQYASABKAkSJwoEcGF0aBgCIAEoDjIZLnRva2Vud2lyZS52MS5TZXJ2aW5nUGF0aBIQCghhdHRlbXB0cxgDIAEoDSKSBQoJQ29tcGxldGVkEhMKC3Jlc3BvbnNlX2lkGAEgASgJEhIKCmZpbmFsX3RleHQYAiABKAkSFAoMZmluYWxfc2hhMjU2GAMgASgJEhMKC2NodW5rX2NvdW50GAQgASgNEhUKDWxhc3Rfc2VxdWVuY2UYBSABKA0SMQoNZmluaXNoX3JlYXNvbhgGIAEoDjIaLnRva2Vud2lyZS52MS5GaW5pc2hSZWFzb24SIgoFdXNhZ2UYByABKAsyEy50b2tlbndpcmUudjEuVXNhZ2USJgoHdmVyZGljdBgIIAEoDjIVLnRva2Vud2lyZS52MS5WZXJkaWN0EhcKD3Jldmlld19yZXF1aXJlZBgJIAEoCBIwCgx2ZXJpZmljYXRpb24YCiABKAsyGi50b2tlbndpcmUudjEuVmVyaWZpY2F0aW9uEiQKBnRpbWluZxgLIAEoCzIULnRva2Vud2lyZS52MS5UaW1pbmcSDQoFbW9kZWwYDCABKAkSFQoNbW9kZWxfdmVyc2lvbhgNIAEoCRIRCglwb2xpY3lfaWQYDiABKAkSFgoOcG9saWN5X3ZlcnNpb24YDyABKAkSEAoIdHJhY2VfaWQYECABKAkSMQoNZGVsaXZlcnlfbW9kZRgRIAEoDjIaLnRva2Vud2lyZS52MS5EZWxpdmVyeU1vZGUSJgoHc2VydmluZxgSIAEoCzIVLnRva2Vud2lyZS52MS5TZXJ2aW5nEhIKCnJlcXVlc3RfaWQYEyABKAkSLwoHYWN0aW9ucxgUIAMoCzIeLnRva2Vud2lyZS52MS5Hb3Zlcm5hbmNlQWN0aW9uEicKBnJldmlldxgVIAEoCzIXLnRva2Vud2lyZS52MS5SZXZpZXdSZWYi+QEKDlJlc3BvbmRSZXF1ZXN0EhIKCnJlcXVlc3RfaWQYASABKAkSDQoFbW9kZWwYAiABKAkSKwoIbWVzc2FnZXMYAyADKAsyGS50b2tlbndpcmUudjEuQ2hhdE1lc3NhZ2USLgoGcGFyYW1zGAQgASgLMh4udG9rZW53aXJlLnYxLkdlbmVyYXRpb25QYXJhbXMSOAoGbGFiZWxzGAUgAygLMigudG9rZW53aXJlLnYxLlJlc3BvbmRSZXF1ZXN0LkxhYmVsc0VudHJ5Gi0KC0xhYmVsc0VudHJ5EgsKA2tleRgBIAEoCRINCgV2YWx1ZRgCIAEoCToCOAEiPQoPUmVzcG9uZFJlc3BvbnNlEioKCWNvbXBsZXRlZBgBIAEoCzIXLnRva2Vud2lyZS52MS5Db21wbGV0ZWQiuAMKFFN0cmVhbVJlc3BvbmRSZXF1ZXN0EhIKCnJlcXVlc3RfaWQYASABKAkSDQoFbW9kZWwYAiABKAkSKwoIbWVzc2FnZXMYAyADKAsyGS50b2tlbndpcmUudjEuQ2hhdE1lc3NhZ2USLgoGcGFyYW1zGAQgASgLMh4udG9rZW53aXJlLnYxLkdlbmVyYXRpb25QYXJhbXMSPgoGbGFiZWxzGAUgAygLMi4udG9rZW53aXJlLnYxLlN0cmVhbVJlc3BvbmRSZXF1ZXN0LkxhYmVsc0VudHJ5EjEKDWRlbGl2ZXJ5X21vZGUYBiABKA4yGi50b2tlbndpcmUudjEuRGVsaXZlcnlNb2RlEigKCGNodW5raW5nGAcgASgLMhYudG9rZW53aXJlLnYxLkNodW5raW5nEigKBnJlc3VtZRgIIAEoCzIYLnRva2Vud2lyZS52MS5SZXN1bWVGcm9tEhcKD29taXRfZmluYWxfdGV4dBgJIAEoCBIRCglyZXN1bWFibGUYCiABKAgaLQoLTGFiZWxzRW50cnkSCwoDa2V5GAEgASgJEg0KBXZhbHVlGAIgASgJOgI4ASIkCg1DYW5jZWxSZXF1ZXN0EhMKC3Jlc3BvbnNlX2lkGAEgASgJIlEKDkNhbmNlbFJlc3BvbnNlEhMKC3Jlc3BvbnNlX2lkGAEgASgJEhUKDWxhc3Rfc2VxdWVuY2UYAiABKA0SEwoLd2FzX3J1bm5pbmcYAyABKAgipwEKFVN0cmVhbVJlc3BvbmRSZXNwb25zZRIpCgVjaHVuaxgBIAEoCzIYLnRva2Vud2lyZS52MS5Ub2tlbkNodW5rSAASLAoJY29tcGxldGVkGAIgASgLMhcudG9rZW53aXJlLnYxLkNvbXBsZXRlZEgAEiwKCWhlYXJ0YmVhdBgDIAEoCzIXLnRva2Vud2lyZS52MS5IZWFydGJlYXRIAEIHCgVldmVudCpQCgRSb2xlEhQKEFJPTEVfVU5TUEVDSUZJRUQQABIPCgtST0xFX1NZU1RFTRABEg0KCVJPTEVfVVNFUhACEhIKDlJPTEVfQVNTSVNUQU5UEAMqewoMRGVsaXZlcnlNb2RlEh0KGURFTElWRVJZX01PREVfVU5TUEVDSUZJRUQQABIWChJERUxJVkVSWV9NT0RFX0FVVE8QARIYChRERUxJVkVSWV9NT0RFX1NUUkVBTRACEhoKFkRFTElWRVJZX01PREVfQlVGRkVSRUQQAyqiAQoMRmluaXNoUmVhc29uEh0KGUZJTklTSF9SRUFTT05fVU5TUEVDSUZJRUQQABIWChJGSU5JU0hfUkVBU09OX1NUT1AQARIYChRGSU5JU0hfUkVBU09OX0xFTkdUSBACEh8KG0ZJTklTSF9SRUFTT05fU1RPUF9TRVFVRU5DRRADEiAKHEZJTklTSF9SRUFTT05fUE9MSUNZX0JMT0NLRUQQBCpiCgdWZXJkaWN0EhcKE1ZFUkRJQ1RfVU5TUEVDSUZJRUQQABITCg9WRVJESUNUX0FMTE9XRUQQARIUChBWRVJESUNUX1JFREFDVEVEEAISEwoPVkVSRElDVF9CTE9DS0VEEAMqfQoSVmVyaWZpY2F0aW9uU3RhdHVzEiMKH1ZFUklGSUNBVElPTl9TVEFUVVNfVU5TUEVDSUZJRUQQABIgChxWRVJJRklDQVRJT05fU1RBVFVTX1ZFUklGSUVEEAESIAocVkVSSUZJQ0FUSU9OX1NUQVRVU19ESVZFUkdFRBACKmcKC1NlcnZpbmdQYXRoEhwKGFNFUlZJTkdfUEFUSF9VTlNQRUNJRklFRBAAEhoKFlNFUlZJTkdfUEFUSF9TVFJFQU1JTkcQARIeChpTRVJWSU5HX1BBVEhfTk9OX1NUUkVBTUlORxACKtMBChJHb3Zlcm5hbmNlT3BlcmF0b3ISIwofR09WRVJOQU5DRV9PUEVSQVRPUl9VTlNQRUNJRklFRBAAEhwKGEdPVkVSTkFOQ0VfT1BFUkFUT1JfTUFTSxABEh8KG0dPVkVSTkFOQ0VfT1BFUkFUT1JfUkVQTEFDRRACEhwKGEdPVkVSTkFOQ0VfT1BFUkFUT1JfSEFTSBADEh0KGUdPVkVSTkFOQ0VfT1BFUkFUT1JfQkxPQ0sQBBIcChhHT1ZFUk5BTkNFX09QRVJBVE9SX0ZMQUcQBSq0AQoMQ2hlY2tPdXRjb21lEh0KGUNIRUNLX09VVENPTUVfVU5TUEVDSUZJRUQQABIYChRDSEVDS19PVVRDT01FX1BBU1NFRBABEhgKFENIRUNLX09VVENPTUVfRkFJTEVEEAISGwoXQ0hFQ0tfT1VUQ09NRV9FU0NBTEFURUQQAxIXChNDSEVDS19PVVRDT01FX0VSUk9SEAQSGwoXQ0hFQ0tfT1VUQ09NRV9USU1FRF9PVVQQBSquAQoLUmV2aWV3U3RhdGUSHAoYUkVWSUVXX1NUQVRFX1VOU1BFQ0lGSUVEEAASGAoUUkVWSUVXX1NUQVRFX1BFTkRJTkcQARIZChVSRVZJRVdfU1RBVEVfQVBQUk9WRUQQAhIZChVSRVZJRVdfU1RBVEVfUkVKRUNURUQQAxIXChNSRVZJRVdfU1RBVEVfRURJVEVEEAQSGAoUUkVWSUVXX1NUQVRFX0VYUElSRUQQBTL5AQoOUmVzcG9uZFNlcnZpY2USRgoHUmVzcG9uZBIcLnRva2Vud2lyZS52MS5SZXNwb25kUmVxdWVzdBodLnRva2Vud2lyZS52MS5SZXNwb25kUmVzcG9uc2USWgoNU3RyZWFtUmVzcG9uZBIiLnRva2Vud2lyZS52MS5TdHJlYW1SZXNwb25kUmVxdWVzdBojLnRva2Vud2lyZS52MS5TdHJlYW1SZXNwb25kUmVzcG9uc2UwARJDCgZDYW5jZWwSGy50b2tlbndpcmUudjEuQ2FuY2VsUmVxdWVzdBocLnRva2Vud2lyZS52MS5DYW5jZWxSZXNwb25zZWIGcHJvdG8z", [file_google_protobuf_duration, file_google_protobuf_timestamp]);
+  fileDesc("Chp0b2tlbndpcmUvdjEvcmVzcG9uZC5wcm90bxIMdG9rZW53aXJlLnYxIoIBCgtDaGF0TWVzc2FnZRIgCgRyb2xlGAEgASgOMhIudG9rZW53aXJlLnYxLlJvbGUSDwoHY29udGVudBgCIAEoCRIqCgp0b29sX2NhbGxzGAMgAygLMhYudG9rZW53aXJlLnYxLlRvb2xDYWxsEhQKDHRvb2xfY2FsbF9pZBgEIAEoCSJmCgRUb29sEgwKBG5hbWUYASABKAkSEwoLZGVzY3JpcHRpb24YAiABKAkSKwoKcGFyYW1ldGVycxgDIAEoCzIXLmdvb2dsZS5wcm90b2J1Zi5TdHJ1Y3QSDgoGc3RyaWN0GAQgASgIIl0KClRvb2xDaG9pY2USLAoEbW9kZRgBIAEoDjIcLnRva2Vud2lyZS52MS5Ub29sQ2hvaWNlTW9kZUgAEhcKDWZ1bmN0aW9uX25hbWUYAiABKAlIAEIICgZjaG9pY2UikwEKDlJlc3BvbnNlRm9ybWF0Ei4KBHR5cGUYASABKA4yIC50b2tlbndpcmUudjEuUmVzcG9uc2VGb3JtYXRUeXBlEhMKC3NjaGVtYV9uYW1lGAIgASgJEiwKC2pzb25fc2NoZW1hGAMgASgLMhcuZ29vZ2xlLnByb3RvYnVmLlN0cnVjdBIOCgZzdHJpY3QYBCABKAgimAEKEEdlbmVyYXRpb25QYXJhbXMSEgoKbWF4X3Rva2VucxgBIAEoBRIYCgt0ZW1wZXJhdHVyZRgCIAEoAUgAiAEBEhIKBXRvcF9wGAMgASgBSAGIAQESDAoEc3RvcBgEIAMoCRIRCgRzZWVkGAUgASgDSAKIAQFCDgoMX3RlbXBlcmF0dXJlQggKBl90b3BfcEIHCgVfc2VlZCJWCghDaHVua2luZxIcChRtYXhfdG9rZW5zX3Blcl9jaHVuaxgBIAEoBRIsCgltYXhfZGVsYXkYAiABKAsyGS5nb29nbGUucHJvdG9idWYuRHVyYXRpb24iOQoKUmVzdW1lRnJvbRITCgtyZXNwb25zZV9pZBgBIAEoCRIWCg5hZnRlcl9zZXF1ZW5jZRgCIAEoDSKIAQoQR292ZXJuYW5jZUFjdGlvbhIPCgdydWxlX2lkGAEgASgJEhMKC2VudGl0eV90eXBlGAIgASgJEjIKCG9wZXJhdG9yGAMgASgOMiAudG9rZW53aXJlLnYxLkdvdmVybmFuY2VPcGVyYXRvchINCgVzdGFydBgEIAEoDRILCgNlbmQYBSABKA0ijgEKCkdvdmVybmFuY2USEQoJcG9saWN5X2lkGAEgASgJEhYKDnBvbGljeV92ZXJzaW9uGAIgASgJEi8KB2FjdGlvbnMYAyADKAsyHi50b2tlbndpcmUudjEuR292ZXJuYW5jZUFjdGlvbhINCgVtb2RlbBgEIAEoCRIVCg1tb2RlbF92ZXJzaW9uGAUgASgJImUKDVRvb2xDYWxsRGVsdGESDQoFaW5kZXgYASABKA0SCgoCaWQYAiABKAkSDAoEbmFtZRgDIAEoCRIRCglhcmd1bWVudHMYBCABKAkSGAoQYXJndW1lbnRzX29mZnNldBgFIAEoDSL5AQoKVG9rZW5DaHVuaxITCgtyZXNwb25zZV9pZBgBIAEoCRIQCghzZXF1ZW5jZRgCIAEoDRIMCgR0ZXh0GAMgASgJEhMKC3RleHRfb2Zmc2V0GAQgASgNEhMKC3Rva2VuX2NvdW50GAUgASgNEiwKCmdvdmVybmFuY2UYBiABKAsyGC50b2tlbndpcmUudjEuR292ZXJuYW5jZRIuCgplbWl0dGVkX2F0GAcgASgLMhouZ29vZ2xlLnByb3RvYnVmLlRpbWVzdGFtcBIuCgl0b29sX2NhbGwYCCABKAsyGy50b2tlbndpcmUudjEuVG9vbENhbGxEZWx0YSJQCglIZWFydGJlYXQSEwoLcmVzcG9uc2VfaWQYASABKAkSLgoKZW1pdHRlZF9hdBgCIAEoCzIaLmdvb2dsZS5wcm90b2J1Zi5UaW1lc3RhbXAiYQoOQ2hlY2tWaW9sYXRpb24SDAoEY29kZRgBIAEoCRIPCgdtZXNzYWdlGAIgASgJEhQKDGpzb25fcG9pbnRlchgDIAEoCRINCgVzdGFydBgEIAEoDRILCgNlbmQYBSABKA0irAEKEVZlcmlmaWNhdGlvbkNoZWNrEgwKBG5hbWUYASABKAkSKwoHb3V0Y29tZRgCIAEoDjIaLnRva2Vud2lyZS52MS5DaGVja091dGNvbWUSMAoKdmlvbGF0aW9ucxgDIAMoCzIcLnRva2Vud2lyZS52MS5DaGVja1Zpb2xhdGlvbhIqCgdsYXRlbmN5GAQgASgLMhkuZ29vZ2xlLnByb3RvYnVmLkR1cmF0aW9uIjcKCFRvb2xDYWxsEgoKAmlkGAEgASgJEgwKBG5hbWUYAiABKAkSEQoJYXJndW1lbnRzGAMgASgJIlYKCVJldmlld1JlZhIRCglyZXZpZXdfaWQYASABKAkSKAoFc3RhdGUYAiABKA4yGS50b2tlbndpcmUudjEuUmV2aWV3U3RhdGUSDAoEaGVsZBgDIAEoCCJPCgVVc2FnZRIVCg1wcm9tcHRfdG9rZW5zGAEgASgNEhkKEWNvbXBsZXRpb25fdG9rZW5zGAIgASgNEhQKDHRvdGFsX3Rva2VucxgDIAEoDSLAAQoMVmVyaWZpY2F0aW9uEjAKBnN0YXR1cxgBIAEoDjIgLnRva2Vud2lyZS52MS5WZXJpZmljYXRpb25TdGF0dXMSFwoPc3RyZWFtZWRfc2hhMjU2GAIgASgJEh0KFXJldHJhY3RfZnJvbV9zZXF1ZW5jZRgDIAEoDRIvCgZjaGVja3MYBCADKAsyHy50b2tlbndpcmUudjEuVmVyaWZpY2F0aW9uQ2hlY2sSFQoNY2hlY2tzX3Bhc3NlZBgFIAEoCCJqCgZUaW1pbmcSNgoTdGltZV90b19maXJzdF90b2tlbhgBIAEoCzIZLmdvb2dsZS5wcm90b2J1Zi5EdXJhdGlvbhIoCgV0b3RhbBgCIAEoCzIZLmdvb2dsZS5wcm90b2J1Zi5EdXJhdGlvbiJVCgdTZXJ2aW5nEg8KB2JhY2tlbmQYASABKAkSJwoEcGF0aBgCIAEoDjIZLnRva2Vud2lyZS52MS5TZXJ2aW5nUGF0aBIQCghhdHRlbXB0cxgDIAEoDSK+BQoJQ29tcGxldGVkEhMKC3Jlc3BvbnNlX2lkGAEgASgJEhIKCmZpbmFsX3RleHQYAiABKAkSFAoMZmluYWxfc2hhMjU2GAMgASgJEhMKC2NodW5rX2NvdW50GAQgASgNEhUKDWxhc3Rfc2VxdWVuY2UYBSABKA0SMQoNZmluaXNoX3JlYXNvbhgGIAEoDjIaLnRva2Vud2lyZS52MS5GaW5pc2hSZWFzb24SIgoFdXNhZ2UYByABKAsyEy50b2tlbndpcmUudjEuVXNhZ2USJgoHdmVyZGljdBgIIAEoDjIVLnRva2Vud2lyZS52MS5WZXJkaWN0EhcKD3Jldmlld19yZXF1aXJlZBgJIAEoCBIwCgx2ZXJpZmljYXRpb24YCiABKAsyGi50b2tlbndpcmUudjEuVmVyaWZpY2F0aW9uEiQKBnRpbWluZxgLIAEoCzIULnRva2Vud2lyZS52MS5UaW1pbmcSDQoFbW9kZWwYDCABKAkSFQoNbW9kZWxfdmVyc2lvbhgNIAEoCRIRCglwb2xpY3lfaWQYDiABKAkSFgoOcG9saWN5X3ZlcnNpb24YDyABKAkSEAoIdHJhY2VfaWQYECABKAkSMQoNZGVsaXZlcnlfbW9kZRgRIAEoDjIaLnRva2Vud2lyZS52MS5EZWxpdmVyeU1vZGUSJgoHc2VydmluZxgSIAEoCzIVLnRva2Vud2lyZS52MS5TZXJ2aW5nEhIKCnJlcXVlc3RfaWQYEyABKAkSLwoHYWN0aW9ucxgUIAMoCzIeLnRva2Vud2lyZS52MS5Hb3Zlcm5hbmNlQWN0aW9uEicKBnJldmlldxgVIAEoCzIXLnRva2Vud2lyZS52MS5SZXZpZXdSZWYSKgoKdG9vbF9jYWxscxgWIAMoCzIWLnRva2Vud2lyZS52MS5Ub29sQ2FsbCKCAwoOUmVzcG9uZFJlcXVlc3QSEgoKcmVxdWVzdF9pZBgBIAEoCRINCgVtb2RlbBgCIAEoCRIrCghtZXNzYWdlcxgDIAMoCzIZLnRva2Vud2lyZS52MS5DaGF0TWVzc2FnZRIuCgZwYXJhbXMYBCABKAsyHi50b2tlbndpcmUudjEuR2VuZXJhdGlvblBhcmFtcxI4CgZsYWJlbHMYBSADKAsyKC50b2tlbndpcmUudjEuUmVzcG9uZFJlcXVlc3QuTGFiZWxzRW50cnkSIQoFdG9vbHMYBiADKAsyEi50b2tlbndpcmUudjEuVG9vbBItCgt0b29sX2Nob2ljZRgHIAEoCzIYLnRva2Vud2lyZS52MS5Ub29sQ2hvaWNlEjUKD3Jlc3BvbnNlX2Zvcm1hdBgIIAEoCzIcLnRva2Vud2lyZS52MS5SZXNwb25zZUZvcm1hdBotCgtMYWJlbHNFbnRyeRILCgNrZXkYASABKAkSDQoFdmFsdWUYAiABKAk6AjgBIj0KD1Jlc3BvbmRSZXNwb25zZRIqCgljb21wbGV0ZWQYASABKAsyFy50b2tlbndpcmUudjEuQ29tcGxldGVkIsEEChRTdHJlYW1SZXNwb25kUmVxdWVzdBISCgpyZXF1ZXN0X2lkGAEgASgJEg0KBW1vZGVsGAIgASgJEisKCG1lc3NhZ2VzGAMgAygLMhkudG9rZW53aXJlLnYxLkNoYXRNZXNzYWdlEi4KBnBhcmFtcxgEIAEoCzIeLnRva2Vud2lyZS52MS5HZW5lcmF0aW9uUGFyYW1zEj4KBmxhYmVscxgFIAMoCzIuLnRva2Vud2lyZS52MS5TdHJlYW1SZXNwb25kUmVxdWVzdC5MYWJlbHNFbnRyeRIxCg1kZWxpdmVyeV9tb2RlGAYgASgOMhoudG9rZW53aXJlLnYxLkRlbGl2ZXJ5TW9kZRIoCghjaHVua2luZxgHIAEoCzIWLnRva2Vud2lyZS52MS5DaHVua2luZxIoCgZyZXN1bWUYCCABKAsyGC50b2tlbndpcmUudjEuUmVzdW1lRnJvbRIXCg9vbWl0X2ZpbmFsX3RleHQYCSABKAgSEQoJcmVzdW1hYmxlGAogASgIEiEKBXRvb2xzGAsgAygLMhIudG9rZW53aXJlLnYxLlRvb2wSLQoLdG9vbF9jaG9pY2UYDCABKAsyGC50b2tlbndpcmUudjEuVG9vbENob2ljZRI1Cg9yZXNwb25zZV9mb3JtYXQYDSABKAsyHC50b2tlbndpcmUudjEuUmVzcG9uc2VGb3JtYXQaLQoLTGFiZWxzRW50cnkSCwoDa2V5GAEgASgJEg0KBXZhbHVlGAIgASgJOgI4ASIkCg1DYW5jZWxSZXF1ZXN0EhMKC3Jlc3BvbnNlX2lkGAEgASgJIlEKDkNhbmNlbFJlc3BvbnNlEhMKC3Jlc3BvbnNlX2lkGAEgASgJEhUKDWxhc3Rfc2VxdWVuY2UYAiABKA0SEwoLd2FzX3J1bm5pbmcYAyABKAgipwEKFVN0cmVhbVJlc3BvbmRSZXNwb25zZRIpCgVjaHVuaxgBIAEoCzIYLnRva2Vud2lyZS52MS5Ub2tlbkNodW5rSAASLAoJY29tcGxldGVkGAIgASgLMhcudG9rZW53aXJlLnYxLkNvbXBsZXRlZEgAEiwKCWhlYXJ0YmVhdBgDIAEoCzIXLnRva2Vud2lyZS52MS5IZWFydGJlYXRIAEIHCgVldmVudCpfCgRSb2xlEhQKEFJPTEVfVU5TUEVDSUZJRUQQABIPCgtST0xFX1NZU1RFTRABEg0KCVJPTEVfVVNFUhACEhIKDlJPTEVfQVNTSVNUQU5UEAMSDQoJUk9MRV9UT09MEAQqewoMRGVsaXZlcnlNb2RlEh0KGURFTElWRVJZX01PREVfVU5TUEVDSUZJRUQQABIWChJERUxJVkVSWV9NT0RFX0FVVE8QARIYChRERUxJVkVSWV9NT0RFX1NUUkVBTRACEhoKFkRFTElWRVJZX01PREVfQlVGRkVSRUQQAyriAQoMRmluaXNoUmVhc29uEh0KGUZJTklTSF9SRUFTT05fVU5TUEVDSUZJRUQQABIWChJGSU5JU0hfUkVBU09OX1NUT1AQARIYChRGSU5JU0hfUkVBU09OX0xFTkdUSBACEh8KG0ZJTklTSF9SRUFTT05fU1RPUF9TRVFVRU5DRRADEiAKHEZJTklTSF9SRUFTT05fUE9MSUNZX0JMT0NLRUQQBBIcChhGSU5JU0hfUkVBU09OX1RPT0xfQ0FMTFMQBRIgChxGSU5JU0hfUkVBU09OX0lOVkFMSURfT1VUUFVUEAYqhwEKDlRvb2xDaG9pY2VNb2RlEiAKHFRPT0xfQ0hPSUNFX01PREVfVU5TUEVDSUZJRUQQABIZChVUT09MX0NIT0lDRV9NT0RFX0FVVE8QARIZChVUT09MX0NIT0lDRV9NT0RFX05PTkUQAhIdChlUT09MX0NIT0lDRV9NT0RFX1JFUVVJUkVEEAMqpQEKElJlc3BvbnNlRm9ybWF0VHlwZRIkCiBSRVNQT05TRV9GT1JNQVRfVFlQRV9VTlNQRUNJRklFRBAAEh0KGVJFU1BPTlNFX0ZPUk1BVF9UWVBFX1RFWFQQARIkCiBSRVNQT05TRV9GT1JNQVRfVFlQRV9KU09OX09CSkVDVBACEiQKIFJFU1BPTlNFX0ZPUk1BVF9UWVBFX0pTT05fU0NIRU1BEAMqYgoHVmVyZGljdBIXChNWRVJESUNUX1VOU1BFQ0lGSUVEEAASEwoPVkVSRElDVF9BTExPV0VEEAESFAoQVkVSRElDVF9SRURBQ1RFRBACEhMKD1ZFUkRJQ1RfQkxPQ0tFRBADKn0KElZlcmlmaWNhdGlvblN0YXR1cxIjCh9WRVJJRklDQVRJT05fU1RBVFVTX1VOU1BFQ0lGSUVEEAASIAocVkVSSUZJQ0FUSU9OX1NUQVRVU19WRVJJRklFRBABEiAKHFZFUklGSUNBVElPTl9TVEFUVVNfRElWRVJHRUQQAipnCgtTZXJ2aW5nUGF0aBIcChhTRVJWSU5HX1BBVEhfVU5TUEVDSUZJRUQQABIaChZTRVJWSU5HX1BBVEhfU1RSRUFNSU5HEAESHgoaU0VSVklOR19QQVRIX05PTl9TVFJFQU1JTkcQAirTAQoSR292ZXJuYW5jZU9wZXJhdG9yEiMKH0dPVkVSTkFOQ0VfT1BFUkFUT1JfVU5TUEVDSUZJRUQQABIcChhHT1ZFUk5BTkNFX09QRVJBVE9SX01BU0sQARIfChtHT1ZFUk5BTkNFX09QRVJBVE9SX1JFUExBQ0UQAhIcChhHT1ZFUk5BTkNFX09QRVJBVE9SX0hBU0gQAxIdChlHT1ZFUk5BTkNFX09QRVJBVE9SX0JMT0NLEAQSHAoYR09WRVJOQU5DRV9PUEVSQVRPUl9GTEFHEAUqtAEKDENoZWNrT3V0Y29tZRIdChlDSEVDS19PVVRDT01FX1VOU1BFQ0lGSUVEEAASGAoUQ0hFQ0tfT1VUQ09NRV9QQVNTRUQQARIYChRDSEVDS19PVVRDT01FX0ZBSUxFRBACEhsKF0NIRUNLX09VVENPTUVfRVNDQUxBVEVEEAMSFwoTQ0hFQ0tfT1VUQ09NRV9FUlJPUhAEEhsKF0NIRUNLX09VVENPTUVfVElNRURfT1VUEAUqrgEKC1Jldmlld1N0YXRlEhwKGFJFVklFV19TVEFURV9VTlNQRUNJRklFRBAAEhgKFFJFVklFV19TVEFURV9QRU5ESU5HEAESGQoVUkVWSUVXX1NUQVRFX0FQUFJPVkVEEAISGQoVUkVWSUVXX1NUQVRFX1JFSkVDVEVEEAMSFwoTUkVWSUVXX1NUQVRFX0VESVRFRBAEEhgKFFJFVklFV19TVEFURV9FWFBJUkVEEAUy+QEKDlJlc3BvbmRTZXJ2aWNlEkYKB1Jlc3BvbmQSHC50b2tlbndpcmUudjEuUmVzcG9uZFJlcXVlc3QaHS50b2tlbndpcmUudjEuUmVzcG9uZFJlc3BvbnNlEloKDVN0cmVhbVJlc3BvbmQSIi50b2tlbndpcmUudjEuU3RyZWFtUmVzcG9uZFJlcXVlc3QaIy50b2tlbndpcmUudjEuU3RyZWFtUmVzcG9uZFJlc3BvbnNlMAESQwoGQ2FuY2VsEhsudG9rZW53aXJlLnYxLkNhbmNlbFJlcXVlc3QaHC50b2tlbndpcmUudjEuQ2FuY2VsUmVzcG9uc2ViBnByb3RvMw", [file_google_protobuf_duration, file_google_protobuf_struct, file_google_protobuf_timestamp]);
 
 /**
  * One message of the conversation.
@@ -68,11 +68,28 @@ export type ChatMessage = Message<"tokenwire.v1.ChatMessage"> & {
   role: Role;
 
   /**
-   * Must not be empty.
+   * Must not be empty, except in an assistant message that carries
+   * `tool_calls`.
    *
    * @generated from field: string content = 2;
    */
   content: string;
+
+  /**
+   * The calls an assistant turn made (ROLE_ASSISTANT only); each `id` is
+   * unique in the conversation.
+   *
+   * @generated from field: repeated tokenwire.v1.ToolCall tool_calls = 3;
+   */
+  toolCalls: ToolCall[];
+
+  /**
+   * ROLE_TOOL only, and required there: the `ToolCall.id` this message
+   * answers, made by an earlier assistant message.
+   *
+   * @generated from field: string tool_call_id = 4;
+   */
+  toolCallId: string;
 };
 
 /**
@@ -81,6 +98,130 @@ export type ChatMessage = Message<"tokenwire.v1.ChatMessage"> & {
  */
 export const ChatMessageSchema: GenMessage<ChatMessage> = /*@__PURE__*/
   messageDesc(file_tokenwire_v1_respond, 0);
+
+/**
+ * A function the model may call.
+ *
+ * @generated from message tokenwire.v1.Tool
+ */
+export type Tool = Message<"tokenwire.v1.Tool"> & {
+  /**
+   * 1 to 64 characters of a-z, A-Z, 0-9, `_` and `-`; unique in the request.
+   *
+   * @generated from field: string name = 1;
+   */
+  name: string;
+
+  /**
+   * What the function does, for the model.
+   *
+   * @generated from field: string description = 2;
+   */
+  description: string;
+
+  /**
+   * The JSON Schema of the arguments object; empty means no arguments.
+   *
+   * @generated from field: google.protobuf.Struct parameters = 3;
+   */
+  parameters?: JsonObject | undefined;
+
+  /**
+   * The model's arguments must validate against `parameters`; generation
+   * stops early (FINISH_REASON_INVALID_OUTPUT) once they no longer can.
+   *
+   * @generated from field: bool strict = 4;
+   */
+  strict: boolean;
+};
+
+/**
+ * Describes the message tokenwire.v1.Tool.
+ * Use `create(ToolSchema)` to create a new message.
+ */
+export const ToolSchema: GenMessage<Tool> = /*@__PURE__*/
+  messageDesc(file_tokenwire_v1_respond, 1);
+
+/**
+ * Which tools the model may call.
+ *
+ * @generated from message tokenwire.v1.ToolChoice
+ */
+export type ToolChoice = Message<"tokenwire.v1.ToolChoice"> & {
+  /**
+   * Unset means TOOL_CHOICE_MODE_AUTO.
+   *
+   * @generated from oneof tokenwire.v1.ToolChoice.choice
+   */
+  choice: {
+    /**
+     * AUTO, NONE or REQUIRED.
+     *
+     * @generated from field: tokenwire.v1.ToolChoiceMode mode = 1;
+     */
+    value: ToolChoiceMode;
+    case: "mode";
+  } | {
+    /**
+     * The model must call this tool; it must be one of the request's `tools`.
+     *
+     * @generated from field: string function_name = 2;
+     */
+    value: string;
+    case: "functionName";
+  } | { case: undefined; value?: undefined };
+};
+
+/**
+ * Describes the message tokenwire.v1.ToolChoice.
+ * Use `create(ToolChoiceSchema)` to create a new message.
+ */
+export const ToolChoiceSchema: GenMessage<ToolChoice> = /*@__PURE__*/
+  messageDesc(file_tokenwire_v1_respond, 2);
+
+/**
+ * The format of the model's text (not of tool calls).
+ *
+ * @generated from message tokenwire.v1.ResponseFormat
+ */
+export type ResponseFormat = Message<"tokenwire.v1.ResponseFormat"> & {
+  /**
+   * TEXT (the default), JSON_OBJECT or JSON_SCHEMA.
+   *
+   * @generated from field: tokenwire.v1.ResponseFormatType type = 1;
+   */
+  type: ResponseFormatType;
+
+  /**
+   * A name for the schema, passed to the backend (JSON_SCHEMA only).
+   *
+   * @generated from field: string schema_name = 2;
+   */
+  schemaName: string;
+
+  /**
+   * The JSON Schema the text must validate against (JSON_SCHEMA only, and
+   * required there).
+   *
+   * @generated from field: google.protobuf.Struct json_schema = 3;
+   */
+  jsonSchema?: JsonObject | undefined;
+
+  /**
+   * Stop generation early (FINISH_REASON_INVALID_OUTPUT) once the text can
+   * no longer become valid.
+   *
+   * @generated from field: bool strict = 4;
+   */
+  strict: boolean;
+};
+
+/**
+ * Describes the message tokenwire.v1.ResponseFormat.
+ * Use `create(ResponseFormatSchema)` to create a new message.
+ */
+export const ResponseFormatSchema: GenMessage<ResponseFormat> = /*@__PURE__*/
+  messageDesc(file_tokenwire_v1_respond, 3);
 
 /**
  * Sampling parameters handed to the backend.
@@ -131,7 +272,7 @@ export type GenerationParams = Message<"tokenwire.v1.GenerationParams"> & {
  * Use `create(GenerationParamsSchema)` to create a new message.
  */
 export const GenerationParamsSchema: GenMessage<GenerationParams> = /*@__PURE__*/
-  messageDesc(file_tokenwire_v1_respond, 1);
+  messageDesc(file_tokenwire_v1_respond, 4);
 
 /**
  * Micro-batching of tokens into chunks, within the server's limits.
@@ -160,7 +301,7 @@ export type Chunking = Message<"tokenwire.v1.Chunking"> & {
  * Use `create(ChunkingSchema)` to create a new message.
  */
 export const ChunkingSchema: GenMessage<Chunking> = /*@__PURE__*/
-  messageDesc(file_tokenwire_v1_respond, 2);
+  messageDesc(file_tokenwire_v1_respond, 5);
 
 /**
  * Where to pick up an earlier response.
@@ -188,7 +329,7 @@ export type ResumeFrom = Message<"tokenwire.v1.ResumeFrom"> & {
  * Use `create(ResumeFromSchema)` to create a new message.
  */
 export const ResumeFromSchema: GenMessage<ResumeFrom> = /*@__PURE__*/
-  messageDesc(file_tokenwire_v1_respond, 3);
+  messageDesc(file_tokenwire_v1_respond, 6);
 
 /**
  * One thing governance did. `start` and `end` are UTF-8 byte positions in the
@@ -238,7 +379,7 @@ export type GovernanceAction = Message<"tokenwire.v1.GovernanceAction"> & {
  * Use `create(GovernanceActionSchema)` to create a new message.
  */
 export const GovernanceActionSchema: GenMessage<GovernanceAction> = /*@__PURE__*/
-  messageDesc(file_tokenwire_v1_respond, 4);
+  messageDesc(file_tokenwire_v1_respond, 7);
 
 /**
  * The governance context of a chunk.
@@ -287,10 +428,59 @@ export type Governance = Message<"tokenwire.v1.Governance"> & {
  * Use `create(GovernanceSchema)` to create a new message.
  */
 export const GovernanceSchema: GenMessage<Governance> = /*@__PURE__*/
-  messageDesc(file_tokenwire_v1_respond, 5);
+  messageDesc(file_tokenwire_v1_respond, 8);
 
 /**
- * A piece of governed text.
+ * One fragment of a tool call as the model forms it.
+ *
+ * @generated from message tokenwire.v1.ToolCallDelta
+ */
+export type ToolCallDelta = Message<"tokenwire.v1.ToolCallDelta"> & {
+  /**
+   * Which call of the response (0-based, in the order the calls began).
+   *
+   * @generated from field: uint32 index = 1;
+   */
+  index: number;
+
+  /**
+   * The call's id; set on its first fragment only.
+   *
+   * @generated from field: string id = 2;
+   */
+  id: string;
+
+  /**
+   * The function's name; set on its first fragment only.
+   *
+   * @generated from field: string name = 3;
+   */
+  name: string;
+
+  /**
+   * The next piece of the call's arguments (JSON text, governed).
+   *
+   * @generated from field: string arguments = 4;
+   */
+  arguments: string;
+
+  /**
+   * UTF-8 bytes of this call's earlier argument fragments.
+   *
+   * @generated from field: uint32 arguments_offset = 5;
+   */
+  argumentsOffset: number;
+};
+
+/**
+ * Describes the message tokenwire.v1.ToolCallDelta.
+ * Use `create(ToolCallDeltaSchema)` to create a new message.
+ */
+export const ToolCallDeltaSchema: GenMessage<ToolCallDelta> = /*@__PURE__*/
+  messageDesc(file_tokenwire_v1_respond, 9);
+
+/**
+ * A piece of governed text, or one fragment of a tool call.
  *
  * @generated from message tokenwire.v1.TokenChunk
  */
@@ -343,6 +533,15 @@ export type TokenChunk = Message<"tokenwire.v1.TokenChunk"> & {
    * @generated from field: google.protobuf.Timestamp emitted_at = 7;
    */
   emittedAt?: Timestamp | undefined;
+
+  /**
+   * Set when this chunk is a tool-call fragment; `text` is then empty and
+   * `text_offset` does not advance (it counts text bytes only). One
+   * `sequence` runs over text chunks and fragments alike.
+   *
+   * @generated from field: tokenwire.v1.ToolCallDelta tool_call = 8;
+   */
+  toolCall?: ToolCallDelta | undefined;
 };
 
 /**
@@ -350,7 +549,7 @@ export type TokenChunk = Message<"tokenwire.v1.TokenChunk"> & {
  * Use `create(TokenChunkSchema)` to create a new message.
  */
 export const TokenChunkSchema: GenMessage<TokenChunk> = /*@__PURE__*/
-  messageDesc(file_tokenwire_v1_respond, 6);
+  messageDesc(file_tokenwire_v1_respond, 10);
 
 /**
  * Sent during long silences so idle proxies keep the stream open.
@@ -378,7 +577,7 @@ export type Heartbeat = Message<"tokenwire.v1.Heartbeat"> & {
  * Use `create(HeartbeatSchema)` to create a new message.
  */
 export const HeartbeatSchema: GenMessage<Heartbeat> = /*@__PURE__*/
-  messageDesc(file_tokenwire_v1_respond, 7);
+  messageDesc(file_tokenwire_v1_respond, 11);
 
 /**
  * What a check found wrong. `start` and `end` are UTF-8 byte positions in the
@@ -429,7 +628,7 @@ export type CheckViolation = Message<"tokenwire.v1.CheckViolation"> & {
  * Use `create(CheckViolationSchema)` to create a new message.
  */
 export const CheckViolationSchema: GenMessage<CheckViolation> = /*@__PURE__*/
-  messageDesc(file_tokenwire_v1_respond, 8);
+  messageDesc(file_tokenwire_v1_respond, 12);
 
 /**
  * One check of the verification stage and its result.
@@ -474,7 +673,7 @@ export type VerificationCheck = Message<"tokenwire.v1.VerificationCheck"> & {
  * Use `create(VerificationCheckSchema)` to create a new message.
  */
 export const VerificationCheckSchema: GenMessage<VerificationCheck> = /*@__PURE__*/
-  messageDesc(file_tokenwire_v1_respond, 9);
+  messageDesc(file_tokenwire_v1_respond, 13);
 
 /**
  * A function call the model made. `arguments` is the JSON text as governed.
@@ -509,7 +708,7 @@ export type ToolCall = Message<"tokenwire.v1.ToolCall"> & {
  * Use `create(ToolCallSchema)` to create a new message.
  */
 export const ToolCallSchema: GenMessage<ToolCall> = /*@__PURE__*/
-  messageDesc(file_tokenwire_v1_respond, 10);
+  messageDesc(file_tokenwire_v1_respond, 14);
 
 /**
  * The human review a response was queued for by an escalation rule.
@@ -548,7 +747,7 @@ export type ReviewRef = Message<"tokenwire.v1.ReviewRef"> & {
  * Use `create(ReviewRefSchema)` to create a new message.
  */
 export const ReviewRefSchema: GenMessage<ReviewRef> = /*@__PURE__*/
-  messageDesc(file_tokenwire_v1_respond, 11);
+  messageDesc(file_tokenwire_v1_respond, 15);
 
 /**
  * Token accounting; always filled.
@@ -583,7 +782,7 @@ export type Usage = Message<"tokenwire.v1.Usage"> & {
  * Use `create(UsageSchema)` to create a new message.
  */
 export const UsageSchema: GenMessage<Usage> = /*@__PURE__*/
-  messageDesc(file_tokenwire_v1_respond, 12);
+  messageDesc(file_tokenwire_v1_respond, 16);
 
 /**
  * The verification gate's finding.
@@ -614,8 +813,10 @@ export type Verification = Message<"tokenwire.v1.Verification"> & {
   retractFromSequence: number;
 
   /**
-   * Every check that ran: `integrity`, and each validator configured for the
-   * response as `validator:<name>`.
+   * Every check that ran: `integrity` (text and each tool call's
+   * fragments), `json_schema` (with a `response_format`), `tool_arguments`
+   * (with tool calls), and each validator configured for the response as
+   * `validator:<name>`.
    *
    * @generated from field: repeated tokenwire.v1.VerificationCheck checks = 4;
    */
@@ -635,7 +836,7 @@ export type Verification = Message<"tokenwire.v1.Verification"> & {
  * Use `create(VerificationSchema)` to create a new message.
  */
 export const VerificationSchema: GenMessage<Verification> = /*@__PURE__*/
-  messageDesc(file_tokenwire_v1_respond, 13);
+  messageDesc(file_tokenwire_v1_respond, 17);
 
 /**
  * Where the time went.
@@ -664,7 +865,7 @@ export type Timing = Message<"tokenwire.v1.Timing"> & {
  * Use `create(TimingSchema)` to create a new message.
  */
 export const TimingSchema: GenMessage<Timing> = /*@__PURE__*/
-  messageDesc(file_tokenwire_v1_respond, 14);
+  messageDesc(file_tokenwire_v1_respond, 18);
 
 /**
  * How the response was produced, so a fallback is never invisible.
@@ -699,7 +900,7 @@ export type Serving = Message<"tokenwire.v1.Serving"> & {
  * Use `create(ServingSchema)` to create a new message.
  */
 export const ServingSchema: GenMessage<Serving> = /*@__PURE__*/
-  messageDesc(file_tokenwire_v1_respond, 15);
+  messageDesc(file_tokenwire_v1_respond, 19);
 
 /**
  * The final, governance-checked, verified payload and its metadata.
@@ -858,6 +1059,14 @@ export type Completed = Message<"tokenwire.v1.Completed"> & {
    * @generated from field: tokenwire.v1.ReviewRef review = 21;
    */
   review?: ReviewRef | undefined;
+
+  /**
+   * The final, governed tool calls, in the order they began; their
+   * fragments in the stream, in order, equal each call's `arguments`.
+   *
+   * @generated from field: repeated tokenwire.v1.ToolCall tool_calls = 22;
+   */
+  toolCalls: ToolCall[];
 };
 
 /**
@@ -865,7 +1074,7 @@ export type Completed = Message<"tokenwire.v1.Completed"> & {
  * Use `create(CompletedSchema)` to create a new message.
  */
 export const CompletedSchema: GenMessage<Completed> = /*@__PURE__*/
-  messageDesc(file_tokenwire_v1_respond, 16);
+  messageDesc(file_tokenwire_v1_respond, 20);
 
 /**
  * A request for one verified payload.
@@ -908,6 +1117,27 @@ export type RespondRequest = Message<"tokenwire.v1.RespondRequest"> & {
    * @generated from field: map<string, string> labels = 5;
    */
   labels: { [key: string]: string };
+
+  /**
+   * Functions the model may call (at most 128).
+   *
+   * @generated from field: repeated tokenwire.v1.Tool tools = 6;
+   */
+  tools: Tool[];
+
+  /**
+   * Whether and which tools the model may call; needs `tools` unless NONE.
+   *
+   * @generated from field: tokenwire.v1.ToolChoice tool_choice = 7;
+   */
+  toolChoice?: ToolChoice | undefined;
+
+  /**
+   * The format of the model's text.
+   *
+   * @generated from field: tokenwire.v1.ResponseFormat response_format = 8;
+   */
+  responseFormat?: ResponseFormat | undefined;
 };
 
 /**
@@ -915,7 +1145,7 @@ export type RespondRequest = Message<"tokenwire.v1.RespondRequest"> & {
  * Use `create(RespondRequestSchema)` to create a new message.
  */
 export const RespondRequestSchema: GenMessage<RespondRequest> = /*@__PURE__*/
-  messageDesc(file_tokenwire_v1_respond, 17);
+  messageDesc(file_tokenwire_v1_respond, 21);
 
 /**
  * The unary answer: what `Completed` carries, in one message.
@@ -936,7 +1166,7 @@ export type RespondResponse = Message<"tokenwire.v1.RespondResponse"> & {
  * Use `create(RespondResponseSchema)` to create a new message.
  */
 export const RespondResponseSchema: GenMessage<RespondResponse> = /*@__PURE__*/
-  messageDesc(file_tokenwire_v1_respond, 18);
+  messageDesc(file_tokenwire_v1_respond, 22);
 
 /**
  * A request for a streamed response.
@@ -1019,6 +1249,27 @@ export type StreamRespondRequest = Message<"tokenwire.v1.StreamRespondRequest"> 
    * @generated from field: bool resumable = 10;
    */
   resumable: boolean;
+
+  /**
+   * Functions the model may call (at most 128).
+   *
+   * @generated from field: repeated tokenwire.v1.Tool tools = 11;
+   */
+  tools: Tool[];
+
+  /**
+   * Whether and which tools the model may call; needs `tools` unless NONE.
+   *
+   * @generated from field: tokenwire.v1.ToolChoice tool_choice = 12;
+   */
+  toolChoice?: ToolChoice | undefined;
+
+  /**
+   * The format of the model's text.
+   *
+   * @generated from field: tokenwire.v1.ResponseFormat response_format = 13;
+   */
+  responseFormat?: ResponseFormat | undefined;
 };
 
 /**
@@ -1026,7 +1277,7 @@ export type StreamRespondRequest = Message<"tokenwire.v1.StreamRespondRequest"> 
  * Use `create(StreamRespondRequestSchema)` to create a new message.
  */
 export const StreamRespondRequestSchema: GenMessage<StreamRespondRequest> = /*@__PURE__*/
-  messageDesc(file_tokenwire_v1_respond, 19);
+  messageDesc(file_tokenwire_v1_respond, 23);
 
 /**
  * Which response to stop.
@@ -1047,7 +1298,7 @@ export type CancelRequest = Message<"tokenwire.v1.CancelRequest"> & {
  * Use `create(CancelRequestSchema)` to create a new message.
  */
 export const CancelRequestSchema: GenMessage<CancelRequest> = /*@__PURE__*/
-  messageDesc(file_tokenwire_v1_respond, 20);
+  messageDesc(file_tokenwire_v1_respond, 24);
 
 /**
  * What the cancel found.
@@ -1083,7 +1334,7 @@ export type CancelResponse = Message<"tokenwire.v1.CancelResponse"> & {
  * Use `create(CancelResponseSchema)` to create a new message.
  */
 export const CancelResponseSchema: GenMessage<CancelResponse> = /*@__PURE__*/
-  messageDesc(file_tokenwire_v1_respond, 21);
+  messageDesc(file_tokenwire_v1_respond, 25);
 
 /**
  * One event of a streamed response.
@@ -1128,7 +1379,7 @@ export type StreamRespondResponse = Message<"tokenwire.v1.StreamRespondResponse"
  * Use `create(StreamRespondResponseSchema)` to create a new message.
  */
 export const StreamRespondResponseSchema: GenMessage<StreamRespondResponse> = /*@__PURE__*/
-  messageDesc(file_tokenwire_v1_respond, 22);
+  messageDesc(file_tokenwire_v1_respond, 26);
 
 /**
  * Who wrote a chat message.
@@ -1158,11 +1409,18 @@ export enum Role {
   USER = 2,
 
   /**
-   * Earlier model output.
+   * Earlier model output, possibly with `tool_calls`.
    *
    * @generated from enum value: ROLE_ASSISTANT = 3;
    */
   ASSISTANT = 3,
+
+  /**
+   * A tool's answer to an earlier assistant tool call (`tool_call_id`).
+   *
+   * @generated from enum value: ROLE_TOOL = 4;
+   */
+  TOOL = 4,
 }
 
 /**
@@ -1256,6 +1514,22 @@ export enum FinishReason {
    * @generated from enum value: FINISH_REASON_POLICY_BLOCKED = 4;
    */
   POLICY_BLOCKED = 4,
+
+  /**
+   * The model called tools: `Completed.tool_calls` holds the calls.
+   *
+   * @generated from enum value: FINISH_REASON_TOOL_CALLS = 5;
+   */
+  TOOL_CALLS = 5,
+
+  /**
+   * Generation stopped early because the output could no longer satisfy the
+   * requested format (`response_format` or a tool's schema, with `strict`);
+   * `verification.checks` says where.
+   *
+   * @generated from enum value: FINISH_REASON_INVALID_OUTPUT = 6;
+   */
+  INVALID_OUTPUT = 6,
 }
 
 /**
@@ -1263,6 +1537,88 @@ export enum FinishReason {
  */
 export const FinishReasonSchema: GenEnum<FinishReason> = /*@__PURE__*/
   enumDesc(file_tokenwire_v1_respond, 2);
+
+/**
+ * Whether and how the model may call tools.
+ *
+ * @generated from enum tokenwire.v1.ToolChoiceMode
+ */
+export enum ToolChoiceMode {
+  /**
+   * Treated as TOOL_CHOICE_MODE_AUTO.
+   *
+   * @generated from enum value: TOOL_CHOICE_MODE_UNSPECIFIED = 0;
+   */
+  UNSPECIFIED = 0,
+
+  /**
+   * The model decides between text and tool calls.
+   *
+   * @generated from enum value: TOOL_CHOICE_MODE_AUTO = 1;
+   */
+  AUTO = 1,
+
+  /**
+   * The model must not call tools.
+   *
+   * @generated from enum value: TOOL_CHOICE_MODE_NONE = 2;
+   */
+  NONE = 2,
+
+  /**
+   * The model must call at least one tool.
+   *
+   * @generated from enum value: TOOL_CHOICE_MODE_REQUIRED = 3;
+   */
+  REQUIRED = 3,
+}
+
+/**
+ * Describes the enum tokenwire.v1.ToolChoiceMode.
+ */
+export const ToolChoiceModeSchema: GenEnum<ToolChoiceMode> = /*@__PURE__*/
+  enumDesc(file_tokenwire_v1_respond, 3);
+
+/**
+ * The shape the model's text must have.
+ *
+ * @generated from enum tokenwire.v1.ResponseFormatType
+ */
+export enum ResponseFormatType {
+  /**
+   * Treated as RESPONSE_FORMAT_TYPE_TEXT.
+   *
+   * @generated from enum value: RESPONSE_FORMAT_TYPE_UNSPECIFIED = 0;
+   */
+  UNSPECIFIED = 0,
+
+  /**
+   * Free text.
+   *
+   * @generated from enum value: RESPONSE_FORMAT_TYPE_TEXT = 1;
+   */
+  TEXT = 1,
+
+  /**
+   * Any JSON object.
+   *
+   * @generated from enum value: RESPONSE_FORMAT_TYPE_JSON_OBJECT = 2;
+   */
+  JSON_OBJECT = 2,
+
+  /**
+   * JSON that validates against `ResponseFormat.json_schema`.
+   *
+   * @generated from enum value: RESPONSE_FORMAT_TYPE_JSON_SCHEMA = 3;
+   */
+  JSON_SCHEMA = 3,
+}
+
+/**
+ * Describes the enum tokenwire.v1.ResponseFormatType.
+ */
+export const ResponseFormatTypeSchema: GenEnum<ResponseFormatType> = /*@__PURE__*/
+  enumDesc(file_tokenwire_v1_respond, 4);
 
 /**
  * The governance outcome of a response.
@@ -1303,7 +1659,7 @@ export enum Verdict {
  * Describes the enum tokenwire.v1.Verdict.
  */
 export const VerdictSchema: GenEnum<Verdict> = /*@__PURE__*/
-  enumDesc(file_tokenwire_v1_respond, 3);
+  enumDesc(file_tokenwire_v1_respond, 5);
 
 /**
  * Whether what the caller received equals the final payload.
@@ -1338,7 +1694,7 @@ export enum VerificationStatus {
  * Describes the enum tokenwire.v1.VerificationStatus.
  */
 export const VerificationStatusSchema: GenEnum<VerificationStatus> = /*@__PURE__*/
-  enumDesc(file_tokenwire_v1_respond, 4);
+  enumDesc(file_tokenwire_v1_respond, 6);
 
 /**
  * Which kind of upstream request produced the text.
@@ -1372,7 +1728,7 @@ export enum ServingPath {
  * Describes the enum tokenwire.v1.ServingPath.
  */
 export const ServingPathSchema: GenEnum<ServingPath> = /*@__PURE__*/
-  enumDesc(file_tokenwire_v1_respond, 5);
+  enumDesc(file_tokenwire_v1_respond, 7);
 
 /**
  * What a governance action did to the text.
@@ -1427,7 +1783,7 @@ export enum GovernanceOperator {
  * Describes the enum tokenwire.v1.GovernanceOperator.
  */
 export const GovernanceOperatorSchema: GenEnum<GovernanceOperator> = /*@__PURE__*/
-  enumDesc(file_tokenwire_v1_respond, 6);
+  enumDesc(file_tokenwire_v1_respond, 8);
 
 /**
  * The result of one check of the verification stage (`VerificationCheck`).
@@ -1485,7 +1841,7 @@ export enum CheckOutcome {
  * Describes the enum tokenwire.v1.CheckOutcome.
  */
 export const CheckOutcomeSchema: GenEnum<CheckOutcome> = /*@__PURE__*/
-  enumDesc(file_tokenwire_v1_respond, 7);
+  enumDesc(file_tokenwire_v1_respond, 9);
 
 /**
  * Where a response stands in human review. Terminal states: APPROVED,
@@ -1542,7 +1898,7 @@ export enum ReviewState {
  * Describes the enum tokenwire.v1.ReviewState.
  */
 export const ReviewStateSchema: GenEnum<ReviewState> = /*@__PURE__*/
-  enumDesc(file_tokenwire_v1_respond, 8);
+  enumDesc(file_tokenwire_v1_respond, 10);
 
 /**
  * Turns model output into governed, verified responses.
