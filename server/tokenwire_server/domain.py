@@ -9,6 +9,7 @@ from __future__ import annotations
 import enum
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from typing import Any
 
 
 def utf8_length(text: str) -> int:
@@ -23,6 +24,7 @@ class Role(enum.IntEnum):
     SYSTEM = 1
     USER = 2
     ASSISTANT = 3
+    TOOL = 4
 
 
 class DeliveryMode(enum.IntEnum):
@@ -49,6 +51,8 @@ class FinishReason(enum.IntEnum):
     LENGTH = 2
     STOP_SEQUENCE = 3
     POLICY_BLOCKED = 4
+    TOOL_CALLS = 5
+    INVALID_OUTPUT = 6
 
 
 class Verdict(enum.IntEnum):
@@ -71,9 +75,84 @@ class Operator(enum.IntEnum):
 
 
 @dataclass(frozen=True, slots=True)
+class ToolCall:
+    """A function call the model made; `arguments` is JSON text (as governed,
+    once it leaves the pipeline)."""
+
+    id: str
+    name: str
+    arguments: str
+
+
+@dataclass(frozen=True, slots=True)
+class ToolCallFragment:
+    """A piece of a tool call as a backend yields it.
+
+    `index` is the call's position in the response (0-based, in the order the
+    calls began). The first fragment of a call carries its `id` and `name`;
+    later ones carry only the next piece of `arguments`. A backend whose
+    upstream sends no id makes one up, so every call has one.
+    """
+
+    index: int
+    arguments: str = ""
+    id: str = ""
+    name: str = ""
+
+
+@dataclass(frozen=True, slots=True)
 class Message:
     role: Role
     content: str
+    #: The calls an assistant turn made.
+    tool_calls: tuple[ToolCall, ...] = ()
+    #: With `Role.TOOL`: the call this message answers.
+    tool_call_id: str = ""
+
+
+class ToolChoiceMode(enum.IntEnum):
+    AUTO = 1
+    NONE = 2
+    REQUIRED = 3
+
+
+@dataclass(frozen=True, slots=True)
+class ToolSpec:
+    """A function the model may call; `parameters` is a JSON Schema (plain
+    JSON values), None when the function takes no arguments."""
+
+    name: str
+    description: str = ""
+    parameters: Mapping[str, Any] | None = None
+    strict: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class ToolChoice:
+    """AUTO, NONE or REQUIRED; or, with `function_name`, that one tool."""
+
+    mode: ToolChoiceMode = ToolChoiceMode.AUTO
+    function_name: str = ""
+
+
+class ResponseFormatType(enum.IntEnum):
+    TEXT = 1
+    JSON_OBJECT = 2
+    JSON_SCHEMA = 3
+
+
+@dataclass(frozen=True, slots=True)
+class ResponseFormat:
+    """The shape the model's text must have; `schema` with JSON_SCHEMA only."""
+
+    type: ResponseFormatType = ResponseFormatType.TEXT
+    schema_name: str = ""
+    schema: Mapping[str, Any] | None = None
+    strict: bool = False
+
+    @property
+    def is_json(self) -> bool:
+        return self.type is not ResponseFormatType.TEXT
 
 
 @dataclass(frozen=True, slots=True)
@@ -89,6 +168,11 @@ class GenerationRequest:
     seed: int | None = None
     labels: Mapping[str, str] = field(default_factory=dict)
     deadline: float | None = None
+    #: Functions the model may call, and whether it must.
+    tools: tuple[ToolSpec, ...] = ()
+    tool_choice: ToolChoice | None = None
+    #: None means free text.
+    response_format: ResponseFormat | None = None
 
 
 @dataclass(frozen=True, slots=True)

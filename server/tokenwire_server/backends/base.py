@@ -1,7 +1,10 @@
 """The one interface every backend implements.
 
-A backend turns a `GenerationRequest` into an async iterator of token texts,
-optionally ending with a `Finish` that carries the finish reason and counts.
+A backend turns a `GenerationRequest` into an async iterator of token texts
+and tool-call fragments (`ToolCallFragment`), optionally ending with a
+`Finish` that carries the finish reason and counts. A backend that cannot
+honour the request's `tools` or `response_format` maps them as closely as its
+model allows; the pipeline checks the output either way.
 Tokens that arrive together (one network read from an upstream) may come as
 one list: the pipeline then handles them in one step instead of one async
 hand-off each, which is most of the per-token cost at line rate.
@@ -15,8 +18,11 @@ from __future__ import annotations
 import abc
 from collections.abc import AsyncIterator, Mapping
 
-from tokenwire_server.domain import Finish, GenerationRequest
+from tokenwire_server.domain import Finish, GenerationRequest, ToolCallFragment
 from tokenwire_server.errors import FieldViolation
+
+#: What `Backend.generate` yields.
+BackendItem = str | list[str] | ToolCallFragment | Finish
 
 
 class Backend(abc.ABC):
@@ -36,9 +42,10 @@ class Backend(abc.ABC):
         """Model name -> model version, for every model this backend serves."""
 
     @abc.abstractmethod
-    def generate(self, request: GenerationRequest) -> AsyncIterator[str | list[str] | Finish]:
-        """Yields token texts (one, or a list of those that arrived together), then
-        optionally one `Finish`.
+    def generate(self, request: GenerationRequest) -> AsyncIterator[BackendItem]:
+        """Yields token texts (one, or a list of those that arrived together) and
+        tool-call fragments, in the order the model produced them, then
+        optionally one `Finish` (`FinishReason.TOOL_CALLS` when it called tools).
 
         Raises `tokenwire_server.errors.TokenwireError` subclasses for failures
         a caller should see as a specific status (e.g. `BackendUnavailable`).
