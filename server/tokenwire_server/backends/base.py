@@ -16,6 +16,7 @@ reads, sleeps) and let `CancelledError` propagate.
 from __future__ import annotations
 
 import abc
+import secrets
 from collections.abc import AsyncIterator, Mapping
 
 from tokenwire_server.domain import Finish, GenerationRequest, ToolCallFragment
@@ -23,6 +24,13 @@ from tokenwire_server.errors import FieldViolation
 
 #: What `Backend.generate` yields.
 BackendItem = str | list[str] | ToolCallFragment | Finish
+
+
+def new_tool_call_id() -> str:
+    """An id for a call whose upstream sent none: "call_" and 24 random hex
+    digits, the shape OpenAI's ids have, unique enough that a caller can key
+    its tool results by it across the calls of a conversation."""
+    return "call_" + secrets.token_hex(12)
 
 
 class Backend(abc.ABC):

@@ -20,6 +20,13 @@ depends on when:
   assistant prefix is not attempted: the OpenAI API has no portable way to
   ask for a continuation rather than a new turn.
 
+Tool calls and structured output map both ways: `tools`, `tool_choice` and
+`response_format` go out in the API's own shapes, assistant turns carry their
+`tool_calls` and tool results go back as `role: tool` messages; streamed
+`delta.tool_calls` come back as `ToolCallFragment`s (id and name on each
+call's first fragment only, whatever the upstream repeats), in their order
+among the text tokens.
+
 Cancellation closes the HTTP stream at once (leaving the response's context
 before its end closes the connection), and every request's read timeout is
 bounded by the call's remaining deadline.
@@ -42,14 +49,38 @@ import aiohttp
 import orjson
 from opentelemetry import propagate
 
-from tokenwire_server.backends.base import Backend
+from tokenwire_server.backends.base import Backend, BackendItem, new_tool_call_id
 from tokenwire_server.backends.sse import SSEDecoder
 from tokenwire_server.config import UpstreamConfig
-from tokenwire_server.domain import Finish, FinishReason, GenerationRequest, Role, ServingPath
+from tokenwire_server.domain import (
+    Finish,
+    FinishReason,
+    GenerationRequest,
+    Message,
+    ResponseFormat,
+    ResponseFormatType,
+    Role,
+    ServingPath,
+    ToolCallFragment,
+    ToolChoice,
+    ToolChoiceMode,
+    ToolSpec,
+)
 from tokenwire_server.errors import BackendUnavailable, DeadlineExceeded, InvalidRequest
 
-_ROLES = {Role.SYSTEM: "system", Role.USER: "user", Role.ASSISTANT: "assistant"}
-_FINISH = {"stop": FinishReason.STOP, "length": FinishReason.LENGTH}
+_ROLES = {Role.SYSTEM: "system", Role.USER: "user", Role.ASSISTANT: "assistant", Role.TOOL: "tool"}
+_FINISH = {
+    "stop": FinishReason.STOP,
+    "length": FinishReason.LENGTH,
+    "tool_calls": FinishReason.TOOL_CALLS,
+    # The deprecated single-function form some servers still report.
+    "function_call": FinishReason.TOOL_CALLS,
+}
+_TOOL_CHOICE_MODES = {
+    ToolChoiceMode.AUTO: "auto",
+    ToolChoiceMode.NONE: "none",
+    ToolChoiceMode.REQUIRED: "required",
+}
 _RETRYABLE_STATUS = {408, 409, 425, 429, 500, 502, 503, 504}
 _REJECTED_STATUS = {400, 404, 413, 422}
 #: How long to wait for the end of the body after `[DONE]` to keep the connection.
@@ -118,10 +149,16 @@ class OpenAICompatibleBackend(Backend):
     def _body(self, request: GenerationRequest, stream: bool) -> dict[str, Any]:
         body: dict[str, Any] = {
             "model": self.upstream_model,
-            "messages": [{"role": _ROLES[m.role], "content": m.content} for m in request.messages],
+            "messages": [_message(m) for m in request.messages],
             "max_tokens": request.max_tokens,
             "stream": stream,
         }
+        if request.tools:
+            body["tools"] = [_tool(t) for t in request.tools]
+            if request.tool_choice is not None:
+                body["tool_choice"] = _tool_choice(request.tool_choice)
+        if request.response_format is not None and request.response_format.is_json:
+            body["response_format"] = _response_format(request.response_format)
         if stream:
             body["stream_options"] = {"include_usage": True}
         if request.temperature is not None:
@@ -146,7 +183,7 @@ class OpenAICompatibleBackend(Backend):
             total=None, sock_connect=min(self.config.connect_timeout, read), sock_read=read
         )
 
-    async def generate(self, request: GenerationRequest) -> AsyncIterator[str | list[str] | Finish]:
+    async def generate(self, request: GenerationRequest) -> AsyncIterator[BackendItem]:
         attempts = 0
         last: UpstreamError | None = None
         for route in (self, *self.fallbacks):
@@ -176,12 +213,12 @@ class OpenAICompatibleBackend(Backend):
                             await self._backoff(request, attempt)
             attempts += 1
             try:
-                text, finish = await route._complete(request)
+                items, finish = await route._complete(request)
             except UpstreamError as error:
                 last = error
                 continue
-            if text:
-                yield text
+            for piece in items:
+                yield piece
             yield replace(finish, attempts=attempts, backend=route.name)
             return
         assert last is not None
@@ -197,16 +234,19 @@ class OpenAICompatibleBackend(Backend):
             delay = min(delay, max(0.0, request.deadline - asyncio.get_running_loop().time()))
         await asyncio.sleep(delay)
 
-    async def _stream(self, request: GenerationRequest) -> AsyncIterator[list[str] | Finish]:
+    async def _stream(
+        self, request: GenerationRequest
+    ) -> AsyncIterator[list[str] | ToolCallFragment | Finish]:
         body = self._body(request, stream=True)
         finish_reason: str | None = None
         usage: dict[str, Any] = {}
         count = 0
         done = False
+        calls: _ToolCallDeltas | None = None
         try:
             async with self._client().post(
                 self._url,
-                data=orjson.dumps(body),
+                data=_dumps(body),
                 timeout=self._timeout(request),
                 headers=_trace_headers(),
             ) as response:
@@ -228,9 +268,22 @@ class OpenAICompatibleBackend(Backend):
                             break
                         event = _parse_event(data)
                         for choice in event.get("choices") or ():
-                            content = (choice.get("delta") or {}).get("content")
+                            delta = choice.get("delta") or {}
+                            content = delta.get("content")
                             if content:
                                 batch.append(content)
+                            deltas = delta.get("tool_calls")
+                            if deltas:
+                                # Text before the call goes first: the order is the model's.
+                                if batch:
+                                    count += len(batch)
+                                    yield batch
+                                    batch = []
+                                if calls is None:
+                                    calls = _ToolCallDeltas()
+                                for fragment in calls.feed(deltas):
+                                    count += 1
+                                    yield fragment
                             finish_reason = choice.get("finish_reason") or finish_reason
                         usage = event.get("usage") or usage
                     if batch:
@@ -246,18 +299,24 @@ class OpenAICompatibleBackend(Backend):
             raise UpstreamError(
                 f"upstream {type(error).__name__}: {error}", retryable=True
             ) from None
+        if calls is not None:
+            for fragment in calls.close():
+                count += 1
+                yield fragment
         yield Finish(
-            reason=_FINISH.get(finish_reason or "stop", FinishReason.STOP),
+            reason=_finish_reason(finish_reason, calls is not None and calls.started > 0),
             prompt_tokens=usage.get("prompt_tokens"),
             completion_tokens=usage.get("completion_tokens", count),
             path=ServingPath.STREAMING,
         )
 
-    async def _complete(self, request: GenerationRequest) -> tuple[str, Finish]:
+    async def _complete(
+        self, request: GenerationRequest
+    ) -> tuple[list[str | ToolCallFragment], Finish]:
         try:
             async with self._client().post(
                 self._url,
-                data=orjson.dumps(self._body(request, stream=False)),
+                data=_dumps(self._body(request, stream=False)),
                 timeout=self._timeout(request),
                 headers=_trace_headers(),
             ) as response:
@@ -273,14 +332,199 @@ class OpenAICompatibleBackend(Backend):
             )
         payload = _parse_event(content)
         choices = payload.get("choices") or [{}]
-        text = (choices[0].get("message") or {}).get("content") or ""
+        message = choices[0].get("message") or {}
+        text = message.get("content") or ""
+        items: list[str | ToolCallFragment] = [text] if text else []
+        calls = _message_tool_calls(message.get("tool_calls"))
+        items.extend(calls)
         usage = payload.get("usage") or {}
-        return text, Finish(
-            reason=_FINISH.get(choices[0].get("finish_reason") or "stop", FinishReason.STOP),
+        return items, Finish(
+            reason=_finish_reason(choices[0].get("finish_reason"), bool(calls)),
             prompt_tokens=usage.get("prompt_tokens"),
             completion_tokens=usage.get("completion_tokens"),
             path=ServingPath.NON_STREAMING,
         )
+
+
+def _finish_reason(reason: str | None, called_tools: bool) -> FinishReason:
+    """The upstream's finish reason as the enum. A response that called tools
+    and stopped naturally is TOOL_CALLS even when the upstream says "stop"
+    (some servers do): the caller must run the calls either way."""
+    mapped = _FINISH.get(reason or "stop", FinishReason.STOP)
+    if called_tools and mapped is FinishReason.STOP:
+        return FinishReason.TOOL_CALLS
+    return mapped
+
+
+# Request mapping. ------------------------------------------------------------
+
+
+def _message(message: Message) -> dict[str, Any]:
+    """One chat message in the API's shape: an assistant turn that called tools
+    carries them (content null when it said nothing), a tool result names the
+    call it answers."""
+    if message.role is Role.TOOL:
+        return {"role": "tool", "tool_call_id": message.tool_call_id, "content": message.content}
+    if message.tool_calls:
+        return {
+            "role": _ROLES[message.role],
+            "content": message.content or None,
+            "tool_calls": [
+                {
+                    "id": call.id,
+                    "type": "function",
+                    "function": {"name": call.name, "arguments": call.arguments},
+                }
+                for call in message.tool_calls
+            ],
+        }
+    return {"role": _ROLES[message.role], "content": message.content}
+
+
+def _tool(tool: ToolSpec) -> dict[str, Any]:
+    """A function tool; empty fields are left out (some servers reject an empty
+    description or a null schema rather than ignore them)."""
+    function: dict[str, Any] = {"name": tool.name}
+    if tool.description:
+        function["description"] = tool.description
+    if tool.parameters is not None:
+        function["parameters"] = tool.parameters
+    if tool.strict:
+        function["strict"] = True
+    return {"type": "function", "function": function}
+
+
+def _tool_choice(choice: ToolChoice) -> str | dict[str, Any]:
+    if choice.function_name:
+        return {"type": "function", "function": {"name": choice.function_name}}
+    return _TOOL_CHOICE_MODES[choice.mode]
+
+
+def _response_format(response_format: ResponseFormat) -> dict[str, Any]:
+    if response_format.type is ResponseFormatType.JSON_OBJECT:
+        return {"type": "json_object"}
+    return {
+        "type": "json_schema",
+        "json_schema": {
+            "name": response_format.schema_name or "response",
+            "schema": response_format.schema if response_format.schema is not None else {},
+            "strict": response_format.strict,
+        },
+    }
+
+
+def _plain(value: object) -> object:
+    """orjson's fallback for what it cannot write itself: a schema held in a
+    read-only Mapping (the domain types freeze them) goes out as an object."""
+    if isinstance(value, Mapping):
+        return dict(value)
+    raise TypeError(f"not JSON serializable: {type(value).__name__}")
+
+
+def _dumps(body: dict[str, Any]) -> bytes:
+    return orjson.dumps(body, default=_plain)
+
+
+# Response mapping. -----------------------------------------------------------
+
+
+class _ToolCallDeltas:
+    """Streamed `delta.tool_calls` items turned into `ToolCallFragment`s.
+
+    Upstreams differ: most send `id` and `function.name` on a call's first
+    delta only, some repeat them on every delta (llama-cpp-python), some put
+    arguments in the first delta and some an empty string, a few leave out
+    `index` when there is one call at a time. The fragments are uniform
+    whatever came in: a call's first fragment carries its id (made up when
+    the upstream never sent one) and name, later ones only new arguments; an
+    empty piece of arguments after the first fragment is dropped. A call's
+    arguments that arrive before its name are held until the name does, so
+    the first fragment always names the function.
+    """
+
+    __slots__ = ("_calls", "_last", "started")
+
+    def __init__(self) -> None:
+        #: Upstream index -> [our index, id, name, held arguments, announced].
+        self._calls: dict[object, list[Any]] = {}
+        self._last: object = None
+        #: Calls announced so far (their first fragment went out).
+        self.started = 0
+
+    def feed(self, deltas: list[Any]) -> list[ToolCallFragment]:
+        out: list[ToolCallFragment] = []
+        for delta in deltas:
+            if not isinstance(delta, dict):
+                continue
+            function = delta.get("function") or {}
+            key = delta.get("index")
+            if key is None:
+                key = self._key_without_index(delta.get("id"))
+            call = self._calls.get(key)
+            if call is None:
+                call = self._calls[key] = [len(self._calls), "", "", "", False]
+            self._last = key
+            if not call[1] and delta.get("id"):
+                call[1] = str(delta["id"])
+            if not call[2] and function.get("name"):
+                call[2] = str(function["name"])
+            arguments = function.get("arguments") or ""
+            if not isinstance(arguments, str):  # a server that sent an object
+                arguments = orjson.dumps(arguments).decode()
+            if call[4]:
+                if arguments:
+                    out.append(ToolCallFragment(index=call[0], arguments=arguments))
+                continue
+            call[3] += arguments
+            if call[2]:
+                out.append(self._announce(call))
+        return out
+
+    def _key_without_index(self, upstream_id: object) -> object:
+        """For a delta with no `index`: an id seen before continues its call, a
+        new id starts one, no id continues the last call (or starts the first)."""
+        if upstream_id:
+            for key, call in self._calls.items():
+                if call[1] == upstream_id:
+                    return key
+            return ("id", upstream_id)
+        return self._last if self._last is not None else 0
+
+    def close(self) -> list[ToolCallFragment]:
+        """Calls the upstream never named, at the end of the stream: announced
+        with what there is (the pipeline's checks see an empty name)."""
+        return [self._announce(call) for call in self._calls.values() if not call[4]]
+
+    def _announce(self, call: list[Any]) -> ToolCallFragment:
+        call[4] = True
+        call[1] = call[1] or new_tool_call_id()
+        self.started += 1
+        fragment = ToolCallFragment(index=call[0], arguments=call[3], id=call[1], name=call[2])
+        call[3] = ""
+        return fragment
+
+
+def _message_tool_calls(calls: object) -> list[ToolCallFragment]:
+    """A non-streamed message's `tool_calls`: one fragment per call."""
+    if not isinstance(calls, list):
+        return []
+    out: list[ToolCallFragment] = []
+    for call in calls:
+        if not isinstance(call, dict):
+            continue
+        function = call.get("function") or {}
+        arguments = function.get("arguments") or ""
+        if not isinstance(arguments, str):
+            arguments = orjson.dumps(arguments).decode()
+        out.append(
+            ToolCallFragment(
+                index=len(out),
+                arguments=arguments,
+                id=str(call.get("id") or new_tool_call_id()),
+                name=str(function.get("name") or ""),
+            )
+        )
+    return out
 
 
 async def _drain(response: aiohttp.ClientResponse) -> None:

@@ -1,0 +1,393 @@
+"""Tool calls and structured output in the backends, before the pipeline.
+
+The OpenAI-compatible backend runs against a real aiohttp HTTP upstream (the
+`upstream` fixture) that streams fragmented calls the ways real servers do;
+each test checks both what the backend yields and what the upstream
+received. The simulator's scripted calls and schema-driven output are
+checked the same way, and validated with `jsonschema`. End-to-end gRPC tests
+of the same features live with the delivery pipeline.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from collections.abc import AsyncIterator
+from types import MappingProxyType
+from typing import Any
+
+import pytest
+from aiohttp import web
+
+from tokenwire_server.backends.base import Backend, BackendItem
+from tokenwire_server.backends.openai_compat import OpenAICompatibleBackend
+from tokenwire_server.config import UpstreamConfig
+from tokenwire_server.domain import (
+    Finish,
+    FinishReason,
+    GenerationRequest,
+    Message,
+    ResponseFormat,
+    ResponseFormatType,
+    Role,
+    ServingPath,
+    ToolCall,
+    ToolCallFragment,
+    ToolChoice,
+    ToolChoiceMode,
+    ToolSpec,
+)
+
+WEATHER = ToolSpec(
+    name="get_weather",
+    description="Current weather in a city",
+    parameters=MappingProxyType(
+        {
+            "type": "object",
+            "properties": {
+                "city": {"type": "string"},
+                "unit": {"type": "string", "enum": ["c", "f"]},
+            },
+            "required": ["city"],
+        }
+    ),
+    strict=True,
+)
+CLOCK = ToolSpec(name="get_time")  # no description, no parameters
+CALL_ID = re.compile(r"call_[0-9a-f]{24}")
+
+
+def route(url: str, **options: Any) -> UpstreamConfig:
+    return UpstreamConfig(
+        name="up",
+        base_url=url,
+        model="up-model",
+        upstream_model="m1",
+        retry_backoff=0.01,
+        **options,
+    )
+
+
+def request(**fields: Any) -> GenerationRequest:
+    values: dict[str, Any] = {
+        "model": "up-model",
+        "messages": (Message(Role.USER, "Weather in Zürich, and the time?"),),
+        "max_tokens": 200,
+    }
+    values.update(fields)
+    return GenerationRequest(**values)
+
+
+async def run(backend: Backend, req: GenerationRequest) -> list[BackendItem]:
+    """Everything `generate` yields, lists of tokens flattened, Finish last."""
+    items: list[BackendItem] = []
+    generator: AsyncIterator[BackendItem] = backend.generate(req)
+    async for item in generator:
+        if isinstance(item, list):
+            items.extend(item)
+        else:
+            items.append(item)
+    return items
+
+
+def reassemble(items: list[BackendItem]) -> list[ToolCall]:
+    """The calls the fragments make, checking the fragment rules on the way:
+    id and name on a call's first fragment only."""
+    calls: dict[int, list[str]] = {}
+    for item in items:
+        if not isinstance(item, ToolCallFragment):
+            continue
+        if item.index not in calls:
+            assert item.id and item.name, item
+            calls[item.index] = [item.id, item.name, item.arguments]
+        else:
+            assert not item.id and not item.name, item
+            calls[item.index][2] += item.arguments
+    assert sorted(calls) == list(range(len(calls)))
+    return [ToolCall(*calls[i]) for i in sorted(calls)]
+
+
+def delta_event(delta: dict[str, Any], finish: str | None = None) -> str:
+    event = {
+        "object": "chat.completion.chunk",
+        "choices": [{"index": 0, "delta": delta, "finish_reason": finish}],
+    }
+    return "data: " + json.dumps(event, ensure_ascii=False) + "\n\n"
+
+
+def call_delta(
+    index: int | None, arguments: str | None, id: str = "", name: str = ""
+) -> dict[str, Any]:
+    item: dict[str, Any] = {}
+    if index is not None:
+        item["index"] = index
+    function: dict[str, Any] = {}
+    if id:
+        item["id"] = id
+        item["type"] = "function"
+    if name:
+        function["name"] = name
+    if arguments is not None:
+        function["arguments"] = arguments
+    item["function"] = function
+    return {"tool_calls": [item]}
+
+
+async def sse_bytes(req: web.Request, body: bytes, piece: int) -> web.StreamResponse:
+    """Writes `body` in pieces of `piece` bytes: events and UTF-8 characters
+    split across network writes."""
+    response = web.StreamResponse(headers={"content-type": "text/event-stream"})
+    await response.prepare(req)
+    for start in range(0, len(body), piece):
+        await response.write(body[start : start + piece])
+    return response
+
+
+# The OpenAI-compatible backend. -----------------------------------------------
+
+
+FRAGMENTED = [
+    delta_event({"role": "assistant", "content": "Let me "}),
+    delta_event({"content": "check. "}),
+    # Call 0: id and name on the first delta, with an empty arguments string.
+    delta_event(call_delta(0, "", id="call_abc", name="get_weather")),
+    delta_event(call_delta(0, '{"city": "Zü')),
+    delta_event(call_delta(0, 'rich", "un')),
+    delta_event(call_delta(0, 'it": "c"}')),
+    # Call 1: no id ever, arguments already in the first delta.
+    delta_event(call_delta(1, '{"tz": "Europe/', name="get_time")),
+    delta_event(call_delta(1, "")),  # an empty piece: nothing to yield
+    delta_event(call_delta(1, 'Zürich"}')),
+    delta_event({}, finish="tool_calls"),
+    "data: "
+    + json.dumps({"choices": [], "usage": {"prompt_tokens": 9, "completion_tokens": 21}})
+    + "\n\n",
+    "data: [DONE]\n\n",
+]
+
+
+@pytest.mark.parametrize("piece", [7, 1, 100_000], ids=["7-byte-writes", "1-byte", "whole"])
+async def test_streams_fragmented_tool_calls_and_sends_the_tools(upstream, piece: int) -> None:
+    async def handler(req: web.Request) -> web.StreamResponse:
+        return await sse_bytes(req, "".join(FRAGMENTED).encode(), piece)
+
+    up = await upstream(handler)
+    backend = OpenAICompatibleBackend(route(up.url), {})
+    history = (
+        Message(Role.USER, "Weather in Zürich?"),
+        Message(
+            Role.ASSISTANT, "", tool_calls=(ToolCall("call_0", "get_weather", '{"city":"Z"}'),)
+        ),
+        Message(Role.TOOL, '{"temp": 21}', tool_call_id="call_0"),
+        Message(Role.USER, "And the time?"),
+    )
+    req = request(
+        messages=history,
+        tools=(WEATHER, CLOCK),
+        tool_choice=ToolChoice(ToolChoiceMode.REQUIRED),
+    )
+    try:
+        items = await run(backend, req)
+    finally:
+        await backend.aclose()
+
+    texts = [i for i in items if isinstance(i, str)]
+    assert "".join(texts) == "Let me check. "
+    # Text first, then the calls: the model's order.
+    first_fragment = next(n for n, i in enumerate(items) if isinstance(i, ToolCallFragment))
+    assert all(isinstance(i, str) for i in items[:first_fragment])
+    calls = reassemble(items)
+    assert calls[0] == ToolCall("call_abc", "get_weather", '{"city": "Zürich", "unit": "c"}')
+    assert calls[1].name == "get_time" and calls[1].arguments == '{"tz": "Europe/Zürich"}'
+    assert CALL_ID.fullmatch(calls[1].id)
+    assert all(i.arguments for i in items[first_fragment + 1 :] if isinstance(i, ToolCallFragment))
+    finish = items[-1]
+    assert isinstance(finish, Finish)
+    assert finish.reason is FinishReason.TOOL_CALLS and finish.path is ServingPath.STREAMING
+    assert (finish.prompt_tokens, finish.completion_tokens) == (9, 21)
+
+    sent = up.requests[0]
+    assert sent["tools"] == [
+        {
+            "type": "function",
+            "function": {
+                "name": "get_weather",
+                "description": "Current weather in a city",
+                "parameters": dict(WEATHER.parameters or {}),
+                "strict": True,
+            },
+        },
+        {"type": "function", "function": {"name": "get_time"}},
+    ]
+    assert sent["tool_choice"] == "required"
+    assert "response_format" not in sent
+    assert sent["messages"] == [
+        {"role": "user", "content": "Weather in Zürich?"},
+        {
+            "role": "assistant",
+            "content": None,
+            "tool_calls": [
+                {
+                    "id": "call_0",
+                    "type": "function",
+                    "function": {"name": "get_weather", "arguments": '{"city":"Z"}'},
+                }
+            ],
+        },
+        {"role": "tool", "tool_call_id": "call_0", "content": '{"temp": 21}'},
+        {"role": "user", "content": "And the time?"},
+    ]
+
+
+async def test_ids_and_names_repeated_on_every_delta_are_sent_once(upstream) -> None:
+    """llama-cpp-python's server repeats id and name on each delta; some servers
+    leave out `index`; a name may come after the first arguments."""
+    events = [
+        delta_event(call_delta(None, '{"a"', id="call_x", name="f")),
+        delta_event(call_delta(None, ": 1}", id="call_x", name="f")),
+        delta_event(call_delta(None, "{", id="call_y")),  # a new id: a new call, not yet named
+        delta_event(call_delta(None, "}", name="g")),
+        delta_event({}, finish="stop"),  # "stop" after calls: still TOOL_CALLS
+        "data: [DONE]\n\n",
+    ]
+
+    async def handler(req: web.Request) -> web.StreamResponse:
+        return await sse_bytes(req, "".join(events).encode(), 100_000)
+
+    up = await upstream(handler)
+    backend = OpenAICompatibleBackend(route(up.url), {})
+    try:
+        items = await run(backend, request(tools=(WEATHER,)))
+    finally:
+        await backend.aclose()
+    assert reassemble(items) == [ToolCall("call_x", "f", '{"a": 1}'), ToolCall("call_y", "g", "{}")]
+    assert [i.arguments for i in items if isinstance(i, ToolCallFragment)] == ['{"a"', ": 1}", "{}"]
+    finish = items[-1]
+    assert isinstance(finish, Finish) and finish.reason is FinishReason.TOOL_CALLS
+    assert "tool_choice" not in up.requests[0]  # none asked for: the upstream's default
+
+
+async def test_non_streaming_path_maps_message_tool_calls(upstream) -> None:
+    async def handler(req: web.Request) -> web.StreamResponse:
+        return web.json_response(
+            {
+                "choices": [
+                    {
+                        "message": {
+                            "role": "assistant",
+                            "content": None,
+                            "tool_calls": [
+                                {
+                                    "id": "call_1",
+                                    "type": "function",
+                                    "function": {
+                                        "name": "get_weather",
+                                        "arguments": '{"city":"Oslo"}',
+                                    },
+                                },
+                                {
+                                    "type": "function",
+                                    "function": {"name": "get_time", "arguments": "{}"},
+                                },
+                            ],
+                        },
+                        "finish_reason": "tool_calls",
+                    }
+                ],
+                "usage": {"prompt_tokens": 5, "completion_tokens": 7},
+            }
+        )
+
+    up = await upstream(handler)
+    backend = OpenAICompatibleBackend(route(up.url, stream=False), {})
+    req = request(tools=(WEATHER, CLOCK), tool_choice=ToolChoice(function_name="get_weather"))
+    try:
+        items = await run(backend, req)
+    finally:
+        await backend.aclose()
+    fragments = [i for i in items if isinstance(i, ToolCallFragment)]
+    assert len(fragments) == 2  # one per call
+    calls = reassemble(items)
+    assert calls[0] == ToolCall("call_1", "get_weather", '{"city":"Oslo"}')
+    assert calls[1].name == "get_time" and CALL_ID.fullmatch(calls[1].id)
+    finish = items[-1]
+    assert isinstance(finish, Finish)
+    assert finish.reason is FinishReason.TOOL_CALLS and finish.path is ServingPath.NON_STREAMING
+    sent = up.requests[0]
+    assert sent["stream"] is False
+    assert sent["tool_choice"] == {"type": "function", "function": {"name": "get_weather"}}
+
+
+@pytest.mark.parametrize(
+    ("fields", "expected"),
+    [
+        (
+            {"response_format": ResponseFormat(ResponseFormatType.JSON_OBJECT)},
+            {"response_format": {"type": "json_object"}},
+        ),
+        (
+            {
+                "response_format": ResponseFormat(
+                    ResponseFormatType.JSON_SCHEMA,
+                    schema_name="answer",
+                    schema=MappingProxyType({"type": "object"}),
+                    strict=True,
+                )
+            },
+            {
+                "response_format": {
+                    "type": "json_schema",
+                    "json_schema": {"name": "answer", "schema": {"type": "object"}, "strict": True},
+                }
+            },
+        ),
+        (
+            {"response_format": ResponseFormat(ResponseFormatType.JSON_SCHEMA)},
+            {
+                "response_format": {
+                    "type": "json_schema",
+                    "json_schema": {"name": "response", "schema": {}, "strict": False},
+                }
+            },
+        ),
+        ({"response_format": ResponseFormat(ResponseFormatType.TEXT)}, {}),
+        (
+            {"tools": (CLOCK,), "tool_choice": ToolChoice(ToolChoiceMode.NONE)},
+            {
+                "tools": [{"type": "function", "function": {"name": "get_time"}}],
+                "tool_choice": "none",
+            },
+        ),
+        (
+            {"tools": (CLOCK,), "tool_choice": ToolChoice(ToolChoiceMode.AUTO)},
+            {
+                "tools": [{"type": "function", "function": {"name": "get_time"}}],
+                "tool_choice": "auto",
+            },
+        ),
+        # A choice without tools is not sent: the API refuses tool_choice alone.
+        ({"tool_choice": ToolChoice(ToolChoiceMode.REQUIRED)}, {}),
+    ],
+    ids=["json-object", "json-schema", "json-schema-defaults", "text", "none", "auto", "no-tools"],
+)
+async def test_maps_response_format_and_tool_choice(
+    upstream, fields: dict[str, Any], expected: dict[str, Any]
+) -> None:
+    async def handler(req: web.Request) -> web.StreamResponse:
+        body = (
+            delta_event({"content": '{"ok": true}'}) + delta_event({}, "stop") + "data: [DONE]\n\n"
+        )
+        return await sse_bytes(req, body.encode(), 100_000)
+
+    up = await upstream(handler)
+    backend = OpenAICompatibleBackend(route(up.url), {})
+    try:
+        items = await run(backend, request(**fields))
+    finally:
+        await backend.aclose()
+    assert items[0] == '{"ok": true}'
+    finish = items[-1]
+    assert isinstance(finish, Finish) and finish.reason is FinishReason.STOP
+    sent = up.requests[0]
+    for key in ("tools", "tool_choice", "response_format"):
+        assert sent.get(key) == expected.get(key), key
