@@ -76,7 +76,16 @@ class EventCodec:
         event.CopyFrom(self._chunk_template)
         chunk = event.chunk
         chunk.sequence = record.sequence
-        chunk.text = record.text
+        tool = record.tool
+        if tool is None:
+            chunk.text = record.text
+        else:
+            delta = chunk.tool_call
+            delta.index = tool.position
+            delta.id = tool.id
+            delta.name = tool.name
+            delta.arguments = record.text
+            delta.arguments_offset = tool.arguments_offset
         chunk.text_offset = record.text_offset
         chunk.token_count = record.token_count
         if record.actions:
@@ -140,4 +149,8 @@ class EventCodec:
                 checks=outcome.checks, checks_passed=outcome.checks_passed
             ),
             review=_review(outcome),
+            tool_calls=[
+                pb.ToolCall(id=call.id, name=call.name, arguments=call.arguments)
+                for call in outcome.tool_calls
+            ],
         )

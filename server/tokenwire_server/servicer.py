@@ -134,6 +134,11 @@ class RespondServicer:
             response.policy_version,
         ):
             return False
+        if call.generation.tools or any(c.tool is not None for c in response.chunks):
+            # Replaying governance skips the logged text; a tool call's governed
+            # arguments cannot be re-derived that way, so such a response is not
+            # continued (its readers fail and resume from what they hold).
+            return False
         logged = b"".join(c.text.encode() for c in response.chunks)
         response.on_end(self._store.finished)
         response.task = asyncio.create_task(
@@ -221,6 +226,7 @@ class RespondServicer:
                 response,
                 self._config.deadlines.stall_timeout,
                 self._tracer,
+                policy.open_session,
             ),
             name=f"generate {response.response_id}",
         )
@@ -298,10 +304,7 @@ class RespondServicer:
                 backend=response.model.backend,
                 policy_id=response.policy_id,
                 policy_version=response.policy_version,
-                replay_prefix=tuple(
-                    (c.sequence, c.text_offset, c.text.encode())
-                    for c in response.chunks[: resume.after_sequence]
-                ),
+                replay_prefix=tuple(response.chunks[: resume.after_sequence]),
             )
         )
         return response

@@ -18,10 +18,24 @@ from typing import NamedTuple, Protocol, overload
 from tokenwire_server.domain import Action
 
 
+class ToolDelta(NamedTuple):
+    """What makes a chunk a tool-call fragment: which call, and where in its
+    arguments the fragment starts (`id` and `name` on the call's first one)."""
+
+    position: int
+    id: str
+    name: str
+    arguments_offset: int
+
+
 class ChunkRecord(NamedTuple):
     """One chunk of the log, as cut. A named tuple, not a frozen dataclass: one is
     built per chunk on the hot path, and a frozen dataclass's `__init__` costs
-    three times as much (it sets every field through `object.__setattr__`)."""
+    three times as much (it sets every field through `object.__setattr__`).
+
+    A tool-call fragment is a chunk too (one sequence runs over both): `text`
+    holds the arguments fragment, `tool` says which call, and `text_offset`
+    stays where the text is (it counts text bytes only)."""
 
     sequence: int
     text: str
@@ -29,6 +43,7 @@ class ChunkRecord(NamedTuple):
     token_count: int
     actions: tuple[Action, ...]
     emitted_at_ns: int
+    tool: ToolDelta | None = None
 
 
 class ChunkSequence(Protocol):
@@ -50,7 +65,7 @@ class ChunkSequence(Protocol):
 class CompactChunks(Sequence[ChunkRecord]):
     """A read-only chunk log; sequences are 1..n, as `LiveResponse` cuts them."""
 
-    __slots__ = ("_actions", "_emitted", "_ends", "_offsets", "_text", "_tokens")
+    __slots__ = ("_actions", "_emitted", "_ends", "_offsets", "_text", "_tokens", "_tools")
 
     def __init__(self, records: Sequence[ChunkRecord]) -> None:
         self._text = "".join(r.text for r in records)
@@ -60,10 +75,15 @@ class CompactChunks(Sequence[ChunkRecord]):
             position += len(record.text)
             ends.append(position)
         self._ends = ends
-        # ASCII text (the common case): a chunk's byte offset is where the
-        # previous chunk's text ended, so no array is needed.
+        self._tools: dict[int, ToolDelta] = {
+            index: r.tool for index, r in enumerate(records) if r.tool is not None
+        }
+        # ASCII text without tool-call fragments (the common case): a chunk's
+        # byte offset is where the previous chunk's text ended, so no array is needed.
         self._offsets = (
-            None if self._text.isascii() else array("Q", (r.text_offset for r in records))
+            None
+            if self._text.isascii() and not self._tools
+            else array("Q", (r.text_offset for r in records))
         )
         self._tokens = array("I", (r.token_count for r in records))
         self._emitted = array("q", (r.emitted_at_ns for r in records))
@@ -104,9 +124,10 @@ class CompactChunks(Sequence[ChunkRecord]):
             self._tokens[index],
             self._actions.get(index, ()),
             self._emitted[index],
+            self._tools.get(index) if self._tools else None,
         )
 
     @property
     def text(self) -> str:
-        """All chunks' text, in order."""
+        """All chunks' text, in order (tool-call fragments included, when any)."""
         return self._text

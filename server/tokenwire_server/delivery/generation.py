@@ -26,7 +26,16 @@ from tokenwire.v1 import respond_pb2 as pb
 from tokenwire_server.audit.store import AuditWriteError
 from tokenwire_server.backends.base import Backend
 from tokenwire_server.delivery.response import LiveResponse, Outcome
-from tokenwire_server.domain import Action, Finish, FinishReason, GenerationRequest, Verdict
+from tokenwire_server.delivery.tool_calls import ToolCallAssembly
+from tokenwire_server.domain import (
+    Action,
+    Finish,
+    FinishReason,
+    GenerationRequest,
+    ToolCall,
+    ToolCallFragment,
+    Verdict,
+)
 from tokenwire_server.errors import (
     AuditUnavailable,
     BackendStalled,
@@ -153,8 +162,13 @@ async def run_generation(
     response: LiveResponse,
     stall_timeout: float,
     tracer: trace.Tracer | None = None,
+    open_arguments_session: Callable[[], GovernanceSession] | None = None,
 ) -> None:
     """Generates into `response` and ends it exactly once, whatever happens.
+
+    `open_arguments_session` governs each tool call's arguments (a JSON-aware
+    session); without it a backend's tool calls are refused as an internal
+    error rather than released ungoverned.
 
     The work runs in a `generate` span (a child of the call's server span):
     one event at the first token, attributes for what came out, and a
@@ -169,7 +183,7 @@ async def run_generation(
         "tokenwire.response_id": response.response_id,
     }
     with tracer.start_as_current_span("generate", attributes=attributes) as span:
-        await _generate(backend, request, session, response, stall_timeout)
+        await _generate(backend, request, session, response, stall_timeout, open_arguments_session)
         span.set_attribute("tokenwire.tokens_generated", response.tokens_generated)
         span.set_attribute("tokenwire.state", response.state.value)
         if response.first_token_at is not None:
@@ -187,6 +201,7 @@ async def _generate(
     session: GovernanceSession,
     response: LiveResponse,
     stall_timeout: float,
+    open_arguments_session: Callable[[], GovernanceSession] | None,
 ) -> None:
     task = asyncio.current_task()
     assert task is not None
@@ -195,6 +210,7 @@ async def _generate(
     push = session.push
     release = response.release
     validation = response.validation
+    tool_calls: ToolCallAssembly | None = None
     try:
         tokens = backend.generate(request)
         try:
@@ -208,6 +224,28 @@ async def _generate(
                     release(text, actions)
                 elif isinstance(item, list):
                     await _release_batch(item, push, response, watchdog)
+                elif isinstance(item, ToolCallFragment):
+                    if tool_calls is None:
+                        if open_arguments_session is None:
+                            raise InternalError(
+                                f"backend {backend.name} made a tool call nobody asked for",
+                                reason="BACKEND_ERROR",
+                            )
+                        tool_calls = ToolCallAssembly(open_arguments_session)
+                    governed = tool_calls.push(item)
+                    if governed is None:
+                        response.count_tokens(1)
+                    else:
+                        response.release_tool(
+                            governed.index,
+                            governed.arguments,
+                            governed.actions,
+                            1,
+                            governed.id,
+                            governed.name,
+                        )
+                    if tool_calls.halted:
+                        break
                 else:
                     raise InternalError(
                         f"backend {backend.name} yielded {type(item).__name__}, not text",
@@ -259,11 +297,26 @@ async def _generate(
         )
         if tail or tail_actions:
             release(tail, tail_actions, 0)
+        final_calls: tuple[ToolCall, ...] = ()
+        calls_review = False
+        refusal: str | None = None
+        verdict = decision.verdict if decision.verdict else Verdict.ALLOWED
+        if tool_calls is not None:
+            tails, calls_decision = tool_calls.finish()
+            for governed in tails:
+                response.release_tool(governed.index, governed.arguments, governed.actions, 0)
+            verdict = max(verdict, calls_decision.verdict)
+            calls_review = calls_decision.review_required
+            if calls_decision.blocked:
+                refusal = calls_decision.refusal_text or ""
+            else:
+                final_calls = response.released_tool_calls
         response.settle()
         finish = finish or Finish()
-        blocked = decision.blocked
+        blocked = decision.blocked or refusal is not None
         final_text = decision.text if decision.text is not None else response.released_text
-        verdict = decision.verdict if decision.verdict else Verdict.ALLOWED
+        if refusal is not None and not decision.blocked:
+            final_text = refusal
         checks: tuple[pb.VerificationCheck, ...] = ()
         checks_passed = True
         review: tuple[str, str] | None = None
@@ -303,10 +356,19 @@ async def _generate(
             checks_passed = concluded.checks_passed
             if concluded.review is not None:
                 review = (concluded.review.review_id, concluded.review.state.name)
+            if concluded.blocked or held:
+                final_calls = ()
+        reason = finish.reason
+        if blocked:
+            reason = FinishReason.POLICY_BLOCKED
+        elif final_calls and reason in (FinishReason.STOP, FinishReason.STOP_SEQUENCE):
+            reason = FinishReason.TOOL_CALLS
+        elif not final_calls and reason is FinishReason.TOOL_CALLS:
+            reason = FinishReason.STOP
         response.finish(
             Outcome(
                 final_text=final_text,
-                finish_reason=FinishReason.POLICY_BLOCKED if blocked else finish.reason,
+                finish_reason=reason,
                 prompt_tokens=(
                     finish.prompt_tokens
                     if finish.prompt_tokens is not None
@@ -318,7 +380,7 @@ async def _generate(
                     else response.tokens_generated
                 ),
                 verdict=verdict,
-                review_required=decision.review_required or review is not None,
+                review_required=decision.review_required or calls_review or review is not None,
                 actions=decision.actions,
                 path=finish.path,
                 attempts=finish.attempts,
@@ -327,6 +389,7 @@ async def _generate(
                 checks_passed=checks_passed,
                 review=review,
                 held=held,
+                tool_calls=final_calls,
             )
         )
     finally:

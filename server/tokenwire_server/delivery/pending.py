@@ -9,6 +9,9 @@ Pieces are kept one per released token (so `max_tokens_per_chunk` can be
 honoured) in deques: a fast model can run thousands of tokens ahead of a
 slow reader, and cutting from the front of a list would cost O(pending) per
 chunk.
+
+Tool-call fragments wait in the same queue, so they keep their place among
+the text: a chunk is text or fragments of one call, never both.
 """
 
 from __future__ import annotations
@@ -17,15 +20,34 @@ import asyncio
 import math
 from collections import deque
 from collections.abc import Callable
+from typing import NamedTuple
 
 from tokenwire_server.domain import Action, utf8_length
+
+
+class ToolPiece(NamedTuple):
+    """A governed fragment of a tool call's arguments; `actions` are byte
+    positions in that call's arguments."""
+
+    position: int
+    id: str
+    name: str
+    arguments: str
+    actions: tuple[Action, ...]
+
+
+#: What `take` returns: text (or arguments), tokens, actions, and the tool
+#: piece the chunk continues (None for text).
+Taken = tuple[str, int, tuple[Action, ...], ToolPiece | None]
 
 
 class PendingText:
     def __init__(self, loop: asyncio.AbstractEventLoop, max_chars: int) -> None:
         self._loop = loop
         self._max_chars: float = max_chars
-        self._pieces: deque[str] = deque()
+        self._pieces: deque[str | ToolPiece] = deque()
+        #: Tool pieces among them: while there are none, cutting takes the text-only path.
+        self._tools = 0
         self._counts: deque[int] = deque()
         #: Tokens and characters of the pieces waiting.
         self.tokens = 0
@@ -57,9 +79,14 @@ class PendingText:
         """Tokens that passed governance untouched and all carry text, in one step."""
         counts = [1] * len(tokens)
         counts[0] += self._carry
-        self._extend(tokens, counts, sum(map(len, tokens)))
+        self._extend(tokens, counts, sum(map(len, tokens)))  # type: ignore[arg-type]
 
-    def _extend(self, pieces: list[str], counts: list[int], chars: int) -> None:
+    def add_tool(self, piece: ToolPiece, tokens: int) -> None:
+        """A tool-call fragment; like text, it waits for a reader in order."""
+        self._tools += 1
+        self._extend([piece], [tokens + self._carry], len(piece.arguments))
+
+    def _extend(self, pieces: list[str | ToolPiece], counts: list[int], chars: int) -> None:
         if not self._pieces:
             self.since = self._loop.time()
         self._pieces.extend(pieces)
@@ -80,9 +107,11 @@ class PendingText:
 
     # ----- readers take --------------------------------------------------------
 
-    def take(self, max_tokens: int, offset: int) -> tuple[str, int, tuple[Action, ...]]:
+    def take(self, max_tokens: int, offset: int) -> Taken:
         """The next chunk's text, tokens and actions: up to `max_tokens` tokens
         (at least one piece), starting at byte `offset` of the stream."""
+        if self._tools:
+            return self._take_mixed(max_tokens, offset)
         pieces, counts = self._pieces, self._counts
         text, tokens = pieces.popleft(), counts.popleft()
         if pieces and tokens + counts[0] <= max_tokens:
@@ -90,17 +119,55 @@ class PendingText:
             while pieces and tokens + counts[0] <= max_tokens:
                 parts.append(pieces.popleft())
                 tokens += counts.popleft()
-            text = "".join(parts)
+            text = "".join(parts)  # type: ignore[arg-type]
         self.tokens -= tokens
         self.chars -= len(text)
         # `since` stays at the oldest piece's release: text left over from a
         # full chunk has waited that long already, and restarting its clock here
         # would let `max_delay` hold it longer than the caller allowed.
-        actions = self._take_actions(offset + utf8_length(text)) if self._actions else ()
+        actions = self._take_actions(offset + utf8_length(text)) if self._actions else ()  # type: ignore[arg-type]
         space = self._space
         if space is not None and self.chars <= self._max_chars / 2 and not space.done():
             space.set_result(None)
-        return text, tokens, actions
+        return text, tokens, actions, None  # type: ignore[return-value]
+
+    def _take_mixed(self, max_tokens: int, offset: int) -> Taken:
+        """`take` when tool pieces wait: a chunk never mixes text and a call,
+        and coalesces only fragments of the same call."""
+        pieces, counts = self._pieces, self._counts
+        first, tokens = pieces.popleft(), counts.popleft()
+        if isinstance(first, str):
+            parts = [first]
+            while pieces and isinstance(pieces[0], str) and tokens + counts[0] <= max_tokens:
+                parts.append(pieces.popleft())  # type: ignore[arg-type]
+                tokens += counts.popleft()
+            text = "".join(parts)
+            self.tokens -= tokens
+            self.chars -= len(text)
+            text_actions = self._take_actions(offset + utf8_length(text)) if self._actions else ()
+            self._wake_producer()
+            return text, tokens, text_actions, None
+        self._tools -= 1
+        arguments, actions = [first.arguments], list(first.actions)
+        while pieces and tokens + counts[0] <= max_tokens:
+            after = pieces[0]
+            if isinstance(after, str) or after.position != first.position:
+                break
+            pieces.popleft()
+            self._tools -= 1
+            tokens += counts.popleft()
+            arguments.append(after.arguments)
+            actions.extend(after.actions)
+        text = "".join(arguments)
+        self.tokens -= tokens
+        self.chars -= len(text)
+        self._wake_producer()
+        return text, tokens, tuple(actions), first
+
+    def _wake_producer(self) -> None:
+        space = self._space
+        if space is not None and self.chars <= self._max_chars / 2 and not space.done():
+            space.set_result(None)
 
     def _take_actions(self, end: int) -> tuple[Action, ...]:
         taken = tuple(a for a in self._actions if a.start < end)
@@ -111,6 +178,7 @@ class PendingText:
         """Forgets everything waiting (a buffered response sends its final payload instead)."""
         self._pieces.clear()
         self._counts.clear()
+        self._tools = 0
         self.tokens = 0
         self.chars = 0
         self._actions = []

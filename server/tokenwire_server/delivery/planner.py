@@ -148,25 +148,11 @@ class StreamDelivery:
         outcome = response.outcome
         held = outcome is not None and outcome.held  # held for review: no chunk
         if response.state is State.FINISHED and not response.chunks and not held:
-            response.cut_whole()
+            response.cut_whole()  # the records are read from the log below
         for record in response.chunks[self._start_after :]:
             await self._durable(record.sequence)
             self._sent(record.sequence)
             yield self._codec.chunk(record)
-
-    def _replaced_before_streaming(self) -> bool:
-        """Governance rewrote the answer (e.g. blocked it) before any chunk went out.
-
-        Then nothing needs retracting: the final payload goes out as the only
-        chunk, exactly as in BUFFERED mode.
-        """
-        response = self._response
-        outcome = response.outcome
-        return (
-            response.state is State.FINISHED
-            and outcome is not None
-            and outcome.final_text != response.released_text
-        )
 
     async def _streamed(self) -> AsyncGenerator[pb.StreamRespondResponse, None]:
         response, options, codec = self._response, self._options, self._codec
@@ -175,11 +161,14 @@ class StreamDelivery:
         cursor = self._start_after
         self._last_sent = self._loop.time()
         while True:
-            if not chunks and self._replaced_before_streaming():
-                record = response.cut_whole()
-                await self._durable(record.sequence)
-                self._sent(record.sequence)
-                yield codec.chunk(record)
+            if not chunks and response.replaced:
+                # Governance rewrote the answer (blocked it, say) before any chunk
+                # went out: nothing needs retracting, the final payload goes out
+                # whole, exactly as in BUFFERED mode.
+                for record in response.cut_whole():
+                    await self._durable(record.sequence)
+                    self._sent(record.sequence)
+                    yield codec.chunk(record)
                 return
             if cursor < len(chunks):
                 record = chunks[cursor]

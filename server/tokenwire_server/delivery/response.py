@@ -29,8 +29,8 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Protocol
 
 from tokenwire.v1 import respond_pb2 as pb
-from tokenwire_server.delivery.chunks import ChunkRecord, ChunkSequence, CompactChunks
-from tokenwire_server.delivery.pending import PendingText
+from tokenwire_server.delivery.chunks import ChunkRecord, ChunkSequence, CompactChunks, ToolDelta
+from tokenwire_server.delivery.pending import PendingText, ToolPiece
 from tokenwire_server.domain import (
     Action,
     DeliveryMode,
@@ -38,6 +38,7 @@ from tokenwire_server.domain import (
     FinishReason,
     ModelInfo,
     ServingPath,
+    ToolCall,
     Verdict,
     utf8_length,
 )
@@ -76,6 +77,23 @@ class Outcome:
     review: tuple[str, str] | None = None
     #: Held for review: nothing of the text is released, `final_text` is empty.
     held: bool = False
+    #: The final, governed tool calls, in the order they began.
+    tool_calls: tuple[ToolCall, ...] = ()
+
+
+class _ToolCallState:
+    """A call as released so far, and how much of it is cut into chunks."""
+
+    __slots__ = ("cut_bytes", "id", "name", "parts")
+
+    def __init__(self) -> None:
+        self.id = ""
+        self.name = ""
+        self.parts: list[str] = []
+        self.cut_bytes = 0
+
+    def call(self) -> ToolCall:
+        return ToolCall(self.id, self.name, "".join(self.parts))
 
 
 class LiveResponse:
@@ -108,6 +126,8 @@ class LiveResponse:
         self.pending = PendingText(self._loop, max_pending_chars)
         self._next_offset = 0
         self._released: list[str] = []
+        #: Tool calls released so far, by index.
+        self._calls: list[_ToolCallState] = []
         self._waiters: list[asyncio.Future[bool]] = []
         #: The generation task feeding this response, once started.
         self.task: asyncio.Task[None] | None = None
@@ -199,7 +219,19 @@ class LiveResponse:
             return False  # held for review: nothing of it leaves
         if self.mode_used is not DeliveryMode.STREAM:
             return True
-        return self.outcome is not None and self.outcome.final_text != self.released_text
+        return self.replaced
+
+    @property
+    def replaced(self) -> bool:
+        """The final payload (text or tool calls) is not what generation released."""
+        outcome = self.outcome
+        if outcome is None or self.state is not State.FINISHED:
+            return False
+        if outcome.final_text != self.released_text:
+            return True
+        return bool(outcome.tool_calls or self._calls) and (
+            outcome.tool_calls != self.released_tool_calls
+        )
 
     def _cut_detached(self) -> None:
         if self.mode_used is DeliveryMode.BUFFERED:
@@ -275,6 +307,35 @@ class LiveResponse:
                 self.validation.feed(text)
             self._released_more()
 
+    def release_tool(
+        self,
+        index: int,
+        arguments: str,
+        actions: tuple[Action, ...] = (),
+        tokens: int = 1,
+        id: str = "",
+        name: str = "",
+    ) -> None:
+        """Adds a governed fragment of tool call `index` (its `id` and `name`
+        with the first one); it waits for a reader in order with the text."""
+        self._generated(tokens)
+        calls = self._calls
+        while len(calls) <= index:
+            calls.append(_ToolCallState())
+        call = calls[index]
+        if id:
+            call.id = id
+        if name:
+            call.name = name
+        call.parts.append(arguments)
+        self.pending.add_tool(ToolPiece(index, id, name, arguments, actions), tokens)
+        self._released_more()
+
+    @property
+    def released_tool_calls(self) -> tuple[ToolCall, ...]:
+        """The tool calls as released so far (governed), in the order they began."""
+        return tuple(call.call() for call in self._calls)
+
     def release_tokens(self, tokens: list[str]) -> None:
         """Adds tokens that passed governance untouched, each its own pending piece
         (so `max_tokens_per_chunk` can be honoured), in one step: the same state
@@ -289,6 +350,10 @@ class LiveResponse:
         if self.validation is not None:
             self.validation.feed("".join(tokens))
         self._released_more()
+
+    def count_tokens(self, tokens: int) -> None:
+        """Generated tokens that released nothing yet (governance holds them)."""
+        self._generated(tokens)
 
     def _generated(self, tokens: int) -> None:
         self.tokens_generated += tokens
@@ -403,21 +468,45 @@ class LiveResponse:
             self._log_end_when_complete()
         return record
 
-    def cut_whole(self) -> ChunkRecord:
-        """The buffered delivery: the final payload as the one and only chunk."""
-        assert self.outcome is not None and not self.chunks
+    def cut_whole(self) -> list[ChunkRecord]:
+        """The buffered delivery: the final text as one chunk (one empty chunk
+        for an empty answer without tool calls), then each tool call whole."""
+        outcome = self.outcome
+        assert outcome is not None and not self.chunks
         self.pending.drop()
-        record = self._append(
-            self.outcome.final_text, self.outcome.completion_tokens, self.outcome.actions
-        )
+        records = []
+        tokens = outcome.completion_tokens
+        if outcome.final_text or not outcome.tool_calls:
+            records.append(self._append(outcome.final_text, tokens, outcome.actions))
+            tokens = 0
+        for index, call in enumerate(outcome.tool_calls):
+            piece = ToolPiece(index, call.id, call.name, call.arguments, ())
+            if len(self._calls) <= index:
+                self._calls.append(_ToolCallState())
+            records.append(self._append(call.arguments, tokens, (), piece))
+            tokens = 0
         self._log_end_when_complete()
-        return record
+        return records
 
-    def _append(self, text: str, tokens: int, actions: tuple[Action, ...]) -> ChunkRecord:
+    def _append(
+        self,
+        text: str,
+        tokens: int,
+        actions: tuple[Action, ...],
+        tool: ToolPiece | None = None,
+    ) -> ChunkRecord:
         offset = self._next_offset
         chunks = self.chunks
-        record = ChunkRecord(len(chunks) + 1, text, offset, tokens, actions, time.time_ns())
-        self._next_offset = offset + utf8_length(text)
+        if tool is None:
+            record = ChunkRecord(len(chunks) + 1, text, offset, tokens, actions, time.time_ns())
+            self._next_offset = offset + utf8_length(text)
+        else:
+            call = self._calls[tool.position]
+            delta = ToolDelta(tool.position, tool.id, tool.name, call.cut_bytes)
+            call.cut_bytes += utf8_length(text)
+            record = ChunkRecord(
+                len(chunks) + 1, text, offset, tokens, actions, time.time_ns(), delta
+            )
         chunks.append(record)
         if self._waiters:
             self._wake()
@@ -427,8 +516,17 @@ class LiveResponse:
 
     def append_logged(self, record: ChunkRecord) -> None:
         """Adds a chunk another replica cut and logged."""
-        self._released.append(record.text)
-        self._next_offset += utf8_length(record.text)
+        tool = record.tool
+        if tool is None:
+            self._released.append(record.text)
+            self._next_offset += utf8_length(record.text)
+        else:
+            while len(self._calls) <= tool.position:
+                self._calls.append(_ToolCallState())
+            call = self._calls[tool.position]
+            call.id, call.name = tool.id or call.id, tool.name or call.name
+            call.parts.append(record.text)
+            call.cut_bytes += utf8_length(record.text)
         self.chunks.append(record)
         if self._waiters:
             self._wake()

@@ -21,10 +21,11 @@ from typing import Any
 from opentelemetry.trace import INVALID_SPAN, Span
 
 from tokenwire_server.audit.records import TokenEvent
+from tokenwire_server.delivery.chunks import ChunkRecord
 from tokenwire_server.governance.scrub import scrub
 
-#: Chunks (sequence, text offset, UTF-8 bytes) a resumed call's caller already holds.
-ReplayPrefix = tuple[tuple[int, int, bytes], ...]
+#: The chunks a resumed call's caller already holds.
+ReplayPrefix = tuple[ChunkRecord, ...]
 
 
 @dataclass(frozen=True, slots=True)
@@ -70,6 +71,20 @@ class Sent:
 
 
 @dataclass(slots=True)
+class SentToolCall:
+    """One tool call as its fragments went out: (sequence, arguments) each."""
+
+    id: str
+    name: str
+    fragments: list[tuple[int, str]] = field(default_factory=list)
+    next_offset: int = 0
+
+    @property
+    def arguments(self) -> str:
+        return "".join(text for _, text in self.fragments)
+
+
+@dataclass(slots=True)
 class Ledger:
     """The verification gate's account of the stream as the caller holds it."""
 
@@ -77,6 +92,8 @@ class Ledger:
     next_sequence: int = 1
     next_offset: int = 0
     completed: bool = False
+    #: Tool calls by index, as their fragments went out.
+    calls: list[SentToolCall] = field(default_factory=list)
 
 
 @dataclass(slots=True)

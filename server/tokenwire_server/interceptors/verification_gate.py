@@ -10,6 +10,13 @@ better an error the client can resume from than a wrong stream). When
 chunk the caller must drop. Only then does `Completed` go out, with the final
 text dropped if the caller asked for that and nothing diverged.
 
+Tool-call fragments are checked the same way per call (the index is a call
+already begun or the next one; `arguments_offset` equals the bytes of that
+call's earlier fragments), and at `Completed` each call's fragments, in
+order, must equal its final id, name and arguments; a call that differs (or
+is missing from either side) is a divergence like text, stated with the first
+chunk to drop.
+
 For unary `Respond` the payload itself is what the caller receives; its digest
 must match `final_sha256`.
 """
@@ -20,7 +27,7 @@ from tokenwire.v1 import respond_pb2 as pb
 from tokenwire_server.codec import sha256_hex
 from tokenwire_server.domain import utf8_length
 from tokenwire_server.errors import LAST_SEQUENCE_KEY, VerificationFailed
-from tokenwire_server.interceptors.call import Call, ResponseFacts
+from tokenwire_server.interceptors.call import Call, Ledger, ResponseFacts, SentToolCall
 from tokenwire_server.interceptors.chain import RESPONDING, Stage
 
 
@@ -39,10 +46,46 @@ def retraction_point(chunks: list[bytes], final: bytes) -> int:
     return len(chunks) + 1
 
 
-def _verify(completed: pb.Completed, streamed_sha256: str, retract_from: int, omit: bool) -> None:
+def _tool_calls_retraction(calls: list[SentToolCall], final: pb.Completed) -> int | None:
+    """None when the calls as sent equal the final ones; else the first sequence
+    to drop (one past the last chunk when what was sent is only incomplete)."""
+    finals = final.tool_calls
+    if len(calls) == len(finals) and all(
+        sent.id == done.id and sent.name == done.name and sent.arguments == done.arguments
+        for sent, done in zip(calls, finals, strict=True)
+    ):
+        return None
+    retract = final.last_sequence + 1
+    for index, sent in enumerate(calls):
+        if not sent.fragments:
+            continue
+        if index >= len(finals) or (sent.id, sent.name) != (finals[index].id, finals[index].name):
+            retract = min(retract, sent.fragments[0][0])
+            continue
+        target, offset = finals[index].arguments.encode(), 0
+        for sequence, text in sent.fragments:
+            data = text.encode()
+            if target[offset : offset + len(data)] != data:
+                retract = min(retract, sequence)
+                break
+            offset += len(data)
+    return retract
+
+
+def _verify(
+    completed: pb.Completed,
+    streamed_sha256: str,
+    retract_from: int,
+    omit: bool,
+    calls_retract: int | None = None,
+) -> None:
     verification = completed.verification
     verification.streamed_sha256 = streamed_sha256
-    if streamed_sha256 == completed.final_sha256:
+    if calls_retract is not None:
+        verification.status = pb.VERIFICATION_STATUS_DIVERGED
+        text_retract = retract_from if streamed_sha256 != completed.final_sha256 else calls_retract
+        verification.retract_from_sequence = min(text_retract, calls_retract)
+    elif streamed_sha256 == completed.final_sha256:
         verification.status = pb.VERIFICATION_STATUS_VERIFIED
         verification.retract_from_sequence = 0
         if omit:
@@ -91,9 +134,16 @@ class VerificationGateStage(Stage):
     def on_facts(self, call: Call, facts: ResponseFacts) -> None:
         """A resumed call: the caller already holds these chunks."""
         ledger = call.ledger
-        for sequence, offset, data in facts.replay_prefix:
-            ledger.texts.append(data.decode())
-            ledger.next_sequence, ledger.next_offset = sequence + 1, offset + len(data)
+        for record in facts.replay_prefix:
+            tool = record.tool
+            if tool is None:
+                ledger.texts.append(record.text)
+                ledger.next_offset = record.text_offset + utf8_length(record.text)
+            else:
+                _sent_fragment(
+                    ledger, record.sequence, tool.position, tool.id, tool.name, record.text
+                )
+            ledger.next_sequence = record.sequence + 1
 
     def on_chunk(self, call: Call, chunk: pb.TokenChunk) -> None:
         ledger = call.ledger
@@ -108,12 +158,29 @@ class VerificationGateStage(Stage):
                 ledger.next_sequence - 1,
             )
         text = chunk.text
+        if not text and chunk.HasField("tool_call"):
+            self._tool_fragment(ledger, chunk)
+            return
         # The texts as sent; hashed once, when Completed arrives, rather than
         # encoded and hashed chunk by chunk: one pass in C instead of two calls
         # per chunk on the hot path.
         ledger.texts.append(text)
         ledger.next_sequence += 1
         ledger.next_offset += utf8_length(text)
+
+    @staticmethod
+    def _tool_fragment(ledger: Ledger, chunk: pb.TokenChunk) -> None:
+        delta = chunk.tool_call
+        calls = ledger.calls
+        expected = calls[delta.index].next_offset if delta.index < len(calls) else 0
+        if delta.index > len(calls) or delta.arguments_offset != expected:
+            raise _contract_broken(
+                f"tool call {delta.index} fragment at {delta.arguments_offset} does not follow "
+                f"{len(calls)} calls begun ({expected} bytes of this one)",
+                ledger.next_sequence - 1,
+            )
+        _sent_fragment(ledger, chunk.sequence, delta.index, delta.id, delta.name, delta.arguments)
+        ledger.next_sequence += 1
 
     async def on_completed(self, call: Call, completed: pb.Completed, unary: bool) -> None:
         if unary:
@@ -138,6 +205,27 @@ class VerificationGateStage(Stage):
             retract_from = retraction_point(
                 [text.encode() for text in sent], completed.final_text.encode()
             )
-        _verify(completed, streamed, retract_from, bool(call.request.omit_final_text))
-        _describe(call, completed, len(sent))
+        calls_retract = (
+            _tool_calls_retraction(ledger.calls, completed)
+            if ledger.calls or completed.tool_calls
+            else None
+        )
+        _verify(
+            completed, streamed, retract_from, bool(call.request.omit_final_text), calls_retract
+        )
+        _describe(call, completed, ledger.next_sequence - 1)
         ledger.completed = True
+
+
+def _sent_fragment(
+    ledger: Ledger, sequence: int, index: int, call_id: str, name: str, arguments: str
+) -> None:
+    # An empty text in its place keeps `texts` indexed by sequence (for the
+    # retraction point) without changing the streamed text.
+    ledger.texts.append("")
+    calls = ledger.calls
+    if index == len(calls):
+        calls.append(SentToolCall(call_id, name))
+    sent = calls[index]
+    sent.fragments.append((sequence, arguments))
+    sent.next_offset += utf8_length(arguments)

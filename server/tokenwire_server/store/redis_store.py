@@ -65,7 +65,7 @@ from redis.backoff import NoBackoff
 from redis.exceptions import ReadOnlyError
 
 from tokenwire.v1 import respond_pb2 as pb
-from tokenwire_server.delivery.chunks import ChunkRecord
+from tokenwire_server.delivery.chunks import ChunkRecord, ToolDelta
 from tokenwire_server.delivery.response import LiveResponse, Outcome, State
 from tokenwire_server.domain import (
     Action,
@@ -75,6 +75,7 @@ from tokenwire_server.domain import (
     ModelInfo,
     Operator,
     ServingPath,
+    ToolCall,
     Verdict,
 )
 from tokenwire_server.errors import (
@@ -207,7 +208,7 @@ def _entry_id(fields: dict[str, str | int], last_sequence: int) -> str:
 
 
 def _chunk_fields(record: ChunkRecord) -> dict[str, str | int]:
-    return {
+    fields: dict[str, str | int] = {
         "k": "c",
         "s": record.sequence,
         "t": record.text,
@@ -216,6 +217,16 @@ def _chunk_fields(record: ChunkRecord) -> dict[str, str | int]:
         "a": _actions_json(record.actions),
         "e": record.emitted_at_ns,
     }
+    if record.tool is not None:  # a tool-call fragment: which call, where in it
+        fields["tool"] = json.dumps(list(record.tool))
+    return fields
+
+
+def _tool_delta(fields: dict[str, str]) -> ToolDelta | None:
+    if "tool" not in fields:
+        return None
+    position, call_id, name, offset = json.loads(fields["tool"])
+    return ToolDelta(int(position), str(call_id), str(name), int(offset))
 
 
 def _end_fields(response: LiveResponse) -> dict[str, str | int]:
@@ -238,6 +249,7 @@ def _end_fields(response: LiveResponse) -> dict[str, str | int]:
                 "checks_passed": o.checks_passed,
                 "review": list(o.review) if o.review is not None else None,
                 "held": o.held,
+                "tool_calls": [[c.id, c.name, c.arguments] for c in o.tool_calls],
             }
         )
     if response.error is not None:
@@ -681,6 +693,7 @@ class RedisResponseStore(ResponseStore):
                     token_count=int(fields["n"]),
                     actions=_actions(fields["a"]),
                     emitted_at_ns=int(fields["e"]),
+                    tool=_tool_delta(fields),
                 )
             )
             return
@@ -706,6 +719,7 @@ class RedisResponseStore(ResponseStore):
                 review=(o["review"][0], o["review"][1]) if o.get("review") else None,
                 held=bool(o.get("held", False)),
                 checks_passed=bool(o.get("checks_passed", True)),
+                tool_calls=tuple(ToolCall(*call) for call in o.get("tool_calls", ())),
             )
         error: TokenwireError | None = None
         if "error" in fields:
