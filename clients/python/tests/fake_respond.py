@@ -100,6 +100,9 @@ class FakeRespond(respond_pb2_grpc.RespondServiceServicer):
     def __init__(self) -> None:
         self.script: Script = lambda request, context: answer(["hello ", "world"])
         self.requests: list[pb.StreamRespondRequest] = []
+        #: Answers unary Respond when set (else: the last message's text, verified).
+        self.unary: Callable[[pb.RespondRequest], pb.RespondResponse] | None = None
+        self.unary_requests: list[pb.RespondRequest] = []
         self.cancelled: list[str] = []
         self._lock = threading.Lock()
 
@@ -113,6 +116,9 @@ class FakeRespond(respond_pb2_grpc.RespondServiceServicer):
     def Respond(
         self, request: pb.RespondRequest, context: grpc.ServicerContext
     ) -> pb.RespondResponse:
+        self.unary_requests.append(request)
+        if self.unary is not None:
+            return self.unary(request)
         text = request.messages[-1].content
         events = answer([text])
         return pb.RespondResponse(completed=events[-1].completed)

@@ -27,7 +27,17 @@ from tokenwire.errors import (
     Unavailable,
 )
 from tokenwire.observed import Observation, Observed
-from tokenwire.stream import Chunk, Completion, Event, Heartbeat, Result, Retraction
+from tokenwire.stream import (
+    Chunk,
+    Completion,
+    Event,
+    Heartbeat,
+    Result,
+    Retraction,
+    ToolCall,
+    ToolCallFragment,
+)
+from tokenwire.tools import assistant_message, tool_result_message
 
 __version__ = "0.1.0"
 
@@ -52,6 +62,10 @@ __all__ = [
     "ResumePolicy",
     "Retraction",
     "TokenwireError",
+    "ToolCall",
+    "ToolCallFragment",
     "Unavailable",
+    "assistant_message",
     "tls_credentials",
+    "tool_result_message",
 ]

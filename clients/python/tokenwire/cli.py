@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import json
 import os
 import platform
 import shlex
@@ -42,7 +43,15 @@ from tokenwire.client import (
     tls_credentials,
 )
 from tokenwire.errors import IntegrityError, ProtocolError, TokenwireError
-from tokenwire.stream import Chunk, Result, Retraction, StreamAssembler
+from tokenwire.stream import (
+    Chunk,
+    Result,
+    Retraction,
+    StreamAssembler,
+    ToolCall,
+    ToolCallFragment,
+)
+from tokenwire.tools import json_object_format, schema_document, tool_choice, tools
 from tokenwire.v1 import respond_pb2 as pb
 
 ENTRY_POINT_GROUP = "tokenwire.commands"
@@ -125,17 +134,136 @@ def _summary(result: Result, mode: str, stream: ResponseStream | None) -> str:
     )
 
 
+#: The checks of content `ask` lists under its summary (integrity is the summary's own).
+SHOWN_CHECKS = ("json_schema", "tool_arguments")
+
+
+def _checks(result: Result) -> list[str]:
+    """One line per json_schema / tool_arguments check (and any other that did
+    not pass), each violation under it with its JSON pointer."""
+    lines = []
+    for check in result.completed.verification.checks:
+        outcome = pb.CheckOutcome.Name(check.outcome).removeprefix("CHECK_OUTCOME_").lower()
+        if check.name not in SHOWN_CHECKS and check.outcome == pb.CHECK_OUTCOME_PASSED:
+            continue
+        if check.name == "integrity":
+            continue
+        lines.append(f"  check {check.name}: {outcome}")
+        for violation in check.violations:
+            where = violation.json_pointer or (
+                f"bytes {violation.start}-{violation.end}" if violation.end else ""
+            )
+            where = f" at {where}" if where else ""
+            lines.append(f"    {violation.code}{where}: {violation.message}")
+    return lines
+
+
+def _call_header(call: ToolCall | ToolCallFragment) -> str:
+    return f"→ tool call #{call.index} {call.name or '?'}("
+
+
+class _CallPrinter:
+    """Shows tool calls as they form: a header line when a call begins, its
+    arguments as they stream, `)` on a line of its own when it ends (another
+    call or text comes, or the stream ends)."""
+
+    def __init__(self, out: TextIO) -> None:
+        self.out = out
+        self.open: int | None = None
+        self.seen: set[int] = set()
+        self.at_line_start = True
+
+    def text(self, text: str) -> None:
+        self.close()
+        if text:
+            self.out.write(text)
+            self.at_line_start = text.endswith("\n")
+
+    def fragment(self, fragment: ToolCallFragment) -> None:
+        if self.open != fragment.index:
+            self.close()
+            if not self.at_line_start:
+                self.out.write("\n")
+            call = fragment.call
+            again = " (continued)" if fragment.index in self.seen else ""
+            self.out.write(f"{_call_header(call)}{again}\n")
+            self.seen.add(fragment.index)
+            self.open = fragment.index
+        self.out.write(fragment.arguments)
+
+    def close(self) -> None:
+        if self.open is not None:
+            self.out.write("\n)\n")
+            self.open = None
+            self.at_line_start = True
+
+    def calls(self, calls: tuple[ToolCall, ...]) -> None:
+        """Whole calls (a unary answer, or the ones a retraction put in place)."""
+        self.close()
+        for call in calls:
+            if not self.at_line_start:
+                self.out.write("\n")
+            self.out.write(f"{_call_header(call)}\n{call.arguments}\n)\n")
+            self.at_line_start = True
+
+
 def _print_stream(stream: ResponseStream, out: TextIO) -> Result:
+    printer = _CallPrinter(out)
     for event in stream:
         if isinstance(event, Chunk):
-            out.write(event.text)
+            printer.text(event.text)
+            out.flush()
+        elif isinstance(event, ToolCallFragment):
+            printer.fragment(event)
             out.flush()
         elif isinstance(event, Retraction):
+            printer.close()
             out.write(
                 f"\n[retracted from chunk {event.from_sequence}; final text:]\n{event.final_text}"
             )
+            if event.final_tool_calls or event.kept_tool_calls:
+                out.write("\n[final tool calls:]\n")
+                printer.at_line_start = True
+                printer.calls(event.final_tool_calls)
+    printer.close()
     assert stream.result is not None
     return stream.result
+
+
+def _read_json(path: str, flag: str) -> object:
+    try:
+        with open(path, encoding="utf-8") as file:
+            return json.load(file)
+    except OSError as error:
+        raise ValueError(f"{flag} {path}: {error.strerror or error}") from None
+    except json.JSONDecodeError as error:
+        raise ValueError(f"{flag} {path}: not JSON: {error}") from None
+
+
+def _tool_options(args: argparse.Namespace) -> RespondOptions:
+    """tools / tool_choice / response_format from --tools, --tool-choice,
+    --json-schema, --json-object and --strict; ValueError says what is wrong."""
+    options: RespondOptions = {}
+    if args.tools:
+        document = _read_json(args.tools, "--tools")
+        if isinstance(document, dict) and isinstance(document.get("tools"), list):
+            document = document["tools"]  # {"tools": [...]}, as in a request body
+        if not isinstance(document, list):
+            raise ValueError(f"--tools {args.tools}: expected a JSON list of tools")
+        try:
+            options["tools"] = tools(document, strict=args.strict or None)
+        except (TypeError, ValueError) as error:
+            raise ValueError(f"--tools {args.tools}: {error}") from None
+    if args.tool_choice:
+        options["tool_choice"] = tool_choice(args.tool_choice)
+    if args.json_schema:
+        schema = _read_json(args.json_schema, "--json-schema")
+        if not isinstance(schema, dict):
+            raise ValueError(f"--json-schema {args.json_schema}: expected a JSON object")
+        options["response_format"] = schema_document(schema, strict=args.strict)
+    elif args.json_object:
+        options["response_format"] = json_object_format(strict=args.strict)
+    return options
 
 
 def resuming_can_help(error: TokenwireError) -> bool:
@@ -217,11 +345,17 @@ def _ask(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
     if problem is not None:
         err.write(f"tokenwire ask: {problem}\n")
         return 2
+    try:
+        tool_options = _tool_options(args)
+    except ValueError as error:
+        err.write(f"tokenwire ask: {error}\n")
+        return 2
     options: RespondOptions = {
         "model": args.model,
         "max_tokens": args.max_tokens,
         "labels": dict(args.label),
         "seed": args.seed,
+        **tool_options,
     }
     credentials = (
         tls_credentials(args.tls_ca, args.tls_cert, args.tls_key)
@@ -237,6 +371,10 @@ def _ask(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
             if args.unary:
                 result = client.respond(args.prompt, **options)
                 out.write(result.text)
+                if result.tool_calls:
+                    printer = _CallPrinter(out)
+                    printer.at_line_start = not result.text or result.text.endswith("\n")
+                    printer.calls(result.tool_calls)
                 mode = "unary"
             else:
                 mode_name: Mode = "buffered" if args.buffered else args.mode
@@ -266,6 +404,8 @@ def _ask(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
             return 1
     out.write("\n")
     err.write(_summary(result, mode, stream) + "\n")
+    for line in _checks(result):
+        err.write(line + "\n")
     if args.show_completed:
         out.write(json_format.MessageToJson(result.completed) + "\n")
     out.flush()
@@ -348,6 +488,36 @@ def add_ask_parser(commands: Subparsers) -> None:
     )
     ask.add_argument("--resume", metavar="RESPONSE_ID", help="continue an earlier response")
     ask.add_argument("--after", type=int, default=0, help="with --resume: the last sequence held")
+    ask.add_argument(
+        "--tools",
+        metavar="FILE",
+        help="JSON file: a list of tools the model may call, each OpenAI-style "
+        '{"type": "function", "function": {"name", "description", "parameters", "strict"}} '
+        'or bare {"name", "description", "parameters", "strict"}. Calls are shown as they '
+        "form: `→ tool call #0 NAME(`, the arguments as they stream, `)`",
+    )
+    ask.add_argument(
+        "--tool-choice",
+        metavar="auto|none|required|NAME",
+        help="whether the model may (auto), must not (none) or must (required) call a "
+        "tool, or the one tool it must call",
+    )
+    structured = ask.add_mutually_exclusive_group()
+    structured.add_argument(
+        "--json-schema",
+        metavar="FILE",
+        help="the answer must be JSON valid against this JSON Schema (a bare schema, or "
+        'OpenAI\'s {"name", "schema", "strict"}); the check is listed under the summary',
+    )
+    structured.add_argument(
+        "--json-object", action="store_true", help="the answer must be one JSON object"
+    )
+    ask.add_argument(
+        "--strict",
+        action="store_true",
+        help="with --json-schema / --json-object, and for tools whose file does not say: "
+        "stop generation as soon as the output can no longer be valid",
+    )
     ask.add_argument("--api-key", help="API key (default: TOKENWIRE_API_KEY)")
     ask.add_argument("--tls", action="store_true", help="use TLS with the system's trusted roots")
     ask.add_argument("--tls-ca", help="PEM CA that signed the server's certificate (implies TLS)")

@@ -19,9 +19,11 @@ from typing import Any, Literal, TypedDict, Unpack
 import grpc
 from google.protobuf import duration_pb2
 
+from tokenwire import tools as tool_specs
 from tokenwire.errors import ProtocolError, TokenwireError, from_rpc_error
 from tokenwire.observed import ObservationHook, Observed, Observer
 from tokenwire.stream import Event, Result, StreamAssembler, unary_result, worth_resuming
+from tokenwire.tools import ResponseFormatSpec, ToolChoiceSpec, ToolSpec
 from tokenwire.v1 import respond_pb2 as pb
 from tokenwire.v1 import respond_pb2_grpc
 
@@ -53,6 +55,9 @@ class RespondOptions(TypedDict, total=False):
     seed: int | None
     labels: Mapping[str, str] | None
     request_id: str
+    tools: Sequence[ToolSpec]
+    tool_choice: ToolChoiceSpec | None
+    response_format: ResponseFormatSpec | None
 
 
 class StreamOptions(RespondOptions, total=False):
@@ -110,7 +115,12 @@ def build_stream_request(
     max_delay: float | None = None,
     omit_final_text: bool = False,
     resumable: bool = False,
+    tools: Sequence[ToolSpec] = (),
+    tool_choice: ToolChoiceSpec | None = None,
+    response_format: ResponseFormatSpec | None = None,
 ) -> pb.StreamRespondRequest:
+    """A `StreamRespond` request. `tools`, `tool_choice` and `response_format`
+    take plain dicts (OpenAI's shapes included) or messages: see `tokenwire.tools`."""
     request = pb.StreamRespondRequest(
         request_id=request_id,
         model=model,
@@ -126,7 +136,21 @@ def build_stream_request(
         delay = duration_pb2.Duration()
         delay.FromNanoseconds(int(max_delay * 1e9))
         request.chunking.max_delay.CopyFrom(delay)
+    _add_tools(request, tools, tool_choice, response_format)
     return request
+
+
+def _add_tools(
+    request: pb.StreamRespondRequest | pb.RespondRequest,
+    tools: Sequence[ToolSpec],
+    tool_choice: ToolChoiceSpec | None,
+    response_format: ResponseFormatSpec | None,
+) -> None:
+    request.tools.extend(tool_specs.tools(tools))
+    if tool_choice is not None:
+        request.tool_choice.CopyFrom(tool_specs.tool_choice(tool_choice))
+    if response_format is not None:
+        request.response_format.CopyFrom(tool_specs.response_format(response_format))
 
 
 def build_respond_request(
@@ -141,14 +165,19 @@ def build_respond_request(
     seed: int | None = None,
     labels: Mapping[str, str] | None = None,
     request_id: str = "",
+    tools: Sequence[ToolSpec] = (),
+    tool_choice: ToolChoiceSpec | None = None,
+    response_format: ResponseFormatSpec | None = None,
 ) -> pb.RespondRequest:
-    return pb.RespondRequest(
+    request = pb.RespondRequest(
         request_id=request_id,
         model=model,
         messages=_messages(prompt, system),
         params=_params(max_tokens, temperature, top_p, stop, seed),
         labels=dict(labels or {}),
     )
+    _add_tools(request, tools, tool_choice, response_format)
+    return request
 
 
 def _request_id(metadata: Sequence[tuple[str, str | bytes]] | None) -> str:
