@@ -22,6 +22,7 @@ one small tuple; the text itself is never recorded.
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import itertools
 import time
 from concurrent.futures import Future
@@ -140,6 +141,20 @@ def _checks(checks: Any) -> list[dict[str, object]]:
     ]
 
 
+def _tool_calls(calls: Any) -> list[dict[str, object]]:
+    """Which functions the model called, as the row keeps them: the id, the
+    name and a digest of the governed arguments (which can be matched against
+    what a tool received) rather than the arguments themselves."""
+    return [
+        {
+            "tool_call": c.name,
+            "id": c.id,
+            "arguments_sha256": hashlib.sha256(c.arguments.encode()).hexdigest(),
+        }
+        for c in calls
+    ]
+
+
 def _resumed_after(call: Call) -> int:
     request = call.request
     if isinstance(request, pb.StreamRespondRequest) and request.HasField("resume"):
@@ -182,7 +197,8 @@ def _completed_row(call: Call, completed: pb.Completed) -> AuditRecord:
             }
             for a in completed.actions
         ]
-        + _checks(completed.verification.checks),
+        + _checks(completed.verification.checks)
+        + _tool_calls(completed.tool_calls),
         finish_reason=_name(pb.FinishReason, completed.finish_reason, "FINISH_REASON_"),
         prompt_tokens=completed.usage.prompt_tokens,
         completion_tokens=completed.usage.completion_tokens,
