@@ -10,18 +10,27 @@ of the same features live with the delivery pipeline.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import re
 from collections.abc import AsyncIterator
 from types import MappingProxyType
 from typing import Any
 
+import jsonschema
 import pytest
 from aiohttp import web
 
 from tokenwire_server.backends.base import Backend, BackendItem
 from tokenwire_server.backends.openai_compat import OpenAICompatibleBackend
-from tokenwire_server.config import UpstreamConfig
+from tokenwire_server.backends.simulator import (
+    KNOB_PREFIX,
+    KNOBS,
+    TOOL_FRAGMENT_CHARS,
+    SimulatorBackend,
+    example_for,
+)
+from tokenwire_server.config import SimulatorConfig, UpstreamConfig
 from tokenwire_server.domain import (
     Finish,
     FinishReason,
@@ -37,6 +46,7 @@ from tokenwire_server.domain import (
     ToolChoiceMode,
     ToolSpec,
 )
+from tokenwire_server.errors import BackendUnavailable, InvalidRequest
 
 WEATHER = ToolSpec(
     name="get_weather",
@@ -391,3 +401,203 @@ async def test_maps_response_format_and_tool_choice(
     sent = up.requests[0]
     for key in ("tools", "tool_choice", "response_format"):
         assert sent.get(key) == expected.get(key), key
+
+
+# The simulator. --------------------------------------------------------------
+
+TOOL_CALLS = KNOB_PREFIX + "tool-calls"
+FAST = {KNOB_PREFIX + "ttft-ms": "0", KNOB_PREFIX + "inter-token-ms": "0"}
+SCRIPT = [
+    {"name": "lookup", "arguments": '{"q": "héllo wörld ☃", "n": [1, 2, 3]}'},
+    {"name": "broken", "arguments": '{"unterminated": ', "id": "mine"},
+    {"name": "empty", "arguments": ""},
+]
+
+
+def sim_request(model: str = "tokenwire-sim", **fields: Any) -> GenerationRequest:
+    labels = {**FAST, **fields.pop("labels", {})}
+    return request(model=model, labels=labels, **fields)
+
+
+async def test_scripted_tool_calls_come_in_fragments_exactly() -> None:
+    backend = SimulatorBackend(SimulatorConfig())
+    req = sim_request(labels={TOOL_CALLS: json.dumps(SCRIPT)})
+    items = await run(backend, req)
+    assert not [i for i in items if isinstance(i, str)]  # no text by default with the knob
+    fragments = [i for i in items if isinstance(i, ToolCallFragment)]
+    assert all(len(f.arguments) <= TOOL_FRAGMENT_CHARS for f in fragments)
+    calls = reassemble(items)
+    assert [(c.name, c.arguments) for c in calls] == [(c["name"], c["arguments"]) for c in SCRIPT]
+    assert (
+        CALL_ID.fullmatch(calls[0].id) and calls[1].id == "mine" and CALL_ID.fullmatch(calls[2].id)
+    )
+    assert calls[0].id != calls[2].id
+    finish = items[-1]
+    assert isinstance(finish, Finish) and finish.reason is FinishReason.TOOL_CALLS
+    assert finish.completion_tokens == len(fragments)
+    # Deterministic: another replica regenerating the response makes the same ids.
+    again = reassemble(await run(SimulatorBackend(SimulatorConfig()), req))
+    assert again == calls
+
+
+async def test_scripted_calls_follow_text_when_asked() -> None:
+    backend = SimulatorBackend(SimulatorConfig())
+    labels = {TOOL_CALLS: json.dumps(SCRIPT[:1]), KNOB_PREFIX + "answer-tokens": "5"}
+    items = await run(backend, sim_request(labels=labels))
+    kinds = [type(i) for i in items]
+    assert kinds[:5] == [str] * 5 and ToolCallFragment in kinds
+    assert kinds.index(ToolCallFragment) == 5
+    # Echo stays an exact echo, and the scripted calls come after it.
+    echo = await run(
+        backend, sim_request(model="echo", labels={TOOL_CALLS: json.dumps(SCRIPT[:1])})
+    )
+    assert "".join(i for i in echo if isinstance(i, str)) == "Weather in Zürich, and the time?"
+    assert reassemble(echo)[0].arguments == SCRIPT[0]["arguments"]
+
+
+async def test_scripted_calls_keep_the_timing_and_fault_knobs() -> None:
+    backend = SimulatorBackend(SimulatorConfig())
+    script = json.dumps([{"name": "f", "arguments": "x" * 40}])  # 10 fragments
+    loop = asyncio.get_running_loop()
+    start = loop.time()
+    labels = {
+        TOOL_CALLS: script,
+        KNOB_PREFIX + "ttft-ms": "30",
+        KNOB_PREFIX + "inter-token-ms": "10",
+    }
+    arrivals = []
+    async for _item in backend.generate(request(model="tokenwire-sim", labels=labels)):
+        arrivals.append(loop.time() - start)
+    assert arrivals[0] >= 0.03 and arrivals[-2] >= 0.03 + 9 * 0.01  # the last is Finish
+
+    seen: list[BackendItem] = []
+    with pytest.raises(BackendUnavailable):
+        async for item in backend.generate(
+            sim_request(labels={TOOL_CALLS: script, KNOB_PREFIX + "fail-after": "3"})
+        ):
+            seen.append(item)
+    assert len(seen) == 3 and all(isinstance(i, ToolCallFragment) for i in seen)
+
+    cut = await run(backend, sim_request(labels={TOOL_CALLS: script}, max_tokens=4))
+    assert len([i for i in cut if isinstance(i, ToolCallFragment)]) == 4
+    finish = cut[-1]
+    assert isinstance(finish, Finish) and finish.reason is FinishReason.LENGTH
+
+
+@pytest.mark.parametrize(
+    ("value", "says"),
+    [
+        ("[{", "not JSON"),
+        ("{}", "at least one call"),
+        ("[]", "at least one call"),
+        ('["f"]', "call 0 is not an object"),
+        ('[{"arguments": "{}"}]', "non-empty string name"),
+        ('[{"name": "f", "arguments": {"a": 1}}]', "arguments as a string"),
+        ('[{"name": "f", "args": "{}"}]', "unknown keys ['args']"),
+        ('[{"name": "f", "arguments": "{}", "id": ""}]', "id that is not a non-empty string"),
+    ],
+)
+async def test_a_bad_tool_calls_knob_is_named(value: str, says: str) -> None:
+    backend = SimulatorBackend(SimulatorConfig())
+    problems = backend.check_labels({TOOL_CALLS: value})
+    assert [p.field for p in problems] == [f"labels[{TOOL_CALLS}]"]
+    assert says in problems[0].description and "JSON array" in problems[0].description
+    with pytest.raises(InvalidRequest):
+        await run(backend, sim_request(labels={TOOL_CALLS: value}))
+    assert backend.stats.started == 0
+    assert not KNOBS["tool-calls"].numeric
+
+
+SCHEMA = {
+    "$defs": {"unit": {"type": "string", "enum": ["celsius", "fahrenheit"]}},
+    "type": "object",
+    "properties": {
+        "city": {"type": "string", "minLength": 12},
+        "unit": {"$ref": "#/$defs/unit"},
+        "days": {"type": "integer", "minimum": 1, "maximum": 14},
+        "ratio": {"type": "number", "exclusiveMinimum": 0, "exclusiveMaximum": 0.5},
+        "step": {"type": "integer", "minimum": 7, "multipleOf": 5},
+        "when": {"type": "string", "format": "date-time"},
+        "tags": {"type": "array", "items": {"type": "string", "maxLength": 3}, "minItems": 2},
+        "flags": {"type": ["null", "boolean"]},
+        "where": {
+            "anyOf": [
+                {"type": "object", "properties": {"lat": {"type": "number"}}, "required": ["lat"]},
+                {"type": "string"},
+            ]
+        },
+        "both": {
+            "allOf": [
+                {"type": "object", "properties": {"a": {"const": 1}}, "required": ["a"]},
+                {"properties": {"b": {"type": "boolean"}}, "required": ["b"]},
+            ]
+        },
+        "optional": {"type": "string"},
+    },
+    "required": ["city", "unit", "days", "ratio", "step", "when", "tags", "flags", "where", "both"],
+    "additionalProperties": False,
+}
+
+
+def test_schema_examples_validate() -> None:
+    for schema in (
+        SCHEMA,
+        {},
+        {"type": "object"},
+        {"type": "array"},
+        {"type": "integer", "maximum": -3},
+    ):
+        example = example_for(schema)
+        jsonschema.validate(example, schema, cls=jsonschema.Draft202012Validator)
+    assert "optional" not in example_for(SCHEMA)
+
+
+@pytest.mark.parametrize(
+    ("choice", "called"),
+    [
+        (ToolChoice(ToolChoiceMode.REQUIRED), "get_weather"),
+        (ToolChoice(function_name="plan_trip"), "plan_trip"),
+    ],
+)
+async def test_sim_calls_a_required_tool_with_arguments_from_its_schema(
+    choice: ToolChoice, called: str
+) -> None:
+    backend = SimulatorBackend(SimulatorConfig())
+    tools = (
+        ToolSpec("get_weather", parameters=WEATHER.parameters),
+        ToolSpec("plan_trip", parameters=SCHEMA),
+    )
+    items = await run(backend, sim_request(tools=tools, tool_choice=choice))
+    assert not [i for i in items if isinstance(i, str)]
+    (call,) = reassemble(items)
+    assert call.name == called
+    schema = next(t.parameters for t in tools if t.name == called)
+    jsonschema.validate(json.loads(call.arguments), dict(schema or {}))
+    finish = items[-1]
+    assert isinstance(finish, Finish) and finish.reason is FinishReason.TOOL_CALLS
+
+    # AUTO: the simulator answers in text.
+    auto = await run(backend, sim_request(tools=tools, tool_choice=ToolChoice(ToolChoiceMode.AUTO)))
+    assert not [i for i in auto if isinstance(i, ToolCallFragment)]
+    assert isinstance(auto[-1], Finish) and auto[-1].reason is FinishReason.STOP
+
+
+@pytest.mark.parametrize(
+    ("response_format", "schema"),
+    [
+        (ResponseFormat(ResponseFormatType.JSON_SCHEMA, "trip", SCHEMA), SCHEMA),
+        (ResponseFormat(ResponseFormatType.JSON_OBJECT), {"type": "object"}),
+    ],
+    ids=["json-schema", "json-object"],
+)
+async def test_sim_answers_a_json_format_with_a_conforming_document(
+    response_format: ResponseFormat, schema: dict[str, Any]
+) -> None:
+    backend = SimulatorBackend(SimulatorConfig())
+    items = await run(backend, sim_request(response_format=response_format))
+    texts = [i for i in items if isinstance(i, str)]
+    assert all(len(t) <= 4 for t in texts) and len(texts) > 1
+    jsonschema.validate(json.loads("".join(texts)), schema)
+    # Echo stays exact, whatever format was asked for.
+    echo = await run(backend, sim_request(model="echo", response_format=response_format))
+    assert "".join(i for i in echo if isinstance(i, str)) == "Weather in Zürich, and the time?"
