@@ -4,7 +4,10 @@ Collecting all violations (instead of stopping at the first) lets a caller fix
 a request in one round trip; the ErrorInfo reason names the most specific
 problem so clients can branch on it. Every number a request can set has its
 range in `request_bounds` (docs/request-bounds.md), and a violation states
-that range, so the caller learns the fix from the error alone.
+that range, so the caller learns the fix from the error alone. Tools, the
+tool choice, the response format and tool turns are checked in
+structured/request_fields.py; a request without them pays a few attribute
+tests for that.
 """
 
 from __future__ import annotations
@@ -25,6 +28,12 @@ from tokenwire_server.domain import (
     Role,
 )
 from tokenwire_server.errors import FieldViolation, InvalidRequest, TokenwireError
+from tokenwire_server.structured.request_fields import (
+    parse_response_format,
+    parse_tool_choice,
+    parse_tool_turn,
+    parse_tools,
+)
 
 MAX_REQUEST_ID_LENGTH = 128
 MAX_STOP_SEQUENCES = 4
@@ -138,17 +147,28 @@ def parse_call(
     elif len(request.messages) > limits.max_messages:
         v.add("messages", f"at most {limits.max_messages} messages", "TOO_MANY_MESSAGES")
     prompt_bytes = 0
+    call_ids: set[str] = set()
     for index, message in enumerate(request.messages):
         role = _ROLES.get(message.role)
         if role is None:
             v.add(
                 f"messages[{index}].role",
-                "must be ROLE_SYSTEM, ROLE_USER or ROLE_ASSISTANT",
+                "must be ROLE_SYSTEM, ROLE_USER, ROLE_ASSISTANT or ROLE_TOOL",
                 "INVALID_ROLE",
             )
+        prompt_bytes += len(message.content.encode())
+        if message.tool_calls or message.tool_call_id or role is Role.TOOL:
+            # Tool turns only: a plain conversation pays for the three tests above.
+            calls, call_id = parse_tool_turn(index, message, role, call_ids, v.add)
+            prompt_bytes += sum(len(c.arguments.encode()) for c in calls)
+            # A tool may answer with nothing; an assistant turn may be only calls.
+            if not (message.content or role is Role.TOOL or calls):
+                v.add(f"messages[{index}].content", "must not be empty", "EMPTY_CONTENT")
+            if role is not None:
+                messages.append(Message(role, message.content, calls, call_id))
+            continue
         if not message.content:
             v.add(f"messages[{index}].content", "must not be empty", "EMPTY_CONTENT")
-        prompt_bytes += len(message.content.encode())
         if role is not None:
             messages.append(Message(role, message.content))
     if prompt_bytes > limits.max_prompt_bytes:
@@ -188,6 +208,18 @@ def parse_call(
                 "INVALID_LABEL",
             )
 
+    tools = parse_tools(request.tools, v.add) if request.tools else ()
+    tool_choice = (
+        parse_tool_choice(request.tool_choice, tools, v.add)
+        if request.HasField("tool_choice")
+        else None
+    )
+    response_format = (
+        parse_response_format(request.response_format, v.add)
+        if request.HasField("response_format")
+        else None
+    )
+
     delivery: DeliveryOptions | None = None
     if isinstance(request, pb.StreamRespondRequest):
         delivery = _delivery_options(request, config, bounds, max_tokens, v)
@@ -214,6 +246,9 @@ def parse_call(
         seed=params.seed if params.HasField("seed") else None,
         labels=dict(request.labels),
         deadline=deadline,
+        tools=tools,
+        tool_choice=tool_choice,
+        response_format=response_format,
     )
     return ParsedCall(backend=backend, model=model, generation=generation, delivery=delivery)
 
