@@ -4,15 +4,17 @@ import (
 	"bytes"
 	"crypto/sha256"
 	"encoding/hex"
+	"encoding/json"
 	"fmt"
 	"hash"
+	"sort"
 	"time"
 
 	pb "github.com/tokenwire/tokenwire/clients/go/gen/tokenwire/v1"
 )
 
-// Event is one thing a stream reader sees: *Chunk, *Heartbeat, *Retraction
-// or *Completion (always the last).
+// Event is one thing a stream reader sees: *Chunk, *ToolCallFragment,
+// *Heartbeat, *Retraction or *Completion (always the last).
 type Event interface{ isEvent() }
 
 // Chunk is a piece of governed text, in order.
@@ -22,6 +24,51 @@ type Chunk struct {
 	TextOffset uint32
 	TokenCount uint32
 	Message    *pb.TokenChunk
+}
+
+// ToolCall is a tool call: as assembled so far from its fragments, or as
+// Completed reports it (Complete: the final, governed call). Arguments is
+// JSON text. ID and Name come with a call's first fragment; a stream resumed
+// by hand after it knows them only from Completed.
+type ToolCall struct {
+	Index     uint32
+	ID        string
+	Name      string
+	Arguments string
+	Complete  bool
+}
+
+// Unmarshal decodes the call's arguments into v (json.Unmarshal).
+func (c ToolCall) Unmarshal(v any) error {
+	if c.Arguments == "" {
+		return json.Unmarshal([]byte("{}"), v)
+	}
+	return json.Unmarshal([]byte(c.Arguments), v)
+}
+
+// Proto is the call as the wire's ToolCall (for the next request's assistant turn).
+func (c ToolCall) Proto() *pb.ToolCall {
+	return &pb.ToolCall{Id: c.ID, Name: c.Name, Arguments: c.Arguments}
+}
+
+// ToolCallFragment is one piece of a tool call, in order: a chunk that
+// carries no text. Arguments is this piece, at byte ArgumentsOffset of the
+// call's arguments; Call is the call as held after it. ID and Name are set
+// on a call's first fragment only.
+type ToolCallFragment struct {
+	Sequence        uint32
+	Index           uint32
+	ID              string
+	Name            string
+	Arguments       string
+	ArgumentsOffset uint32
+	Call            ToolCall
+	Message         *pb.TokenChunk
+}
+
+// First reports whether this is the call's first fragment (it names the call).
+func (f *ToolCallFragment) First() bool {
+	return f.ArgumentsOffset == 0 && (f.Name != "" || f.ID != "")
 }
 
 // Heartbeat says the server is alive while generation is silent; it never
@@ -40,6 +87,10 @@ type Retraction struct {
 	FromOffset   int
 	KeptText     string
 	FinalText    string
+	// The calls as held before FromSequence (fragments from it on are dropped too).
+	KeptToolCalls []ToolCall
+	// Completed.tool_calls: the calls that replace every call streamed.
+	FinalToolCalls []ToolCall
 }
 
 // Completion is the last event of a stream.
@@ -47,10 +98,11 @@ type Completion struct {
 	Result *Result
 }
 
-func (*Chunk) isEvent()      {}
-func (*Heartbeat) isEvent()  {}
-func (*Retraction) isEvent() {}
-func (*Completion) isEvent() {}
+func (*Chunk) isEvent()            {}
+func (*ToolCallFragment) isEvent() {}
+func (*Heartbeat) isEvent()        {}
+func (*Retraction) isEvent()       {}
+func (*Completion) isEvent()       {}
 
 // Result is the verified outcome of a call.
 type Result struct {
@@ -70,7 +122,18 @@ type Result struct {
 	// this sequence: Text then holds only what came after it (the server
 	// still verified the whole).
 	ResumedAfter uint32
+	// The final, governed tool calls (Completed.tool_calls), each Complete.
+	ToolCalls []ToolCall
 }
+
+// Checks is Completed.verification.checks: integrity, json_schema,
+// tool_arguments and the validators.
+func (r *Result) Checks() []*pb.VerificationCheck {
+	return r.Completed.GetVerification().GetChecks()
+}
+
+// ChecksPassed is Completed.verification.checks_passed.
+func (r *Result) ChecksPassed() bool { return r.Completed.GetVerification().GetChecksPassed() }
 
 // Verified reports whether Text hashes to the server's SHA256.
 func (r *Result) Verified() bool {
@@ -108,13 +171,46 @@ type Assembler struct {
 	digest       hash.Hash
 	responseID   string
 	result       *Result
+	calls        map[uint32]*heldCall
+}
+
+// heldCall is a tool call's fragments as received.
+type heldCall struct {
+	index     uint32
+	id, name  string
+	start     int // byte of the arguments where the first fragment held here starts
+	sequences []uint32
+	parts     [][]byte
+	size      int
+}
+
+func (h *heldCall) arguments(before uint32) []byte {
+	var out []byte
+	for i, data := range h.parts {
+		if before == 0 || h.sequences[i] < before {
+			out = append(out, data...)
+		}
+	}
+	return out
+}
+
+func (h *heldCall) snapshot(before uint32) ToolCall {
+	return ToolCall{Index: h.index, ID: h.id, Name: h.name, Arguments: string(h.arguments(before))}
+}
+
+func finalToolCalls(completed *pb.Completed) []ToolCall {
+	var calls []ToolCall
+	for i, call := range completed.GetToolCalls() {
+		calls = append(calls, ToolCall{Index: uint32(i), ID: call.GetId(), Name: call.GetName(), Arguments: call.GetArguments(), Complete: true})
+	}
+	return calls
 }
 
 // NewAssembler returns an assembler for a whole response, or, with
 // resumedAfter > 0, for the rest of a response whose chunks 1..resumedAfter
 // the caller already holds.
 func NewAssembler(resumedAfter uint32) *Assembler {
-	a := &Assembler{resumedAfter: resumedAfter, nextSequence: resumedAfter + 1, digest: sha256.New()}
+	a := &Assembler{resumedAfter: resumedAfter, nextSequence: resumedAfter + 1, digest: sha256.New(), calls: map[uint32]*heldCall{}}
 	if resumedAfter > 0 {
 		a.nextOffset = -1
 	}
@@ -129,6 +225,36 @@ func (a *Assembler) ResponseID() string { return a.responseID }
 
 // Result is the verified result once Completed arrived, else nil.
 func (a *Assembler) Result() *Result { return a.result }
+
+// Text is the text held so far (the final text once completed).
+func (a *Assembler) Text() string {
+	if a.result != nil {
+		return a.result.Text
+	}
+	return string(bytes.Join(a.parts, nil))
+}
+
+// ToolCalls are the tool calls held so far, by index, with their arguments
+// as far as they came; once completed, the final calls from Completed.
+func (a *Assembler) ToolCalls() []ToolCall {
+	if a.result != nil {
+		return append([]ToolCall(nil), a.result.ToolCalls...)
+	}
+	var calls []ToolCall
+	for _, index := range a.callIndexes() {
+		calls = append(calls, a.calls[index].snapshot(0))
+	}
+	return calls
+}
+
+func (a *Assembler) callIndexes() []uint32 {
+	indexes := make([]uint32, 0, len(a.calls))
+	for index := range a.calls {
+		indexes = append(indexes, index)
+	}
+	sort.Slice(indexes, func(i, j int) bool { return indexes[i] < indexes[j] })
+	return indexes
+}
 
 // ResumeRequest is the request that continues this response after what the
 // assembler holds.
@@ -146,6 +272,13 @@ func (a *Assembler) Feed(message *pb.StreamRespondResponse) ([]Event, error) {
 	}
 	switch event := message.GetEvent().(type) {
 	case *pb.StreamRespondResponse_Chunk:
+		if event.Chunk.GetToolCall() != nil {
+			fragment, err := a.fragment(event.Chunk)
+			if err != nil {
+				return nil, err
+			}
+			return []Event{fragment}, nil
+		}
 		chunk, err := a.chunk(event.Chunk)
 		if err != nil {
 			return nil, err
@@ -163,9 +296,10 @@ func (a *Assembler) Feed(message *pb.StreamRespondResponse) ([]Event, error) {
 	}
 }
 
-func (a *Assembler) chunk(chunk *pb.TokenChunk) (*Chunk, error) {
+// place checks a chunk's response id, sequence and text offset (text or fragment).
+func (a *Assembler) place(chunk *pb.TokenChunk) error {
 	if a.responseID != "" && chunk.GetResponseId() != a.responseID {
-		return nil, protocolError(a.LastSequence(), "chunk of response %s inside %s", chunk.GetResponseId(), a.responseID)
+		return protocolError(a.LastSequence(), "chunk of response %s inside %s", chunk.GetResponseId(), a.responseID)
 	}
 	if a.nextOffset == -1 {
 		a.nextOffset = int64(chunk.GetTextOffset())
@@ -177,8 +311,15 @@ func (a *Assembler) chunk(chunk *pb.TokenChunk) (*Chunk, error) {
 		} else if chunk.GetSequence() < a.nextSequence {
 			kind = SequenceRepeat
 		}
-		return nil, a.violation(kind, "expected chunk %d at byte %d, got %d at byte %d",
+		return a.violation(kind, "expected chunk %d at byte %d, got %d at byte %d",
 			a.nextSequence, a.nextOffset, chunk.GetSequence(), chunk.GetTextOffset())
+	}
+	return nil
+}
+
+func (a *Assembler) chunk(chunk *pb.TokenChunk) (*Chunk, error) {
+	if err := a.place(chunk); err != nil {
+		return nil, err
 	}
 	a.responseID = chunk.GetResponseId()
 	data := []byte(chunk.GetText())
@@ -193,6 +334,99 @@ func (a *Assembler) chunk(chunk *pb.TokenChunk) (*Chunk, error) {
 		TokenCount: chunk.GetTokenCount(),
 		Message:    chunk,
 	}, nil
+}
+
+// fragment takes a tool-call fragment: in sequence like a chunk, at the text
+// offset (which it does not advance), and at its call's arguments_offset.
+func (a *Assembler) fragment(chunk *pb.TokenChunk) (*ToolCallFragment, error) {
+	if err := a.place(chunk); err != nil {
+		return nil, err
+	}
+	delta := chunk.GetToolCall()
+	last := a.LastSequence()
+	if chunk.GetText() != "" {
+		return nil, protocolError(last, "chunk %d carries both text and a tool-call fragment", chunk.GetSequence())
+	}
+	call := a.calls[delta.GetIndex()]
+	if call == nil {
+		// Calls are numbered in the order they begin; a stream resumed by hand
+		// may begin inside any call (the earlier ones are the caller's).
+		if a.resumedAfter == 0 && int(delta.GetIndex()) != len(a.calls) {
+			return nil, protocolError(last, "tool call #%d begins before #%d", delta.GetIndex(), len(a.calls))
+		}
+		call = &heldCall{index: delta.GetIndex()}
+		if a.resumedAfter > 0 {
+			call.start = int(delta.GetArgumentsOffset())
+		}
+	}
+	if expected := call.start + call.size; int(delta.GetArgumentsOffset()) != expected {
+		return nil, a.violation(OffsetMismatch, "expected tool call #%d arguments at byte %d, got chunk %d at byte %d",
+			delta.GetIndex(), expected, chunk.GetSequence(), delta.GetArgumentsOffset())
+	}
+	if call.id != "" && delta.GetId() != "" && call.id != delta.GetId() {
+		return nil, protocolError(last, "tool call #%d id %q in chunk %d, was %q", delta.GetIndex(), delta.GetId(), chunk.GetSequence(), call.id)
+	}
+	if call.name != "" && delta.GetName() != "" && call.name != delta.GetName() {
+		return nil, protocolError(last, "tool call #%d name %q in chunk %d, was %q", delta.GetIndex(), delta.GetName(), chunk.GetSequence(), call.name)
+	}
+	if call.id == "" {
+		call.id = delta.GetId()
+	}
+	if call.name == "" {
+		call.name = delta.GetName()
+	}
+	a.calls[delta.GetIndex()] = call
+	a.responseID = chunk.GetResponseId()
+	data := []byte(delta.GetArguments())
+	call.sequences = append(call.sequences, chunk.GetSequence())
+	call.parts = append(call.parts, data)
+	call.size += len(data)
+	// A fragment holds no text: an empty part keeps parts indexed by sequence.
+	a.parts = append(a.parts, nil)
+	a.nextSequence++
+	return &ToolCallFragment{
+		Sequence: chunk.GetSequence(), Index: delta.GetIndex(), ID: delta.GetId(), Name: delta.GetName(),
+		Arguments: delta.GetArguments(), ArgumentsOffset: delta.GetArgumentsOffset(),
+		Call: call.snapshot(0), Message: chunk,
+	}, nil
+}
+
+// checkCalls holds each call (its fragments before `before`, or all with 0)
+// against the final call of its index: equal, or with a retraction a prefix.
+func (a *Assembler) checkCalls(final []ToolCall, before uint32) error {
+	last := a.LastSequence()
+	finals := map[uint32]ToolCall{}
+	for _, call := range final {
+		finals[call.Index] = call
+	}
+	for _, index := range a.callIndexes() {
+		held := a.calls[index]
+		if before != 0 && held.sequences[0] >= before {
+			continue // every fragment of it was retracted
+		}
+		target, ok := finals[index]
+		if !ok {
+			return integrityError(last, "tool call #%d was streamed but is not in Completed.tool_calls", index)
+		}
+		if (held.id != "" && held.id != target.ID) || (held.name != "" && held.name != target.Name) {
+			return integrityError(last, "tool call #%d streamed as %s %s, Completed says %s %s", index, held.id, held.name, target.ID, target.Name)
+		}
+		arguments := held.arguments(before)
+		if before == 0 && !bytes.Equal(arguments, []byte(target.Arguments)) {
+			return integrityError(last, "tool call #%d: its fragments differ from its final arguments", index)
+		}
+		if before != 0 && !bytes.HasPrefix([]byte(target.Arguments), arguments) {
+			return integrityError(last, "tool call #%d: fragments before %d are not a prefix of its final arguments", index, before)
+		}
+	}
+	if before == 0 {
+		for _, call := range final {
+			if a.calls[call.Index] == nil {
+				return integrityError(last, "tool call #%d is in Completed but was never streamed", call.Index)
+			}
+		}
+	}
+	return nil
 }
 
 // violation tells Observe of an ordering violation and returns it as a *ProtocolError.
@@ -239,12 +473,14 @@ func (a *Assembler) completed(completed *pb.Completed) ([]Event, error) {
 		a.result = &Result{
 			Text: string(received), SHA256: completed.GetFinalSha256(), Completed: completed,
 			ChunkCount: last, RequestID: requestID, ResumedAfter: a.resumedAfter,
+			ToolCalls: finalToolCalls(completed),
 		}
 		return []Event{&Completion{Result: a.result}}, nil
 	}
 	var events []Event
 	var text string
 	var retraction *Retraction
+	finalCalls := finalToolCalls(completed)
 	switch status {
 	case pb.VerificationStatus_VERIFICATION_STATUS_VERIFIED:
 		streamed := hex.EncodeToString(a.digest.Sum(nil))
@@ -254,6 +490,18 @@ func (a *Assembler) completed(completed *pb.Completed) ([]Event, error) {
 		text = string(received)
 		if completed.GetFinalText() != "" && completed.GetFinalText() != text {
 			return nil, integrityError(last, "final_text differs from the verified stream")
+		}
+		if len(finalCalls) > 0 || len(a.calls) == 0 {
+			if err := a.checkCalls(finalCalls, 0); err != nil {
+				return nil, err
+			}
+		} else {
+			// Completed without its calls (as final_text may be omitted): the
+			// verified fragments are the calls.
+			for _, call := range a.ToolCalls() {
+				call.Complete = true
+				finalCalls = append(finalCalls, call)
+			}
 		}
 	case pb.VerificationStatus_VERIFICATION_STATUS_DIVERGED:
 		text = completed.GetFinalText()
@@ -268,14 +516,26 @@ func (a *Assembler) completed(completed *pb.Completed) ([]Event, error) {
 		if !bytes.HasPrefix([]byte(text), kept) {
 			return nil, integrityError(last, "chunks before %d are not a prefix of the final text", from)
 		}
-		retraction = &Retraction{FromSequence: from, FromOffset: len(kept), KeptText: string(kept), FinalText: text}
+		if err := a.checkCalls(finalCalls, from); err != nil {
+			return nil, err
+		}
+		var keptCalls []ToolCall
+		for _, index := range a.callIndexes() {
+			if held := a.calls[index]; held.sequences[0] < from {
+				keptCalls = append(keptCalls, held.snapshot(from))
+			}
+		}
+		retraction = &Retraction{
+			FromSequence: from, FromOffset: len(kept), KeptText: string(kept), FinalText: text,
+			KeptToolCalls: keptCalls, FinalToolCalls: finalCalls,
+		}
 		events = append(events, retraction)
 	default:
 		return nil, protocolError(last, "Completed without a verification result (%v)", status)
 	}
 	a.result = &Result{
 		Text: text, SHA256: completed.GetFinalSha256(), Completed: completed,
-		ChunkCount: last, Retraction: retraction, RequestID: requestID,
+		ChunkCount: last, Retraction: retraction, RequestID: requestID, ToolCalls: finalCalls,
 	}
 	return append(events, &Completion{Result: a.result}), nil
 }
@@ -296,5 +556,8 @@ func unaryResult(response *pb.RespondResponse, requestID string) (*Result, error
 	if requestID == "" {
 		requestID = completed.GetRequestId()
 	}
-	return &Result{Text: text, SHA256: completed.GetFinalSha256(), Completed: completed, RequestID: requestID}, nil
+	return &Result{
+		Text: text, SHA256: completed.GetFinalSha256(), Completed: completed, RequestID: requestID,
+		ToolCalls: finalToolCalls(completed),
+	}, nil
 }

@@ -255,6 +255,11 @@ type Request struct {
 	Seed        *int64
 	Labels      map[string]string
 	RequestID   string // empty: the server assigns one
+	// Tools the model may call (FunctionTool, ToolsFromJSON), whether it may
+	// (ChooseTool), and the shape of its text (JSONSchemaFormat, JSONObjectFormat).
+	Tools          []*pb.Tool
+	ToolChoice     *pb.ToolChoice
+	ResponseFormat *pb.ResponseFormat
 
 	Mode              Mode          // auto (default), stream or buffered
 	MaxTokensPerChunk int32         // 0: the server's default
@@ -287,6 +292,7 @@ func (r Request) params() *pb.GenerationParams {
 func (r Request) RespondRequest() *pb.RespondRequest {
 	return &pb.RespondRequest{
 		RequestId: r.RequestID, Model: r.Model, Messages: r.messages(), Params: r.params(), Labels: r.Labels,
+		Tools: r.Tools, ToolChoice: r.ToolChoice, ResponseFormat: r.ResponseFormat,
 	}
 }
 
@@ -298,6 +304,7 @@ func (r Request) StreamRequest() (*pb.StreamRespondRequest, error) {
 	}
 	request := &pb.StreamRespondRequest{
 		RequestId: r.RequestID, Model: r.Model, Messages: r.messages(), Params: r.params(), Labels: r.Labels,
+		Tools: r.Tools, ToolChoice: r.ToolChoice, ResponseFormat: r.ResponseFormat,
 		DeliveryMode:  mode,
 		Chunking:      &pb.Chunking{MaxTokensPerChunk: r.MaxTokensPerChunk},
 		OmitFinalText: r.OmitFinalText,

@@ -200,6 +200,13 @@ func (s *Stream) Result() *Result { return s.assembler.Result() }
 // LastSequence is the last sequence received in order.
 func (s *Stream) LastSequence() uint32 { return s.assembler.LastSequence() }
 
+// Text is the text received so far (the final text once completed).
+func (s *Stream) Text() string { return s.assembler.Text() }
+
+// ToolCalls are the tool calls received so far, arguments as far as they
+// came; once completed, the final calls from Completed (each Complete).
+func (s *Stream) ToolCalls() []ToolCall { return s.assembler.ToolCalls() }
+
 // ResponseID is the response's id once the first chunk or heartbeat came.
 func (s *Stream) ResponseID() string { return s.assembler.ResponseID() }
 
