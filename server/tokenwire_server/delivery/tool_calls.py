@@ -12,10 +12,10 @@ next one (the verification gate holds the stream to that).
 
 from __future__ import annotations
 
-import secrets
 from collections.abc import Callable
 from dataclasses import dataclass
 
+from tokenwire_server.backends.base import new_tool_call_id
 from tokenwire_server.domain import Action, ToolCallFragment, Verdict
 from tokenwire_server.governance.policy import GovernanceSession
 
@@ -77,7 +77,7 @@ class ToolCallAssembly:
                 position,
                 arguments,
                 actions,
-                fragment.id or f"call_{secrets.token_hex(12)}",
+                fragment.id or new_tool_call_id(),
                 fragment.name,
             )
         arguments, actions = self._sessions[position].push(fragment.arguments)
