@@ -42,7 +42,15 @@ import {
   Observer,
   StallWatch,
 } from "./observed.js";
-import { type Result, StreamAssembler, type StreamEvent, unaryResult } from "./stream.js";
+import { type Result, StreamAssembler, type StreamEvent, type ToolCall, unaryResult } from "./stream.js";
+import {
+  type ResponseFormatSpec,
+  type ToolChoiceSpec,
+  type ToolSpec,
+  responseFormat,
+  toolChoice,
+  tools,
+} from "./tools.js";
 
 export const DEFAULT_TARGET = "localhost:50051";
 export const DEFAULT_TIMEOUT_MS = 60_000;
@@ -127,6 +135,12 @@ export interface RespondOptions {
   seed?: number | bigint;
   labels?: Record<string, string>;
   requestId?: string;
+  /** Tools the model may call: OpenAI-style `{type: "function", function: {...}}` or bare `{name, ...}`. */
+  tools?: readonly ToolSpec[];
+  /** `auto`, `none`, `required`, or the name of the one tool the model must call. */
+  toolChoice?: ToolChoiceSpec;
+  /** The shape of the text: `json_object`, `{type: "json_schema", json_schema: {...}}`, ... */
+  responseFormat?: ResponseFormatSpec;
   /** This call's deadline in milliseconds (the client's default otherwise). */
   timeoutMs?: number;
   /** Aborting it cancels the call. */
@@ -165,6 +179,16 @@ function params(options: RespondOptions): GenerationParams {
   return p;
 }
 
+function toolFields(options: RespondOptions) {
+  return {
+    tools: tools(options.tools ?? []),
+    ...(options.toolChoice !== undefined ? { toolChoice: toolChoice(options.toolChoice) } : {}),
+    ...(options.responseFormat !== undefined
+      ? { responseFormat: responseFormat(options.responseFormat) }
+      : {}),
+  };
+}
+
 /** The `StreamRespondRequest` for a prompt and options. */
 export function buildStreamRequest(prompt: Prompt, options: StreamOptions = {}): StreamRespondRequest {
   const request = create(StreamRespondRequestSchema, {
@@ -177,6 +201,7 @@ export function buildStreamRequest(prompt: Prompt, options: StreamOptions = {}):
     chunking: { maxTokensPerChunk: options.maxTokensPerChunk ?? 0 },
     omitFinalText: options.omitFinalText ?? false,
     resumable: options.resumable ?? false,
+    ...toolFields(options),
   });
   if (options.maxDelayMs !== undefined && request.chunking) {
     const nanos = BigInt(Math.round(options.maxDelayMs * 1e6));
@@ -197,6 +222,7 @@ export function buildRespondRequest(prompt: Prompt, options: RespondOptions = {}
     messages: messages(prompt, options.system),
     params: params(options),
     labels: { ...(options.labels ?? {}) },
+    ...toolFields(options),
   });
 }
 
@@ -270,6 +296,16 @@ export class ResponseStream implements AsyncIterable<StreamEvent> {
 
   get responseId(): string {
     return this.assembler.responseId;
+  }
+
+  /** The text received so far (the final text once completed). */
+  get text(): string {
+    return this.assembler.text;
+  }
+
+  /** The tool calls received so far; once completed, the final calls from `Completed`. */
+  get toolCalls(): ToolCall[] {
+    return this.assembler.toolCalls;
   }
 
   /**

@@ -4,4 +4,5 @@ export * from "./client.js";
 export * from "./errors.js";
 export * from "./observed.js";
 export * from "./stream.js";
+export * from "./tools.js";
 export * as pb from "./gen/tokenwire/v1/respond_pb.js";

@@ -4,6 +4,11 @@
  * SHA-256 of what was received checked against `Completed.final_sha256`. A
  * divergence reported by the server becomes an explicit `retraction` event
  * before the `completion`.
+ *
+ * Tool calls travel as fragments (`TokenChunk.toolCall`) in the same sequence
+ * as the text: each is checked like a chunk (sequence, `textOffset`, which a
+ * fragment does not advance) and placed by its `argumentsOffset`; the calls
+ * assembled from them are checked against `Completed.toolCalls`.
  */
 
 import { createHash, type Hash } from "node:crypto";
@@ -21,6 +26,8 @@ import {
   StreamRespondRequestSchema,
   type StreamRespondResponse,
   type TokenChunk,
+  type ToolCall as ToolCallMessage,
+  type VerificationCheck,
   VerificationStatus,
 } from "./gen/tokenwire/v1/respond_pb.js";
 
@@ -48,6 +55,44 @@ export interface ChunkEvent {
   readonly message: TokenChunk;
 }
 
+/**
+ * A tool call: as assembled so far from its fragments, or as `Completed`
+ * reports it (`complete`: the final, governed call). `arguments` is JSON text;
+ * `id` and `name` come with a call's first fragment (a stream resumed by hand
+ * after it knows them only from `Completed`).
+ */
+export interface ToolCall {
+  readonly index: number;
+  readonly id: string;
+  readonly name: string;
+  readonly arguments: string;
+  readonly complete: boolean;
+}
+
+/** A call's arguments as a value (`JSON.parse`); `{}` when empty. */
+export function parseArguments(call: ToolCall): unknown {
+  return call.arguments ? JSON.parse(call.arguments) : {};
+}
+
+/**
+ * One piece of a tool call, in order: a chunk that carries no text.
+ * `arguments` is this piece, at byte `argumentsOffset` of the call's
+ * arguments; `call` is the call as held after it. `id` and `name` are set on
+ * a call's first fragment only (`first`).
+ */
+export interface ToolCallEvent {
+  readonly type: "tool_call";
+  readonly sequence: number;
+  readonly index: number;
+  readonly id: string;
+  readonly name: string;
+  readonly arguments: string;
+  readonly argumentsOffset: number;
+  readonly first: boolean;
+  readonly call: ToolCall;
+  readonly message: TokenChunk;
+}
+
 /** The server is alive; generation is silent. */
 export interface HeartbeatEvent {
   readonly type: "heartbeat";
@@ -65,6 +110,10 @@ export interface RetractionEvent {
   readonly fromOffset: number;
   readonly keptText: string;
   readonly finalText: string;
+  /** The calls as held before `fromSequence` (fragments from it on are dropped too). */
+  readonly keptToolCalls: readonly ToolCall[];
+  /** `Completed.toolCalls`: the calls that replace every call streamed. */
+  readonly finalToolCalls: readonly ToolCall[];
 }
 
 /** The last event of a stream. */
@@ -73,7 +122,12 @@ export interface CompletionEvent {
   readonly result: Result;
 }
 
-export type StreamEvent = ChunkEvent | HeartbeatEvent | RetractionEvent | CompletionEvent;
+export type StreamEvent =
+  | ChunkEvent
+  | ToolCallEvent
+  | HeartbeatEvent
+  | RetractionEvent
+  | CompletionEvent;
 
 function durationSeconds(duration: Duration | undefined): number {
   return duration === undefined ? 0 : Number(duration.seconds) + duration.nanos / 1e9;
@@ -90,7 +144,18 @@ export class Result {
     readonly requestId: string = "",
     /** Non-zero when resumed by hand after this sequence: `text` holds only what came after. */
     readonly resumedAfter: number = 0,
+    /** The final, governed tool calls (`Completed.toolCalls`), each complete. */
+    readonly toolCalls: readonly ToolCall[] = finalToolCalls(completed),
   ) {}
+
+  /** `Completed.verification.checks`: integrity, json_schema, tool_arguments, validators. */
+  get checks(): readonly VerificationCheck[] {
+    return this.completed.verification?.checks ?? [];
+  }
+
+  get checksPassed(): boolean {
+    return this.completed.verification?.checksPassed ?? false;
+  }
 
   /** True when the text held equals the server's final payload by SHA-256. */
   get verified(): boolean {
@@ -106,6 +171,52 @@ export class Result {
   get totalTime(): number {
     return durationSeconds(this.completed.timing?.total);
   }
+}
+
+/** `Completed.toolCalls` as complete calls (index: position in the list). */
+export function finalToolCalls(completed: Completed): ToolCall[] {
+  return completed.toolCalls.map((call: ToolCallMessage, index: number) => ({
+    index,
+    id: call.id,
+    name: call.name,
+    arguments: call.arguments,
+    complete: true,
+  }));
+}
+
+/** A tool call's fragments as received. */
+class HeldCall {
+  id = "";
+  name = "";
+  readonly sequences: number[] = [];
+  readonly parts: Uint8Array[] = [];
+  size = 0;
+
+  constructor(
+    readonly index: number,
+    /** Byte of the arguments where the first fragment held here starts. */
+    readonly start: number,
+  ) {}
+
+  arguments(beforeSequence?: number): Uint8Array {
+    return concat(
+      this.parts.filter((_, i) => beforeSequence === undefined || this.sequences[i]! < beforeSequence),
+    );
+  }
+
+  snapshot(beforeSequence?: number): ToolCall {
+    return {
+      index: this.index,
+      id: this.id,
+      name: this.name,
+      arguments: decoder.decode(this.arguments(beforeSequence)),
+      complete: false,
+    };
+  }
+}
+
+function equalBytes(a: Uint8Array, b: Uint8Array): boolean {
+  return a.length === b.length && startsWith(a, b);
 }
 
 function concat(parts: readonly Uint8Array[]): Uint8Array {
@@ -142,6 +253,7 @@ export class StreamAssembler {
   private nextOffset: number;
   private readonly digest: Hash = createHash("sha256");
   private responseIdValue = "";
+  private readonly calls = new Map<number, HeldCall>();
 
   constructor(
     options: {
@@ -167,6 +279,24 @@ export class StreamAssembler {
     return this.responseIdValue;
   }
 
+  /** The text held so far (the final text once completed). */
+  get text(): string {
+    return this.result?.text ?? decoder.decode(concat(this.parts));
+  }
+
+  /**
+   * The tool calls held so far, by index, arguments as far as they came; once
+   * completed, the final calls from `Completed` (each `complete`).
+   */
+  get toolCalls(): ToolCall[] {
+    if (this.result !== undefined) return [...this.result.toolCalls];
+    return this.heldCalls().map((call) => call.snapshot());
+  }
+
+  private heldCalls(): HeldCall[] {
+    return [...this.calls.values()].sort((a, b) => a.index - b.index);
+  }
+
   /** The request that continues this stream after what it holds. */
   resumeRequest(): StreamRespondRequest {
     return create(StreamRespondRequestSchema, {
@@ -190,6 +320,7 @@ export class StreamAssembler {
     const event = message.event;
     switch (event.case) {
       case "chunk":
+        if (event.value.toolCall !== undefined) return [this.fragment(event.value)];
         return [this.chunk(event.value)];
       case "heartbeat":
         this.responseIdValue ||= event.value.responseId;
@@ -201,7 +332,8 @@ export class StreamAssembler {
     }
   }
 
-  private chunk(chunk: TokenChunk): ChunkEvent {
+  /** Checks a chunk's response id, sequence and text offset (text or fragment). */
+  private place(chunk: TokenChunk): void {
     if (this.responseIdValue && chunk.responseId !== this.responseIdValue) {
       throw new ProtocolError(
         `chunk of response ${chunk.responseId} inside ${this.responseIdValue}`,
@@ -222,6 +354,10 @@ export class StreamAssembler {
           `${chunk.sequence} at byte ${chunk.textOffset}`,
       );
     }
+  }
+
+  private chunk(chunk: TokenChunk): ChunkEvent {
+    this.place(chunk);
     this.responseIdValue = chunk.responseId;
     const data = utf8(chunk.text);
     this.parts.push(data);
@@ -236,6 +372,126 @@ export class StreamAssembler {
       tokenCount: chunk.tokenCount,
       message: chunk,
     };
+  }
+
+  /**
+   * A tool-call fragment: in sequence like a chunk, at the text offset (which
+   * it does not advance), and at its call's `argumentsOffset`.
+   */
+  private fragment(chunk: TokenChunk): ToolCallEvent {
+    this.place(chunk);
+    const delta = chunk.toolCall!;
+    const last = this.lastSequence;
+    if (chunk.text) {
+      throw new ProtocolError(
+        `chunk ${chunk.sequence} carries both text and a tool-call fragment`,
+        { lastSequence: last },
+      );
+    }
+    let call = this.calls.get(delta.index);
+    if (call === undefined) {
+      // Calls are numbered in the order they begin; a stream resumed by hand may
+      // begin inside any call (the earlier ones are the caller's).
+      if (!this.resumedAfter && delta.index !== this.calls.size) {
+        throw new ProtocolError(`tool call #${delta.index} begins before #${this.calls.size}`, {
+          lastSequence: last,
+        });
+      }
+      call = new HeldCall(delta.index, this.resumedAfter ? delta.argumentsOffset : 0);
+    }
+    const expected = call.start + call.size;
+    if (delta.argumentsOffset !== expected) {
+      throw this.violation(
+        "offset_mismatch",
+        `expected tool call #${delta.index} arguments at byte ${expected}, got chunk ` +
+          `${chunk.sequence} at byte ${delta.argumentsOffset}`,
+      );
+    }
+    for (const [what, held, got] of [
+      ["id", call.id, delta.id],
+      ["name", call.name, delta.name],
+    ] as const) {
+      if (held && got && held !== got) {
+        throw new ProtocolError(
+          `tool call #${delta.index} ${what} ${JSON.stringify(got)} in chunk ${chunk.sequence}, ` +
+            `was ${JSON.stringify(held)}`,
+          { lastSequence: last },
+        );
+      }
+    }
+    call.id ||= delta.id;
+    call.name ||= delta.name;
+    this.calls.set(delta.index, call);
+    this.responseIdValue = chunk.responseId;
+    const data = utf8(delta.arguments);
+    call.sequences.push(chunk.sequence);
+    call.parts.push(data);
+    call.size += data.length;
+    // A fragment holds no text: an empty part keeps `parts` indexed by sequence.
+    this.parts.push(new Uint8Array(0));
+    this.nextSequence += 1;
+    return {
+      type: "tool_call",
+      sequence: chunk.sequence,
+      index: delta.index,
+      id: delta.id,
+      name: delta.name,
+      arguments: delta.arguments,
+      argumentsOffset: delta.argumentsOffset,
+      first: delta.argumentsOffset === 0 && Boolean(delta.id || delta.name),
+      call: call.snapshot(),
+      message: chunk,
+    };
+  }
+
+  /**
+   * Each call held (its fragments before `beforeSequence`, or all) must be the
+   * final call of its index, or with a retraction a prefix of it.
+   */
+  private checkCalls(final: readonly ToolCall[], beforeSequence?: number): void {
+    const last = this.lastSequence;
+    const finals = new Map(final.map((call) => [call.index, call]));
+    for (const held of this.heldCalls()) {
+      if (beforeSequence !== undefined && held.sequences[0]! >= beforeSequence) continue;
+      const target = finals.get(held.index);
+      if (target === undefined) {
+        throw new IntegrityError(
+          `tool call #${held.index} was streamed but is not in Completed.tool_calls`,
+          { lastSequence: last },
+        );
+      }
+      if ((held.id && held.id !== target.id) || (held.name && held.name !== target.name)) {
+        throw new IntegrityError(
+          `tool call #${held.index} streamed as ${held.id} ${held.name}, ` +
+            `Completed says ${target.id} ${target.name}`,
+          { lastSequence: last },
+        );
+      }
+      const args = held.arguments(beforeSequence);
+      const whole = utf8(target.arguments);
+      if (beforeSequence === undefined && !equalBytes(args, whole)) {
+        throw new IntegrityError(
+          `tool call #${held.index}: its fragments differ from its final arguments`,
+          { lastSequence: last },
+        );
+      }
+      if (beforeSequence !== undefined && !startsWith(whole, args)) {
+        throw new IntegrityError(
+          `tool call #${held.index}: fragments before ${beforeSequence} are not a prefix ` +
+            "of its final arguments",
+          { lastSequence: last },
+        );
+      }
+    }
+    if (beforeSequence === undefined) {
+      const missing = final.filter((call) => !this.calls.has(call.index)).map((c) => c.index);
+      if (missing.length) {
+        throw new IntegrityError(
+          `tool calls ${missing.join(", ")} are in Completed but were never streamed`,
+          { lastSequence: last },
+        );
+      }
+    }
   }
 
   private completed(completed: Completed): StreamEvent[] {
@@ -291,6 +547,7 @@ export class StreamAssembler {
     const events: StreamEvent[] = [];
     let text: string;
     let retraction: RetractionEvent | undefined;
+    let finalCalls: readonly ToolCall[] = finalToolCalls(completed);
     if (status === VerificationStatus.VERIFIED) {
       const streamed = this.digest.digest("hex");
       if (streamed !== completed.finalSha256) {
@@ -304,6 +561,13 @@ export class StreamAssembler {
         throw new IntegrityError("final_text differs from the verified stream", {
           lastSequence: last,
         });
+      }
+      if (finalCalls.length || !this.calls.size) {
+        this.checkCalls(finalCalls);
+      } else {
+        // Completed without its calls (as final_text may be omitted): the
+        // verified fragments are the calls.
+        finalCalls = this.toolCalls.map((call) => ({ ...call, complete: true }));
       }
     } else {
       text = completed.finalText;
@@ -323,16 +587,30 @@ export class StreamAssembler {
           { lastSequence: last },
         );
       }
+      this.checkCalls(finalCalls, fromSequence);
       retraction = {
         type: "retraction",
         fromSequence,
         fromOffset: kept.length,
         keptText: decoder.decode(kept),
         finalText: text,
+        keptToolCalls: this.heldCalls()
+          .filter((call) => call.sequences[0]! < fromSequence)
+          .map((call) => call.snapshot(fromSequence)),
+        finalToolCalls: finalCalls,
       };
       events.push(retraction);
     }
-    this.result = new Result(text, completed.finalSha256, completed, last, retraction, requestId);
+    this.result = new Result(
+      text,
+      completed.finalSha256,
+      completed,
+      last,
+      retraction,
+      requestId,
+      0,
+      finalCalls,
+    );
     events.push({ type: "completion", result: this.result });
     return events;
   }
