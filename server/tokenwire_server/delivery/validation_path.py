@@ -18,11 +18,11 @@ token path of every other response never waits for a validator.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 from tokenwire.v1 import respond_pb2 as pb
-from tokenwire_server.domain import Action, Operator, Verdict
+from tokenwire_server.domain import Action, Operator, ToolCall, Verdict
 from tokenwire_server.governance.escalation import (
     EscalationDecision,
     EscalationFacts,
@@ -106,14 +106,21 @@ class ValidationPath:
         policy_id: str,
         policy_version: str,
         trace_id: str = "",
+        tool_calls: Sequence[ToolCall] = (),
     ) -> Concluded:
-        result = await self.run.finish(final_text) if self.run is not None else ValidationResult()
+        """`tool_calls`: the response's final, governed calls; validators get
+        them in ValidateRequest.tool_calls and escalation rules their names."""
+        calls = [pb.ToolCall(id=c.id, name=c.name, arguments=c.arguments) for c in tool_calls]
+        result = (
+            await self.run.finish(final_text, calls) if self.run is not None else ValidationResult()
+        )
         payload = result.resolve(final_text, VALIDATOR_REFUSAL)
         blocked = payload.blocked
         if blocked:
             verdict = Verdict.BLOCKED
         checks = result.checks
-        decision = self._escalation(result, payload.text, released_text, actions, model)
+        names = frozenset(call.name for call in tool_calls)
+        decision = self._escalation(result, payload.text, released_text, actions, model, names)
         review: ReviewRef | None = None
         held = False
         if decision is not None and self._desk is not None:
@@ -153,6 +160,7 @@ class ValidationPath:
         released_text: str,
         actions: tuple[Action, ...],
         model: str,
+        tool_names: frozenset[str],
     ) -> EscalationDecision | None:
         facts = EscalationFacts(
             model=model,
@@ -164,6 +172,7 @@ class ValidationPath:
             flag_rule_ids=frozenset(a.rule_id for a in actions if a.operator is Operator.FLAG),
             check_errored=result.errored,
             diverged=final_text != released_text and not self.withholds,
+            tool_names=tool_names,
         )
         rules = self._rules if self._rules is not None else EscalationRules(())
         return rules.decide(facts)

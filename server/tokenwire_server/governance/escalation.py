@@ -12,7 +12,8 @@ a list, any element will do):
 - `labels: {risk: high}`: the request carries every one of these labels;
 - `models: [...]`, `tenants: [...]`: the response's model / tenant is one;
 - `check_errored: true`: a check errored or timed out (`false`: none did);
-- `diverged: true`: the final payload differs from what was streamed.
+- `diverged: true`: the final payload differs from what was streamed;
+- `tools: [transfer_funds]`: the response called one of these tools.
 
 Its `action` is `hold` (nothing of the text is released; the caller gets the
 decided payload through ReviewService) or `review_after` (released, then
@@ -24,8 +25,9 @@ rule id `validator-escalation`.
 
 Holding needs the text kept back from the start: `may_hold` tells, when a
 response starts, whether a hold rule could still match it (its model, tenant
-and label conditions hold); the response path then releases nothing before
-`decide_escalation` at the end.
+and label conditions hold, and, for a rule naming tools, the request offers
+one of them: a model can only call what it was offered); the response path
+then releases nothing before `decide_escalation` at the end.
 """
 
 from __future__ import annotations
@@ -70,6 +72,8 @@ class EscalationFacts:
     check_errored: bool = False
     #: The final payload differs from what was streamed.
     diverged: bool = False
+    #: Names of the tools the response called.
+    tool_names: frozenset[str] = frozenset()
 
 
 @dataclass(frozen=True, slots=True)
@@ -86,6 +90,7 @@ class EscalationRule:
     tenants: frozenset[str] = frozenset()
     check_errored: bool | None = None
     diverged: bool | None = None
+    tools: frozenset[str] = frozenset()
 
     def static_match(self, model: str, tenant: str, labels: Mapping[str, str]) -> bool:
         """The conditions known when a response starts hold."""
@@ -128,6 +133,11 @@ class EscalationRule:
             if facts.diverged is not self.diverged:
                 return None
             found.append("diverged" if self.diverged else "not diverged")
+        if self.tools:
+            called = sorted(self.tools & facts.tool_names)
+            if not called:
+                return None
+            found.append(f"called {', '.join(called)}")
         found += [f"label {key}={value}" for key, value in self.labels]
         if self.models:
             found.append(f"model {facts.model}")
@@ -157,11 +167,22 @@ class EscalationDecision:
 class EscalationRules:
     rules: tuple[EscalationRule, ...] = ()
 
-    def may_hold(self, model: str, tenant: str, labels: Mapping[str, str]) -> bool:
+    def may_hold(
+        self,
+        model: str,
+        tenant: str,
+        labels: Mapping[str, str],
+        tools: Iterable[str] = (),
+    ) -> bool:
         """At the start of a response: could a hold rule still match it? Then the
-        response path must release nothing before the decision."""
+        response path must release nothing before the decision. `tools`: the
+        names of the tools the request offers (a rule naming tools can only
+        match when one of them is offered)."""
+        offered = frozenset(tools)
         return any(
-            rule.action is EscalationAction.HOLD and rule.static_match(model, tenant, labels)
+            rule.action is EscalationAction.HOLD
+            and rule.static_match(model, tenant, labels)
+            and (not rule.tools or not rule.tools.isdisjoint(offered))
             for rule in self.rules
         )
 

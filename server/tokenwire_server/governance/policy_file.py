@@ -282,6 +282,7 @@ _CONDITIONS = {
     "tenants",
     "check_errored",
     "diverged",
+    "tools",
 }
 
 
@@ -368,6 +369,7 @@ def parse_escalation(raw: object, source: str, flag_ids: frozenset[str]) -> Esca
                 tenants=_names(when, "tenants", where),
                 check_errored=_truth(when, "check_errored", where),
                 diverged=_truth(when, "diverged", where),
+                tools=_names(when, "tools", where),
             )
         )
     ids = [rule.rule_id for rule in rules]

@@ -13,10 +13,11 @@ import asyncio
 import bisect
 import contextlib
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 import grpc
 
+from tokenwire.v1 import respond_pb2 as pb
 from tokenwire.v1 import validator_pb2 as vpb
 from tokenwire.v1 import validator_pb2_grpc as vgrpc
 from tokenwire_server.domain import utf8_length
@@ -47,14 +48,16 @@ class UnaryCheck:
         self._stub = vgrpc.ValidatorServiceStub(channel)
         self._verdicts = Verdicts(config, on_check)
 
-    async def run(self, facts: ResponseFacts, final_text: str) -> ValidatorVerdict:
+    async def run(
+        self, facts: ResponseFacts, final_text: str, tool_calls: Sequence[pb.ToolCall] = ()
+    ) -> ValidatorVerdict:
         started = time.perf_counter()
         budget = _budget(self.config, facts.deadline)
+        request = facts.request(self.config, final_text)
+        request.tool_calls.extend(tool_calls)
         try:
             async with asyncio.timeout(budget):
-                answer = await self._stub.Validate(
-                    facts.request(self.config, final_text), timeout=budget
-                )
+                answer = await self._stub.Validate(request, timeout=budget)
         except TimeoutError:
             return self._verdicts.timed_out(time.perf_counter() - started)
         except asyncio.CancelledError:

@@ -121,7 +121,7 @@ class ValidationRun:
                 *(
                     check.finish(end, self.facts)
                     if isinstance(check, StreamCheck)
-                    else check.run(self.facts, final_text)
+                    else check.run(self.facts, final_text, tool_calls)
                     for check in self._checks
                 )
             )
