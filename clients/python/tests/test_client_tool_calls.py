@@ -328,6 +328,7 @@ def test_a_resumed_stream_continues_inside_a_call(fake: FakeServer) -> None:
         stream = client.stream("weather?", resumable=True)
         result = stream.collect()
     assert stream.resumes == 1
+    assert stream.text == result.text and stream.tool_calls == list(result.tool_calls)
     assert fake.servicer.requests[1].resume.after_sequence == 5
     assert result.verified and result.text == "Let me check. Done."
     assert [c.arguments for c in result.tool_calls] == [

@@ -22,7 +22,14 @@ from google.protobuf import duration_pb2
 from tokenwire import tools as tool_specs
 from tokenwire.errors import ProtocolError, TokenwireError, from_rpc_error
 from tokenwire.observed import ObservationHook, Observed, Observer
-from tokenwire.stream import Event, Result, StreamAssembler, unary_result, worth_resuming
+from tokenwire.stream import (
+    Event,
+    Result,
+    StreamAssembler,
+    ToolCall,
+    unary_result,
+    worth_resuming,
+)
 from tokenwire.tools import ResponseFormatSpec, ToolChoiceSpec, ToolSpec
 from tokenwire.v1 import respond_pb2 as pb
 from tokenwire.v1 import respond_pb2_grpc
@@ -441,6 +448,16 @@ class _StreamState:
     @property
     def response_id(self) -> str:
         return self._assembler.response_id
+
+    @property
+    def text(self) -> str:
+        """The text received so far (the final text once completed)."""
+        return self._assembler.text
+
+    @property
+    def tool_calls(self) -> list[ToolCall]:
+        """The tool calls received so far; once completed, `Completed.tool_calls`."""
+        return self._assembler.tool_calls
 
     @property
     def request(self) -> pb.StreamRespondRequest:
