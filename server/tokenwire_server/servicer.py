@@ -17,6 +17,7 @@ are the contract's mapping in one place.
 from __future__ import annotations
 
 import asyncio
+import functools
 import hashlib
 import logging
 import uuid
@@ -35,7 +36,7 @@ from tokenwire_server.delivery.generation import run_generation
 from tokenwire_server.delivery.planner import StreamDelivery
 from tokenwire_server.delivery.response import LiveResponse, State
 from tokenwire_server.delivery.validation_path import ValidationPath
-from tokenwire_server.domain import DeliveryMode, DeliveryOptions
+from tokenwire_server.domain import DeliveryMode, DeliveryOptions, GenerationRequest
 from tokenwire_server.errors import (
     COMPLETION_TOKENS_KEY,
     LAST_SEQUENCE_KEY,
@@ -49,11 +50,12 @@ from tokenwire_server.errors import (
     TokenwireError,
 )
 from tokenwire_server.governance.holder import PolicyHolder
-from tokenwire_server.governance.policy import Policy
+from tokenwire_server.governance.policy import GovernanceSession, Policy
 from tokenwire_server.governance.replay import ReplayingSession
 from tokenwire_server.interceptors.call import Call, Progress, ResponseFacts
 from tokenwire_server.review.desk import ReviewDesk
 from tokenwire_server.store.base import ResponseStore
+from tokenwire_server.structured.json_governance import JsonGovernanceSession
 from tokenwire_server.tokens import estimate_prompt_tokens
 from tokenwire_server.validation import ParsedCall, parse_call
 from tokenwire_server.validators.runner import ResponseFacts as ValidatorFacts
@@ -145,7 +147,7 @@ class RespondServicer:
             run_generation(
                 call.backend,
                 call.generation,
-                ReplayingSession(policy.open_session(), logged),
+                ReplayingSession(_text_session(policy, call.generation), logged),
                 response,
                 self._config.deadlines.stall_timeout,
                 self._tracer,
@@ -222,11 +224,11 @@ class RespondServicer:
             run_generation(
                 parsed.backend,
                 parsed.generation,
-                policy.open_session(),
+                _text_session(policy, parsed.generation),
                 response,
                 self._config.deadlines.stall_timeout,
                 self._tracer,
-                policy.open_session,
+                functools.partial(JsonGovernanceSession, policy),
             ),
             name=f"generate {response.response_id}",
         )
@@ -268,7 +270,9 @@ class RespondServicer:
             tenant=response.tenant,
             labels=labels,
             request_id=response.request_id,
-            may_hold=rules.may_hold(model, response.tenant, labels),
+            may_hold=rules.may_hold(
+                model, response.tenant, labels, (tool.name for tool in parsed.generation.tools)
+            ),
         )
 
     async def _resume(self, request: pb.StreamRespondRequest, call: Call) -> LiveResponse:
@@ -417,3 +421,12 @@ class RespondServicer:
             (COMPLETION_TOKENS_KEY, str(response.tokens_generated)),
         )
         return error
+
+
+def _text_session(policy: Policy, request: GenerationRequest) -> GovernanceSession:
+    """JSON text (a JSON `response_format`) is governed as JSON: string contents
+    are redacted and the output stays JSON; anything else as text."""
+    fmt = request.response_format
+    if fmt is not None and fmt.is_json:
+        return JsonGovernanceSession(policy)
+    return policy.open_session()

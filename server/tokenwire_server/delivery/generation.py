@@ -17,6 +17,7 @@ conclusion) belong together: every ending passes through `_generate`.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 from collections.abc import Callable
 
@@ -25,6 +26,7 @@ from opentelemetry import trace
 from tokenwire.v1 import respond_pb2 as pb
 from tokenwire_server.audit.store import AuditWriteError
 from tokenwire_server.backends.base import Backend
+from tokenwire_server.delivery.output_checks import OutputChecks
 from tokenwire_server.delivery.response import LiveResponse, Outcome
 from tokenwire_server.delivery.tool_calls import ToolCallAssembly
 from tokenwire_server.domain import (
@@ -310,7 +312,12 @@ async def _generate(
             if calls_decision.blocked:
                 refusal = calls_decision.refusal_text or ""
             else:
-                final_calls = response.released_tool_calls
+                final_calls = tuple(
+                    dataclasses.replace(call, arguments=calls_decision.rewritten[position])
+                    if position in calls_decision.rewritten
+                    else call
+                    for position, call in enumerate(response.released_tool_calls)
+                )
         response.settle()
         finish = finish or Finish()
         blocked = decision.blocked or refusal is not None
@@ -336,6 +343,7 @@ async def _generate(
                     model_version=response.model.version,
                     policy_id=response.policy_id,
                     policy_version=response.policy_version,
+                    tool_calls=final_calls,
                 )
             except asyncio.CancelledError:
                 if watchdog.fired is None:  # the response was cancelled
@@ -358,6 +366,12 @@ async def _generate(
                 review = (concluded.review.review_id, concluded.review.state.name)
             if concluded.blocked or held:
                 final_calls = ()
+        if not blocked and not held and (final_calls or OutputChecks.wanted(request)):
+            output_checks = OutputChecks(request).final(final_text, final_calls)
+            checks = output_checks + checks
+            checks_passed = checks_passed and not any(
+                check.outcome == pb.CHECK_OUTCOME_FAILED for check in output_checks
+            )
         reason = finish.reason
         if blocked:
             reason = FinishReason.POLICY_BLOCKED

@@ -40,6 +40,9 @@ class ToolCallsDecision:
     review_required: bool
     #: The policy's refusal text when a call was blocked.
     refusal_text: str | None
+    #: Calls whose final arguments governance rewrote at the end (position ->
+    #: arguments); the verification gate states the divergence from the stream.
+    rewritten: dict[int, str]
 
 
 class ToolCallAssembly:
@@ -91,12 +94,15 @@ class ToolCallAssembly:
         verdict = Verdict.ALLOWED
         blocked = review_required = False
         refusal: str | None = None
+        rewritten: dict[int, str] = {}
         for position, session in enumerate(self._sessions):
             tail, actions, decision = session.finish()
             if tail or actions:
                 tails.append(GovernedFragment(position, tail, actions))
+            if decision.text is not None and not decision.blocked:
+                rewritten[position] = decision.text
             verdict = max(verdict, decision.verdict or Verdict.ALLOWED)
             review_required = review_required or decision.review_required
             if decision.blocked and not blocked:
                 blocked, refusal = True, decision.text
-        return tails, ToolCallsDecision(verdict, blocked, review_required, refusal)
+        return tails, ToolCallsDecision(verdict, blocked, review_required, refusal, rewritten)
