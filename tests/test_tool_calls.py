@@ -314,3 +314,62 @@ async def test_secrets_inside_argument_strings_are_redacted_and_the_json_stays_v
     assert completed.verdict == pb.VERDICT_REDACTED
     assert assembled(chunks_of(got))[0][2] == call.arguments
     assert completed.verification.status == pb.VERIFICATION_STATUS_VERIFIED
+
+
+async def test_strict_output_stops_as_soon_as_it_cannot_become_valid(
+    start_server: StartServer,
+) -> None:
+    running = await start_server()
+    text = "Sure! Here it is: " + "and more words " * 100
+    got = await collect(
+        running.stub.StreamRespond(
+            stream_request(
+                text,
+                model="echo",
+                labels={"tokenwire.sim/echo-token-chars": "4"},
+                response_format=pb.ResponseFormat(
+                    type=pb.RESPONSE_FORMAT_TYPE_JSON_SCHEMA,
+                    json_schema=struct(WEATHER),
+                    strict=True,
+                ),
+            )
+        )
+    )
+    completed = completed_of(got)
+    assert completed.finish_reason == pb.FINISH_REASON_INVALID_OUTPUT
+    assert completed.usage.completion_tokens <= 2, "stopped at the first token"
+    assert "more words" not in completed.final_text
+    check = check_named(completed, "json_schema")
+    assert check.outcome == pb.CHECK_OUTCOME_FAILED and check.violations
+    assert completed.verification.checks_passed is False
+    assert completed.verification.status == pb.VERIFICATION_STATUS_VERIFIED
+
+
+async def test_a_strict_tool_call_stops_at_the_first_impossible_argument(
+    start_server: StartServer,
+) -> None:
+    strict_tools = [
+        pb.Tool(name="get_weather", parameters=struct(WEATHER), strict=True),
+    ]
+    arguments = '{"city": 5, "days": 1, "padding": "' + "x" * 400 + '"}'
+    running = await start_server()
+    script = json.dumps([{"name": "get_weather", "arguments": arguments}])
+    got = await collect(
+        running.stub.StreamRespond(
+            stream_request(
+                "weather?",
+                tools=strict_tools,
+                labels={"tokenwire.sim/tool-calls": script},
+            )
+        )
+    )
+    completed = completed_of(got)
+    assert completed.finish_reason == pb.FINISH_REASON_INVALID_OUTPUT
+    check = check_named(completed, "tool_arguments")
+    assert check.outcome == pb.CHECK_OUTCOME_FAILED
+    assert [v.json_pointer for v in check.violations] == ["/0/city"]
+    # the call so far is delivered and verified; nothing after the bad value was paid for
+    (call,) = completed.tool_calls
+    assert "padding" not in call.arguments
+    assert completed.usage.completion_tokens < 10
+    assert completed.verification.status == pb.VERIFICATION_STATUS_VERIFIED

@@ -26,7 +26,7 @@ from opentelemetry import trace
 from tokenwire.v1 import respond_pb2 as pb
 from tokenwire_server.audit.store import AuditWriteError
 from tokenwire_server.backends.base import Backend
-from tokenwire_server.delivery.output_checks import OutputChecks
+from tokenwire_server.delivery.output_checks import OutputChecks, StrictOutput
 from tokenwire_server.delivery.response import LiveResponse, Outcome
 from tokenwire_server.delivery.tool_calls import ToolCallAssembly
 from tokenwire_server.domain import (
@@ -213,6 +213,7 @@ async def _generate(
     release = response.release
     validation = response.validation
     tool_calls: ToolCallAssembly | None = None
+    strict = StrictOutput(request) if StrictOutput.wanted(request) else None
     try:
         tokens = backend.generate(request)
         try:
@@ -222,9 +223,13 @@ async def _generate(
                     continue
                 watchdog.progress += 1
                 if isinstance(item, str):
+                    if strict is not None and strict.text(item):
+                        break  # strict: it can no longer become valid; not released
                     text, actions = push(item)
                     release(text, actions)
                 elif isinstance(item, list):
+                    if strict is not None and strict.text("".join(item)):
+                        break
                     await _release_batch(item, push, response, watchdog)
                 elif isinstance(item, ToolCallFragment):
                     if tool_calls is None:
@@ -234,6 +239,11 @@ async def _generate(
                                 reason="BACKEND_ERROR",
                             )
                         tool_calls = ToolCallAssembly(open_arguments_session)
+                    if strict is not None:
+                        position = tool_calls.position(item)
+                        name = tool_calls.names[position] if item.index in tool_calls else item.name
+                        if strict.fragment(position, name, item.arguments):
+                            break
                     governed = tool_calls.push(item)
                     if governed is None:
                         response.count_tokens(1)
@@ -366,8 +376,9 @@ async def _generate(
                 review = (concluded.review.review_id, concluded.review.state.name)
             if concluded.blocked or held:
                 final_calls = ()
+        stopped = strict.failed if strict is not None else None
         if not blocked and not held and (final_calls or OutputChecks.wanted(request)):
-            output_checks = OutputChecks(request).final(final_text, final_calls)
+            output_checks = OutputChecks(request).final(final_text, final_calls, stopped)
             checks = output_checks + checks
             checks_passed = checks_passed and not any(
                 check.outcome == pb.CHECK_OUTCOME_FAILED for check in output_checks
@@ -375,6 +386,8 @@ async def _generate(
         reason = finish.reason
         if blocked:
             reason = FinishReason.POLICY_BLOCKED
+        elif stopped is not None:
+            reason = FinishReason.INVALID_OUTPUT
         elif final_calls and reason in (FinishReason.STOP, FinishReason.STOP_SEQUENCE):
             reason = FinishReason.TOOL_CALLS
         elif not final_calls and reason is FinishReason.TOOL_CALLS:

@@ -13,8 +13,15 @@ from collections.abc import Sequence
 
 from tokenwire.v1 import respond_pb2 as pb
 from tokenwire_server.domain import GenerationRequest, ToolCall
-from tokenwire_server.structured.checks import check_json_output, check_tool_arguments
+from tokenwire_server.structured.checks import (
+    JSON_SCHEMA,
+    TOOL_ARGUMENTS,
+    check_json_output,
+    check_tool_arguments,
+    early_stop_check,
+)
 from tokenwire_server.structured.schemas import CompiledSchemas
+from tokenwire_server.structured.viability import Viability
 
 
 class OutputChecks:
@@ -32,10 +39,74 @@ class OutputChecks:
         fmt = request.response_format
         return bool(request.tools) or (fmt is not None and fmt.is_json)
 
-    def final(self, text: str, calls: Sequence[ToolCall]) -> tuple[pb.VerificationCheck, ...]:
+    def final(
+        self,
+        text: str,
+        calls: Sequence[ToolCall],
+        stopped: pb.VerificationCheck | None = None,
+    ) -> tuple[pb.VerificationCheck, ...]:
+        """`stopped`: the check strict mode failed early; it stands for its kind
+        (the cut-off output would only fail it again, less precisely)."""
         checks: list[pb.VerificationCheck] = []
         if self._format is not None and self._format.is_json:
-            checks.append(check_json_output(text, self._format, self._schemas))
-        if calls:
+            if stopped is not None and stopped.name == JSON_SCHEMA:
+                checks.append(stopped)
+            else:
+                checks.append(check_json_output(text, self._format, self._schemas))
+        if stopped is not None and stopped.name == TOOL_ARGUMENTS:
+            checks.append(stopped)
+        elif calls:
             checks.append(check_tool_arguments(calls, self._schemas))
         return tuple(checks)
+
+
+class StrictOutput:
+    """Strict mode while the output streams: the first moment the text (a
+    strict `response_format`) or a call's arguments (a `strict` tool) can no
+    longer become valid, generation stops instead of paying for the rest."""
+
+    __slots__ = ("_calls", "_text", "_tools", "failed")
+
+    def __init__(self, request: GenerationRequest) -> None:
+        fmt = request.response_format
+        self._text = Viability.for_format(fmt) if fmt is not None and fmt.strict else None
+        self._tools = {tool.name: tool for tool in request.tools if tool.strict}
+        self._calls: dict[int, Viability | None] = {}
+        #: The failed check, once the output stopped being viable.
+        self.failed: pb.VerificationCheck | None = None
+
+    @staticmethod
+    def wanted(request: GenerationRequest) -> bool:
+        fmt = request.response_format
+        return (fmt is not None and fmt.is_json and fmt.strict) or any(
+            tool.strict for tool in request.tools
+        )
+
+    def text(self, text: str) -> bool:
+        """True once the text can no longer satisfy the response format."""
+        if self._text is None or self.failed is not None:
+            return self.failed is not None
+        violation = self._text.feed(text)
+        if violation is not None:
+            self.failed = early_stop_check(JSON_SCHEMA, violation)
+        return violation is not None
+
+    def fragment(self, position: int, name: str, arguments: str) -> bool:
+        """True once call `position`'s arguments can no longer satisfy its
+        strict tool's schema (`name` on the call's first fragment)."""
+        if self.failed is not None:
+            return True
+        if position not in self._calls:
+            spec = self._tools.get(name)
+            self._calls[position] = Viability.for_tool(spec) if spec is not None else None
+        viability = self._calls[position]
+        if viability is None:
+            return False
+        violation = viability.feed(arguments)
+        if violation is None:
+            return False
+        located = pb.CheckViolation()
+        located.CopyFrom(violation)
+        located.json_pointer = f"/{position}{violation.json_pointer}"
+        self.failed = early_stop_check(TOOL_ARGUMENTS, located)
+        return True

@@ -65,6 +65,14 @@ class ToolCallAssembly:
         """The called functions, in the order the calls began."""
         return tuple(self._names)
 
+    def __contains__(self, upstream_index: int) -> bool:
+        """Whether the call with this upstream index has begun."""
+        return upstream_index in self._positions
+
+    def position(self, fragment: ToolCallFragment) -> int:
+        """The position `fragment`'s call has (or will have) in this response."""
+        return self._positions.get(fragment.index, len(self._sessions))
+
     def push(self, fragment: ToolCallFragment) -> GovernedFragment | None:
         """The governed part of `fragment` that may be released now; None when
         governance holds all of it back and it opens no call."""
