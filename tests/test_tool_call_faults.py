@@ -787,12 +787,6 @@ async def test_a_final_scope_block_on_arguments_drops_the_calls(governed: Runnin
     assert completed.verification.retract_from_sequence == 1
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="generation.py: a text block (decision.blocked) keeps final_calls = the released "
-    "calls; only a blocked call or a validator block clears them, so a POLICY_BLOCKED answer "
-    "still hands the caller tool calls to run (BUFFERED even sends them as whole chunks)",
-)
 @pytest.mark.parametrize(
     "mode",
     [pb.DELIVERY_MODE_STREAM, pb.DELIVERY_MODE_BUFFERED, "unary"],
@@ -812,7 +806,11 @@ async def test_a_blocked_text_drops_the_calls_too(governed: RunningServer, mode:
         return
     events = await collect(
         governed.stub.StreamRespond(
-            sim_request(model="echo", messages=[pb.ChatMessage(role=pb.ROLE_USER, content=prompt)])
+            sim_request(
+                model="echo",
+                messages=[pb.ChatMessage(role=pb.ROLE_USER, content=prompt)],
+                delivery_mode=mode,
+            )
         )
     )
     chunks, completed = chunks_of(events), completed_of(events)

@@ -331,6 +331,8 @@ async def _generate(
         response.settle()
         finish = finish or Finish()
         blocked = decision.blocked or refusal is not None
+        if blocked:
+            final_calls = ()  # a blocked answer hands the caller nothing to run
         final_text = decision.text if decision.text is not None else response.released_text
         if refusal is not None and not decision.blocked:
             final_text = refusal
