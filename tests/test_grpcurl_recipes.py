@@ -203,6 +203,24 @@ def check_stream_respond(outcome: Outcome) -> None:
     assert completed["verification"]["status"] == "VERIFICATION_STATUS_VERIFIED"
 
 
+def check_tool_calls(outcome: Outcome) -> None:
+    events = json_documents(ok(outcome))
+    chunks = [e["chunk"] for e in events[:-1]]
+    completed = events[-1]["completed"]
+    fragments = [c["tool_call"] for c in chunks]
+    assert all(not c.get("text") for c in chunks), "fragments carry no text"
+    assert fragments[0]["id"] and fragments[0]["name"] == "get_weather"
+    assert "".join(f.get("arguments", "") for f in fragments) == '{"city": "Paris"}'
+    (call,) = completed["tool_calls"]
+    assert (call["name"], call["arguments"]) == ("get_weather", '{"city": "Paris"}')
+    assert completed["finish_reason"] == "FINISH_REASON_TOOL_CALLS"
+    verification = completed["verification"]
+    assert verification["status"] == "VERIFICATION_STATUS_VERIFIED"
+    checks = {c["name"]: c["outcome"] for c in verification["checks"]}
+    assert checks["tool_arguments"] == "CHECK_OUTCOME_PASSED"
+    assert verification["checks_passed"] is True
+
+
 def check_error_details(outcome: Outcome) -> None:
     assert outcome.returncode == 64 + 5, outcome.stderr  # grpcurl: 64 + NOT_FOUND
     (status,) = json_documents(outcome.stderr)  # a failed call's status goes to stderr
@@ -237,6 +255,7 @@ CHECKS: dict[str, Callable[[Outcome], None]] = {
     "describe-message": check_describe_message,
     "respond": check_respond,
     "stream-respond": check_stream_respond,
+    "tool-calls": check_tool_calls,
     "error-details": check_error_details,
     "health-overall": check_serving,
     "health-service": check_serving,
