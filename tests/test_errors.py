@@ -74,6 +74,12 @@ BAD_REQUESTS = [
     pytest.param(
         {"messages": [user("x" * 300_000)]}, "messages", "PROMPT_TOO_LARGE", id="oversized-prompt"
     ),
+    pytest.param(
+        {"tools": [pb.Tool(name="lookup", description="x" * 300_000)]},
+        "tools",
+        "PROMPT_TOO_LARGE",
+        id="oversized-tools",
+    ),
     pytest.param({"request_id": "x" * 200}, "request_id", "INVALID_REQUEST_ID", id="long-id"),
     pytest.param(
         {"labels": {"tokenwire.sim/fail-after": "soon"}},

@@ -373,3 +373,40 @@ async def test_a_strict_tool_call_stops_at_the_first_impossible_argument(
     assert "padding" not in call.arguments
     assert completed.usage.completion_tokens < 10
     assert completed.verification.status == pb.VERIFICATION_STATUS_VERIFIED
+
+
+@pytest.mark.parametrize(
+    ("choice", "model", "script", "code"),
+    [
+        (
+            pb.ToolChoice(mode=pb.TOOL_CHOICE_MODE_NONE),
+            "tokenwire-sim",
+            True,
+            "TOOL_CALL_NOT_ALLOWED",
+        ),
+        (pb.ToolChoice(function_name="send_mail"), "tokenwire-sim", True, "WRONG_TOOL"),
+        (pb.ToolChoice(mode=pb.TOOL_CHOICE_MODE_REQUIRED), "echo", False, "NO_TOOL_CALL"),
+    ],
+    ids=["none-but-called", "wrong-tool", "required-but-text"],
+)
+async def test_an_ignored_tool_choice_is_reported(
+    start_server: StartServer, choice: pb.ToolChoice, model: str, script: bool, code: str
+) -> None:
+    running = await start_server()
+    labels = {}
+    if script:
+        calls = [{"name": "get_weather", "arguments": '{"city": "Oslo"}'}]
+        labels["tokenwire.sim/tool-calls"] = json.dumps(calls)
+    completed = completed_of(
+        await collect(
+            running.stub.StreamRespond(
+                stream_request(
+                    "weather?", model=model, tools=tools(), tool_choice=choice, labels=labels
+                )
+            )
+        )
+    )
+    check = check_named(completed, "tool_arguments")
+    assert check.outcome == pb.CHECK_OUTCOME_FAILED
+    assert [v.code for v in check.violations] == [code]
+    assert completed.verification.checks_passed is False

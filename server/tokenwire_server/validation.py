@@ -171,10 +171,18 @@ def parse_call(
             v.add(f"messages[{index}].content", "must not be empty", "EMPTY_CONTENT")
         if role is not None:
             messages.append(Message(role, message.content))
-    if prompt_bytes > limits.max_prompt_bytes:
+    # Tools' schemas and a response format reach the model as prompt too, so
+    # they count against the same bound (a huge schema is a huge prompt).
+    schema_bytes = 0
+    if request.tools or request.HasField("response_format"):
+        schema_bytes = sum(t.ByteSize() for t in request.tools)
+        schema_bytes += request.response_format.ByteSize()
+    if prompt_bytes + schema_bytes > limits.max_prompt_bytes:
         v.add(
-            "messages",
-            f"prompt is {prompt_bytes} bytes; the limit is {limits.max_prompt_bytes}",
+            "messages" if prompt_bytes > limits.max_prompt_bytes else "tools",
+            f"prompt is {prompt_bytes + schema_bytes} bytes"
+            + (f" ({schema_bytes} of them tools and response format)" if schema_bytes else "")
+            + f"; the limit is {limits.max_prompt_bytes}",
             "PROMPT_TOO_LARGE",
         )
 

@@ -12,7 +12,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 from tokenwire.v1 import respond_pb2 as pb
-from tokenwire_server.domain import GenerationRequest, ToolCall
+from tokenwire_server.domain import GenerationRequest, ToolCall, ToolChoice, ToolChoiceMode
 from tokenwire_server.structured.checks import (
     JSON_SCHEMA,
     TOOL_ARGUMENTS,
@@ -27,17 +27,18 @@ from tokenwire_server.structured.viability import Viability
 class OutputChecks:
     """One response's content checks."""
 
-    __slots__ = ("_format", "_schemas")
+    __slots__ = ("_choice", "_format", "_schemas")
 
     def __init__(self, request: GenerationRequest) -> None:
         self._format = request.response_format
+        self._choice = request.tool_choice
         self._schemas = CompiledSchemas(request.tools, request.response_format)
 
     @staticmethod
     def wanted(request: GenerationRequest) -> bool:
         """Whether a response to `request` may need any check (plain text: no)."""
         fmt = request.response_format
-        return bool(request.tools) or (fmt is not None and fmt.is_json)
+        return bool(request.tools or request.tool_choice) or (fmt is not None and fmt.is_json)
 
     def final(
         self,
@@ -55,9 +56,52 @@ class OutputChecks:
                 checks.append(check_json_output(text, self._format, self._schemas))
         if stopped is not None and stopped.name == TOOL_ARGUMENTS:
             checks.append(stopped)
-        elif calls:
-            checks.append(check_tool_arguments(calls, self._schemas))
+        else:
+            choice = _choice_violations(self._choice, calls)
+            if calls or choice:
+                check = check_tool_arguments(calls, self._schemas)
+                if choice:
+                    check.violations.extend(choice)
+                    check.outcome = pb.CHECK_OUTCOME_FAILED
+                checks.append(check)
         return tuple(checks)
+
+
+def _choice_violations(
+    choice: ToolChoice | None, calls: Sequence[ToolCall]
+) -> list[pb.CheckViolation]:
+    """What the calls did against the request's `tool_choice`: an upstream that
+    ignores it is reported, never silently passed on."""
+    if choice is None or (choice.mode is ToolChoiceMode.AUTO and not choice.function_name):
+        return []
+    if choice.mode is ToolChoiceMode.NONE:
+        return [
+            pb.CheckViolation(
+                code="TOOL_CALL_NOT_ALLOWED",
+                message=f"tool_calls[{index}] {call.name}: tool_choice is NONE",
+                json_pointer=f"/{index}",
+            )
+            for index, call in enumerate(calls)
+        ]
+    if not calls:
+        wanted = choice.function_name or "a tool"
+        return [
+            pb.CheckViolation(
+                code="NO_TOOL_CALL", message=f"tool_choice requires a call to {wanted}; none made"
+            )
+        ]
+    if choice.function_name:
+        return [
+            pb.CheckViolation(
+                code="WRONG_TOOL",
+                message=f"tool_calls[{index}] {call.name}: tool_choice names "
+                f"{choice.function_name}",
+                json_pointer=f"/{index}",
+            )
+            for index, call in enumerate(calls)
+            if call.name != choice.function_name
+        ]
+    return []
 
 
 class StrictOutput:
