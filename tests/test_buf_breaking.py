@@ -131,7 +131,7 @@ def test_the_gate_fails_a_breaking_commit(tmp_path: Path, old: str, new: str, me
     """The same command on a scratch repository whose last commit breaks the wire."""
     repo = _scratch_repo(tmp_path)
     assert buf_breaking(repo).returncode == 1, "HEAD~1 does not exist yet: buf must say so"
-    _commit_edit(repo, "  // Must not be empty.\n", "  // Must not be empty (any text).\n")
+    _commit_edit(repo, "  // Must be set.\n", "  // Must be set (never ROLE_UNSPECIFIED).\n")
     compatible = buf_breaking(repo)
     assert compatible.returncode == 0, compatible.stdout + compatible.stderr
     _commit_edit(repo, old, new)
