@@ -8,6 +8,9 @@ that range, so the caller learns the fix from the error alone. Tools, the
 tool choice, the response format and tool turns are checked in
 structured/request_fields.py; a request without them pays a few attribute
 tests for that.
+
+Why one module: every field's check fills the one BadRequest in one pass over
+the request, in the order a caller reads the fields.
 """
 
 from __future__ import annotations
