@@ -180,7 +180,6 @@ class TokenwireServer:
             self.registry,
             self.policies,
             self.store,
-            self.tracer_provider.get_tracer("tokenwire.generation"),
             validators=self.validators,
             reviews=self.reviews,
         )

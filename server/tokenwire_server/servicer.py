@@ -26,7 +26,6 @@ from contextlib import aclosing
 from typing import Any
 
 import grpc
-from opentelemetry import trace
 
 from tokenwire.v1 import respond_pb2 as pb
 from tokenwire_server.backends.registry import BackendRegistry
@@ -97,7 +96,6 @@ class RespondServicer:
         registry: BackendRegistry,
         policies: PolicyHolder,
         store: ResponseStore,
-        tracer: trace.Tracer | None = None,
         validators: Validators | None = None,
         reviews: ReviewDesk | None = None,
     ) -> None:
@@ -107,7 +105,6 @@ class RespondServicer:
         self._registry = registry
         self._policies = policies
         self._store = store
-        self._tracer = tracer or trace.get_tracer(__name__)
 
     async def adopt_orphans(self) -> None:
         """Runs for the server's life: asks the store for responses whose replica
@@ -150,7 +147,6 @@ class RespondServicer:
                 ReplayingSession(_text_session(policy, call.generation), logged),
                 response,
                 self._config.deadlines.stall_timeout,
-                self._tracer,
             ),
             name=f"continue {response.response_id}",
         )
@@ -227,7 +223,6 @@ class RespondServicer:
                 _text_session(policy, parsed.generation),
                 response,
                 self._config.deadlines.stall_timeout,
-                self._tracer,
                 functools.partial(JsonGovernanceSession, policy),
             ),
             name=f"generate {response.response_id}",
