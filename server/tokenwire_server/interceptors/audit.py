@@ -234,18 +234,17 @@ class AuditStage(Stage):
         self._store.record_nowait(row).add_done_callback(counted)
 
     def on_facts(self, call: Call, facts: ResponseFacts) -> None:
-        """A stream's opening row is submitted here and written while the
-        upstream produces its first token; the chain awaits it before the first
-        event. Submitted now, not from a task, so it precedes any later row of
-        the call."""
+        """A stream's opening row is submitted here, while the upstream produces
+        its first token; the chain awaits it before the first event. Submitted
+        now, not from a task, so it precedes any later row of the call."""
         if call.method == "StreamRespond":
             first = "resumed" if _resumed_after(call) >= 0 else "accepted"
-            written = self._store.record_soon(_row(call, first))
+            written = self._store.record_nowait(_row(call, first))
             call.overlapped.append(asyncio.ensure_future(self._opened(call, written)))
 
-    async def _opened(self, call: Call, written: asyncio.Future[None]) -> None:
+    async def _opened(self, call: Call, written: Future[None]) -> None:
         try:
-            await written
+            await asyncio.wrap_future(written)
         except Exception:  # logged by the store
             self._metrics.audit_write_failures.inc()
             call.audit_ended = True
