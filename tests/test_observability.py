@@ -172,7 +172,9 @@ async def test_the_span_continues_the_callers_trace_and_tells_the_whole_call(
     assert root.attributes["tokenwire.chunk_count"] == len(chunks_of(events))
     assert root.attributes["tokenwire.verdict"] == "ALLOWED"
     assert root.attributes["tokenwire.verification"] == "VERIFIED"
-    assert root.attributes["tokenwire.policy"] == f"{completed.policy_id}@{completed.policy_version}"
+    assert (
+        root.attributes["tokenwire.policy"] == f"{completed.policy_id}@{completed.policy_version}"
+    )
     # What generation did is told on the same span: one span per call, and as
     # few attributes and events as say something new, because every span is
     # encoded and exported on the event loop.
