@@ -188,10 +188,9 @@ class ObservabilityStage(Stage):
 
         span = call.span
         if span.is_recording():
-            # Each attribute costs about 4 us to encode for export, on the loop:
-            # what another attribute or the status already says is left out
-            # (last_sequence equals chunk_count; the verification event and the
-            # chunk counts of a unary call say nothing new).
+            # Each attribute costs ~4 us to encode for export, on the loop: what
+            # another attribute or the status says is left out (last_sequence =
+            # chunk_count; a unary call's chunk counts say nothing new).
             attributes: dict[str, Any] = {
                 "gen_ai.operation.name": OPERATION,
                 "gen_ai.provider.name": provider,
