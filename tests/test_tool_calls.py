@@ -17,6 +17,7 @@ from google.protobuf import json_format, struct_pb2
 
 from tests.conftest import StartServer, chunks_of, collect, completed_of, stream_request
 from tests.test_openai_upstream import route, sse
+from tests.test_structured_escalation import POLICY
 from tokenwire.v1 import respond_pb2 as pb
 from tokenwire_server.audit.reader import read_history
 
@@ -410,3 +411,45 @@ async def test_an_ignored_tool_choice_is_reported(
     assert check.outcome == pb.CHECK_OUTCOME_FAILED
     assert [v.code for v in check.violations] == [code]
     assert completed.verification.checks_passed is False
+
+
+async def test_a_call_to_a_tool_an_escalation_rule_names_is_held_for_review(
+    start_server: StartServer, tmp_path: Path
+) -> None:
+    """`when: {tools: [transfer_funds]}` with `action: hold`: the request offers the
+    tool, so nothing leaves before the decision (BUFFERED); the model calls it,
+    so the response is held: no chunk, no call, a pending review."""
+    policy = tmp_path / "bank.yaml"
+    policy.write_text(POLICY)
+    running = await start_server(policy=str(policy))
+    offered = [
+        pb.Tool(name="transfer_funds", parameters=struct({"type": "object"})),
+        *tools(),
+    ]
+
+    async def call(name: str) -> list[pb.StreamRespondResponse]:
+        script = json.dumps([{"name": name, "arguments": '{"amount": 10}'}])
+        return await collect(
+            running.stub.StreamRespond(
+                stream_request(
+                    "move money",
+                    tools=offered,
+                    labels={"tokenwire.sim/tool-calls": script},
+                )
+            )
+        )
+
+    held = await call("transfer_funds")
+    completed = completed_of(held)
+    assert completed.review.held and completed.review.state == pb.REVIEW_STATE_PENDING
+    assert completed.review.review_id
+    assert chunks_of(held) == [] and list(completed.tool_calls) == []
+    assert completed.final_text == ""
+    assert completed.delivery_mode == pb.DELIVERY_MODE_BUFFERED
+    assert completed.verification.status == pb.VERIFICATION_STATUS_VERIFIED
+    # the same request calling another tool is not held: its call arrives whole
+    other = await call("send_mail")
+    completed = completed_of(other)
+    assert not completed.HasField("review")
+    assert [c.name for c in completed.tool_calls] == ["send_mail"]
+    assert [c.tool_call.name for c in chunks_of(other)] == ["send_mail"]
