@@ -147,6 +147,7 @@ class RespondServicer:
                 ReplayingSession(_text_session(policy, call.generation), logged),
                 response,
                 self._config.deadlines.stall_timeout,
+                functools.partial(JsonGovernanceSession, policy),
             ),
             name=f"continue {response.response_id}",
         )
