@@ -34,8 +34,9 @@ from tokenwire_server.interceptors.chain import RESPONDING, Stage
 def retraction_point(chunks: list[bytes], final: bytes) -> int:
     """The first sequence whose bytes are not the final payload's at the same offset.
 
-    `chunks` are the contiguous chunks 1..n as sent. When every one is a prefix
-    of the final payload (the final text only adds to it), nothing needs
+    `chunks` are the contiguous chunks 1..n as sent (or one tool call's
+    fragments, numbered 1..n among themselves). When every one is a prefix of
+    the final payload (the final text only adds to it), nothing needs
     dropping: the answer is the next sequence.
     """
     offset = 0
@@ -62,13 +63,13 @@ def _tool_calls_retraction(calls: list[SentToolCall], final: pb.Completed) -> in
         if index >= len(finals) or (sent.id, sent.name) != (finals[index].id, finals[index].name):
             retract = min(retract, sent.fragments[0][0])
             continue
-        target, offset = finals[index].arguments.encode(), 0
-        for sequence, text in sent.fragments:
-            data = text.encode()
-            if target[offset : offset + len(data)] != data:
-                retract = min(retract, sequence)
-                break
-            offset += len(data)
+        # The call's fragments against its final arguments, as the text's chunks
+        # against the final payload; the answer is a position among them.
+        first_wrong = retraction_point(
+            [text.encode() for _, text in sent.fragments], finals[index].arguments.encode()
+        )
+        if first_wrong <= len(sent.fragments):
+            retract = min(retract, sent.fragments[first_wrong - 1][0])
     return retract
 
 
