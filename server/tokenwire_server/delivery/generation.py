@@ -163,13 +163,13 @@ async def run_generation(
     session: GovernanceSession,
     response: LiveResponse,
     stall_timeout: float,
-    open_arguments_session: Callable[[], GovernanceSession] | None = None,
+    open_arguments_session: Callable[[], GovernanceSession],
 ) -> None:
     """Generates into `response` and ends it exactly once, whatever happens.
 
-    `open_arguments_session` governs each tool call's arguments (a JSON-aware
-    session); without it a backend's tool calls are refused as an internal
-    error rather than released ungoverned.
+    `open_arguments_session` opens the session that governs one tool call's
+    arguments (a JSON-aware one), whether or not the request offered tools:
+    a model may call one anyway, and its arguments are governed like text.
 
     What generation did is told on the call's server span (the current span,
     which the generation task copied when it was created): the backend, the
@@ -198,7 +198,7 @@ async def _generate(
     session: GovernanceSession,
     response: LiveResponse,
     stall_timeout: float,
-    open_arguments_session: Callable[[], GovernanceSession] | None,
+    open_arguments_session: Callable[[], GovernanceSession],
 ) -> None:
     task = asyncio.current_task()
     assert task is not None
@@ -228,17 +228,11 @@ async def _generate(
                     await _release_batch(item, push, response, watchdog)
                 elif isinstance(item, ToolCallFragment):
                     if tool_calls is None:
-                        if open_arguments_session is None:
-                            raise InternalError(
-                                f"backend {backend.name} made a tool call nobody asked for",
-                                reason="BACKEND_ERROR",
-                            )
                         tool_calls = ToolCallAssembly(open_arguments_session)
-                    if strict is not None:
-                        position = tool_calls.position(item)
-                        name = tool_calls.names[position] if item.index in tool_calls else item.name
-                        if strict.fragment(position, name, item.arguments):
-                            break
+                    if strict is not None and strict.fragment(
+                        *tool_calls.locate(item), item.arguments
+                    ):
+                        break
                     governed = tool_calls.push(item)
                     if governed is None:
                         response.count_tokens(1)

@@ -60,18 +60,13 @@ class ToolCallAssembly:
         """A call's governance decided to block: generation can stop."""
         return any(session.halted for session in self._sessions)
 
-    @property
-    def names(self) -> tuple[str, ...]:
-        """The called functions, in the order the calls began."""
-        return tuple(self._names)
-
-    def __contains__(self, upstream_index: int) -> bool:
-        """Whether the call with this upstream index has begun."""
-        return upstream_index in self._positions
-
-    def position(self, fragment: ToolCallFragment) -> int:
-        """The position `fragment`'s call has (or will have) in this response."""
-        return self._positions.get(fragment.index, len(self._sessions))
+    def locate(self, fragment: ToolCallFragment) -> tuple[int, str]:
+        """The position `fragment`'s call has (or will have) in this response,
+        and the function it calls (named by a call's first fragment)."""
+        position = self._positions.get(fragment.index)
+        if position is None:
+            return len(self._sessions), fragment.name
+        return position, self._names[position]
 
     def push(self, fragment: ToolCallFragment) -> GovernedFragment | None:
         """The governed part of `fragment` that may be released now; None when
