@@ -319,10 +319,7 @@ class LiveResponse:
         """Adds a governed fragment of tool call `index` (its `id` and `name`
         with the first one); it waits for a reader in order with the text."""
         self._generated(tokens)
-        calls = self._calls
-        while len(calls) <= index:
-            calls.append(_ToolCallState())
-        call = calls[index]
+        call = self._call_state(index)
         if id:
             call.id = id
         if name:
@@ -330,6 +327,13 @@ class LiveResponse:
         call.parts.append(arguments)
         self.pending.add_tool(ToolPiece(index, id, name, arguments, actions), tokens)
         self._released_more()
+
+    def _call_state(self, position: int) -> _ToolCallState:
+        """Call `position`'s state, begun (with those before it) if it was not."""
+        calls = self._calls
+        while len(calls) <= position:
+            calls.append(_ToolCallState())
+        return calls[position]
 
     @property
     def released_tool_calls(self) -> tuple[ToolCall, ...]:
@@ -481,8 +485,7 @@ class LiveResponse:
             tokens = 0
         for index, call in enumerate(outcome.tool_calls):
             piece = ToolPiece(index, call.id, call.name, call.arguments, ())
-            if len(self._calls) <= index:
-                self._calls.append(_ToolCallState())
+            self._call_state(index)
             records.append(self._append(call.arguments, tokens, (), piece))
             tokens = 0
         self._log_end_when_complete()
@@ -521,9 +524,7 @@ class LiveResponse:
             self._released.append(record.text)
             self._next_offset += utf8_length(record.text)
         else:
-            while len(self._calls) <= tool.position:
-                self._calls.append(_ToolCallState())
-            call = self._calls[tool.position]
+            call = self._call_state(tool.position)
             call.id, call.name = tool.id or call.id, tool.name or call.name
             call.parts.append(record.text)
             call.cut_bytes += utf8_length(record.text)
