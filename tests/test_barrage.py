@@ -98,6 +98,8 @@ def plausible_requests(draw: st.DrawFn) -> pb.StreamRespondRequest:
 
 
 _BASELINE: dict[str, float] = {}
+#: Calls before the resident-memory baseline is taken.
+WARM_UP = min(100, CASES // 10)
 _OUTCOMES: dict[str, int] = {}
 
 
@@ -162,8 +164,16 @@ async def test_hostile_requests_get_ok_or_a_precise_status(
         _OUTCOMES["OK"] = _OUTCOMES.get("OK", 0) + 1
     # Memory stays flat: the server process's resident memory after warm-up stays
     # within a bound that thousands of calls (some with 300k-character prompts) keep.
+    # The baseline is taken once warm-up is over (the first WARM_UP calls, which
+    # include prompt-sized buffers for the first time): measured from the very
+    # first call, the allocator's working set for 300k-character prompts alone
+    # put the growth at 151-153 MiB in some runs, identical before and after the
+    # changes under test; growth after warm-up is what says memory is not flat.
+    _BASELINE["calls"] = _BASELINE.get("calls", 0) + 1
     rss = barrage_server.rss_mib()
-    _BASELINE.setdefault("rss", rss)
+    if _BASELINE["calls"] <= WARM_UP:
+        _BASELINE["rss"] = rss
+        return
     assert rss - _BASELINE["rss"] < 150, (rss, _BASELINE["rss"])
 
 
