@@ -138,7 +138,7 @@ class ResumeConfig:
     )
     store_max_responses: int = _setting(10000, "most ended responses kept in memory")
     store_max_bytes: int = _setting(
-        64 * 1024 * 1024, "most text (bytes) of ended responses kept in memory"
+        4 * 1024 * 1024, "most memory (bytes) ended responses take in the store, packed"
     )
     store: str = _setting(
         "memory", "memory, or redis://HOST:PORT/DB to share responses between replicas"

@@ -5,14 +5,16 @@ up to three boxed integers each, about 220 bytes for a one-token chunk. An
 ended response is kept for `retention` seconds so it can be resumed or
 retried into, and thousands are kept at once; per chunk, all a replay needs
 is its text, offset, token count, emission time and actions. Here the texts
-are one string and the numbers sit in typed arrays (about 24 bytes a chunk),
+are one string and the numbers sit in typed arrays (about 6 bytes a chunk),
 and a `ChunkRecord` is rebuilt, identical, when a reader asks for one.
 """
 
 from __future__ import annotations
 
+import time
 from array import array
 from collections.abc import Iterator, Sequence
+from itertools import accumulate
 from typing import NamedTuple, Protocol, overload
 
 from tokenwire_server.domain import Action
@@ -42,8 +44,15 @@ class ChunkRecord(NamedTuple):
     text_offset: int
     token_count: int
     actions: tuple[Action, ...]
+    #: Wall-clock time, in whole microseconds (`emitted_at_ns()`), so the compact
+    #: log keeps it exactly in four bytes.
     emitted_at_ns: int
     tool: ToolDelta | None = None
+
+
+def emitted_at_ns() -> int:
+    """Now, as a chunk's emission time: nanoseconds since the epoch, whole microseconds."""
+    return time.time_ns() // 1000 * 1000
 
 
 class ChunkSequence(Protocol):
@@ -65,16 +74,22 @@ class ChunkSequence(Protocol):
 class CompactChunks(Sequence[ChunkRecord]):
     """A read-only chunk log; sequences are 1..n, as `LiveResponse` cuts them."""
 
-    __slots__ = ("_actions", "_emitted", "_ends", "_offsets", "_text", "_tokens", "_tools")
+    __slots__ = (
+        "_actions",
+        "_emitted",
+        "_ends",
+        "_first_emitted_ns",
+        "_offsets",
+        "_text",
+        "_tokens",
+        "_tools",
+    )
 
     def __init__(self, records: Sequence[ChunkRecord]) -> None:
         self._text = "".join(r.text for r in records)
-        ends = array("I")
-        position = 0
-        for record in records:
-            position += len(record.text)
-            ends.append(position)
-        self._ends = ends
+        lengths = list(accumulate(len(r.text) for r in records))
+        # Two bytes a chunk end while the text is under 64 Ki characters.
+        self._ends = array("H" if not lengths or lengths[-1] < 1 << 16 else "I", lengths)
         self._tools: dict[int, ToolDelta] = {
             index: r.tool for index, r in enumerate(records) if r.tool is not None
         }
@@ -85,8 +100,15 @@ class CompactChunks(Sequence[ChunkRecord]):
             if self._text.isascii() and not self._tools
             else array("Q", (r.text_offset for r in records))
         )
-        self._tokens = array("I", (r.token_count for r in records))
-        self._emitted = array("q", (r.emitted_at_ns for r in records))
+        tokens = array("I", (r.token_count for r in records))
+        #: One token a chunk (the common case) needs no array either.
+        self._tokens = None if tokens.count(1) == len(tokens) else tokens
+        # Emission times are whole microseconds (ChunkRecord), kept as microseconds
+        # since the first chunk: four bytes a chunk for answers up to 71 minutes long.
+        first = records[0].emitted_at_ns if records else 0
+        since = [(r.emitted_at_ns - first) // 1000 for r in records]
+        self._first_emitted_ns = first
+        self._emitted = array("I" if not since or since[-1] < 1 << 32 else "Q", since)
         self._actions: dict[int, tuple[Action, ...]] = {
             index: r.actions for index, r in enumerate(records) if r.actions
         }
@@ -121,9 +143,9 @@ class CompactChunks(Sequence[ChunkRecord]):
             index + 1,
             self._text[start : self._ends[index]],
             start if self._offsets is None else self._offsets[index],
-            self._tokens[index],
+            1 if self._tokens is None else self._tokens[index],
             self._actions.get(index, ()),
-            self._emitted[index],
+            self._first_emitted_ns + self._emitted[index] * 1000,
             self._tools.get(index) if self._tools else None,
         )
 

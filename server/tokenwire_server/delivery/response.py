@@ -23,13 +23,20 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import enum
-import time
+import logging
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Protocol
 
 from tokenwire.v1 import respond_pb2 as pb
-from tokenwire_server.delivery.chunks import ChunkRecord, ChunkSequence, CompactChunks, ToolDelta
+from tokenwire_server.delivery.chunks import (
+    ChunkRecord,
+    ChunkSequence,
+    CompactChunks,
+    ToolDelta,
+    emitted_at_ns,
+)
+from tokenwire_server.delivery.packing import pack, unpack
 from tokenwire_server.delivery.pending import PendingText, ToolPiece
 from tokenwire_server.domain import (
     Action,
@@ -46,6 +53,8 @@ from tokenwire_server.errors import ResponseCancelled, TokenwireError
 
 if TYPE_CHECKING:
     from tokenwire_server.delivery.validation_path import ValidationPath
+
+logger = logging.getLogger(__name__)
 
 
 class State(enum.Enum):
@@ -79,6 +88,37 @@ class Outcome:
     held: bool = False
     #: The final, governed tool calls, in the order they began.
     tool_calls: tuple[ToolCall, ...] = ()
+
+
+#: The attributes an ended response keeps when packed: everything a reader,
+#: a resumed or a retried call reads; not what only generation used (its task,
+#: pending text, waiters, validation path, timers and callbacks).
+_ENDED_STATE = (
+    "response_id",
+    "request_id",
+    "model",
+    "policy_id",
+    "policy_version",
+    "started_at",
+    "first_token_at",
+    "first_chunk_at",
+    "chunks",
+    "state",
+    "outcome",
+    "error",
+    "tokens_generated",
+    "_next_offset",
+    "_released",
+    "_calls",
+    "tenant",
+    "delivery",
+    "resumable",
+    "detach_window",
+    "detached_chunk_tokens",
+    "mode_used",
+    "completed_message",
+)
+_FINAL_TEXT_FROM_OUTCOME = "completed_final_text_is_the_outcome's"
 
 
 class _ToolCallState:
@@ -152,7 +192,8 @@ class LiveResponse:
         #: A shared log (several replicas): chunks are written there before they are sent.
         self.log: ChunkLog | None = None
         self._log_ended = False
-        self._compact_when_idle = False
+        #: Set by a store keeping the ended response: called once it is idle, packed.
+        self._on_idle: Callable[[LiveResponse, bytes], None] | None = None
         #: Validators and escalation rules, when any apply (validation_path.py).
         self.validation: ValidationPath | None = None
         #: Set on a replica that only mirrors another's response: called when its
@@ -178,7 +219,7 @@ class LiveResponse:
             return
         if self.done:
             self._log_end_when_complete()
-            self._compact_if_idle()
+            self._pack_if_idle()
             return
         if not self.resumable:
             self.stop_generation()
@@ -247,18 +288,23 @@ class LiveResponse:
             self._detach_timer.cancel()
             self._detach_timer = self._loop.call_later(self.detach_window, self.stop_generation)
 
-    def keep_compact(self) -> None:
+    def pack_when_idle(self, on_packed: Callable[[LiveResponse, bytes], None]) -> None:
         """Called by a store that keeps this ended response (for resume and
         retries, thousands at once): once nothing can add a chunk (no reader,
-        nothing pending), the chunk log and released text shrink to the compact
-        form, about a tenth of the memory, and what only generation needed goes."""
-        self._compact_when_idle = True
-        self._compact_if_idle()
+        nothing pending), the response is packed into one bytes object
+        (packing.py) and handed to `on_packed`, so the store can keep that and
+        let this object, and the hundreds of small objects it holds, go."""
+        self._on_idle = on_packed
+        self._pack_if_idle()
 
-    def _compact_if_idle(self) -> None:
-        if not self._compact_when_idle or not self.done or self.readers or self.pending:
+    def _pack_if_idle(self) -> None:
+        on_packed = self._on_idle
+        if on_packed is None or not self.done or self.readers:
             return
-        self._compact_when_idle = False
+        if self.pending and self.delivery is not None:
+            return  # a stream's reader may still cut it into chunks
+        # (A unary response's pending text is never cut: it is not a stream.)
+        self._on_idle = None
         released = self.released_text
         if self.chunks and isinstance(self.chunks, list):
             compact = CompactChunks(self.chunks)
@@ -271,6 +317,52 @@ class LiveResponse:
             self.outcome = dataclasses.replace(outcome, final_text=released)
         self.task = None
         self._on_end = []
+        try:
+            packed = pack(self._ended_state())
+        except Exception:  # a state that does not pickle is a bug; the response stays whole
+            logger.exception("response %s could not be packed", self.response_id)
+            return
+        on_packed(self, packed)
+
+    def _ended_state(self) -> dict[str, object]:
+        """What a reader of the ended response needs: its log, ending and how it was delivered.
+
+        `Completed.final_text` is the outcome's final text again: it is left out
+        and put back when unpacked."""
+        state = {name: getattr(self, name) for name in _ENDED_STATE}
+        completed, outcome = self.completed_message, self.outcome
+        if (
+            completed is not None
+            and outcome is not None
+            and completed.final_text
+            and completed.final_text == outcome.final_text
+        ):
+            trimmed = pb.Completed()
+            trimmed.CopyFrom(completed)
+            trimmed.ClearField("final_text")
+            state["completed_message"] = trimmed
+            state[_FINAL_TEXT_FROM_OUTCOME] = True
+        return state
+
+    @classmethod
+    def unpacked(cls, packed: bytes) -> LiveResponse:
+        """The ended response `pack_when_idle` packed, as readers and retries see it."""
+        state = unpack(packed)
+        response = cls(
+            response_id="",
+            request_id="",
+            model=ModelInfo("", "", ""),
+            policy_id="",
+            policy_version="",
+            max_pending_chars=0,
+        )
+        text_from_outcome = state.pop(_FINAL_TEXT_FROM_OUTCOME, False)
+        for name, value in state.items():
+            setattr(response, name, value)
+        if text_from_outcome:
+            assert response.completed_message is not None and response.outcome is not None
+            response.completed_message.final_text = response.outcome.final_text
+        return response
 
     def on_end(self, callback: Callable[[LiveResponse], None]) -> None:
         self._on_end.append(callback)
@@ -501,14 +593,14 @@ class LiveResponse:
         offset = self._next_offset
         chunks = self.chunks
         if tool is None:
-            record = ChunkRecord(len(chunks) + 1, text, offset, tokens, actions, time.time_ns())
+            record = ChunkRecord(len(chunks) + 1, text, offset, tokens, actions, emitted_at_ns())
             self._next_offset = offset + utf8_length(text)
         else:
             call = self._calls[tool.position]
             delta = ToolDelta(tool.position, tool.id, tool.name, call.cut_bytes)
             call.cut_bytes += utf8_length(text)
             record = ChunkRecord(
-                len(chunks) + 1, text, offset, tokens, actions, time.time_ns(), delta
+                len(chunks) + 1, text, offset, tokens, actions, emitted_at_ns(), delta
             )
         chunks.append(record)
         if self._waiters:
