@@ -115,6 +115,29 @@ async def test_usage_is_counted_when_the_upstream_sends_none(
     assert completed.finish_reason == pb.FINISH_REASON_LENGTH
 
 
+async def test_the_first_token_leaves_before_the_rest_of_a_burst(
+    start_server: StartServer, upstream
+) -> None:
+    """A whole answer in one network read: the first token's chunk leaves
+    alone, before the read's other 199 events are even parsed, instead of
+    waiting for all of them and leaving coalesced with them."""
+    words = [f" w{i}" for i in range(200)]
+
+    async def handler(request: web.Request) -> web.StreamResponse:
+        burst = "".join(chunk_event(w) for w in words) + chunk_event(None, "stop")
+        return await sse(request, [burst + "data: [DONE]\n\n"])
+
+    up = await upstream(handler)
+    server = await start_server(upstreams=(route(up.url),))
+    request = stream_request(model="up-model", chunking=pb.Chunking(max_tokens_per_chunk=1024))
+    events = await collect(server.stub.StreamRespond(request))
+    chunks = chunks_of(events)
+    assert (chunks[0].text, chunks[0].token_count) == (" w0", 1)
+    assert "".join(c.text for c in chunks) == "".join(words)
+    assert sum(c.token_count for c in chunks) == 200
+    assert completed_of(events).final_text == "".join(words)
+
+
 async def test_retries_a_failure_before_the_first_token(
     start_server: StartServer, upstream
 ) -> None:

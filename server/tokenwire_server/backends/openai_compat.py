@@ -272,6 +272,12 @@ class OpenAICompatibleBackend(Backend):
                             content = delta.get("content")
                             if content:
                                 batch.append(content)
+                                if not count:
+                                    # The first token goes on alone: its chunk can
+                                    # leave before the rest of this read is parsed.
+                                    count = 1
+                                    yield batch
+                                    batch = []
                             deltas = delta.get("tool_calls")
                             if deltas:
                                 # Text before the call goes first: the order is the model's.

@@ -209,6 +209,7 @@ async def _generate(
     validation = response.validation
     tool_calls: ToolCallAssembly | None = None
     strict = StrictOutput(request) if StrictOutput.wanted(request) else None
+    first_release = True
     try:
         tokens = backend.generate(request)
         try:
@@ -256,6 +257,11 @@ async def _generate(
                     break  # blocked: stop the backend; the decision comes from finish()
                 if response.pending.over_budget:
                     await _wait_for_space(response, watchdog)
+                elif first_release and response.has_pending:
+                    # The first text is out of governance: let its reader send it
+                    # now, not once the rest of a burst has been handled too.
+                    first_release = False
+                    await asyncio.sleep(0)
                 elif not watchdog.progress % _YIELD_EVERY:
                     # A backend that never waits (a burst already in memory) would
                     # otherwise hold the loop until the pending budget fills: every
