@@ -105,7 +105,8 @@ def source_env(source: Path | None) -> dict[str, str]:
 
 
 def source_label(source: Path | None) -> str:
-    """The checkout's short commit, `+changes` when its work tree differs from it."""
+    """The checkout's short commit, `+changes` (and the directory's name, so two
+    changed checkouts of one commit stay apart) when its work tree differs from it."""
     where = source or ROOT
     try:
         commit = subprocess.run(
@@ -118,7 +119,7 @@ def source_label(source: Path | None) -> str:
         ).stdout.strip()  # fmt: skip
     except (OSError, subprocess.CalledProcessError):
         return where.name
-    return commit + ("+changes" if changed else "")
+    return commit + (f"+changes ({where.name})" if changed else "")
 
 
 async def start_all(*starting: Awaitable[Process]) -> list[Process]:
