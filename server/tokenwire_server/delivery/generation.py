@@ -31,6 +31,7 @@ from tokenwire_server.delivery.response import LiveResponse, Outcome
 from tokenwire_server.delivery.tool_calls import ToolCallAssembly
 from tokenwire_server.domain import (
     Action,
+    DeliveryMode,
     Finish,
     FinishReason,
     GenerationRequest,
@@ -209,7 +210,11 @@ async def _generate(
     validation = response.validation
     tool_calls: ToolCallAssembly | None = None
     strict = StrictOutput(request) if StrictOutput.wanted(request) else None
-    first_release = True
+    # A stream's reader sends the first text as soon as it is released (below);
+    # a unary or buffered response has nobody to send it before the end.
+    first_release = (
+        response.delivery is not None and response.mode_used is not DeliveryMode.BUFFERED
+    )
     try:
         tokens = backend.generate(request)
         try:
