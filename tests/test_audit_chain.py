@@ -467,3 +467,61 @@ async def test_a_closed_store_fails_closed_too(start_server: StartServer, tmp_pa
         await asyncio.wait_for(server.stub.Respond(respond_request()), 10)
     assert status_details(raised.value).error_info.reason == "AUDIT_UNAVAILABLE"
     assert failures(server) == 1
+
+
+def _bare_row(event: str, response_id: str) -> Any:
+    from tokenwire_server.audit.records import AuditRecord
+
+    return AuditRecord(
+        event=event, response_id=response_id, request_id="req_1", trace_id="", tenant="",
+        method="StreamRespond", status="OK", error_reason="", labels={}, model="echo",
+        model_version="", policy_id="pass-through", policy_version="1", delivery_mode="",
+        chunk_count=0, last_sequence=0, final_sha256="", verdict="", review_required=False,
+        verification="", retract_from_sequence=0, actions=[], finish_reason="",
+        prompt_tokens=0, completion_tokens=0, time_to_first_token_ms=0.0, total_ms=0.0,
+        created_at_ns=1, token_events=(), resumed_after=-1,
+    )  # fmt: skip
+
+
+async def test_a_held_opening_row_goes_before_every_row_recorded_after_it(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """`record_soon` holds a stream's opening row for two loop iterations; a row
+    recorded meanwhile (on the loop, or handed to the writer thread) must not
+    overtake it, and the chain still verifies."""
+    path = tmp_path / "audit.sqlite3"
+    store = SqliteAuditStore(path)
+    try:
+        opened = store.record_soon(_bare_row("accepted", "rsp_a"))
+        await store.record(_bare_row("completed", "rsp_b"))
+        later = store.record_soon(_bare_row("accepted", "rsp_c"))
+        store.record_nowait(_bare_row("cancelled", "rsp_d")).result(timeout=10)
+        await asyncio.gather(opened, later)
+        alone = store.record_soon(_bare_row("accepted", "rsp_e"))
+        await alone  # nothing else recorded: written by the loop, two iterations on
+        await store.record(_bare_row("completed", "rsp_a"))
+    finally:
+        await store.close()
+    rows = list(reversed(read_records(path)))
+    assert [(r["event"], r["response_id"]) for r in rows] == [
+        ("accepted", "rsp_a"),
+        ("completed", "rsp_b"),
+        ("accepted", "rsp_c"),
+        ("cancelled", "rsp_d"),
+        ("accepted", "rsp_e"),
+        ("completed", "rsp_a"),
+    ]
+    assert tokenwire(capsys, "audit", "verify", str(path))[0] == 0
+
+
+async def test_a_held_row_is_committed_by_close_and_refused_after_it(tmp_path: Path) -> None:
+    from tokenwire_server.audit.store import AuditWriteError
+
+    path = tmp_path / "audit.sqlite3"
+    store = SqliteAuditStore(path)
+    held = store.record_soon(_bare_row("accepted", "rsp_a"))
+    await store.close()  # writes the held row before it closes
+    await held
+    assert [r["response_id"] for r in read_records(path)] == ["rsp_a"]
+    with pytest.raises(AuditWriteError):
+        await store.record_soon(_bare_row("accepted", "rsp_b"))

@@ -13,12 +13,19 @@ WAL with synchronous=NORMAL does not fsync on commit). That connection never
 waits: its busy timeout is 0 and it never checkpoints (the one step that
 fsyncs); a row that meets a lock, and every row after it until the thread
 has caught up, goes to the dedicated writer thread, which waits for the lock
-up to `busy_timeout` and runs the checkpoints.
+up to `busy_timeout` and runs the checkpoints. `record_soon` (a stream's
+opening row) writes on the loop two iterations later, once the call has sent
+its upstream request; the audit stage uses it only for a stream that runs
+alone and hands the row to the thread otherwise.
 
 Each write reads the chain's head inside its own `BEGIN IMMEDIATE`
 transaction (one primary-key lookup) rather than trusting a copy in memory:
 a restart continues the chain, and so does a second process writing the same
 file (an old and a new server overlapping during a rolling restart).
+
+Why one module: the loop's connection, the writer thread and the rows held
+for later are one ordering; which of them writes a row depends on what the
+others still hold.
 """
 
 from __future__ import annotations
@@ -26,6 +33,7 @@ from __future__ import annotations
 import abc
 import asyncio
 import contextlib
+import functools
 import logging
 import sqlite3
 import threading
@@ -56,6 +64,12 @@ class AuditStore(abc.ABC):
         """Appends the row without waiting (for calls whose task is being
         cancelled); the future tells whether it was committed."""
 
+    def record_soon(self, record: AuditRecord) -> asyncio.Future[None]:
+        """Appends the row a little later, before any row submitted after it
+        (for a stream's opening row, written while the upstream produces its
+        first token); the future tells whether it was committed."""
+        return asyncio.wrap_future(self.record_nowait(record))
+
     @abc.abstractmethod
     async def close(self) -> None: ...
 
@@ -82,6 +96,8 @@ class SqliteAuditStore(AuditStore):
         self._submitted = 0
         self._finished = 0
         self._since_checkpoint = 0
+        #: Rows `record_soon` holds for the loop, in order, with their futures.
+        self._soon: list[tuple[AuditRecord, asyncio.Future[None]]] = []
         self._closed = False
         try:
             self._executor.submit(self._open).result()
@@ -156,9 +172,43 @@ class SqliteAuditStore(AuditStore):
         finally:
             self._finished += 1
 
+    def record_soon(self, record: AuditRecord) -> asyncio.Future[None]:
+        """Written two loop iterations from now, after the current call has
+        handed its request on (the generation task starts in between), so the
+        write costs the loop time it would otherwise spend waiting, and no
+        thread hand-off. A row recorded meanwhile writes these first."""
+        loop = asyncio.get_running_loop()
+        future: asyncio.Future[None] = loop.create_future()
+        self._soon.append((record, future))
+        if len(self._soon) == 1:
+            loop.call_soon(loop.call_soon, self._flush_soon)
+        return future
+
+    def _flush_soon(self) -> None:
+        held, self._soon = self._soon, []
+        for record, future in held:
+            if self._submitted == self._finished and not self._closed:
+                try:
+                    if self._write_here(record):
+                        _settle(future, None)
+                        continue
+                except Exception as error:  # whatever broke, the row is not there
+                    log.error("audit write failed (%s event): %s", record.event, error)
+                    _settle(future, AuditWriteError("the audit row was not committed"))
+                    continue
+            try:
+                written = self._submit(record)
+            except RuntimeError as error:  # the writer is shut down
+                log.error("audit write failed (%s event): %s", record.event, error)
+                _settle(future, AuditWriteError("the audit row was not committed"))
+                continue
+            written.add_done_callback(functools.partial(_relay, future, record.event))
+
     async def record(self, record: AuditRecord) -> None:
         """A caller cancelled while it waits does not take the row back: the
         write is shielded, and committed (or logged as failed) all the same."""
+        if self._soon:
+            self._flush_soon()  # rows recorded earlier come first
         if self._submitted == self._finished and not self._closed:
             try:
                 if self._write_here(record):
@@ -175,6 +225,8 @@ class SqliteAuditStore(AuditStore):
             raise AuditWriteError("the audit row was not committed") from error
 
     def record_nowait(self, record: AuditRecord) -> Future[None]:
+        if self._soon:
+            self._flush_soon()  # rows recorded earlier come first
         try:
             future = self._submit(record)
         except RuntimeError as error:  # the executor is shut down
@@ -192,6 +244,8 @@ class SqliteAuditStore(AuditStore):
         """Waits for pending writes, then closes; safe to call twice."""
         if self._closed:
             return
+        if self._soon:
+            self._flush_soon()
         self._closed = True
 
         if self._loop_connection is not None:
@@ -228,6 +282,25 @@ def _append(connection: sqlite3.Connection, record: AuditRecord) -> None:
             with contextlib.suppress(sqlite3.Error):
                 connection.execute("ROLLBACK")
         raise
+
+
+def _settle(future: asyncio.Future[None], error: Exception | None) -> None:
+    if future.done():
+        return
+    if error is None:
+        future.set_result(None)
+    else:
+        future.set_exception(error)
+        future.exception()  # seen: its caller may be gone
+
+
+def _relay(future: asyncio.Future[None], event: str, written: Future[None]) -> None:
+    """A writer-thread outcome, handed to the loop's future."""
+    error = written.exception()
+    if error is not None:
+        log.error("audit write failed (%s event): %s", event, error)
+    outcome = None if error is None else AuditWriteError("the audit row was not committed")
+    future.get_loop().call_soon_threadsafe(_settle, future, outcome)
 
 
 def _checked(future: Future[None]) -> None:
