@@ -54,7 +54,7 @@ from tokenwire_server.errors import ResponseCancelled, TokenwireError
 if TYPE_CHECKING:
     from tokenwire_server.delivery.validation_path import ValidationPath
 
-logger = logging.getLogger(__name__)
+log = logging.getLogger(__name__)
 
 
 class State(enum.Enum):
@@ -320,7 +320,7 @@ class LiveResponse:
         try:
             packed = pack(self._ended_state())
         except Exception:  # a state that does not pickle is a bug; the response stays whole
-            logger.exception("response %s could not be packed", self.response_id)
+            log.exception("response %s could not be packed", self.response_id)
             return
         on_packed(self, packed)
 
