@@ -187,35 +187,33 @@ class SqliteAuditStore(AuditStore):
     def _flush_soon(self) -> None:
         held, self._soon = self._soon, []
         for record, future in held:
-            if self._submitted == self._finished and not self._closed:
-                try:
-                    if self._write_here(record):
-                        _settle(future, None)
-                        continue
-                except Exception as error:  # whatever broke, the row is not there
-                    log.error("audit write failed (%s event): %s", record.event, error)
-                    _settle(future, AuditWriteError("the audit row was not committed"))
-                    continue
             try:
-                written = self._submit(record)
-            except RuntimeError as error:  # the writer is shut down
-                log.error("audit write failed (%s event): %s", record.event, error)
-                _settle(future, AuditWriteError("the audit row was not committed"))
+                if self._written_here(record):
+                    _settle(future, None)
+                    continue
+            except AuditWriteError as error:
+                _settle(future, error)
                 continue
-            written.add_done_callback(functools.partial(_relay, future, record.event))
+            self.record_nowait(record).add_done_callback(functools.partial(_relay, future))
+
+    def _written_here(self, record: AuditRecord) -> bool:
+        """Commits `record` on the loop's connection when no row waits for the
+        writer thread; False when the thread must write it (queued rows, a lock)."""
+        if self._submitted != self._finished or self._closed:
+            return False
+        try:
+            return self._write_here(record)
+        except Exception as error:  # whatever broke, the row is not there
+            log.error("audit write failed (%s event): %s", record.event, error)
+            raise AuditWriteError("the audit row was not committed") from error
 
     async def record(self, record: AuditRecord) -> None:
         """A caller cancelled while it waits does not take the row back: the
         write is shielded, and committed (or logged as failed) all the same."""
         if self._soon:
             self._flush_soon()  # rows recorded earlier come first
-        if self._submitted == self._finished and not self._closed:
-            try:
-                if self._write_here(record):
-                    return
-            except Exception as error:  # whatever broke, the row is not there
-                log.error("audit write failed (%s event): %s", record.event, error)
-                raise AuditWriteError("the audit row was not committed") from error
+        if self._written_here(record):
+            return
         try:
             written = asyncio.wrap_future(self._submit(record))
             written.add_done_callback(_retrieved)
@@ -294,12 +292,10 @@ def _settle(future: asyncio.Future[None], error: Exception | None) -> None:
         future.exception()  # seen: its caller may be gone
 
 
-def _relay(future: asyncio.Future[None], event: str, written: Future[None]) -> None:
-    """A writer-thread outcome, handed to the loop's future."""
-    error = written.exception()
-    if error is not None:
-        log.error("audit write failed (%s event): %s", event, error)
-    outcome = None if error is None else AuditWriteError("the audit row was not committed")
+def _relay(future: asyncio.Future[None], written: Future[None]) -> None:
+    """The writer thread's outcome (logged by `record_nowait`), handed to the loop's future."""
+    failed = written.cancelled() or written.exception() is not None
+    outcome = AuditWriteError("the audit row was not committed") if failed else None
     future.get_loop().call_soon_threadsafe(_settle, future, outcome)
 
 
