@@ -3,11 +3,14 @@
 A new request is validated, registered in the response store (a retried
 request id attaches to the response it started instead of generating
 again: the one rule is in docs/operations.md, "Idempotency"), and fed by
-one generation task. Every call that reads a response holds a `Reader`;
-when the last reader goes away, a resumable response keeps generating for
-the detach window (its chunks go to the log), any other is cancelled,
-which stops the backend. `resume` replays the log after the
-caller's sequence and continues live; `Cancel` stops a response by id.
+one generation task. A response that nothing can attach to or resume, from
+a backend that waits on the network, starts generating first: its upstream
+request leaves while it is registered and recorded. Every call that reads
+a response holds a `Reader`; when the last reader goes away, a resumable
+response keeps generating for the detach window (its chunks go to the log),
+any other is cancelled, which stops the backend. `resume` replays the log
+after the caller's sequence and continues live; `Cancel` stops a response
+by id.
 
 Why one module: these are the three RPCs and the two ways a response starts
 (new or resumed) and ends (Completed or a status), each short; together they
@@ -184,6 +187,24 @@ class RespondServicer:
         # ids never reach another's responses.
         caller_id = call.caller_request_id
         key = idempotency_key(response.tenant, caller_id) if caller_id else None
+        if key is None and not response.resumable and parsed.backend.waits_on_network:
+            # Nothing can attach to a response without the caller's id, and
+            # nothing resumes it, so no store needs it before it runs: its
+            # upstream request leaves first (the generation task runs at this
+            # yield), and the registration and records run while it is out.
+            self._generate(request, parsed, policy, response, deadline)
+            try:
+                await asyncio.sleep(0)
+                await self._store.register(response, None, "", request.SerializeToString)
+            except BaseException:
+                response.stop_generation()
+                raise
+            self._report(call, parsed, policy, response)
+            if response.done:  # it ended (an upstream failure) before it was registered
+                self._store.finished(response)
+            else:
+                response.on_end(self._store.finished)
+            return response
         try:
             attached = await self._store.register(
                 response,
@@ -197,6 +218,16 @@ class RespondServicer:
                 metadata={"requestId": caller_id, **reused.metadata},
             ) from None
         response = attached.response
+        self._report(call, parsed, policy, response)
+        if attached.existing:
+            return response
+        response.on_end(self._store.finished)
+        self._generate(request, parsed, policy, response, deadline)
+        return response
+
+    def _report(
+        self, call: Call, parsed: ParsedCall, policy: Policy, response: LiveResponse
+    ) -> None:
         call.report(
             ResponseFacts(
                 response_id=response.response_id,
@@ -209,14 +240,21 @@ class RespondServicer:
                 token_events=bool(getattr(policy, "token_events", False)),
             )
         )
-        if attached.existing:
-            return response
+
+    def _generate(
+        self,
+        request: Request,
+        parsed: ParsedCall,
+        policy: Policy,
+        response: LiveResponse,
+        deadline: float,
+    ) -> None:
+        """Starts the task that feeds `response`; it runs once the caller yields."""
         response.validation = self._validation_path(request, parsed, policy, response, deadline)
         if response.validation is not None and response.validation.withholds:
             # Nothing may leave before the validators and escalation rules decide.
             response.choose_mode(DeliveryMode.BUFFERED)
             response.unbounded()
-        response.on_end(self._store.finished)
         response.task = asyncio.create_task(
             run_generation(
                 parsed.backend,
@@ -228,7 +266,6 @@ class RespondServicer:
             ),
             name=f"generate {response.response_id}",
         )
-        return response
 
     def _validation_path(
         self,

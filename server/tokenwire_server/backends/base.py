@@ -44,6 +44,9 @@ class Backend(abc.ABC):
     #: The same request always yields the same tokens, so another replica can
     #: regenerate a response and continue it exactly where its log ends.
     deterministic: bool = False
+    #: Its first token waits on a network round trip at least: the call's own
+    #: bookkeeping (store registration, records) can run while the request is out.
+    waits_on_network: bool = False
 
     @abc.abstractmethod
     def models(self) -> Mapping[str, str]:

@@ -110,6 +110,7 @@ class OpenAICompatibleBackend(Backend):
 
     #: The API it speaks, whoever hosts it (vLLM, Ollama, a hosted API).
     provider = "openai"
+    waits_on_network = True
 
     def __init__(self, upstream: UpstreamConfig, env: Mapping[str, str]) -> None:
         self.name = upstream.name

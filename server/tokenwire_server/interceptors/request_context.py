@@ -46,5 +46,11 @@ class RequestContextStage(Stage):
         # Sent while the servicer starts the response (the chain awaits it
         # before anything else leaves), not before: its round trip through
         # grpc core would otherwise add to every call's time to first token.
-        headers = ((REQUEST_ID_HEADER, call.request_id),)
-        call.overlapped.append(asyncio.ensure_future(context.send_initial_metadata(headers)))
+        call.overlapped.append(asyncio.ensure_future(_send_headers(context, call.request_id)))
+
+
+async def _send_headers(context: Context, request_id: str) -> None:
+    """Yields once first: the response's generation task, created while the
+    servicer starts, then sends its upstream request before this grpc batch."""
+    await asyncio.sleep(0)
+    await context.send_initial_metadata(((REQUEST_ID_HEADER, request_id),))
