@@ -190,10 +190,13 @@ class RespondServicer:
         if key is None and not response.resumable and parsed.backend.waits_on_network:
             # Nothing can attach to a response without the caller's id, and
             # nothing resumes it, so no store needs it before it runs: its
-            # upstream request leaves first (the generation task runs at this
-            # yield), and the registration and records run while it is out.
+            # upstream request leaves first, and the registration and records
+            # run while it is out. Two yields: the generation task's first step
+            # hands the request to aiohttp, whose body writer is a task of its
+            # own before Python 3.12.
             self._generate(request, parsed, policy, response, deadline)
             try:
+                await asyncio.sleep(0)
                 await asyncio.sleep(0)
                 await self._store.register(response, None, "", request.SerializeToString)
             except BaseException:
