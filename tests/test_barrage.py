@@ -11,6 +11,7 @@ import asyncio
 import contextlib
 import os
 import socket
+import statistics
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -97,9 +98,8 @@ def plausible_requests(draw: st.DrawFn) -> pb.StreamRespondRequest:
     return request
 
 
-_BASELINE: dict[str, float] = {}
-#: Calls before the resident-memory baseline is taken.
-WARM_UP = min(100, CASES // 10)
+#: The server's resident memory (MiB) after each call of the barrage.
+_RSS: list[float] = []
 _OUTCOMES: dict[str, int] = {}
 
 
@@ -162,19 +162,26 @@ async def test_hostile_requests_get_ok_or_a_precise_status(
         assert last.HasField("completed")
         assert last.completed.verification.status == pb.VERIFICATION_STATUS_VERIFIED
         _OUTCOMES["OK"] = _OUTCOMES.get("OK", 0) + 1
-    # Memory stays flat: the server process's resident memory after warm-up stays
-    # within a bound that thousands of calls (some with 300k-character prompts) keep.
-    # The baseline is taken once warm-up is over (the first WARM_UP calls, which
-    # include prompt-sized buffers for the first time): measured from the very
-    # first call, the allocator's working set for 300k-character prompts alone
-    # put the growth at 151-153 MiB in some runs, identical before and after the
-    # changes under test; growth after warm-up is what says memory is not flat.
-    _BASELINE["calls"] = _BASELINE.get("calls", 0) + 1
-    rss = barrage_server.rss_mib()
-    if _BASELINE["calls"] <= WARM_UP:
-        _BASELINE["rss"] = rss
-        return
-    assert rss - _BASELINE["rss"] < 150, (rss, _BASELINE["rss"])
+    _RSS.append(barrage_server.rss_mib())
+
+
+def test_memory_stays_flat_through_the_barrage() -> None:
+    """Runs after the barrage (file order): resident memory does not climb.
+
+    RSS swings by 100 MiB and more within one run as 300k-character prompts
+    come and go (the allocator keeps what they used for a while; sampled per
+    call, a run went 170 -> 201 -> 195 MiB at calls 500, 1500 and 2000, another
+    182 -> 134 -> 183), so no single reading says much: the first readings
+    against one baseline failed one run in four, before and after the same
+    code. A leak climbs steadily instead, and moves the median: the median of
+    the last quarter of the calls stays within 64 MiB of the second quarter's
+    (the first is warm-up), and nothing comes near 512 MiB."""
+    assert len(_RSS) >= 40, len(_RSS)
+    quarter = len(_RSS) // 4
+    second = statistics.median(_RSS[quarter : 2 * quarter])
+    last = statistics.median(_RSS[3 * quarter :])
+    assert last - second < 64, (second, last)
+    assert max(_RSS) < 512, max(_RSS)
 
 
 def test_the_barrage_saw_both_outcomes() -> None:
