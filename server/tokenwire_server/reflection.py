@@ -18,6 +18,8 @@ import grpc
 from google.protobuf import descriptor_pb2, descriptor_pool
 from grpc_reflection.v1alpha import reflection, reflection_pb2
 
+from tokenwire_server.interceptors.other_services import ServiceRegistry
+
 V1_SERVICE_NAME = "grpc.reflection.v1.ServerReflection"
 V1ALPHA_SERVICE_NAME: str = reflection.SERVICE_NAME
 _METHOD = "ServerReflectionInfo"
@@ -50,7 +52,7 @@ def _add_v1_descriptor(pool: descriptor_pool.DescriptorPool) -> None:
     pool.AddSerializedFile(proto.SerializeToString())
 
 
-def enable_reflection(service_names: Iterable[str], server: grpc.aio.Server) -> None:
+def enable_reflection(service_names: Iterable[str], server: ServiceRegistry) -> None:
     """Reflection for `service_names` plus both reflection services, on `server`."""
     pool = descriptor_pool.Default()
     _add_v1_descriptor(pool)

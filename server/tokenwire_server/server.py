@@ -32,7 +32,8 @@ from tokenwire_server.backends.registry import BackendRegistry
 from tokenwire_server.config import Config
 from tokenwire_server.governance.holder import PolicyHolder
 from tokenwire_server.governance.policy import Policy
-from tokenwire_server.interceptors import build_chain, server_interceptors
+from tokenwire_server.interceptors import build_chain, other_service_guards
+from tokenwire_server.interceptors.other_services import GuardedRegistrar
 from tokenwire_server.observability.metrics import Metrics
 from tokenwire_server.observability.stall_watch import StallWatch
 from tokenwire_server.reflection import enable_reflection
@@ -155,7 +156,6 @@ class TokenwireServer:
         """Binds and starts serving; returns the bound port."""
         net = self.config.network
         server = grpc.aio.server(
-            interceptors=server_interceptors(self.config, self.authenticator),
             options=[
                 ("grpc.max_receive_message_length", net.max_message_bytes),
                 ("grpc.so_reuseport", 0),
@@ -188,12 +188,13 @@ class TokenwireServer:
         )
         chain.register(servicer, server)
         self._adopting = asyncio.create_task(servicer.adopt_orphans(), name="adopt orphans")
-        health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
+        others = GuardedRegistrar(server, other_service_guards(self.config, self.authenticator))
+        health_pb2_grpc.add_HealthServicer_to_server(self.health, others)
         access = ReviewAccess(self.authenticator, self.config.auth.auth_mtls)
-        add_review_service(self.reviews, access, server)
+        add_review_service(self.reviews, access, others)
         self.reviews.start()
         enable_reflection(  # v1 and v1alpha
-            (SERVICE_NAME, REVIEW_SERVICE_NAME, HEALTH_SERVICE_NAME), server
+            (SERVICE_NAME, REVIEW_SERVICE_NAME, HEALTH_SERVICE_NAME), others
         )
         address = f"{net.host}:{net.port}" if ":" not in net.host else f"[{net.host}]:{net.port}"
         try:

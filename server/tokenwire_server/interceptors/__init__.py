@@ -13,14 +13,15 @@
 7. verification gate: checks every chunk and holds `Completed` until verified.
 
 Each is a `Stage` (chain.py) in its own file; the chain wraps the servicer's
-methods once. Health and reflection are not RespondService: their malformed
-bodies and (with `auth_health_and_reflection`) their credentials are checked
-by two plain grpc interceptors, `server_interceptors` below.
+methods once. Health, reflection and the review service are not
+RespondService: their malformed bodies and (with `auth_health_and_reflection`)
+their credentials are checked by guards wrapped around their handlers where
+they are registered (`other_service_guards` below, other_services.py), not by
+grpc interceptors, which would run on every RespondService call too.
 """
 
 from __future__ import annotations
 
-import grpc
 from opentelemetry.trace import TracerProvider
 
 from tokenwire_server.audit.store import AuditStore
@@ -30,13 +31,14 @@ from tokenwire_server.interceptors.audit import AuditStage
 from tokenwire_server.interceptors.auth import (
     AuthStage,
     Credentials,
-    OtherServicesAuthInterceptor,
+    OtherServicesAuth,
 )
 from tokenwire_server.interceptors.chain import Chain, Stage
 from tokenwire_server.interceptors.deadlines import DeadlineStage
 from tokenwire_server.interceptors.limits import LimitsStage
-from tokenwire_server.interceptors.malformed import MalformedRequestInterceptor
+from tokenwire_server.interceptors.malformed import TolerantParsing
 from tokenwire_server.interceptors.observability import ObservabilityStage
+from tokenwire_server.interceptors.other_services import HandlerGuard
 from tokenwire_server.interceptors.request_context import RequestContextStage
 from tokenwire_server.interceptors.tracing import TracingStage
 from tokenwire_server.interceptors.verification_gate import VerificationGateStage
@@ -72,12 +74,13 @@ def build_chain(
     )
 
 
-def server_interceptors(
+def other_service_guards(
     config: Config, authenticator: Authenticator | None = None
-) -> list[grpc.aio.ServerInterceptor]:
-    """The plain grpc interceptors, for the services beside RespondService."""
-    interceptors: list[grpc.aio.ServerInterceptor] = [MalformedRequestInterceptor()]
+) -> list[HandlerGuard]:
+    """What wraps the handlers of the services beside RespondService (innermost first)."""
+    guards: list[HandlerGuard] = []
     credentials = _credentials(config, authenticator)
     if credentials is not None and config.auth.auth_health_and_reflection:
-        interceptors.append(OtherServicesAuthInterceptor(credentials))
-    return interceptors
+        guards.append(OtherServicesAuth(credentials))
+    guards.append(TolerantParsing())  # a malformed body is refused before anything else
+    return guards

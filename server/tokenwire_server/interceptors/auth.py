@@ -22,7 +22,6 @@ from tokenwire_server.auth import Authenticator
 from tokenwire_server.errors import TokenwireError, abort
 from tokenwire_server.interceptors.call import Call
 from tokenwire_server.interceptors.chain import Context, Stage
-from tokenwire_server.wire import is_respond_service
 
 
 class Unauthenticated(TokenwireError):
@@ -98,18 +97,16 @@ class AuthStage(Stage):
         call.tenant = self._credentials.tenant(context)
 
 
-class OtherServicesAuthInterceptor(grpc.aio.ServerInterceptor):
-    """Health and reflection behind the same credentials (`auth_health_and_reflection`)."""
+class OtherServicesAuth:
+    """Health and reflection behind the same credentials (`auth_health_and_reflection`):
+    wraps their method handlers, once, when they are registered."""
 
     def __init__(self, credentials: Credentials) -> None:
         self._credentials = credentials
 
-    async def intercept_service(
-        self, continuation: Any, handler_call_details: grpc.HandlerCallDetails
-    ) -> grpc.RpcMethodHandler[Any, Any] | None:
-        handler: grpc.RpcMethodHandler[Any, Any] | None = await continuation(handler_call_details)
-        if handler is None or is_respond_service(handler_call_details):
-            return handler
+    def __call__(
+        self, handler: grpc.RpcMethodHandler[Any, Any], method: str
+    ) -> grpc.RpcMethodHandler[Any, Any]:
         return _guarded(handler, self._enter)
 
     async def _enter(self, request: Any, context: Context, details: Any) -> None:

@@ -21,27 +21,23 @@ import grpc
 from tokenwire_server.errors import InvalidRequest, abort
 from tokenwire_server.interceptors.chain import Context
 from tokenwire_server.observability.rate_limited_log import RateLimitedLog
-from tokenwire_server.wire import Undecodable, is_respond_service
+from tokenwire_server.wire import Undecodable
 
 log = logging.getLogger("tokenwire_server.requests")
 
 
-class MalformedRequestInterceptor(grpc.aio.ServerInterceptor):
+class TolerantParsing:
+    """Wraps one service's method handlers, once, when they are registered."""
+
     def __init__(self) -> None:
         self._log = RateLimitedLog(log)
 
-    async def intercept_service(
-        self, continuation: Any, handler_call_details: grpc.HandlerCallDetails
-    ) -> grpc.RpcMethodHandler[Any, Any] | None:
-        handler: grpc.RpcMethodHandler[Any, Any] | None = await continuation(handler_call_details)
-        if (
-            handler is None
-            or is_respond_service(handler_call_details)
-            or handler.request_deserializer is None
-            or handler.request_streaming  # reflection: see GrpcNoiseFilter
-        ):
-            return handler
-        return self._tolerant(handler, str(handler_call_details.method))
+    def __call__(
+        self, handler: grpc.RpcMethodHandler[Any, Any], method: str
+    ) -> grpc.RpcMethodHandler[Any, Any]:
+        if handler.request_deserializer is None or handler.request_streaming:
+            return handler  # reflection streams requests: see GrpcNoiseFilter
+        return self._tolerant(handler, method)
 
     async def _refuse(self, context: Context, method: str, request: Undecodable) -> None:
         self._log.log(

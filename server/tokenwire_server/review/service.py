@@ -30,6 +30,7 @@ import base64
 import binascii
 import logging
 from collections.abc import AsyncIterator
+from typing import cast
 
 import grpc
 from google.protobuf import timestamp_pb2
@@ -39,6 +40,7 @@ from tokenwire.v1 import review_pb2 as rpb
 from tokenwire.v1 import review_pb2_grpc as rgrpc
 from tokenwire_server.audit.store import AuditWriteError
 from tokenwire_server.errors import FieldViolation, InvalidRequest, TokenwireError, abort
+from tokenwire_server.interceptors.other_services import ServiceRegistry
 from tokenwire_server.review.access import Caller, Context, ReviewAccess
 from tokenwire_server.review.desk import AlreadyDecided, Draining, ReviewDesk
 from tokenwire_server.review.model import Decision, Review, ReviewState
@@ -311,5 +313,8 @@ def _decision(request: rpb.DecideReviewRequest) -> tuple[Decision, str | None, s
     return decision, replacement if decision is Decision.EDIT else None, reason
 
 
-def add_review_service(desk: ReviewDesk, access: ReviewAccess, server: grpc.aio.Server) -> None:
-    rgrpc.add_ReviewServiceServicer_to_server(ReviewServicer(desk, access), server)
+def add_review_service(desk: ReviewDesk, access: ReviewAccess, server: ServiceRegistry) -> None:
+    # The generated function calls only the two registration methods a
+    # ServiceRegistry has; its stub names the grpc server classes.
+    registry = cast(grpc.aio.Server, server)
+    rgrpc.add_ReviewServiceServicer_to_server(ReviewServicer(desk, access), registry)
