@@ -525,3 +525,39 @@ async def test_a_held_row_is_committed_by_close_and_refused_after_it(tmp_path: P
     assert [r["response_id"] for r in read_records(path)] == ["rsp_a"]
     with pytest.raises(AuditWriteError):
         await store.record_soon(_bare_row("accepted", "rsp_b"))
+
+
+async def test_a_calls_labels_are_scrubbed_once_for_every_row_and_log_line(
+    start_server: StartServer,
+    tmp_path: Path,
+    caplog: pytest.LogCaptureFixture,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Both audit rows of a stream and its log line carry the labels scrubbed,
+    from one scrub per call (each costs ~5 us a label)."""
+    from tokenwire_server.audit.reader import read_records
+    from tokenwire_server.interceptors import call as call_module
+
+    scrubbed: list[dict[str, str]] = []
+    scrub_labels = call_module.scrub_labels
+
+    def counted(labels: Any) -> dict[str, str]:
+        scrubbed.append(dict(labels))
+        return scrub_labels(labels)
+
+    monkeypatch.setattr(call_module, "scrub_labels", counted)
+    audit_path = tmp_path / "audit.sqlite3"
+    server = await start_server(audit_path=str(audit_path))
+    caplog.set_level("INFO", logger="tokenwire.responses")
+    labels = {"team": "payments", "owner": "jane.doe@example.com"}
+    completed = completed_of(
+        await collect(server.stub.StreamRespond(stream_request(labels=labels)))
+    )
+    rows = [r for r in read_records(audit_path) if r["response_id"] == completed.response_id]
+    assert sorted(r["event"] for r in rows) == ["accepted", "completed"]
+    expected = scrub_labels(labels)
+    assert expected["owner"] != labels["owner"] and expected["team"] == "payments"
+    assert all(r["labels"] == expected for r in rows), rows
+    lines = [r for r in caplog.records if getattr(r, "response_id", "") == completed.response_id]
+    assert [getattr(r, "labels", None) for r in lines] == [expected]
+    assert scrubbed == [labels]

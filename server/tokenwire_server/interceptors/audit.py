@@ -79,12 +79,6 @@ def _event(call: Call) -> str:
     return "failed" if call.facts is not None else "refused"
 
 
-def _labels(call: Call) -> dict[str, str]:
-    """The validated labels, scrubbed: they are the caller's free text, and
-    the trail keeps no value raw."""
-    return scrub_labels(call.request.labels)
-
-
 def _row(call: Call, event: str, reason: str = "") -> AuditRecord:
     """A row from what the servicer reported (no `Completed`)."""
     facts = call.facts
@@ -100,7 +94,9 @@ def _row(call: Call, event: str, reason: str = "") -> AuditRecord:
         method=call.method,
         status=status,
         error_reason=progress.error_reason or reason,
-        labels=_refused_labels(dict(request.labels)) if event == "refused" else _labels(call),
+        labels=_refused_labels(dict(request.labels))
+        if event == "refused"
+        else call.logged_labels(),
         # A refused call's model is what the caller asked for: free text.
         model=facts.model if facts is not None else clip(scrub(request.model[:256]), 128),
         model_version=facts.model_version if facts is not None else "",
@@ -172,7 +168,7 @@ def _completed_row(call: Call, completed: pb.Completed) -> AuditRecord:
         method=call.method,
         status="OK",
         error_reason="",
-        labels=_labels(call),
+        labels=call.logged_labels(),
         model=completed.model,
         model_version=completed.model_version,
         policy_id=completed.policy_id,

@@ -22,7 +22,7 @@ from opentelemetry.trace import INVALID_SPAN, Span
 
 from tokenwire_server.audit.records import TokenEvent
 from tokenwire_server.delivery.chunks import ChunkRecord
-from tokenwire_server.governance.scrub import scrub
+from tokenwire_server.governance.scrub import scrub, scrub_labels
 
 #: The chunks a resumed call's caller already holds.
 ReplayPrefix = tuple[ChunkRecord, ...]
@@ -135,6 +135,14 @@ class Call:
     entered: int = 0
     #: Who hears `report`: set by the chain from the stages that listen.
     listeners: tuple[Callable[[Call, ResponseFacts], None], ...] = ()
+    scrubbed_labels: dict[str, str] | None = None
+
+    def logged_labels(self) -> dict[str, str]:
+        """The request's labels as records and logs keep them: scrubbed (~5 us a
+        label), once per call however many records and lines carry them."""
+        if self.scrubbed_labels is None:
+            self.scrubbed_labels = scrub_labels(self.request.labels)
+        return self.scrubbed_labels
 
     def logged_id(self, request_id: str) -> str:
         """A response's request id as records keep it (scrubbed once per call)."""

@@ -18,7 +18,6 @@ from prometheus_client.metrics import MetricWrapperBase
 
 from tokenwire.v1 import respond_pb2 as pb
 from tokenwire_server.errors import NotFound, TokenwireError
-from tokenwire_server.governance.scrub import scrub_labels
 from tokenwire_server.interceptors.call import Call
 from tokenwire_server.interceptors.chain import RESPONDING, Context, Stage
 from tokenwire_server.observability.metrics import OPERATION, OTHER, UNRESOLVED, Metrics
@@ -242,7 +241,7 @@ class ObservabilityStage(Stage):
             "completion_tokens": output,
             "ttft_ms": round(ttft * 1000, 3),
             "total_ms": round(total * 1000, 3),
-            "labels": scrub_labels(call.request.labels),
+            "labels": call.logged_labels(),
         }
         if self._log_text:
             fields["final_text"] = completed.final_text
