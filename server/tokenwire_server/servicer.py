@@ -199,10 +199,10 @@ class RespondServicer:
                 await asyncio.sleep(0)
                 await asyncio.sleep(0)
                 await self._store.register(response, None, "", request.SerializeToString)
+                self._report(call, parsed, policy, response)
             except BaseException:
-                response.stop_generation()
+                response.stop_generation()  # nobody will read it
                 raise
-            self._report(call, parsed, policy, response)
             if response.done:  # it ended (an upstream failure) before it was registered
                 self._store.finished(response)
             else:
