@@ -6,9 +6,10 @@ thread. Under the GIL that thread takes turns with the event loop: a 32-span
 batch costs ~1.6 ms to encode and ~0.6 ms of `requests` to post, and requests
 arriving meanwhile waited for it. With every span exported, the p99 time to
 first token through the upstream path rose by about 3 ms
-(bench/upstream_path.py). Here a span is encoded with the OpenTelemetry
-encoder (~45 µs) by a callback scheduled right after it ends, so the work
-lands between calls in small pieces, and batches go out through aiohttp or
+(bench/upstream_path.py). Here a span is encoded (span_encoding.py: the
+OpenTelemetry span encoder inside an envelope encoded once) by a callback
+scheduled right after it ends, so the work lands between calls in small
+pieces, and batches go out through aiohttp or
 grpc.aio on the loop itself, yielding at every await.
 
 A batch is the concatenation of its spans' encoded requests: protobuf merges
@@ -32,9 +33,10 @@ from urllib.parse import urlparse
 import aiohttp
 import grpc
 from opentelemetry.context import Context
-from opentelemetry.exporter.otlp.proto.common.trace_encoder import encode_spans
 from opentelemetry.sdk.trace import ReadableSpan, Span, SpanProcessor
 from opentelemetry.util.re import parse_env_headers
+
+from tokenwire_server.observability.span_encoding import SpanEncoder
 
 log = logging.getLogger(__name__)
 
@@ -268,6 +270,7 @@ class LoopSpanProcessor(SpanProcessor):
         self._loop: asyncio.AbstractEventLoop | None = None
         self._ended: list[ReadableSpan] = []
         self._encoded: list[bytes] = []
+        self._encoder = SpanEncoder()
         self._encode_scheduled = False
         self._timer: asyncio.TimerHandle | None = None
         self._posting: asyncio.Task[None] | None = None
@@ -332,7 +335,7 @@ class LoopSpanProcessor(SpanProcessor):
         ended, self._ended = self._ended, []
         for span in ended:
             try:
-                self._encoded.append(encode_spans([span]).SerializePartialToString())
+                self._encoded.append(self._encoder.request(span))
             except Exception:  # a span the encoder rejects must not stop the others
                 log.exception("could not encode span %s", span.name)
         if len(self._encoded) >= self._max_batch:
