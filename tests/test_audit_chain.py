@@ -536,16 +536,20 @@ async def test_a_calls_labels_are_scrubbed_once_for_every_row_and_log_line(
     """Both audit rows of a stream and its log line carry the labels scrubbed,
     from one scrub per call (each costs ~5 us a label)."""
     from tokenwire_server.audit.reader import read_records
+    from tokenwire_server.governance import scrub
+    from tokenwire_server.interceptors import audit, observability
     from tokenwire_server.interceptors import call as call_module
 
     scrubbed: list[dict[str, str]] = []
-    scrub_labels = call_module.scrub_labels
+    scrub_labels = scrub.scrub_labels
 
     def counted(labels: Any) -> dict[str, str]:
         scrubbed.append(dict(labels))
         return scrub_labels(labels)
 
-    monkeypatch.setattr(call_module, "scrub_labels", counted)
+    # Wherever the rows and the line could scrub labels, the same counter.
+    for module in (scrub, call_module, audit, observability):
+        monkeypatch.setattr(module, "scrub_labels", counted, raising=False)
     audit_path = tmp_path / "audit.sqlite3"
     server = await start_server(audit_path=str(audit_path))
     caplog.set_level("INFO", logger="tokenwire.responses")

@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 from typing import Any
 
+import grpc
 import pytest
 from aiohttp import web
 
@@ -27,6 +28,8 @@ from tests.conftest import (
 )
 from tests.test_openai_upstream import chunk_event, request_for, route, sse
 from tokenwire.v1 import respond_pb2 as pb
+from tokenwire_server.delivery.response import LiveResponse
+from tokenwire_server.servicer import RespondServicer
 
 ANSWER = ["one", " two", " three"]
 
@@ -147,7 +150,49 @@ async def test_a_caller_gone_while_the_response_registers_stops_the_upstream(
             await reading
         await disconnected.wait()  # the generation was stopped, not left running
     monkeypatch.undo()
-    # Nothing of it is left running, and the server goes on serving.
-    assert not server.server.store.running_here()
-    events = await collect(server.stub.StreamRespond(stream_request()))
+    events = await collect(server.stub.StreamRespond(stream_request()))  # still serving
+    assert completed_of(events).final_text
+
+
+async def test_a_failure_after_registration_stops_the_upstream_and_ends_the_response(
+    start_server: StartServer, upstream: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A bug while the call's facts are reported (after the response is in the
+    store) fails the call, stops the generation and ends the response in the
+    store, which packs it like any ended response instead of keeping it live."""
+    disconnected, arrived = asyncio.Event(), asyncio.Event()
+
+    async def endless(request: web.Request) -> web.StreamResponse:
+        arrived.set()
+        response = web.StreamResponse(headers={"content-type": "text/event-stream"})
+        await response.prepare(request)
+        try:
+            while True:
+                await response.write(chunk_event("x").encode())
+                await asyncio.sleep(0.01)
+        except BaseException:
+            disconnected.set()
+            raise
+
+    up = await upstream(endless)
+    server = await start_server(upstreams=(route(up.url),))
+    reported: list[tuple[LiveResponse, asyncio.Task[None]]] = []
+
+    def broken(self: RespondServicer, call: Any, parsed: Any, policy: Any, response: Any) -> None:
+        reported.append((response, response.task))
+        raise RuntimeError("a bug in a stage's on_facts")
+
+    monkeypatch.setattr(RespondServicer, "_report", broken)
+    with pytest.raises(grpc.aio.AioRpcError) as failed:
+        await collect(server.stub.StreamRespond(request_for()))
+    assert failed.value.code() == grpc.StatusCode.UNKNOWN
+    ((response, generation),) = reported
+    async with asyncio.timeout(10):
+        await asyncio.wait({generation})
+        if arrived.is_set():  # the upstream may see the request and its end at once
+            await disconnected.wait()
+    store = server.server.store
+    assert response.response_id in store and store.is_packed(response.response_id)
+    monkeypatch.undo()
+    events = await collect(server.stub.StreamRespond(stream_request()))  # still serving
     assert completed_of(events).final_text

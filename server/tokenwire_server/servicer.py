@@ -199,14 +199,14 @@ class RespondServicer:
                 await asyncio.sleep(0)
                 await asyncio.sleep(0)
                 await self._store.register(response, None, "", request.SerializeToString)
+                if response.done:  # it failed (a deadline already past) before it was registered
+                    self._store.finished(response)
+                else:
+                    response.on_end(self._store.finished)
                 self._report(call, parsed, policy, response)
             except BaseException:
                 response.stop_generation()  # nobody will read it
                 raise
-            if response.done:  # it ended (an upstream failure) before it was registered
-                self._store.finished(response)
-            else:
-                response.on_end(self._store.finished)
             return response
         try:
             attached = await self._store.register(

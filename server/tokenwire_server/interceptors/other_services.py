@@ -43,16 +43,21 @@ class _GuardedGeneric(grpc.GenericRpcHandler):
     def __init__(self, inner: grpc.GenericRpcHandler, guard: HandlerGuard) -> None:
         self._inner = inner
         self._guard = guard
-        self._guarded: dict[str, grpc.RpcMethodHandler[Any, Any] | None] = {}
+        #: Only this service's own methods: every unknown path anyone sends is
+        #: asked here too, and must not grow the dict.
+        self._guarded: dict[str, grpc.RpcMethodHandler[Any, Any]] = {}
 
     def service(
         self, handler_call_details: grpc.HandlerCallDetails
     ) -> grpc.RpcMethodHandler[Any, Any] | None:
         method = str(handler_call_details.method)
-        if method not in self._guarded:
+        guarded = self._guarded.get(method)
+        if guarded is None:
             handler = self._inner.service(handler_call_details)
-            self._guarded[method] = None if handler is None else self._guard(handler, method)
-        return self._guarded[method]
+            if handler is None:
+                return None
+            guarded = self._guarded[method] = self._guard(handler, method)
+        return guarded
 
 
 class GuardedRegistrar:
