@@ -120,11 +120,10 @@ async def test_a_response_a_retry_or_resume_may_need_is_registered_first(
     assert completed_of(events).final_text == "".join(ANSWER)
 
 
-async def test_a_caller_gone_while_the_response_registers_stops_the_upstream(
-    start_server: StartServer, upstream: Any, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    disconnected = asyncio.Event()
-    arrived = asyncio.Event()
+async def endless_upstream(upstream: Any) -> tuple[Any, asyncio.Event, asyncio.Event]:
+    """An upstream that streams until the client hangs up; events set when a
+    request arrived and when its client went away."""
+    arrived, disconnected = asyncio.Event(), asyncio.Event()
 
     async def endless(request: web.Request) -> web.StreamResponse:
         arrived.set()
@@ -138,7 +137,13 @@ async def test_a_caller_gone_while_the_response_registers_stops_the_upstream(
             disconnected.set()
             raise
 
-    up = await upstream(endless)
+    return await upstream(endless), arrived, disconnected
+
+
+async def test_a_caller_gone_while_the_response_registers_stops_the_upstream(
+    start_server: StartServer, upstream: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    up, arrived, disconnected = await endless_upstream(upstream)
     server = await start_server(upstreams=(route(up.url),))
     hold_registration(server, monkeypatch, asyncio.Event())  # never set
     call = server.stub.StreamRespond(request_for())
@@ -160,21 +165,7 @@ async def test_a_failure_after_registration_stops_the_upstream_and_ends_the_resp
     """A bug while the call's facts are reported (after the response is in the
     store) fails the call, stops the generation and ends the response in the
     store, which packs it like any ended response instead of keeping it live."""
-    disconnected, arrived = asyncio.Event(), asyncio.Event()
-
-    async def endless(request: web.Request) -> web.StreamResponse:
-        arrived.set()
-        response = web.StreamResponse(headers={"content-type": "text/event-stream"})
-        await response.prepare(request)
-        try:
-            while True:
-                await response.write(chunk_event("x").encode())
-                await asyncio.sleep(0.01)
-        except BaseException:
-            disconnected.set()
-            raise
-
-    up = await upstream(endless)
+    up, arrived, disconnected = await endless_upstream(upstream)
     server = await start_server(upstreams=(route(up.url),))
     reported: list[tuple[LiveResponse, asyncio.Task[None]]] = []
 
