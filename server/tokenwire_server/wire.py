@@ -13,18 +13,11 @@ from collections.abc import Callable, Mapping
 from types import MappingProxyType
 from typing import Any, ClassVar
 
-import grpc
 from google.protobuf.message import DecodeError, Message
 
 from tokenwire.v1 import respond_pb2 as pb
 
 SERVICE_NAME: str = pb.DESCRIPTOR.services_by_name["RespondService"].full_name
-SERVICE_PREFIX = f"/{SERVICE_NAME}/"
-
-
-def is_respond_service(details: grpc.HandlerCallDetails) -> bool:
-    method: str = details.method
-    return method.startswith(SERVICE_PREFIX)
 
 
 class Undecodable:
