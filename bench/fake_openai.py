@@ -22,6 +22,7 @@ import argparse
 import asyncio
 import functools
 import json
+import time
 
 from aiohttp import web
 from serving import serve_http
@@ -76,6 +77,7 @@ def events(tokens: int, usage: bool) -> tuple[bytes, ...]:
 
 
 async def completions(request: web.Request) -> web.StreamResponse:
+    arrived = time.perf_counter_ns()
     body = await request.json()
     tokens = int(body.get("max_tokens") or 16)
     settings: argparse.Namespace = request.app["settings"]
@@ -96,6 +98,9 @@ async def completions(request: web.Request) -> web.StreamResponse:
         )
     usage = bool((body.get("stream_options") or {}).get("include_usage")) and settings.usage
     rendered = events(tokens, usage)
+    if settings.stamp_arrival:  # bench/first_token_split.py reads it back
+        first = {"role": "assistant", "content": f"{arrived} {token(0)}"}
+        rendered = (_chunk(first, None, None), *rendered[1:])
     response = web.StreamResponse(headers={"content-type": "text/event-stream"})
     await response.prepare(request)
     if settings.ttft_ms:
@@ -128,4 +133,8 @@ if __name__ == "__main__":
     parser.add_argument("--ttft-ms", type=float, default=0.0)
     parser.add_argument("--inter-token-ms", type=float, default=0.0)
     parser.add_argument("--no-usage", dest="usage", action="store_false")
+    parser.add_argument(
+        "--stamp-arrival", action="store_true",
+        help="begin each streamed answer with the moment its request arrived (perf_counter_ns)",
+    )  # fmt: skip
     asyncio.run(serve(parser.parse_args()))

@@ -1,4 +1,4 @@
-"""bench/floor.py runs end to end: every server it starts, every path, the table."""
+"""The benchmarks run end to end: every server they start, every path, the table."""
 
 from __future__ import annotations
 
@@ -26,3 +26,23 @@ def test_floor_benchmark_runs_and_prints_its_table() -> None:
         assert row in out
     assert "tokenwire deployed [" in out and "tokenwire minimal [" in out
     assert "issue 24 targets" in out
+
+
+def test_first_token_split_runs_and_splits_each_path() -> None:
+    result = subprocess.run(
+        [
+            sys.executable, str(ROOT / "bench" / "first_token_split.py"),
+            "--rounds", "1", "--calls", "4", "--load-streams", "2",
+        ],
+        capture_output=True, text=True, timeout=100, cwd=ROOT,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr[-2000:]
+    rows = [line.split("|") for line in result.stdout.splitlines() if "|" in line]
+    by_path = {row[0].strip(): [cell.strip() for cell in row[1:]] for row in rows[1:]}
+    assert set(by_path) >= {"bare relay, quiet", "bare relay, loaded"}
+    assert any(name.startswith("tokenwire deployed [") for name in by_path)
+    for cells in by_path.values():
+        to_upstream, back, total = (float(cell) for cell in cells[:3])
+        # Both sides of the upstream are real times and add up to the total.
+        assert to_upstream > 0 and back > 0
+        assert abs(to_upstream + back - total) < 0.25 * total
