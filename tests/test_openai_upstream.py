@@ -10,6 +10,7 @@ import asyncio
 import itertools
 import json
 import socket
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 import grpc
@@ -59,6 +60,16 @@ async def sse(request: web.Request, body: list[str], delay: float = 0) -> web.St
         if delay:
             await asyncio.sleep(delay)
     return response
+
+
+def in_one_read(tokens: list[str]) -> Callable[[web.Request], Awaitable[web.StreamResponse]]:
+    """An upstream handler that sends the whole answer, `[DONE]` included, in one write."""
+
+    async def handler(request: web.Request) -> web.StreamResponse:
+        burst = "".join(chunk_event(t) for t in tokens) + chunk_event(None, "stop")
+        return await sse(request, [burst + "data: [DONE]\n\n"])
+
+    return handler
 
 
 def request_for(model: str = "up-model", **fields: Any) -> pb.StreamRespondRequest:
@@ -122,12 +133,7 @@ async def test_the_first_token_leaves_before_the_rest_of_a_burst(
     alone, before the read's other 199 events are even parsed, instead of
     waiting for all of them and leaving coalesced with them."""
     words = [f" w{i}" for i in range(200)]
-
-    async def handler(request: web.Request) -> web.StreamResponse:
-        burst = "".join(chunk_event(w) for w in words) + chunk_event(None, "stop")
-        return await sse(request, [burst + "data: [DONE]\n\n"])
-
-    up = await upstream(handler)
+    up = await upstream(in_one_read(words))
     server = await start_server(upstreams=(route(up.url),))
     request = stream_request(model="up-model", chunking=pb.Chunking(max_tokens_per_chunk=1024))
     events = await collect(server.stub.StreamRespond(request))
@@ -310,12 +316,7 @@ async def test_a_burst_of_tokens_in_one_read_keeps_the_chunk_bound(
     start_server: StartServer, upstream
 ) -> None:
     tokens = [f" t{i}" for i in range(200)]
-
-    async def handler(request: web.Request) -> web.StreamResponse:
-        burst = "".join(chunk_event(t) for t in tokens) + chunk_event(None, "stop")
-        return await sse(request, [burst + "data: [DONE]\n\n"])
-
-    up = await upstream(handler)
+    up = await upstream(in_one_read(tokens))
     server = await start_server(upstreams=(route(up.url),))
     request = stream_request(model="up-model", chunking=pb.Chunking(max_tokens_per_chunk=4))
     events = await collect(server.stub.StreamRespond(request))
