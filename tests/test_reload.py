@@ -5,6 +5,7 @@ signals, real TLS handshakes, the real /metrics page."""
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import json
 import signal
 import urllib.request
@@ -290,3 +291,49 @@ async def test_a_keys_file_with_a_bad_entry_still_revokes_what_it_no_longer_list
     assert await served.call(KEY_B) == grpc.StatusCode.UNAUTHENTICATED
     assert await served.call(KEY_A) == grpc.StatusCode.OK
     assert served.metric("tokenwire_config_reloads_total", file="keys", result="failed") == 1
+
+
+async def test_a_keys_file_that_does_not_parse_still_revokes_what_it_no_longer_lists(
+    served: Served,
+) -> None:
+    """One edit deletes globex's key and breaks the YAML: the file cannot load,
+    and the key it no longer lists (here only in a comment) is revoked all the same."""
+    keys_file(served.keys, ("acme", KEY_A))
+    digest_b = hashlib.sha256(KEY_B.encode()).hexdigest()
+    with served.keys.open("a") as keys:
+        keys.write(f"  # - tenant: globex\n  #   sha256: {digest_b}\n  - tenant: [unclosed\n")
+    lines = await served.hup_until("reload finished")
+    messages = [str(line["message"]) for line in lines]
+    assert any(m.startswith("keys file reload failed") for m in messages)
+    assert any("1 keys in force are no longer listed and are revoked now" in m for m in messages)
+    assert await served.call(KEY_B) == grpc.StatusCode.UNAUTHENTICATED
+    assert await served.call(KEY_A) == grpc.StatusCode.OK
+
+
+async def test_a_keys_file_restored_after_a_failed_reload_brings_back_what_it_lists(
+    served: Served,
+) -> None:
+    """A failed reload narrowed the keys in force; putting the previous file
+    back, byte for byte, is a real reload (not `unchanged`), and the gauge of
+    the last good load does not move while the narrowed keys are in force."""
+    original = served.keys.read_bytes()
+    keys_file(served.keys, ("acme", KEY_A))
+    with served.keys.open("a") as keys:
+        keys.write("  - tenant: initech\n    sha256: nothex\n")
+    await served.hup_until("reload finished")
+    assert await served.call(KEY_B) == grpc.StatusCode.UNAUTHENTICATED
+    narrowed_at = served.metric("tokenwire_config_last_good_load_timestamp_seconds", file="keys")
+
+    await served.hup_until("reload finished")  # the same broken file: failed, not unchanged
+    assert served.metric("tokenwire_config_reloads_total", file="keys", result="failed") == 2
+    assert served.metric("tokenwire_config_reloads_total", file="keys", result="unchanged") == 0
+    assert (
+        served.metric("tokenwire_config_last_good_load_timestamp_seconds", file="keys")
+        == narrowed_at
+    )
+
+    served.keys.write_bytes(original)
+    lines = await served.hup_until("reload finished")
+    assert any(line["message"] == "keys reloaded: 2 keys" for line in lines)
+    assert await served.call(KEY_B) == grpc.StatusCode.OK
+    assert await served.call(KEY_A) == grpc.StatusCode.OK

@@ -24,6 +24,7 @@ from __future__ import annotations
 import hashlib
 import hmac
 import logging
+import re
 import tomllib
 from dataclasses import dataclass
 from pathlib import Path
@@ -85,14 +86,36 @@ def _digest(entry: dict[str, object]) -> bytes:
     return value if len(value) == 32 else b""
 
 
+#: A key hash anywhere in a file's text: 64 hex digits, not part of a longer run.
+_HEX_DIGEST = re.compile(r"(?<![0-9A-Fa-f])[0-9A-Fa-f]{64}(?![0-9A-Fa-f])")
+#: Where a YAML or TOML comment starts: a `#` at the start of a line or after a space.
+_COMMENT = re.compile(r"(?:^|(?<=\s))#")
+
+
 def listed_digests(path: str) -> frozenset[bytes] | None:
-    """The key hashes a keys file lists, read leniently (entries that are
-    otherwise wrong included); None when the file cannot be read as a list."""
+    """The key hashes a keys file lists, read leniently: its entries' hashes
+    when it parses (entries that are otherwise wrong included), else every
+    hash in its text outside comments (a syntax error must not keep alive a
+    key the same edit deleted); None only when the file cannot be read."""
     try:
         entries = _entries(path)
     except KeysFileError:
-        return None
+        try:
+            text = Path(path).read_text(encoding="utf-8", errors="replace")
+        except OSError:
+            return None
+        return _digests_in_text(text)
     return frozenset(_digest(e) for e in entries if isinstance(e, dict)) - {b""}
+
+
+def _digests_in_text(text: str) -> frozenset[bytes]:
+    """Hashes outside comments, so a key commented out to revoke it stays revoked."""
+    found: set[bytes] = set()
+    for line in text.splitlines():
+        comment = _COMMENT.search(line)
+        live = line if comment is None else line[: comment.start()]
+        found.update(bytes.fromhex(digest) for digest in _HEX_DIGEST.findall(live))
+    return frozenset(found)
 
 
 def load_keys(path: str) -> tuple[KeyEntry, ...]:
@@ -163,7 +186,9 @@ class Authenticator:
         return found
 
     def reload(self) -> Outcome:
-        keys = self._loader.next(f"the previous {len(self._keys)} keys")
+        keys = self._loader.next(
+            f"the previous {len(self._keys)} keys but those it no longer lists"
+        )
         if keys is None:
             if self._loader.outcome is Outcome.FAILED:
                 self._revoke_unlisted()
@@ -185,3 +210,6 @@ class Authenticator:
                 len(self._keys) - len(kept),
             )
             self._keys = kept
+            # The keys in force are no longer the file's: the next reload loads
+            # it even when its bytes are the old version's again (restored).
+            self._loader.forget()

@@ -114,6 +114,11 @@ class FileLoader(Generic[T]):
         self.outcome = Outcome.OK
         return value
 
+    def forget(self) -> None:
+        """What is in force no longer came from the files as they are (a failed
+        keys reload narrowed it): the next reload loads them, whatever their bytes."""
+        self._fingerprint = None
+
     def _attempt(self, before: bytes | None = None) -> T:
         if before is None:
             before = fingerprint(self.paths)
