@@ -252,10 +252,9 @@ def unlocked(path: Path) -> sqlite3.Connection:
     """A connection to the file with the append-only triggers dropped, as a
     tamperer would; the hash chain is what has to catch them."""
     connection = sqlite3.connect(path, isolation_level=None)
-    for trigger in ("audit_events_no_update", "audit_events_no_delete"):
-        connection.execute(f"DROP TRIGGER {trigger}")
-    for trigger in ("token_events_no_update", "token_events_no_delete"):
-        connection.execute(f"DROP TRIGGER {trigger}")
+    for table in ("audit_events", "token_events"):
+        for guard in ("no_update", "no_delete", "no_replace"):
+            connection.execute(f"DROP TRIGGER {table}_{guard}")
     return connection
 
 
@@ -270,6 +269,14 @@ def edit_a_column(connection: sqlite3.Connection) -> None:
 
 def edit_a_token_event(connection: sqlite3.Connection) -> None:
     connection.execute("UPDATE token_events SET byte_length = 99 WHERE event_seq = 3")
+
+
+def put_a_blob_in_a_column(connection: sqlite3.Connection) -> None:
+    connection.execute("UPDATE audit_events SET tenant = X'616263' WHERE seq = 4")
+
+
+def put_a_blob_in_a_token_event(connection: sqlite3.Connection) -> None:
+    connection.execute("UPDATE token_events SET byte_length = X'01' WHERE event_seq = 3")
 
 
 def delete_a_row(connection: sqlite3.Connection) -> None:
@@ -306,6 +313,8 @@ def insert_a_forged_row(connection: sqlite3.Connection) -> None:
 TAMPERING = {
     "edited column": (edit_a_column, 4, "row 4 was edited"),
     "edited token event": (edit_a_token_event, 3, "row 3: its token events were edited"),
+    "blob in a column": (put_a_blob_in_a_column, 4, "row 4 was edited: a column holds"),
+    "blob in a token event": (put_a_blob_in_a_token_event, 3, "row 3 was edited: a column"),
     "deleted row": (delete_a_row, 3, "row 3 missing (deleted) before row 4"),
     "deleted last row": (delete_the_last_row, 6, "row 6 missing (deleted) after the last row"),
     "reordered rows": (
@@ -348,6 +357,15 @@ async def test_the_file_refuses_edits_and_verify_runs_as_a_command(trail: Path) 
         connection.execute("UPDATE audit_events SET status = 'OK'")
     with sqlite3.connect(trail) as connection, pytest.raises(sqlite3.IntegrityError):
         connection.execute("DELETE FROM audit_events")
+    # INSERT OR REPLACE deletes the row it replaces without firing DELETE triggers.
+    replacing = {
+        "audit_events": "SELECT * FROM audit_events WHERE seq = 1",
+        "token_events": "SELECT * FROM token_events LIMIT 1",
+    }
+    for table, existing in replacing.items():
+        for verb in ("INSERT OR REPLACE", "REPLACE"):
+            with sqlite3.connect(trail) as connection, pytest.raises(sqlite3.IntegrityError):
+                connection.execute(f"{verb} INTO {table} {existing}")
     code, out, _ = await run_cli("audit", "verify", str(trail))
     assert code == 0 and out.startswith("intact: 6 rows")
     head = out.split()[-1]
@@ -361,6 +379,20 @@ async def test_the_file_refuses_edits_and_verify_runs_as_a_command(trail: Path) 
     assert code == 1 and "the expected head" in err
     code, _, err = await run_cli("audit", "verify", str(trail.parent / "absent.sqlite3"))
     assert code == 2 and "no audit file" in err
+
+
+async def test_a_file_from_before_the_replace_guards_gets_them_when_opened(
+    trail: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    with sqlite3.connect(trail) as connection:
+        for table in ("audit_events", "token_events"):
+            connection.execute(f"DROP TRIGGER {table}_no_replace")
+    store = SqliteAuditStore(trail)
+    await store.close()
+    with sqlite3.connect(trail) as connection, pytest.raises(sqlite3.IntegrityError):
+        connection.execute("REPLACE INTO audit_events SELECT * FROM audit_events WHERE seq = 2")
+    connection.close()
+    assert tokenwire(capsys, "audit", "verify", str(trail))[0] == 0
 
 
 def test_an_old_layout_file_is_refused_with_a_reason(

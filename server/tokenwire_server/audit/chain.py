@@ -113,7 +113,16 @@ def verify(connection: sqlite3.Connection, expect_head: str = "") -> Report:
         seq = int(row["seq"])
         report.rows += 1
         stored = str(row["row_sha256"])
-        if row_hash(row) != stored:
+        own, tokens = _hashes(connection, row, seq)
+        if own is None or tokens is None:
+            problems.append(
+                Problem(
+                    seq,
+                    "edited",
+                    f"row {seq} was edited: a column holds a value no write stores (a BLOB)",
+                )
+            )
+        elif own != stored:
             problems.append(
                 Problem(
                     seq,
@@ -121,7 +130,7 @@ def verify(connection: sqlite3.Connection, expect_head: str = "") -> Report:
                     f"row {seq} was edited: its columns no longer hash to its row_sha256",
                 )
             )
-        elif _token_hash(connection, seq) != row["token_events_sha256"]:
+        elif tokens != row["token_events_sha256"]:
             problems.append(
                 Problem(seq, "edited", f"row {seq}: its token events were edited, deleted or added")
             )
@@ -190,6 +199,22 @@ def _link(
         f"inserted, or {before} was edited and re-hashed",
     )
     return broken, reordered_until
+
+
+def _hashes(
+    connection: sqlite3.Connection, row: sqlite3.Row, seq: int
+) -> tuple[str | None, str | None]:
+    """The row's own hash and its token events' hash; None for one that holds
+    a value no write stores (a BLOB: not JSON), which only an edit can put there."""
+    try:
+        own: str | None = row_hash(row)
+    except (TypeError, ValueError):
+        own = None
+    try:
+        tokens: str | None = _token_hash(connection, seq)
+    except (TypeError, ValueError):
+        tokens = None
+    return own, tokens
 
 
 def _seq_of(connection: sqlite3.Connection, sha256: str) -> int | None:

@@ -76,17 +76,31 @@ CREATE TABLE IF NOT EXISTS token_events (
     {", ".join(f"{name} INTEGER NOT NULL" for name in TOKEN_COLUMNS)},
     PRIMARY KEY (event_seq, sequence)
 );
--- Append-only for this server and anyone using the file by mistake; someone who
--- drops these triggers on purpose is what the hash chain is for.
+PRAGMA user_version = {SCHEMA_VERSION};
+"""
+
+#: Append-only for this server and anyone using the file by mistake; someone who
+#: drops these triggers on purpose is what the hash chain is for. `INSERT OR
+#: REPLACE` deletes the row it replaces without firing DELETE triggers (unless
+#: the writer turned `recursive_triggers` on), so an insert onto an existing
+#: key is refused before it runs.
+_GUARDS = """
 CREATE TRIGGER IF NOT EXISTS audit_events_no_update BEFORE UPDATE ON audit_events
 BEGIN SELECT RAISE(ABORT, 'the audit trail is append-only'); END;
 CREATE TRIGGER IF NOT EXISTS audit_events_no_delete BEFORE DELETE ON audit_events
+BEGIN SELECT RAISE(ABORT, 'the audit trail is append-only'); END;
+CREATE TRIGGER IF NOT EXISTS audit_events_no_replace BEFORE INSERT ON audit_events
+WHEN EXISTS (SELECT 1 FROM audit_events WHERE seq = NEW.seq)
 BEGIN SELECT RAISE(ABORT, 'the audit trail is append-only'); END;
 CREATE TRIGGER IF NOT EXISTS token_events_no_update BEFORE UPDATE ON token_events
 BEGIN SELECT RAISE(ABORT, 'the audit trail is append-only'); END;
 CREATE TRIGGER IF NOT EXISTS token_events_no_delete BEFORE DELETE ON token_events
 BEGIN SELECT RAISE(ABORT, 'the audit trail is append-only'); END;
-PRAGMA user_version = {SCHEMA_VERSION};
+CREATE TRIGGER IF NOT EXISTS token_events_no_replace BEFORE INSERT ON token_events
+WHEN EXISTS (
+    SELECT 1 FROM token_events WHERE event_seq = NEW.event_seq AND sequence = NEW.sequence
+)
+BEGIN SELECT RAISE(ABORT, 'the audit trail is append-only'); END;
 """
 
 INSERT_EVENT = (
@@ -137,4 +151,10 @@ def check(connection: sqlite3.Connection) -> bool:
 def create(connection: sqlite3.Connection) -> None:
     """Creates the layout in an empty file, in one transaction; idempotent, so
     two processes opening the same new file at once both end up with it."""
-    connection.executescript(f"BEGIN IMMEDIATE;{_DDL}COMMIT;")
+    connection.executescript(f"BEGIN IMMEDIATE;{_DDL}{_GUARDS}COMMIT;")
+
+
+def guard(connection: sqlite3.Connection) -> None:
+    """Adds the append-only triggers a file made by an earlier version lacks
+    (they are not hashed, so its chain is unchanged); idempotent."""
+    connection.executescript(f"BEGIN IMMEDIATE;{_GUARDS}COMMIT;")

@@ -115,6 +115,7 @@ class SqliteAuditStore(AuditStore):
             if not schema.check(connection):
                 schema.create(connection)
                 schema.check(connection)
+            schema.guard(connection)
         except BaseException:
             connection.close()
             raise
