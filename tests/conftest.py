@@ -7,6 +7,7 @@ import dataclasses
 import os
 import re
 import shutil
+import signal
 import subprocess
 import sys
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -354,6 +355,15 @@ class RedisServer:
                     await asyncio.sleep(0.02)
         finally:
             await client.aclose()
+
+    def pause(self) -> None:
+        """SIGSTOP: a hung server; connections stay open and nothing answers."""
+        assert self._process is not None
+        self._process.send_signal(signal.SIGSTOP)
+
+    def unpause(self) -> None:
+        if self._process is not None:
+            self._process.send_signal(signal.SIGCONT)
 
     async def kill(self) -> None:
         """SIGKILL: connections drop at once, nothing is saved."""

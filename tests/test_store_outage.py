@@ -223,6 +223,33 @@ async def test_losing_the_store_mid_stream_ends_it_with_the_last_sequence(
     assert completed_of(events).verification.status == pb.VERIFICATION_STATUS_VERIFIED
 
 
+async def test_a_store_that_hangs_while_generation_finishes_still_says_store_unavailable(
+    start_server: StartServer, redis_server: RedisServer
+) -> None:
+    """Redis stops answering (SIGSTOP) mid-stream and the answer finishes
+    generating before the outage is noticed: the response is FINISHED, but
+    its unwritten chunks cannot go out, so the stream ends UNAVAILABLE
+    STORE_UNAVAILABLE with the last sequence, not INTERNAL."""
+    server = await start_server(store=redis_server.url, lease_seconds=1)
+    fast = {"tokenwire.sim/inter-token-ms": "2", "tokenwire.sim/answer-tokens": "60"}
+    call = server.stub.StreamRespond(resumable(labels=fast), timeout=30)
+    held: list[pb.TokenChunk] = []
+    try:
+        with pytest.raises(grpc.aio.AioRpcError) as raised:
+            async for event in call:
+                if event.HasField("chunk"):
+                    held.append(event.chunk)
+                    if len(held) == 3:
+                        redis_server.pause()
+    finally:
+        redis_server.unpause()
+    assert_store_unavailable(raised.value, redis_server.url)
+    details = status_details(raised.value)
+    assert [c.sequence for c in held] == list(range(1, len(held) + 1))
+    assert details.trailers["tokenwire-last-sequence"] == str(len(held))
+    assert details.error_info.metadata["lastSequence"] == str(len(held))
+
+
 async def test_a_mirror_cut_off_by_the_outage_ends_and_is_not_stuck(
     start_server: StartServer, redis_server: RedisServer
 ) -> None:

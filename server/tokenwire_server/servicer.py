@@ -395,8 +395,8 @@ class RespondServicer:
             async with aclosing(delivery.events()) as stream:
                 async for event in stream:
                     yield event
-        except TokenwireError:
-            raise self._failure(call, response, delivery.last_sequence) from None
+        except TokenwireError as error:
+            raise self._failure(call, response, delivery.last_sequence, error) from None
         finally:
             reader.release()
             if call.progress.last_sequence < delivery.last_sequence:
@@ -423,10 +423,18 @@ class RespondServicer:
             was_running=was_running and response.state is State.CANCELLED,
         )
 
-    def _failure(self, call: Call, response: LiveResponse, last_sequence: int) -> TokenwireError:
+    def _failure(
+        self,
+        call: Call,
+        response: LiveResponse,
+        last_sequence: int,
+        cause: TokenwireError | None = None,
+    ) -> TokenwireError:
         """The error a call whose response failed ends with: its status, details,
-        the last sequence the caller holds and the partial usage."""
-        error = response.error or InternalError("the response ended without a result")
+        the last sequence the caller holds and the partial usage. `cause` is
+        what ended this call's delivery when the response itself did not fail
+        (a shared log that stopped taking chunks after generation finished)."""
+        error = response.error or cause or InternalError("the response ended without a result")
         metadata = {
             **error.metadata,
             "lastSequence": str(last_sequence),
