@@ -202,7 +202,7 @@ def _link(
 
 
 def _hashes(
-    connection: sqlite3.Connection, row: sqlite3.Row, seq: int
+    connection: sqlite3.Connection, row: Mapping[str, Any], seq: int
 ) -> tuple[str | None, str | None]:
     """The row's own hash and its token events' hash; None for one that holds
     a value no write stores (a BLOB: not JSON), which only an edit can put there."""
