@@ -211,3 +211,30 @@ async def test_a_cancelled_buffered_response_stays_cancelled_everywhere(
         await collect(b.stub.StreamRespond(resume(response_id, 0), timeout=10))
     assert raised.value.code() == grpc.StatusCode.CANCELLED
     assert b.simulator.stats.started == 0
+
+
+async def test_a_stopping_replica_ends_its_shared_streams_so_they_resume_elsewhere(
+    start_server: StartServer, redis_url: str
+) -> None:
+    """Past the drain's grace, a stream of a response another replica can
+    continue ends UNAVAILABLE / SERVER_STOPPING with its last sequence (in
+    the trailers and the details), never grpc's bare cut; resumed on the
+    other replica from there, the answer is whole."""
+    a, b = await replicas(start_server, redis_url)
+    call = a.stub.StreamRespond(resumable(), timeout=30)
+    held = await first_chunks(call, 5)
+    draining = asyncio.create_task(a.server.drain(grace=0.2))
+    with pytest.raises(grpc.aio.AioRpcError) as raised:
+        async for event in call:
+            if event.HasField("chunk"):
+                held.append(event.chunk)
+    details = status_details(raised.value)
+    assert details.code == grpc.StatusCode.UNAVAILABLE
+    assert details.error_info.reason == "SERVER_STOPPING"
+    assert details.retry_info is not None
+    assert details.trailers["tokenwire-last-sequence"] == str(len(held))
+    assert details.error_info.metadata["lastSequence"] == str(len(held))
+    assert details.error_info.metadata["responseId"] == held[0].response_id
+    await draining
+    events = await collect(b.stub.StreamRespond(resume(held[0].response_id, len(held))))
+    assert_whole(held, events)

@@ -139,6 +139,22 @@ class StoreUnavailable(TokenwireError):
     retry_after = 1.0
 
 
+class ServerStopping(TokenwireError):
+    """This replica stopped before the response ended; the response lives on in
+    the shared store, so the caller resumes it on another replica."""
+
+    code = grpc.StatusCode.UNAVAILABLE
+    reason = "SERVER_STOPPING"
+    retry_after = 0.1
+
+    def __init__(
+        self,
+        message: str = "this replica is stopping; resume the response on another replica",
+        **details: Any,
+    ) -> None:
+        super().__init__(message, **details)
+
+
 class BackendStalled(TokenwireError):
     code = grpc.StatusCode.UNAVAILABLE
     reason = "BACKEND_STALLED"

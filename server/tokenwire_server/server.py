@@ -30,6 +30,7 @@ from tokenwire_server.backends.base import Backend
 from tokenwire_server.backends.factory import build_backends
 from tokenwire_server.backends.registry import BackendRegistry
 from tokenwire_server.config import Config
+from tokenwire_server.errors import ServerStopping
 from tokenwire_server.governance.holder import PolicyHolder
 from tokenwire_server.governance.policy import Policy
 from tokenwire_server.interceptors import build_chain, other_service_guards
@@ -262,16 +263,20 @@ class TokenwireServer:
         await self.tracing.aclose()
 
     async def _stop_calls(self, server: grpc.aio.Server, grace: float) -> None:
-        """Lets calls finish within `grace`; then stops what is still generating,
-        so each reader ends with CANCELLED / RESPONSE_CANCELLED and its last
-        sequence. grpc core gets `_STATUS_MARGIN` more before it cuts whatever
-        is left with its bare "Cancelling all calls" (no trailers)."""
+        """Lets calls finish within `grace`; then stops what is still generating
+        here alone, so each reader ends with CANCELLED / RESPONSE_CANCELLED and
+        its last sequence, and ends the readers of shared responses (which
+        another replica continues) with UNAVAILABLE / SERVER_STOPPING and theirs.
+        grpc core gets `_STATUS_MARGIN` more before it cuts whatever is left
+        with its bare "Cancelling all calls" (no trailers)."""
         stopping = asyncio.ensure_future(server.stop(grace + _STATUS_MARGIN))
         done, _ = await asyncio.wait({stopping}, timeout=grace)
         if not done:
             for response in self.store.running_here():
                 response.cancel()
                 response.stop_generation()
+            for response in self.store.shared_here():
+                response.interrupt_readers(ServerStopping())
         await stopping
 
     def _reloaders(self) -> list[tuple[str, Callable[[], Outcome]]]:

@@ -169,6 +169,8 @@ class LiveResponse:
         #: Tool calls released so far, by index.
         self._calls: list[_ToolCallState] = []
         self._waiters: list[asyncio.Future[bool]] = []
+        #: What every `wait` raises from now on (`interrupt_readers`).
+        self._interrupted: TokenwireError | None = None
         #: The generation task feeding this response, once started.
         self.task: asyncio.Task[None] | None = None
         self._stop_requested = False
@@ -533,6 +535,8 @@ class LiveResponse:
 
     async def wait(self, until: float | None) -> bool:
         """Waits for new text or the ending; False when `until` (loop time) passed first."""
+        if self._interrupted is not None:
+            raise self._interrupted
         if until is not None and until <= self._loop.time():
             return False
         waiter: asyncio.Future[bool] = self._loop.create_future()
@@ -546,6 +550,16 @@ class LiveResponse:
             if waiter in self._waiters:
                 self._waiters.remove(waiter)
         return waiter.result()
+
+    def interrupt_readers(self, error: TokenwireError) -> None:
+        """Ends every reader's wait, now and later, with `error`, leaving the
+        response itself as it is (a stopping replica's readers of a response
+        that another replica can continue)."""
+        self._interrupted = error
+        waiters, self._waiters = self._waiters, []
+        for waiter in waiters:
+            if not waiter.done():
+                waiter.set_exception(error)
 
     def wake_readers(self) -> None:
         """Returns every pending `wait` early (True), e.g. to let a reader send a heartbeat."""

@@ -74,6 +74,12 @@ class ResponseStore(abc.ABC):
         A shared store returns none, because another replica takes them over."""
         return []
 
+    def shared_here(self) -> list[LiveResponse]:
+        """Responses this process holds that another replica can continue or
+        replay (a shared log): a stopping server ends their readers here with
+        SERVER_STOPPING, so each resumes elsewhere. None without a shared store."""
+        return []
+
     async def next_orphan(self) -> Orphan:
         """Waits for a response whose replica died and that this replica now
         owns. The servicer asks, continues it if it can, and says so with

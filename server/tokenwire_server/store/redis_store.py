@@ -602,6 +602,10 @@ class RedisResponseStore(ResponseStore):
         """Local-only responses: no other replica can take them over."""
         return self._here.running_here()
 
+    def shared_here(self) -> list[LiveResponse]:
+        """Shared responses generated or mirrored here."""
+        return list(self._local.values())
+
     # ----- reading (any replica) -------------------------------------------
 
     async def get(self, response_id: str) -> LiveResponse | None:
