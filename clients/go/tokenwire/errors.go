@@ -229,8 +229,12 @@ func fromStatus(st *status.Status, trailer metadata.MD) *Error {
 }
 
 // worthResuming: a dropped connection (UNAVAILABLE with no tokenwire
-// ErrorInfo), not a response that failed on the server.
+// ErrorInfo) or a replica that stopped while the response, shared through
+// Redis, went on (SERVER_STOPPING); not a response that failed on the server.
 func worthResuming(err error) bool {
 	var twErr *Error
-	return errors.As(err, &twErr) && twErr.Code == codes.Unavailable && twErr.Domain == ""
+	if !errors.As(err, &twErr) || twErr.Code != codes.Unavailable {
+		return false
+	}
+	return twErr.Domain == "" || twErr.Reason == "SERVER_STOPPING"
 }

@@ -57,6 +57,48 @@ def test_a_dropped_stream_resumes_on_the_next_address(fake: FakeServer, fake_b: 
     assert 0.05 <= stream.resumed_time_to_first_token < 5
 
 
+def test_a_replica_stopping_under_a_shared_stream_resumes_it_on_the_next_address(
+    fake: FakeServer, fake_b: FakeServer
+) -> None:
+    """UNAVAILABLE SERVER_STOPPING is tokenwire's own status, yet it ends the
+    call, not the response (shared through Redis, it goes on): the client
+    resumes elsewhere. Any other tokenwire UNAVAILABLE is the response's end."""
+
+    def stopping(request: pb.StreamRespondRequest, context: grpc.ServicerContext):
+        yield from chunks(PARTS)[:2]
+        fail(
+            context,
+            grpc.StatusCode.UNAVAILABLE,
+            "this replica is stopping",
+            reason="SERVER_STOPPING",
+            metadata={"lastSequence": "2", "responseId": "rsp_fake"},
+        )
+
+    def takeover(request: pb.StreamRespondRequest, context: grpc.ServicerContext):
+        assert request.resume.response_id == "rsp_fake" and request.resume.after_sequence == 2
+        yield from answer(PARTS, first=3)
+
+    fake.script, fake_b.script = stopping, takeover
+    with Client(f"{fake.address},{fake_b.address}") as client:
+        stream = client.stream("q", resumable=True)
+        result = stream.collect()
+    assert result.verified and result.text == "".join(PARTS)
+    assert stream.resumes == 1 and len(fake_b.servicer.requests) == 1
+
+    def backend_down(request: pb.StreamRespondRequest, context: grpc.ServicerContext):
+        yield from chunks(PARTS)[:2]
+        fail(context, grpc.StatusCode.UNAVAILABLE, "backend down", reason="BACKEND_UNAVAILABLE")
+
+    fake.script = backend_down
+    fake_b.servicer.requests.clear()
+    with Client(f"{fake.address},{fake_b.address}") as client:
+        failed = client.stream("q", resumable=True)
+        with pytest.raises(Unavailable) as raised:
+            failed.collect()
+    assert raised.value.reason == "BACKEND_UNAVAILABLE" and failed.resumes == 0
+    assert fake_b.servicer.requests == []
+
+
 def test_the_async_client_fails_over_too(fake: FakeServer) -> None:
     async def run() -> str:
         async with AsyncClient([f"127.0.0.1:{free_port()}", fake.address]) as client:

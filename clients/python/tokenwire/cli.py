@@ -276,7 +276,7 @@ def resuming_can_help(error: TokenwireError) -> bool:
     if isinstance(error, ProtocolError):
         return True  # what the client holds is checked; the rest can be asked again
     if error.domain:
-        return error.reason == "STORE_UNAVAILABLE"
+        return error.reason in ("STORE_UNAVAILABLE", "SERVER_STOPPING")
     return error.code in (
         grpc.StatusCode.UNAVAILABLE,
         grpc.StatusCode.DEADLINE_EXCEEDED,

@@ -489,9 +489,17 @@ class StreamAssembler:
         return events
 
 
+#: The one tokenwire reason that ends a call, not its response: the replica
+#: stopped while a response shared through Redis went on elsewhere.
+SERVER_STOPPING = "SERVER_STOPPING"
+
+
 def worth_resuming(error: TokenwireError) -> bool:
-    """A dropped connection (no tokenwire ErrorInfo), not a response that failed."""
-    return error.code == grpc.StatusCode.UNAVAILABLE and not error.domain
+    """A dropped connection (no tokenwire ErrorInfo) or a replica that stopped
+    under a shared response, not a response that failed."""
+    if error.code != grpc.StatusCode.UNAVAILABLE:
+        return False
+    return not error.domain or error.reason == SERVER_STOPPING
 
 
 def unary_result(response: pb.RespondResponse, request_id: str = "") -> Result:

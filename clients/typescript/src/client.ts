@@ -228,12 +228,17 @@ export function buildRespondRequest(prompt: Prompt, options: RespondOptions = {}
 
 /**
  * A dropped connection (no tokenwire `ErrorInfo`), not a response that failed:
- * UNAVAILABLE without an ErrorInfo domain, as in the Python client. A stream the
- * transport ended without any gRPC status (INTERNAL "missing status", e.g. a
- * proxy closing the connection cleanly mid-stream) counts too.
+ * UNAVAILABLE without an ErrorInfo domain, as in the Python client, or
+ * UNAVAILABLE `SERVER_STOPPING` (the replica stopped while the response,
+ * shared through Redis, went on). A stream the transport ended without any
+ * gRPC status (INTERNAL "missing status", e.g. a proxy closing the connection
+ * cleanly mid-stream) counts too.
  */
 export function worthResuming(error: TokenwireError): boolean {
-  if (error instanceof ProtocolError || error.domain) return false;
+  if (error instanceof ProtocolError) return false;
+  if (error.domain) {
+    return error.code === StatusCode.UNAVAILABLE && error.reason === "SERVER_STOPPING";
+  }
   if (error.code === StatusCode.UNAVAILABLE) return true;
   return !error.fromServer && error.code === StatusCode.INTERNAL;
 }
