@@ -118,11 +118,41 @@ def _compile(pattern: object, where: str) -> regex.Pattern[str]:
     return compiled
 
 
+#: Characters that render as nothing: zero-width space and joiners, word
+#: joiner, BOM, soft hyphen, bidi marks, variation selectors, fillers.
+_INVISIBLE = r"\p{Default_Ignorable_Code_Point}"
+#: What may stand between two words of a term, in any run: whitespace (a
+#: no-break or thin space, a tab, a line break) and invisible characters. A
+#: hyphen or other visible mark is a different spelling (list it as a term).
+_TERM_GAP = rf"[\s{_INVISIBLE}]"
+#: A term's edges look past invisible characters to the visible neighbour, as
+#: Unicode word segmentation does: a zero-width joiner before a term does not
+#: make it part of a longer word, a letter behind one does. Fifteen at most,
+#: so the lookbehind stays within the context a stream keeps
+#: (`redaction.CONTEXT_CHARS`, 16) and costs constant time.
+_VISIBLE_WORD_CHAR = rf"[\w--{_INVISIBLE}]"
+_TERM_BEFORE = rf"(?<!{_VISIBLE_WORD_CHAR}{_INVISIBLE}{{0,15}})"
+_TERM_AFTER = rf"(?!{_INVISIBLE}{{0,15}}{_VISIBLE_WORD_CHAR})"
+
+
 def _terms_pattern(terms: object, where: str) -> regex.Pattern[str]:
+    """Case-insensitive whole words; between two words of a term, any run of
+    `_TERM_GAP` (possessive: linear, and it still matches partially, so a term
+    or its gap split across tokens is held)."""
     if not isinstance(terms, list) or not terms or not all(isinstance(t, str) and t for t in terms):
         raise PolicyError(f"{where}: terms must be a non-empty list of strings")
-    alternatives = "|".join(regex.escape(t) for t in sorted(terms, key=len, reverse=True))
-    return regex.compile(rf"(?i)(?<!\w)(?:{alternatives})(?!\w)", regex.VERSION1)
+    split: list[list[str]] = []
+    for term in terms:
+        words = [w for w in regex.split(rf"{_TERM_GAP}+", term, flags=regex.VERSION1) if w]
+        if not words:
+            raise PolicyError(f"{where}: term {term!r} has no word in it")
+        split.append(words)
+    split.sort(key=lambda words: len(" ".join(words)), reverse=True)  # longest first
+    # Only the words ignore case: a property class under (?i) costs ten times more.
+    alternatives = "|".join(
+        f"{_TERM_GAP}++".join(f"(?i:{regex.escape(w)})" for w in words) for words in split
+    )
+    return _compile(f"{_TERM_BEFORE}(?:{alternatives}){_TERM_AFTER}", where)
 
 
 def _matcher(rule: Mapping[str, Any], where: str) -> regex.Pattern[str]:
