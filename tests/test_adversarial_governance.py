@@ -734,3 +734,147 @@ def test_scrubbing_skips_only_text_that_holds_no_value(data: st.DataObject) -> N
     assert scrub(text) == full.redact_all(text)[0]
     noise = data.draw(st.text(alphabet=string.printable, max_size=40), label="noise")
     assert scrub(noise) == full.redact_all(noise)[0]
+
+
+def _every_split_agrees(text: str) -> str:
+    """The whole-text answer, checked equal to the stream at every token size 1-8."""
+    redactor = default_redactor()
+    whole, _ = redactor.redact_all(text)
+    for size in range(1, 9):
+        assert stream_through(redactor, text, size)[0] == whole, (text, size)
+    return whole
+
+
+@pytest.mark.parametrize(
+    ("text", "values"),
+    [
+        ("Meeting 2024-01-15 (415) 555-0134 ok", ["(415) 555-0134"]),
+        ("Meeting 2024-01-15 415-555-0134 ok", ["415-555-0134"]),
+        ("v2.0 415-555-0134 ok", ["415-555-0134"]),
+        ("0.5 415.555.0134 ok", ["415.555.0134"]),
+        ("1 2 415-555-0134 ok", ["415-555-0134"]),
+        ("call (415) 555-0134 (650) 555-0199 ok", ["(415) 555-0134", "(650) 555-0199"]),
+        ("call 415.555.0134 650.555.0199 ok", ["415.555.0134", "650.555.0199"]),
+        ("SSN 123-45-6789-01 ok", ["123-45-6789"]),
+        ("SSN 123-45-6789-1 ok", ["123-45-6789"]),
+        ("ID 1-123-45-6789 ok", ["123-45-6789"]),
+        ("cards 4111 1111 1111 1111 5555 5555 5555 4444 ok", ["5555 5555 5555 4444"]),
+    ],
+)
+def test_numbers_next_to_other_numbers_are_still_found(text: str, values: list[str]) -> None:
+    """A digit group before or after a value (a date, a version, a second
+    number in a list) neither hides it nor lets part of it out."""
+    whole = _every_split_agrees(text)
+    for value in values:
+        assert_no_fragment("payment_card", value, whole)
+    assert whole.endswith(" ok")
+
+
+@pytest.mark.parametrize(
+    ("text", "secret"),
+    [
+        ("key ops@example.comsk-abcdefghijklmnopqrstuvwx ok", "sk-abcdefghijklmnopqrstuvwx"),
+        ("ops@example.comGB82WEST12345698765432 ok", "GB82WEST12345698765432"),
+        ("AKIAIOSFODNN7EXAMPLEBearer abcdefghijklmnopqrstuvwxyz ok", "abcdefghijklmnopqrstuvwxyz"),
+        ("ops@example.comghp_aBcDeFgHiJkLmNoPqRsTuVwXyZ0123456789 ok", "ghp_aBcDeFgHiJkLmNoPqRsTu"),
+    ],
+)
+def test_overlapping_values_are_one_span(text: str, secret: str) -> None:
+    """Where one value's tail is another's start, their union is redacted."""
+    whole = _every_split_agrees(text)
+    assert_no_fragment("jwt", secret, whole)
+    assert whole.endswith("] ok")
+
+
+def test_a_case_folded_prefix_split_across_tokens_is_held() -> None:
+    for text in (
+        "a@b.com_Bearer abcdefghijklmnopqrstuvwxyz ok",
+        "x BEarer abcdefghijklmnopqrstuvwxyz ok",
+    ):
+        whole = _every_split_agrees(text)
+        assert "abcdefghijkl" not in whole and whole.endswith("[BEARER_TOKEN] ok")
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        "card 411111111111111",  # 15 of 16 digits: fails Luhn only because it is cut
+        "card 4111 1111 1111 11",
+        "iban GB82WEST1234569876543",  # one character short of its country's length
+        "tel (415) 555-0",
+        "tel (415) 555-01",
+    ],
+)
+def test_a_cut_off_value_that_fails_its_checksum_is_still_redacted(text: str) -> None:
+    whole = _every_split_agrees(text)
+    value = text.split(" ", 1)[1]
+    assert value[:-1] not in whole and whole.endswith("]")
+
+
+JWT_LONG = (
+    "eyJhbGciOiJIUzI1NiJ9."
+    + "eyJzdWIiOiIxMjM0NTY3ODkwIn0" * 170
+    + ".dozjgNryP4J3jVmNHl0w5N_XgL0n3I"
+)
+
+
+@pytest.mark.parametrize(
+    ("text", "tail"),
+    [
+        (f"token: {JWT_LONG} ok", JWT_LONG[-40:]),
+        ("x" * 2100 + "john.smith@example.com ok", "john.smith@example.com"),
+        ("Authorization: Bearer " + "A" * 2500 + "SECRETTAIL ok", "SECRETTAIL"),
+        ("sk-" + "b" * 3000 + "TAILOFTHEKEY ok", "TAILOFTHEKEY"),
+    ],
+)
+def test_past_the_hold_back_cap_no_part_of_the_value_leaks(text: str, tail: str) -> None:
+    """A value longer than `max_holdback_chars` is cut at the cap: the held
+    part is redacted and the rest of it (to the next whitespace) is dropped."""
+    redactor = default_redactor()
+    for size in (1, 7, 64):
+        streamed, _ = stream_through(redactor, text, size)
+        assert tail not in streamed and streamed.endswith("] ok"), (size, streamed[-80:])
+    assert tail not in redactor.redact_all(text)[0]
+
+
+@pytest.mark.parametrize(
+    ("text", "value"),
+    [("card 4111111111111111 ok", "4111111111111111"), ("tel (415) 555-0134 ok", "(415) 555-0134")],
+)
+async def test_max_tokens_inside_a_checksummed_value_never_releases_it(
+    default_policy, text: str, value: str
+) -> None:
+    """Through the server: `max_tokens` ends the answer a few characters into
+    the value, stream and unary alike."""
+    cut = text.index(value) + len(value) - 2
+    for size in (1, 3):
+        request = echo(text, size, params=pb.GenerationParams(max_tokens=-(-cut // size)))
+        events = await collect(default_policy.stub.StreamRespond(request))
+        completed = completed_of(events)
+        assert completed.finish_reason == pb.FINISH_REASON_LENGTH
+        streamed = "".join(c.text for c in chunks_of(events))
+        for seen in (streamed, completed.final_text):
+            assert value[: len(value) - 4] not in seen, seen
+
+
+def test_a_json_value_that_ended_whole_is_not_a_value_cut_off() -> None:
+    """A closed JSON string or a number its delimiter ended is complete: ten
+    digits there are not a card under way, nor is `sk-abcd` a key; a key block
+    missing its END line still is one (its body is the key). Cut off by the
+    end of the response, the same fragments are redacted."""
+    from tokenwire_server.structured.json_governance import JsonGovernanceSession
+
+    policy = load_policy("builtin:default", env={})
+
+    def governed(document: str) -> str:
+        session = JsonGovernanceSession(policy)
+        out, _ = session.push(document)
+        tail, _, decision = session.finish()
+        return decision.text if decision.text is not None else out + tail
+
+    whole = '{"n": 1234567890, "id": "order 1234567890123", "k": "sk-abcd", "t": 1733328000001}'
+    assert governed(whole) == whole
+    key = '{"key": "-----BEGIN RSA PRIVATE KEY-----\\nMIIEowIBAAKCAQEAx1Q2w3e4r5t6y7u8i9o0"}'
+    assert governed(key) == '{"key": "[PRIVATE_KEY]"}'
+    assert "4111111111" not in governed('{"cut": "card 411111111111')
+    assert "4111111111" not in governed('{"cut": 411111111111')

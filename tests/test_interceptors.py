@@ -42,7 +42,7 @@ class _RewriteSession(GovernanceSession):
     def push(self, text: str) -> tuple[str, tuple[Action, ...]]:
         return text, ()
 
-    def finish(self) -> tuple[str, tuple[Action, ...], FinalDecision]:
+    def finish(self, complete: bool = False) -> tuple[str, tuple[Action, ...], FinalDecision]:
         return "", (), FinalDecision(verdict=Verdict.BLOCKED, text=self._final, blocked=True)
 
 

@@ -148,7 +148,7 @@ class _Upper(GovernanceSession):
         self.seen += text
         return text, ()
 
-    def finish(self) -> tuple[str, tuple[Action, ...], FinalDecision]:
+    def finish(self, complete: bool = False) -> tuple[str, tuple[Action, ...], FinalDecision]:
         if "secret" in self.seen:
             return "", (), FinalDecision(Verdict.REDACTED, text=self.seen.upper())
         return "", (), FinalDecision(Verdict.ALLOWED)

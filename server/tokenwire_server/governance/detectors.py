@@ -63,9 +63,9 @@ def _luhn(digits: list[int]) -> bool:
     return total % 10 == 0
 
 
-#: A digit run this long may be a card with digits glued to it; longer runs are
-#: some other number.
-MAX_GLUED_CARD_DIGITS = 27
+#: A digit run this long may be a card with digits glued to it (two cards
+#: written one after the other included); longer runs are some other number.
+MAX_GLUED_CARD_DIGITS = 40
 
 
 def luhn_valid(text: str) -> bool:
@@ -128,20 +128,26 @@ def iban_valid(text: str) -> bool:
 
 def phone_digits_valid(text: str) -> bool:
     """Fewer than 7 digits is not a dialable number; up to 15 (E.164) is one.
-    Longer: after a "+", digits glued to a phone number; without one, digits
-    glued to either end (an end group longer than any phone group) make its
-    end ambiguous, and the whole span goes (fail closed), while evenly grouped
-    long numbers (a card that failed its checksum) are something else."""
+    Longer: after a "+", digits glued to a phone number; without one, a span
+    that still holds a phone number's own shape (an area code in parentheses,
+    or ending in the 3-3-4 groups of a North American number: a date or a
+    second number glued in front) or whose end group is longer than any phone
+    group (its end is ambiguous) goes whole (fail closed), while evenly
+    grouped long numbers (a card that failed its checksum) are something else."""
     groups = _DIGIT_RUNS.findall(text)
     digits = sum(len(group) for group in groups)
     if digits < 7:
         return False
     if digits <= 15 or text.startswith("+"):
         return True
+    if _AREA_CODE.search(text) or _NANP_TAIL.search(text):
+        return True
     return len(groups[0]) > 4 or len(groups[-1]) > 4
 
 
 _DIGIT_RUNS = regex.compile(r"\d+")
+_AREA_CODE = regex.compile(r"\(\d{2,4}\)")
+_NANP_TAIL = regex.compile(r"(?<!\d)\d{3}[ .-]\d{3}[ .-]\d{4}$")
 
 
 def _compile(pattern: str) -> regex.Pattern[str]:
@@ -157,7 +163,8 @@ def literal_gate(*literals: str, fold: bool = False) -> regex.Pattern[str]:
     text, and one in progress needs the text to end with a start of one."""
     starts = sorted({lit[:k] for lit in literals for k in range(1, len(lit))}, key=len)
     ends = "|".join(regex.escape(start) for start in reversed(starts))
-    return _compile(f"{_literals(literals, fold)}|(?:{ends})\\Z")
+    # A case-insensitive literal's start is one in any case too (`Be` of `Bearer`).
+    return _compile(f"{_literals(literals, fold)}|{'(?i:' if fold else '(?:'}{ends})\\Z")
 
 
 def literal_needs(*literals: str, fold: bool = False) -> str:
@@ -199,7 +206,7 @@ BUILTIN_DETECTORS: dict[str, Detector] = {
         Detector(
             "payment_card",
             "PAYMENT_CARD",
-            _compile(r"(?<!\d[ -]?)\d(?:[ -]?\d){12,26}(?!\d)"),
+            _compile(r"(?<!\d[ -]?)\d(?:[ -]?\d){12,39}(?!\d)"),
             luhn_valid,
             begun=_compile(r"(?:\d[ -]?){10}"),
             gate=_DIGIT_GATE,
@@ -217,7 +224,9 @@ BUILTIN_DETECTORS: dict[str, Detector] = {
         Detector(
             "us_ssn",
             "US_SSN",
-            _compile(r"(?<!\d-?)\d{3,}-\d{2}-\d{4,}(?!-?\d)"),
+            # Digit groups joined to either end by a dash join the span
+            # (`1-123-45-6789`, `123-45-6789-01`): the longer span is redacted.
+            _compile(r"(?<!\d-?)(?:\d{1,4}-){0,3}\d{3,}-\d{2}-\d{4,}(?:-\d+)*(?!\d)"),
             begun=_compile(r"\d{3}-\d{2}"),
             gate=_DIGIT_GATE,
             needs=r"\d{3}-\d{2}",
@@ -232,14 +241,21 @@ BUILTIN_DETECTORS: dict[str, Detector] = {
                 # and separated digit groups that touch it join the span (the
                 # end of the number is ambiguous: the longer span is redacted),
                 # and the digit count decides (see phone_digits_valid).
+                # A number that starts with its parenthesised area code is
+                # found whatever digits come before it (`2024-01-15 (415) ...`,
+                # a second number in a list); one that starts with a digit
+                # takes up to three short groups before it into its span
+                # (`v2.0 415-555-0134`), and never starts right after a digit
+                # group it could be glued to.
                 r"\+\d{1,3}(?:[ .-]?\(\d{1,4}\))?(?:[ .-]?\d+)+"
-                r"|(?<!\d)(?<!\d[ .-])(?:\d{1,4}[ .-]?)?(?:\(\d{2,4}\)[ .-]?|\d{2,}[ .-])"
-                r"\d{3,4}[ .-]?\d{3,}(?:[ .-]\d+)*"
+                r"|(?<!\d)\(\d{2,4}\)[ .-]?\d{3,4}[ .-]?\d{3,}(?:[ .-]\d+)*"
+                r"|(?<!\d)(?<!\d[ .-])(?:\d{1,4}[ .-]){0,3}(?:\d{1,4}[ .-]?)?"
+                r"(?:\(\d{2,4}\)[ .-]?|\d{2,}[ .-])\d{3,4}[ .-]?\d{3,}(?:[ .-]\d+)*"
             ),
             phone_digits_valid,
             # Shaped like a phone number (a +, a separated group or an area code in
             # parentheses) with seven digits: a bare number at the end is not one.
-            begun=_compile(r"^(?=.*(?:\+|\d[ .-]\d|\(\d))(?:\d\D{0,2}){7}"),
+            begun=_compile(r"^(?=.*(?:\+|\d[ .-]\d|\(\d))[+(]?(?:\d\D{0,2}){7}"),
             gate=_PHONE_GATE,
             needs=r"(?:[+(]|\d[ .-])\d",
         ),

@@ -38,8 +38,13 @@ class GovernanceSession(abc.ABC):
         """Takes generated text; returns the text released now and its actions."""
 
     @abc.abstractmethod
-    def finish(self) -> tuple[str, tuple[Action, ...], FinalDecision]:
-        """Flushes held text (returned like `push`) and decides over the whole response."""
+    def finish(self, complete: bool = False) -> tuple[str, tuple[Action, ...], FinalDecision]:
+        """Flushes held text (returned like `push`) and decides over the whole response.
+
+        `complete`: the text ended where it was meant to (a JSON string its
+        quote closed, a number its delimiter ended), so a fragment at its end
+        is not a value the end cut off; only a key block missing its END line
+        still counts as one. Otherwise (the end of a response) it is."""
 
 
 class Policy(abc.ABC):
@@ -59,7 +64,7 @@ class _PassThroughSession(GovernanceSession):
     def push(self, text: str) -> tuple[str, tuple[Action, ...]]:
         return text, NO_ACTIONS
 
-    def finish(self) -> tuple[str, tuple[Action, ...], FinalDecision]:
+    def finish(self, complete: bool = False) -> tuple[str, tuple[Action, ...], FinalDecision]:
         return "", NO_ACTIONS, _ALLOWED
 
 

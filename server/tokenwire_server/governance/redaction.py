@@ -36,6 +36,8 @@ import hashlib
 import hmac
 from dataclasses import dataclass
 
+import regex
+
 from tokenwire_server.domain import Action, Operator, utf8_length
 from tokenwire_server.governance.detectors import Detector
 
@@ -45,6 +47,8 @@ CONTEXT_CHARS = 16
 TIMEOUT_ENTITY = "RULE_TIMEOUT"
 #: A custom rule's trailing fragment this long is treated as a value under way.
 MIN_BEGUN_CHARS = 4
+#: Where a value cut at the hold-back cap is taken to end (one with no end marker).
+_WHITESPACE = regex.compile(r"\s")
 
 
 @dataclass(frozen=True, slots=True)
@@ -140,15 +144,16 @@ class RedactionSession:
         self._held += text
         return self._guarded_scan(final=False)
 
-    def flush(self) -> tuple[str, tuple[Action, ...]]:
-        """End of generation: decide on everything still held."""
+    def flush(self, complete: bool = False) -> tuple[str, tuple[Action, ...]]:
+        """End of the text: decide on everything still held. `complete`: the
+        text ended whole (a closed JSON string), not cut off (see `_candidates`)."""
         if self.halted:
             return "", ()
-        return self._guarded_scan(final=True)
+        return self._guarded_scan(final=True, complete=complete)
 
-    def _guarded_scan(self, final: bool) -> tuple[str, tuple[Action, ...]]:
+    def _guarded_scan(self, final: bool, complete: bool = False) -> tuple[str, tuple[Action, ...]]:
         try:
-            return self._scan(final)
+            return self._scan(final, complete)
         except RuleTimeout as timeout:
             return self._fail_closed(timeout.rule)
 
@@ -168,22 +173,39 @@ class RedactionSession:
         )
         return marker, (action,)
 
-    def _scan(self, final: bool) -> tuple[str, tuple[Action, ...]]:
+    def _scan(self, final: bool, complete: bool = False) -> tuple[str, tuple[Action, ...]]:
         buffer = self._context + self._held
         start = len(self._context)
         if self._continuing is not None:
-            start = self._consume_until_end_marker(buffer, start, final)
+            if self._continuing.detector.end_marker is not None:
+                start = self._consume_until_end_marker(buffer, start, final)
+            else:
+                start = self._consume_rest_of_value(buffer, start)
             if self._continuing is not None:
                 return "", ()
-        matches, hold_from, hold_rule = self._find(buffer, start, final)
+        matches, hold_from, hold_rule = self._find(buffer, start, final, complete)
         if not final and len(buffer) - hold_from > self._redactor.max_holdback:
             assert hold_rule is not None
             matches = [m for m in matches if m.end <= hold_from]
             matches.append(_Match(hold_from, len(buffer), hold_rule))
-            if hold_rule.detector.end_marker is not None:
-                self._continuing = hold_rule
+            # The value goes on past the cap: what follows is suppressed until
+            # its end marker (a key block) or, for any other value, the next
+            # whitespace, so the rest of a long token never leaks.
+            self._continuing = hold_rule
             hold_from = len(buffer)
         return self._emit(buffer, start, matches, hold_from)
+
+    def _consume_rest_of_value(self, buffer: str, start: int) -> int:
+        """Drops the rest of a value cut at the cap, up to the next whitespace."""
+        stop = _WHITESPACE.search(buffer, start)
+        if stop is None:
+            self._held = ""
+            self._context = ""
+            return len(buffer)
+        self._continuing = None
+        self._held = buffer[stop.start() :]
+        self._context = ""
+        return stop.start()
 
     def _consume_until_end_marker(self, buffer: str, start: int, final: bool) -> int:
         rule = self._continuing
@@ -207,7 +229,7 @@ class RedactionSession:
         return keep_from
 
     def _find(
-        self, buffer: str, start: int, final: bool
+        self, buffer: str, start: int, final: bool, complete: bool = False
     ) -> tuple[list[_Match], int, RedactionRule | None]:
         end = len(buffer)
         region = buffer[start:]
@@ -218,18 +240,25 @@ class RedactionSession:
             if gate is not None and gate.search(region) is None:
                 continue
             try:
-                held = _candidates(rule, index, buffer, start, final, found)
+                held = _candidates(rule, index, buffer, start, final, complete, found)
             except TimeoutError as error:
                 raise RuleTimeout(rule) from error
             if held < hold_from:
                 hold_from, hold_rule = held, rule
         found.sort(key=lambda f: (f[0], f[1], f[2]))
         selected: list[_Match] = []
-        last_end = start
         for m_start, negative_length, _, rule in found:
-            if m_start >= last_end:
-                selected.append(_Match(m_start, m_start - negative_length, rule))
-                last_end = m_start - negative_length
+            m_end = m_start - negative_length
+            if selected and m_start < selected[-1].end:
+                # Values that overlap (`ops@example.comsk-...`: an email whose
+                # last label starts a key) are one span, their union, so no
+                # tail of either leaks; a block among them wins.
+                last = selected[-1]
+                last.end = max(last.end, m_end)
+                if rule.operator is Operator.BLOCK:
+                    last.rule = rule
+                continue
+            selected.append(_Match(m_start, m_end, rule))
         for chosen in selected:
             if chosen.start < hold_from < chosen.end:
                 hold_from, hold_rule = chosen.start, chosen.rule
@@ -288,10 +317,14 @@ def _candidates(
     buffer: str,
     start: int,
     final: bool,
+    complete: bool,
     found: list[tuple[int, int, int, RedactionRule]],
 ) -> int:
     """Adds the rule's complete matches to `found`; returns the earliest start
-    of a match that more text could still change (the end when none)."""
+    of a match that more text could still change (the end when none). At the
+    end of a text cut off (`final`, not `complete`), a value the end is inside
+    counts as one; at the end of a whole text only a key block without its END
+    line does."""
     end = len(buffer)
     pattern = rule.detector.pattern
     validate = rule.detector.validate
@@ -310,11 +343,11 @@ def _candidates(
             continue
         if final:
             if match.partial:
-                complete = pattern.fullmatch(buffer, m_start, timeout=budget)
-                if complete is None:
+                whole = pattern.fullmatch(buffer, m_start, timeout=budget)
+                if whole is None:
                     # The response ended inside this match: a value under way
                     # is redacted whole, a mere start of one is released.
-                    if _begun(rule, buffer[m_start:]):
+                    if _begun(rule, buffer[m_start:], complete):
                         found.append((m_start, -(end - m_start), index, rule))
                     continue
         # Not final yet: a match that reaches the end, or that more text
@@ -323,19 +356,30 @@ def _candidates(
             held = min(held, m_start)
             continue
         if validate is not None and not validate(match.group()):
+            if final and not complete and m_end == end and _begun(rule, buffer[m_start:]):
+                # The response ended inside it (15 digits of a card, an IBAN
+                # one character short): its checksum cannot tell, so fail closed.
+                found.append((m_start, -(end - m_start), index, rule))
             continue
         found.append((m_start, -(m_end - m_start), index, rule))
     return held
 
 
-def _begun(rule: RedactionRule, fragment: str) -> bool:
-    """Whether a fragment the response ended inside is a value already under way.
+def _begun(rule: RedactionRule, fragment: str, complete: bool = False) -> bool:
+    """Whether a fragment the text ended inside is a value already under way.
 
-    A block rule's fragment is not its term, so it is released; a built-in
-    detector says when its fragment counts; a custom rule's counts once it is
-    `MIN_BEGUN_CHARS` long."""
+    A block rule's fragment is not its term, so it is released; in a whole
+    text (`complete`) only a key block's is one (its END line is missing, its
+    body is the key); else a built-in detector says when its fragment counts,
+    and a custom rule's counts once it is `MIN_BEGUN_CHARS` long."""
     if rule.operator is Operator.BLOCK:
         return False
+    if complete:
+        return (
+            rule.detector.end_marker is not None
+            and rule.detector.begun is not None
+            and (rule.detector.begun.search(fragment) is not None)
+        )
     begun = rule.detector.begun
     if begun is None:
         return len(fragment) >= MIN_BEGUN_CHARS

@@ -39,8 +39,8 @@ class ReplayingSession(GovernanceSession):
         self.halted = self._inner.halted
         return released
 
-    def finish(self) -> tuple[str, tuple[Action, ...], FinalDecision]:
-        tail, actions, decision = self._inner.finish()
+    def finish(self, complete: bool = False) -> tuple[str, tuple[Action, ...], FinalDecision]:
+        tail, actions, decision = self._inner.finish(complete)
         tail, actions = self._skip(tail, actions)
         if self._seen < len(self._logged):
             raise InternalError(

@@ -74,8 +74,8 @@ class _RulesSession(GovernanceSession):
             self.halted = True
         return released, actions
 
-    def finish(self) -> tuple[str, tuple[Action, ...], FinalDecision]:
-        tail, tail_actions = self._redaction.flush()
+    def finish(self, complete: bool = False) -> tuple[str, tuple[Action, ...], FinalDecision]:
+        tail, tail_actions = self._redaction.flush(complete)
         self._released.append(tail)
         self._actions.extend(tail_actions)
         final = "".join(self._released)

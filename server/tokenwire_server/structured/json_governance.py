@@ -10,7 +10,12 @@ again (`json.dumps(...)[1:-1]`, non-ASCII kept). Keys are governed like
 values: they are model output too, and a key is as good a hiding place for an
 email as a value. A number goes through a session of its own once complete
 (a card number is a number too); when the policy changes it, it becomes a
-JSON string holding the replacement, so the JSON stays valid.
+JSON string holding the replacement, so the JSON stays valid. A number whose
+value is an integer is governed as that integer's plain decimal digits first
+(`4.111111111111111e15`, `4111111111111111.0` and `41111111111111.11e2` are
+all the card 4111111111111111), found by exact string arithmetic, never
+float; one with more than `MAX_INTEGER_DIGITS` digits (`1e999999`) is no
+value any rule matches and is only governed as written.
 
 Escapes split across pushes wait for their last character; a UTF-16 pair
 (`\\ud83d\\ude00`) is one character; a lone surrogate becomes U+FFFD (it has
@@ -38,7 +43,10 @@ from tokenwire_server.governance.policy import FinalDecision, GovernanceSession,
 
 _SPECIAL = re.compile(r'["\\]')
 _NEEDS_ESCAPE = re.compile(r'[\x00-\x1f"\\]')
-_NUMBER = re.compile(r"-?(?:0|[1-9][0-9]*)(?:\.[0-9]+)?(?:[eE][+-]?[0-9]+)?")
+_NUMBER = re.compile(r"(-?)(0|[1-9][0-9]*)(?:\.([0-9]+))?(?:[eE]([+-]?)([0-9]+))?")
+#: The most digits an integer-valued number is expanded to for the rules: past
+#: any card (27 glued digits), phone or ID a detector matches.
+MAX_INTEGER_DIGITS = 64
 _STRUCTURE = frozenset(" \t\r\n{}[],:")
 _BARE = frozenset("0123456789+-.eEtrufalsn")
 _LITERALS = frozenset({"true", "false", "null"})
@@ -53,6 +61,28 @@ def encode(content: str) -> str:
     if _NEEDS_ESCAPE.search(content) is None:
         return content
     return json.dumps(content, ensure_ascii=False)[1:-1]
+
+
+def integer_digits(number: re.Match[str]) -> str | None:
+    """The plain decimal form (`-` and digits) of a `_NUMBER` match whose
+    value is an integer of at most `MAX_INTEGER_DIGITS` digits, else None.
+    Exact and linear in the number's length: digits are moved, never
+    multiplied out, and an exponent too long to matter is not parsed."""
+    sign, whole, fraction, exponent_sign, exponent = number.groups(default="")
+    digits = (whole + fraction).lstrip("0")
+    if not digits:
+        return "0"  # -0.0e7 is the integer 0
+    significant = digits.rstrip("0")
+    exponent = exponent.lstrip("0")
+    if len(exponent) > 18:
+        # |exponent| >= 10**18, more than any token has digits to absorb it:
+        # a huge integer or a fraction, neither a value a rule matches.
+        return None
+    scale = int(exponent or "0") * (-1 if exponent_sign == "-" else 1)
+    scale += len(digits) - len(significant) - len(fraction)
+    if scale < 0 or len(significant) + scale > MAX_INTEGER_DIGITS:
+        return None
+    return sign + significant + "0" * scale
 
 
 def _byte_to_char(text: str, position: int) -> str:
@@ -95,7 +125,7 @@ class JsonGovernanceSession(GovernanceSession):
         self._lex(text)
         return "".join(self._out), tuple(self._acts)
 
-    def finish(self) -> tuple[str, tuple[Action, ...], FinalDecision]:
+    def finish(self, complete: bool = False) -> tuple[str, tuple[Action, ...], FinalDecision]:
         self._out, self._acts = [], []
         if not self.halted:
             if self._inner is not None:
@@ -104,7 +134,7 @@ class JsonGovernanceSession(GovernanceSession):
                 self._flush_high()
                 self._close_string(quote=False)
             elif self._bare:
-                self._complete_bare("")
+                self._complete_bare("", complete=complete)
             if self._plain is not None and not self.halted:
                 tail, acts, decision = self._plain.finish()
                 self._emit_plain(tail, acts)
@@ -247,40 +277,50 @@ class JsonGovernanceSession(GovernanceSession):
         inner, self._inner = self._inner, None
         if inner is None:  # a halt closed it already
             return
-        tail, acts, decision = inner.finish()
+        tail, acts, decision = inner.finish(quote)  # a closing quote ends it whole
         self._emit_content(tail, acts)
         content = "".join(self._decoded)
         self._conclude(decision, content, plain=False)
         if quote and not self.halted:
             self._emit('"')
 
-    def _complete_bare(self, rest: str) -> bool:
-        """A number or literal ended; False when it was not JSON (the rest
-        then went to the plain session)."""
+    def _complete_bare(self, rest: str, complete: bool = True) -> bool:
+        """A number or literal ended (by a delimiter, or `complete` False: by
+        the end of the response); False when it was not JSON (the rest then
+        went to the plain session) or a rule blocked."""
         token, self._bare = self._bare, ""
         if token in _LITERALS:
             self._emit(token)
             return True
-        if _NUMBER.fullmatch(token) is None:
+        number = _NUMBER.fullmatch(token)
+        if number is None:
             self._fall_back(token + rest)
             return False
-        session = self._policy.open_session()
-        released, acts = session.push(token)
-        tail, tail_acts, decision = session.finish()
-        if decision.blocked:
-            self._block(decision)
-            return False
-        governed = decision.text if decision.text is not None else released + tail
-        self._verdict = max(self._verdict, decision.verdict)
-        self._review = self._review or decision.review_required
-        if governed == token and not (acts or tail_acts or decision.actions):
-            self._emit(token)
+        # Its value first (the integer a rule would see if the model had
+        # written it plainly), then its text as written.
+        forms = [token]
+        integer = integer_digits(number)
+        if integer is not None and integer != token:
+            forms.insert(0, integer)
+        for text in forms:
+            session = self._policy.open_session()
+            released, acts = session.push(text)
+            tail, tail_acts, decision = session.finish(complete)
+            if decision.blocked:
+                self._block(decision)
+                return False
+            governed = decision.text if decision.text is not None else released + tail
+            self._verdict = max(self._verdict, decision.verdict)
+            self._review = self._review or decision.review_required
+            if governed == text and not (acts or tail_acts or decision.actions):
+                continue
+            start = self._out_bytes + 1
+            mapped = self._mapped(decision.actions or acts + tail_acts, governed, start)
+            self._emit(json.dumps(governed, ensure_ascii=False))
+            self._acts.extend(mapped)
+            self._final_actions.extend(self._shifted(mapped))
             return True
-        start = self._out_bytes + 1
-        mapped = self._mapped(decision.actions or acts + tail_acts, governed, start)
-        self._emit(json.dumps(governed, ensure_ascii=False))
-        self._acts.extend(mapped)
-        self._final_actions.extend(self._shifted(mapped))
+        self._emit(token)
         return True
 
     def _fall_back(self, rest: str) -> None:
