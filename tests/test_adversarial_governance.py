@@ -878,3 +878,38 @@ def test_a_json_value_that_ended_whole_is_not_a_value_cut_off() -> None:
     assert governed(key) == '{"key": "[PRIVATE_KEY]"}'
     assert "4111111111" not in governed('{"cut": "card 411111111111')
     assert "4111111111" not in governed('{"cut": 411111111111')
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        "Released on 2024-06-30.",
+        "Order 48213 was placed on 2023-11-02 and shipped 2023-11-05.",
+        "See pages 120-135",
+        "The winning numbers were 12 18 23 35 41 47 52",
+        "scores 60 77 67 53",
+        "ISBN 978-3-16-148410-0 ok",
+        "On 2024-03-15 12345678 shipped",
+        "pages 2024-01-15 123-456 of the log",
+        "Table: 2024 03 15 123 4567 done",
+    ],
+)
+def test_numbers_that_are_no_value_stay_untouched_even_at_the_end(text: str) -> None:
+    """Dates, page ranges, ISBNs and lists of small numbers are left alone,
+    mid-text and as the last words of a response (where a value under way
+    would be redacted), at every token size."""
+    assert _every_split_agrees(text) == text
+
+
+def test_round_numbers_in_exponent_form_stay_numbers() -> None:
+    """A long run of zeros holds no card (no card number starts with 0)."""
+    from tokenwire_server.structured.json_governance import JsonGovernanceSession
+
+    policy = load_policy("builtin:default", env={})
+    document = (
+        '{"a": 1e16, "b": 1e18, "c": 2.5e17, "d": 6.022e23, "e": 1.2e+20, "f": 100000000000000000}'
+    )
+    session = JsonGovernanceSession(policy)
+    out, _ = session.push(document)
+    tail, _, decision = session.finish()
+    assert (decision.text if decision.text is not None else out + tail) == document

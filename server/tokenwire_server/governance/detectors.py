@@ -41,6 +41,9 @@ class Detector:
     end_marker: regex.Pattern[str] | None = None
     #: A trailing fragment that matches this is a value already under way.
     begun: regex.Pattern[str] | None = None
+    #: A whole match at the very end of a cut-off text that fails `validate` is a
+    #: value the end cut short (15 digits of a card) when it matches this.
+    cut: regex.Pattern[str] | None = None
     #: Seconds one regex call may run (None: a vetted built-in, no timer).
     budget: float | None = None
     #: A cheap necessary condition on the unreleased text: when it finds nothing,
@@ -83,7 +86,7 @@ def luhn_valid(text: str) -> bool:
         _luhn(digits[start : start + size])
         for size in range(13, min(19, count - 1) + 1)
         for start in range(count - size + 1)
-        if size < count
+        if size < count and digits[start] != 0  # no card number starts with 0
     )
 
 
@@ -130,8 +133,8 @@ def phone_digits_valid(text: str) -> bool:
     """Fewer than 7 digits is not a dialable number; up to 15 (E.164) is one.
     Longer: after a "+", digits glued to a phone number; without one, a span
     that still holds a phone number's own shape (an area code in parentheses,
-    or ending in the 3-3-4 groups of a North American number: a date or a
-    second number glued in front) or whose end group is longer than any phone
+    or starting or ending with the 3-3-4 groups of a North American number: a
+    date, a second number or an extension glued to it) or whose end group is longer than any phone
     group (its end is ambiguous) goes whole (fail closed), while evenly
     grouped long numbers (a card that failed its checksum) are something else."""
     groups = _DIGIT_RUNS.findall(text)
@@ -140,14 +143,15 @@ def phone_digits_valid(text: str) -> bool:
         return False
     if digits <= 15 or text.startswith("+"):
         return True
-    if _AREA_CODE.search(text) or _NANP_TAIL.search(text):
+    if _AREA_CODE.search(text) or _NANP_HEAD.match(text) or _NANP_TAIL.search(text):
         return True
     return len(groups[0]) > 4 or len(groups[-1]) > 4
 
 
 _DIGIT_RUNS = regex.compile(r"\d+")
 _AREA_CODE = regex.compile(r"\(\d{2,4}\)")
-_NANP_TAIL = regex.compile(r"(?<!\d)\d{3}[ .-]\d{3}[ .-]\d{4}$")
+_NANP_HEAD = regex.compile(r"\d{3}([ .-])\d{3}\1\d{4}(?!\d)")
+_NANP_TAIL = regex.compile(r"(?<!\d)\d{3}([ .-])\d{3}\1\d{4}$")
 
 
 def _compile(pattern: str) -> regex.Pattern[str]:
@@ -209,6 +213,10 @@ BUILTIN_DETECTORS: dict[str, Detector] = {
             _compile(r"(?<!\d[ -]?)\d(?:[ -]?\d){12,39}(?!\d)"),
             luhn_valid,
             begun=_compile(r"(?:\d[ -]?){10}"),
+            # Written as cards are: ungrouped, or in groups of four.
+            cut=_compile(
+                r"^(?:\d{13,18}|\d{4}(?:[ -]\d{4}){2,3}[ -]\d{1,3}|\d{4}(?:[ -]\d{4}){3})$"
+            ),
             gate=_DIGIT_GATE,
             needs=r"(?:\d[ -]?){10}",
         ),
@@ -218,6 +226,7 @@ BUILTIN_DETECTORS: dict[str, Detector] = {
             _compile(r"[A-Z]{2}\d{2}(?: ?[A-Z0-9]{4}){2,7}(?: ?[A-Z0-9]{1,4})?"),
             iban_valid,
             begun=_compile(r"^[A-Z]{2}\d{2} ?[A-Z0-9]{4}"),
+            cut=_compile(r"^[A-Z]{2}\d{2} ?[A-Z0-9]{4}"),
             gate=_IBAN_GATE,
             needs=r"[A-Z]{2}\d{2}",
         ),
@@ -227,7 +236,7 @@ BUILTIN_DETECTORS: dict[str, Detector] = {
             # Digit groups joined to either end by a dash join the span
             # (`1-123-45-6789`, `123-45-6789-01`): the longer span is redacted.
             _compile(r"(?<!\d-?)(?:\d{1,4}-){0,3}\d{3,}-\d{2}-\d{4,}(?:-\d+)*(?!\d)"),
-            begun=_compile(r"\d{3}-\d{2}"),
+            begun=_compile(r"\d{3}-\d{2}(?!\d)"),
             gate=_DIGIT_GATE,
             needs=r"\d{3}-\d{2}",
         ),
@@ -241,16 +250,17 @@ BUILTIN_DETECTORS: dict[str, Detector] = {
                 # and separated digit groups that touch it join the span (the
                 # end of the number is ambiguous: the longer span is redacted),
                 # and the digit count decides (see phone_digits_valid).
-                # A number that starts with its parenthesised area code is
-                # found whatever digits come before it (`2024-01-15 (415) ...`,
-                # a second number in a list); one that starts with a digit
-                # takes up to three short groups before it into its span
-                # (`v2.0 415-555-0134`), and never starts right after a digit
-                # group it could be glued to.
+                # A number in its own unmistakable shape is found whatever
+                # digits come before it (a date, a version, a second number
+                # in a list): one that starts with its parenthesised area
+                # code, or 3-3-4 digits with one separator (`415-555-0134`);
+                # any other never starts right after a digit group it could
+                # be glued to (that group would start it).
                 r"\+\d{1,3}(?:[ .-]?\(\d{1,4}\))?(?:[ .-]?\d+)+"
-                r"|(?<!\d)\(\d{2,4}\)[ .-]?\d{3,4}[ .-]?\d{3,}(?:[ .-]\d+)*"
-                r"|(?<!\d)(?<!\d[ .-])(?:\d{1,4}[ .-]){0,3}(?:\d{1,4}[ .-]?)?"
-                r"(?:\(\d{2,4}\)[ .-]?|\d{2,}[ .-])\d{3,4}[ .-]?\d{3,}(?:[ .-]\d+)*"
+                r"|(?<!\d)(?:\(\d{2,4}\)[ .-]?\d{3,4}[ .-]?\d{3,}"
+                r"|\d{3}(?:-\d{3}-|\.\d{3}\.| \d{3} )\d{4})(?:[ .-]\d+)*"
+                r"|(?<!\d)(?<!\d[ .-])(?:\d{1,4}[ .-]?)?(?:\(\d{2,4}\)[ .-]?|\d{2,}[ .-])"
+                r"\d{3,4}[ .-]?\d{3,}(?:[ .-]\d+)*"
             ),
             phone_digits_valid,
             # Shaped like a phone number (a +, a separated group or an area code in

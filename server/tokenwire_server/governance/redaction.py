@@ -198,14 +198,13 @@ class RedactionSession:
     def _consume_rest_of_value(self, buffer: str, start: int) -> int:
         """Drops the rest of a value cut at the cap, up to the next whitespace."""
         stop = _WHITESPACE.search(buffer, start)
-        if stop is None:
-            self._held = ""
-            self._context = ""
-            return len(buffer)
-        self._continuing = None
-        self._held = buffer[stop.start() :]
-        self._context = ""
-        return stop.start()
+        end = len(buffer) if stop is None else stop.start()
+        # The dropped text stays the context lookbehinds see, as in the whole text.
+        self._context = buffer[max(0, end - CONTEXT_CHARS) : end]
+        self._held = buffer[end:]
+        if stop is not None:
+            self._continuing = None
+        return end
 
     def _consume_until_end_marker(self, buffer: str, start: int, final: bool) -> int:
         rule = self._continuing
@@ -356,7 +355,8 @@ def _candidates(
             held = min(held, m_start)
             continue
         if validate is not None and not validate(match.group()):
-            if final and not complete and m_end == end and _begun(rule, buffer[m_start:]):
+            cut = rule.detector.cut
+            if final and not complete and m_end == end and cut and cut.search(match.group()):
                 # The response ended inside it (15 digits of a card, an IBAN
                 # one character short): its checksum cannot tell, so fail closed.
                 found.append((m_start, -(end - m_start), index, rule))
