@@ -2,15 +2,17 @@
 
 The session keeps a cursor between generated and released text. On every
 push it scans the unreleased tail with each rule's pattern in partial mode:
-complete matches are rewritten; a match that reaches the end of the text (it
-could still grow, or it is only the start of a possible match) holds back
-exactly the characters from its start, and they are released as soon as the
-next token shows they cannot complete. A hard cap on held characters forces
-a decision so the stream never stalls: the held text is redacted (fail
-closed), and a rule with an end marker (private key blocks) keeps suppressing
-until the marker arrives. When the response ends, a held fragment that is
-already a value under way (a key block without its END line, half a card
-number) is redacted, never flushed raw.
+complete matches are rewritten (overlapping ones as one span, their union);
+a match that reaches the end of the text (it could still grow, or it is only
+the start of a possible match) holds back exactly the characters from its
+start, and they are released as soon as the next token shows they cannot
+complete. A hard cap on held characters forces a decision so the stream
+never stalls: the held text is redacted (fail closed), and the rest of the
+value is suppressed too, until its end marker (private key blocks) or the
+next whitespace. When the response ends, a held fragment that is already a
+value under way (a key block without its END line, half a card number) is
+redacted, never flushed raw; a text that ended whole (a closed JSON string)
+has no value under way but a key block.
 
 Every match runs under a time budget (`MATCH_BUDGET_SECONDS`), so a rule that
 backtracks catastrophically cannot hold the event loop: the session fails
