@@ -147,13 +147,6 @@ class ServerStopping(TokenwireError):
     reason = "SERVER_STOPPING"
     retry_after = 0.1
 
-    def __init__(
-        self,
-        message: str = "this replica is stopping; resume the response on another replica",
-        **details: Any,
-    ) -> None:
-        super().__init__(message, **details)
-
 
 class BackendStalled(TokenwireError):
     code = grpc.StatusCode.UNAVAILABLE

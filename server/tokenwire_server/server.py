@@ -276,7 +276,11 @@ class TokenwireServer:
                 response.cancel()
                 response.stop_generation()
             for response in self.store.shared_here():
-                response.interrupt_readers(ServerStopping())
+                response.interrupt_readers(
+                    ServerStopping(
+                        "this replica is stopping; resume the response on another replica"
+                    )
+                )
         await stopping
 
     def _reloaders(self) -> list[tuple[str, Callable[[], Outcome]]]:

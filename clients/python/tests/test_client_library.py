@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+from typing import Any
 
 import grpc
 import pytest
@@ -37,17 +38,30 @@ def test_an_address_that_refuses_is_skipped(fake: FakeServer) -> None:
         client.stream("q").collect()
 
 
-def test_a_dropped_stream_resumes_on_the_next_address(fake: FakeServer, fake_b: FakeServer) -> None:
-    def first(request: pb.StreamRespondRequest, context: grpc.ServicerContext):
-        yield from chunks(PARTS)[:2]
-        fail(context, grpc.StatusCode.UNAVAILABLE, "connection reset")  # no ErrorInfo: a drop
+def ends_after_two(message: str, **error: Any):
+    """A replica's script: two chunks, then UNAVAILABLE (with `reason`, tokenwire's ErrorInfo)."""
 
-    def takeover(request: pb.StreamRespondRequest, context: grpc.ServicerContext):
+    def script(request: pb.StreamRespondRequest, context: grpc.ServicerContext):
+        yield from chunks(PARTS)[:2]
+        fail(context, grpc.StatusCode.UNAVAILABLE, message, **error)
+
+    return script
+
+
+def takes_over_after_two(delay: float = 0.0):
+    """The next replica's script: a resume after sequence 2, answered after `delay`."""
+
+    def script(request: pb.StreamRespondRequest, context: grpc.ServicerContext):
         assert request.resume.response_id == "rsp_fake" and request.resume.after_sequence == 2
-        time.sleep(0.05)
+        time.sleep(delay)
         yield from answer(PARTS, first=3)
 
-    fake.script, fake_b.script = first, takeover
+    return script
+
+
+def test_a_dropped_stream_resumes_on_the_next_address(fake: FakeServer, fake_b: FakeServer) -> None:
+    # No ErrorInfo: a dropped connection.
+    fake.script, fake_b.script = ends_after_two("connection reset"), takes_over_after_two(0.05)
     with Client(f"{fake.address},{fake_b.address}") as client:
         stream = client.stream("q", resumable=True)
         result = stream.collect()
@@ -64,32 +78,19 @@ def test_a_replica_stopping_under_a_shared_stream_resumes_it_on_the_next_address
     call, not the response (shared through Redis, it goes on): the client
     resumes elsewhere. Any other tokenwire UNAVAILABLE is the response's end."""
 
-    def stopping(request: pb.StreamRespondRequest, context: grpc.ServicerContext):
-        yield from chunks(PARTS)[:2]
-        fail(
-            context,
-            grpc.StatusCode.UNAVAILABLE,
-            "this replica is stopping",
-            reason="SERVER_STOPPING",
-            metadata={"lastSequence": "2", "responseId": "rsp_fake"},
-        )
-
-    def takeover(request: pb.StreamRespondRequest, context: grpc.ServicerContext):
-        assert request.resume.response_id == "rsp_fake" and request.resume.after_sequence == 2
-        yield from answer(PARTS, first=3)
-
-    fake.script, fake_b.script = stopping, takeover
+    stopping = ends_after_two(
+        "this replica is stopping",
+        reason="SERVER_STOPPING",
+        metadata={"lastSequence": "2", "responseId": "rsp_fake"},
+    )
+    fake.script, fake_b.script = stopping, takes_over_after_two()
     with Client(f"{fake.address},{fake_b.address}") as client:
         stream = client.stream("q", resumable=True)
         result = stream.collect()
     assert result.verified and result.text == "".join(PARTS)
     assert stream.resumes == 1 and len(fake_b.servicer.requests) == 1
 
-    def backend_down(request: pb.StreamRespondRequest, context: grpc.ServicerContext):
-        yield from chunks(PARTS)[:2]
-        fail(context, grpc.StatusCode.UNAVAILABLE, "backend down", reason="BACKEND_UNAVAILABLE")
-
-    fake.script = backend_down
+    fake.script = ends_after_two("backend down", reason="BACKEND_UNAVAILABLE")
     fake_b.servicer.requests.clear()
     with Client(f"{fake.address},{fake_b.address}") as client:
         failed = client.stream("q", resumable=True)

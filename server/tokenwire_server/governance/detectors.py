@@ -183,6 +183,8 @@ _PHONE_GATE = _compile(r"\d|[+(]\Z")
 #: Check digits are part of every IBAN; a bare country code can only be one in
 #: progress at the very end.
 _IBAN_GATE = _compile(r"\d|[A-Z]\Z")
+#: An IBAN under way: country code, check digits and a first group of four.
+_IBAN_BEGUN = _compile(r"^[A-Z]{2}\d{2} ?[A-Z0-9]{4}")
 #: Every email has an @; one in progress may still be its local part.
 _EMAIL_GATE = _compile(r"@|[\w.+-]\Z")
 
@@ -225,8 +227,9 @@ BUILTIN_DETECTORS: dict[str, Detector] = {
             "IBAN",
             _compile(r"[A-Z]{2}\d{2}(?: ?[A-Z0-9]{4}){2,7}(?: ?[A-Z0-9]{1,4})?"),
             iban_valid,
-            begun=_compile(r"^[A-Z]{2}\d{2} ?[A-Z0-9]{4}"),
-            cut=_compile(r"^[A-Z]{2}\d{2} ?[A-Z0-9]{4}"),
+            begun=_IBAN_BEGUN,
+            # The country code, check digits and a first group: cut short by the end.
+            cut=_IBAN_BEGUN,
             gate=_IBAN_GATE,
             needs=r"[A-Z]{2}\d{2}",
         ),
